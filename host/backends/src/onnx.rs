@@ -1,0 +1,446 @@
+//! ONNX Runtime backend (`ort` 2.0.0-rc.10, library loaded at run time).
+//!
+//! Why it looks the way it does:
+//! - `ort::Session::run` takes `&mut self`, so one model version owns a pool of sessions
+//!   (Triton's `instance_count`). A semaphore with one permit per session hands a caller a free
+//!   session, so concurrent requests run in parallel instead of queueing on one mutex.
+//! - Inference runs on tokio's blocking pool, never on the async workers that serve sockets.
+//! - Inputs whose bytes are suitably aligned are handed to ORT as views (no copy); outputs are
+//!   copied once out of ORT-owned memory into the response bytes.
+//! - A missing or too-old library makes `ort` panic on first use; [`init_onnxruntime`] checks it
+//!   up front and turns that into an error saying how to get the library.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::{Arc, Mutex, TryLockError};
+
+use bytes::Bytes;
+use half::{bf16, f16};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
+use ort::tensor::{PrimitiveTensorElementType, TensorElementType};
+use ort::value::{DynValue, Tensor as OrtTensor, TensorRef, ValueType};
+use tokio::sync::Semaphore;
+use weft_core::{
+    BoxFuture, DataType, Error, Model, ModelMetadata, NamedTensor, Result, Tensor, TensorSpec,
+    bytes_elements, encode_bytes_elements,
+};
+
+/// How to get the library, repeated in every error about it.
+const HOW_TO_GET_ORT: &str = "get it with `cargo xtask setup` (it unpacks libonnxruntime.so.1.22.1 \
+     from the onnxruntime 1.22.1 PyPI wheel into target/onnxruntime/) and pass its path with \
+     --ort-library or ORT_DYLIB_PATH";
+
+/// Loads the ONNX Runtime shared library from `path` and checks that it works. Returns its build
+/// information. Call once, before any model is loaded.
+pub fn init_onnxruntime(path: &Path) -> Result<String> {
+    if !path.is_file() {
+        return Err(Error::unavailable(format!(
+            "ONNX Runtime library not found at {}; {HOW_TO_GET_ORT}",
+            path.display()
+        )));
+    }
+    let path_text = path.display().to_string();
+    // ort panics (rather than erring) when the library cannot be opened or is too old. Silence
+    // the default hook so the user sees one clear message instead of a panic report.
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        ort::init_from(path_text.clone())
+            .with_name("weft")
+            .commit()
+            .map(|_| ort::info().to_string())
+    }));
+    std::panic::set_hook(previous_hook);
+    match outcome {
+        Ok(Ok(info)) => Ok(info),
+        Ok(Err(error)) => Err(Error::unavailable(format!(
+            "ONNX Runtime library at {path_text} failed to initialise: {error}; {HOW_TO_GET_ORT}"
+        ))),
+        Err(panic) => {
+            let reason = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown failure".to_string());
+            Err(Error::unavailable(format!(
+                "ONNX Runtime library at {path_text} cannot be used (it must be version 1.22 or \
+                 newer): {reason}; {HOW_TO_GET_ORT}"
+            )))
+        }
+    }
+}
+
+/// How to build one ONNX model version's sessions (the server maps `model.toml` onto this).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnnxOptions {
+    /// Sessions in the pool: how many requests run at once.
+    pub instance_count: usize,
+    pub intra_op_threads: usize,
+    pub inter_op_threads: usize,
+    pub optimization_level: GraphOptimization,
+    /// 0: the model does not batch; otherwise dim 0 of every input and output must be variable.
+    pub max_batch_size: usize,
+}
+
+/// ONNX Runtime's graph optimization levels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphOptimization {
+    Disable,
+    Basic,
+    Extended,
+    All,
+}
+
+impl Default for OnnxOptions {
+    fn default() -> Self {
+        OnnxOptions {
+            instance_count: 1,
+            intra_op_threads: 1,
+            inter_op_threads: 1,
+            optimization_level: GraphOptimization::All,
+            max_batch_size: 0,
+        }
+    }
+}
+
+/// One loaded ONNX model version: its metadata and a pool of sessions.
+pub struct OnnxModel {
+    metadata: ModelMetadata,
+    sessions: Arc<SessionPool>,
+}
+
+struct SessionPool {
+    sessions: Vec<Mutex<Session>>,
+    free: Semaphore,
+}
+
+impl OnnxModel {
+    pub fn load(path: &Path, options: &OnnxOptions) -> Result<Self> {
+        let level = || match options.optimization_level {
+            GraphOptimization::Disable => GraphOptimizationLevel::Disable,
+            GraphOptimization::Basic => GraphOptimizationLevel::Level1,
+            GraphOptimization::Extended => GraphOptimizationLevel::Level2,
+            GraphOptimization::All => GraphOptimizationLevel::Level3,
+        };
+        let bytes = std::fs::read(path)
+            .map_err(|error| Error::invalid(format!("cannot read {}: {error}", path.display())))?;
+        let mut sessions = Vec::with_capacity(options.instance_count);
+        for _ in 0..options.instance_count.max(1) {
+            let session = Session::builder()
+                .and_then(|builder| builder.with_optimization_level(level()))
+                .and_then(|builder| builder.with_intra_threads(options.intra_op_threads.max(1)))
+                .and_then(|builder| builder.with_inter_threads(options.inter_op_threads.max(1)))
+                .and_then(|builder| builder.commit_from_memory(&bytes))
+                .map_err(|error| {
+                    Error::invalid(format!(
+                        "ONNX Runtime cannot load {}: {error}",
+                        path.display()
+                    ))
+                })?;
+            sessions.push(Mutex::new(session));
+        }
+        let metadata = {
+            let first = sessions
+                .first()
+                .ok_or_else(|| Error::internal("no session was created"))?;
+            let session = lock(first);
+            session_metadata(&session, options.max_batch_size)?
+        };
+        let count = sessions.len();
+        Ok(OnnxModel {
+            metadata,
+            sessions: Arc::new(SessionPool {
+                sessions,
+                free: Semaphore::new(count),
+            }),
+        })
+    }
+}
+
+impl Model for OnnxModel {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
+        Box::pin(async move {
+            let pool = Arc::clone(&self.sessions);
+            let permit = self
+                .sessions
+                .free
+                .acquire()
+                .await
+                .map_err(|_| Error::unavailable("model is shutting down"))?;
+            let outputs = tokio::task::spawn_blocking(move || {
+                let result = pool.run(&inputs);
+                drop(inputs);
+                result
+            })
+            .await
+            .map_err(|error| Error::internal(format!("ONNX Runtime inference failed: {error}")))?;
+            drop(permit);
+            outputs
+        })
+    }
+}
+
+impl SessionPool {
+    /// Runs on a blocking thread holding a semaphore permit, so a free session exists.
+    fn run(&self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>> {
+        let mut guard = None;
+        for session in &self.sessions {
+            match session.try_lock() {
+                Ok(locked) => {
+                    guard = Some(locked);
+                    break;
+                }
+                Err(TryLockError::Poisoned(poisoned)) => {
+                    guard = Some(poisoned.into_inner());
+                    break;
+                }
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        let mut session = match guard {
+            Some(session) => session,
+            None => lock(
+                self.sessions
+                    .first()
+                    .ok_or_else(|| Error::internal("no session"))?,
+            ),
+        };
+        let values = inputs
+            .iter()
+            .map(|input| {
+                Ok((
+                    input.name.as_str(),
+                    to_ort_value(&input.name, &input.tensor)?,
+                ))
+            })
+            .collect::<Result<Vec<(&str, SessionInputValue<'_>)>>>()?;
+        let outputs = session.run(values).map_err(|error| {
+            Error::invalid(format!("ONNX Runtime rejected the inputs: {error}"))
+        })?;
+        outputs
+            .into_iter()
+            .map(|(name, value)| Ok(NamedTensor::new(name, from_ort_value(name, &value)?)))
+            .collect()
+    }
+}
+
+fn lock(session: &Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
+    session
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn session_metadata(session: &Session, max_batch_size: usize) -> Result<ModelMetadata> {
+    let spec = |kind: &str, name: &str, value_type: &ValueType| -> Result<TensorSpec> {
+        match value_type {
+            ValueType::Tensor { ty, shape, .. } => Ok(TensorSpec {
+                name: name.to_string(),
+                datatype: datatype_of(*ty).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "{kind} '{name}' has ONNX type {ty}, which has no Open Inference Protocol datatype"
+                    ))
+                })?,
+                shape: shape.iter().map(|&dim| if dim < 0 { -1 } else { dim }).collect(),
+            }),
+            other => Err(Error::invalid(format!(
+                "{kind} '{name}' is {other}, not a tensor; only tensor inputs and outputs can be served"
+            ))),
+        }
+    };
+    let inputs = session
+        .inputs
+        .iter()
+        .map(|input| spec("input", &input.name, &input.input_type))
+        .collect::<Result<Vec<_>>>()?;
+    let outputs = session
+        .outputs
+        .iter()
+        .map(|output| spec("output", &output.name, &output.output_type))
+        .collect::<Result<Vec<_>>>()?;
+    if max_batch_size > 0 {
+        if let Some(fixed) = inputs
+            .iter()
+            .chain(&outputs)
+            .find(|s| s.shape.first() != Some(&-1))
+        {
+            return Err(Error::invalid(format!(
+                "max_batch_size is {max_batch_size} but '{}' has shape {:?}: a batching model \
+                 needs a variable first dimension",
+                fixed.name, fixed.shape
+            )));
+        }
+    }
+    Ok(ModelMetadata {
+        platform: "onnxruntime_onnx".to_string(),
+        inputs,
+        outputs,
+        max_batch_size,
+    })
+}
+
+fn datatype_of(ty: TensorElementType) -> Option<DataType> {
+    Some(match ty {
+        TensorElementType::Bool => DataType::Bool,
+        TensorElementType::Uint8 => DataType::Uint8,
+        TensorElementType::Uint16 => DataType::Uint16,
+        TensorElementType::Uint32 => DataType::Uint32,
+        TensorElementType::Uint64 => DataType::Uint64,
+        TensorElementType::Int8 => DataType::Int8,
+        TensorElementType::Int16 => DataType::Int16,
+        TensorElementType::Int32 => DataType::Int32,
+        TensorElementType::Int64 => DataType::Int64,
+        TensorElementType::Float16 => DataType::Fp16,
+        TensorElementType::Bfloat16 => DataType::Bf16,
+        TensorElementType::Float32 => DataType::Fp32,
+        TensorElementType::Float64 => DataType::Fp64,
+        TensorElementType::String => DataType::Bytes,
+        _ => return None,
+    })
+}
+
+/// Little-endian element decoding, so unaligned request bytes can be copied into typed memory.
+trait Element: PrimitiveTensorElementType + bytemuck::Pod + std::fmt::Debug + Clone {
+    const SIZE: usize = std::mem::size_of::<Self>();
+    fn from_le(bytes: &[u8]) -> Self;
+}
+
+macro_rules! element {
+    ($($ty:ty),*) => {$(
+        impl Element for $ty {
+            fn from_le(bytes: &[u8]) -> Self {
+                let mut array = [0u8; std::mem::size_of::<$ty>()];
+                array.copy_from_slice(bytes);
+                <$ty>::from_le_bytes(array)
+            }
+        }
+    )*};
+}
+element!(u8, u16, u32, u64, i8, i16, i32, i64, f16, bf16, f32, f64);
+
+fn ort_error(name: &str) -> impl Fn(ort::Error) -> Error + '_ {
+    move |error| {
+        Error::invalid(format!(
+            "input '{name}': ONNX Runtime cannot take it: {error}"
+        ))
+    }
+}
+
+/// A view when the bytes are aligned for `T` (no copy), else an owned copy.
+fn primitive<'a, T: Element>(
+    name: &str,
+    shape: Vec<i64>,
+    data: &'a [u8],
+) -> Result<SessionInputValue<'a>> {
+    if cfg!(target_endian = "little") {
+        if let Ok(view) = bytemuck::try_cast_slice::<u8, T>(data) {
+            return TensorRef::from_array_view((shape, view))
+                .map(SessionInputValue::from)
+                .map_err(ort_error(name));
+        }
+    }
+    let owned: Vec<T> = data.chunks_exact(T::SIZE).map(T::from_le).collect();
+    OrtTensor::from_array((shape, owned))
+        .map(SessionInputValue::from)
+        .map_err(ort_error(name))
+}
+
+fn to_ort_value<'a>(name: &str, tensor: &'a Tensor) -> Result<SessionInputValue<'a>> {
+    let shape: Vec<i64> = tensor.shape().iter().map(|&dim| dim as i64).collect();
+    let data: &'a [u8] = tensor.data();
+    match tensor.datatype() {
+        DataType::Bool => {
+            let owned: Vec<bool> = data.iter().map(|&byte| byte != 0).collect();
+            OrtTensor::from_array((shape, owned))
+                .map(SessionInputValue::from)
+                .map_err(ort_error(name))
+        }
+        DataType::Uint8 => primitive::<u8>(name, shape, data),
+        DataType::Uint16 => primitive::<u16>(name, shape, data),
+        DataType::Uint32 => primitive::<u32>(name, shape, data),
+        DataType::Uint64 => primitive::<u64>(name, shape, data),
+        DataType::Int8 => primitive::<i8>(name, shape, data),
+        DataType::Int16 => primitive::<i16>(name, shape, data),
+        DataType::Int32 => primitive::<i32>(name, shape, data),
+        DataType::Int64 => primitive::<i64>(name, shape, data),
+        DataType::Fp16 => primitive::<f16>(name, shape, data),
+        DataType::Bf16 => primitive::<bf16>(name, shape, data),
+        DataType::Fp32 => primitive::<f32>(name, shape, data),
+        DataType::Fp64 => primitive::<f64>(name, shape, data),
+        DataType::Bytes => {
+            let strings = bytes_elements(data)?
+                .enumerate()
+                .map(|(index, element)| {
+                    String::from_utf8(element.to_vec()).map_err(|_| {
+                        Error::invalid(format!(
+                            "input '{name}': BYTES element {index} is not valid UTF-8, which ONNX \
+                             string tensors require"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<String>>>()?;
+            OrtTensor::from_string_array((shape, &strings[..]))
+                .map(SessionInputValue::from)
+                .map_err(ort_error(name))
+        }
+    }
+}
+
+fn extract<T: Element>(name: &str, value: &DynValue) -> Result<(Vec<usize>, Bytes)> {
+    let (shape, data) = value
+        .try_extract_tensor::<T>()
+        .map_err(|error| Error::internal(format!("output '{name}': {error}")))?;
+    let bytes = Bytes::copy_from_slice(bytemuck::cast_slice::<T, u8>(data));
+    Ok((dims(shape), bytes))
+}
+
+fn dims(shape: &[i64]) -> Vec<usize> {
+    shape.iter().map(|&dim| dim.max(0) as usize).collect()
+}
+
+fn from_ort_value(name: &str, value: &DynValue) -> Result<Tensor> {
+    let ValueType::Tensor { ty, .. } = value.dtype() else {
+        return Err(Error::internal(format!("output '{name}' is not a tensor")));
+    };
+    let datatype = datatype_of(*ty).ok_or_else(|| {
+        Error::internal(format!("output '{name}' has unsupported ONNX type {ty}"))
+    })?;
+    let (shape, bytes) = match datatype {
+        DataType::Bool => {
+            let (shape, data) = value
+                .try_extract_tensor::<bool>()
+                .map_err(|error| Error::internal(format!("output '{name}': {error}")))?;
+            (
+                dims(shape),
+                data.iter()
+                    .map(|&b| u8::from(b))
+                    .collect::<Vec<u8>>()
+                    .into(),
+            )
+        }
+        DataType::Uint8 => extract::<u8>(name, value)?,
+        DataType::Uint16 => extract::<u16>(name, value)?,
+        DataType::Uint32 => extract::<u32>(name, value)?,
+        DataType::Uint64 => extract::<u64>(name, value)?,
+        DataType::Int8 => extract::<i8>(name, value)?,
+        DataType::Int16 => extract::<i16>(name, value)?,
+        DataType::Int32 => extract::<i32>(name, value)?,
+        DataType::Int64 => extract::<i64>(name, value)?,
+        DataType::Fp16 => extract::<f16>(name, value)?,
+        DataType::Bf16 => extract::<bf16>(name, value)?,
+        DataType::Fp32 => extract::<f32>(name, value)?,
+        DataType::Fp64 => extract::<f64>(name, value)?,
+        DataType::Bytes => {
+            let (shape, strings) = value
+                .try_extract_strings()
+                .map_err(|error| Error::internal(format!("output '{name}': {error}")))?;
+            let encoded = encode_bytes_elements(strings.iter().map(|s| s.as_bytes()))?;
+            (dims(shape), Bytes::from(encoded))
+        }
+    };
+    Tensor::new(datatype, shape, bytes).map_err(|error| error.context(format!("output '{name}'")))
+}

@@ -1,0 +1,18 @@
+//! Weft's shared vocabulary: the words every other crate speaks.
+//!
+//! This crate owns the types that cross crate boundaries — [`DataType`] (every Open Inference
+//! Protocol datatype), [`Tensor`] (datatype + shape + little-endian bytes), [`TensorSpec`]
+//! (what a model declares), [`Error`] with its [`ErrorKind`], and the [`Model`] trait that a
+//! backend implements and the server calls. It has no I/O and no heavy dependency so that the
+//! protocol codecs, the engine and the backends can all depend on it without depending on each
+//! other.
+
+mod datatype;
+mod error;
+mod model;
+mod tensor;
+
+pub use datatype::DataType;
+pub use error::{Error, ErrorKind, Result};
+pub use model::{BoxFuture, Model, ModelMetadata, TensorSpec};
+pub use tensor::{NamedTensor, Tensor, bytes_elements, element_count, encode_bytes_elements};

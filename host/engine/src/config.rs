@@ -1,0 +1,255 @@
+//! `model.toml`: a model's serving configuration, with Triton's names, in TOML.
+//!
+//! ```toml
+//! platform = "onnx"
+//! max_batch_size = 64              # 0: the model does not batch; dims then include dim 0
+//! version_policy = { latest = 1 }  # or "all", or { specific = [1, 3] }
+//!
+//! [ort]
+//! instance_count = 2               # sessions that run concurrently
+//! intra_op_threads = 1
+//! optimization_level = "all"       # disable | basic | extended | all
+//!
+//! [[input]]                        # optional: checked against the model at load
+//! name = "x"
+//! datatype = "FP32"
+//! dims = [64]                      # without the batch dim when max_batch_size > 0
+//! ```
+//! Unknown keys are errors, and every error names the file, line and key.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use weft_core::{DataType, Error, Result};
+
+/// The parsed `model.toml`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Backend that runs the model. Only `"onnx"` exists today.
+    pub platform: Platform,
+    /// Largest dimension 0 in one request; 0 means the model takes whole tensors as they are.
+    #[serde(default)]
+    pub max_batch_size: usize,
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
+    #[serde(default)]
+    pub ort: OrtOptions,
+    /// Declared inputs, checked against the model's own metadata at load.
+    #[serde(default, rename = "input")]
+    pub inputs: Vec<DeclaredTensor>,
+    /// Declared outputs, checked likewise.
+    #[serde(default, rename = "output")]
+    pub outputs: Vec<DeclaredTensor>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Onnx,
+}
+
+/// Which numeric version folders are served (Triton's version_policy).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionPolicy {
+    /// Every version folder.
+    All,
+    /// The N highest version numbers.
+    Latest(usize),
+    /// Exactly these versions; a listed version with no folder is reported unavailable.
+    Specific(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Latest(1)
+    }
+}
+
+impl VersionPolicy {
+    /// The versions to serve out of those found on disk, ascending.
+    pub fn select(&self, mut found: Vec<u64>) -> Vec<u64> {
+        found.sort_unstable();
+        match self {
+            VersionPolicy::All => found,
+            VersionPolicy::Latest(count) => {
+                let skip = found.len().saturating_sub(*count);
+                found.split_off(skip)
+            }
+            VersionPolicy::Specific(wanted) => {
+                let mut wanted = wanted.clone();
+                wanted.sort_unstable();
+                wanted.dedup();
+                wanted
+            }
+        }
+    }
+}
+
+/// ONNX Runtime session options.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrtOptions {
+    /// Sessions per model version; requests run on whichever is free, so up to this many run at
+    /// once. 0 = one per CPU core.
+    pub instance_count: usize,
+    /// Threads ONNX Runtime uses inside one operator. 0 = cores / instance_count, at least 1.
+    pub intra_op_threads: usize,
+    /// Threads across independent operators (only with parallel execution).
+    pub inter_op_threads: usize,
+    pub optimization_level: OptimizationLevel,
+}
+
+impl Default for OrtOptions {
+    fn default() -> Self {
+        OrtOptions {
+            instance_count: 0,
+            intra_op_threads: 0,
+            inter_op_threads: 1,
+            optimization_level: OptimizationLevel::All,
+        }
+    }
+}
+
+impl OrtOptions {
+    /// `(instance_count, intra_op_threads)` with the zero defaults resolved for `cores`, so that
+    /// instances times threads does not oversubscribe the machine.
+    pub fn resolved_threads(&self, cores: usize) -> (usize, usize) {
+        let cores = cores.max(1);
+        let instances = if self.instance_count == 0 {
+            cores
+        } else {
+            self.instance_count
+        };
+        let intra = if self.intra_op_threads == 0 {
+            (cores / instances).max(1)
+        } else {
+            self.intra_op_threads
+        };
+        (instances, intra)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizationLevel {
+    Disable,
+    Basic,
+    Extended,
+    All,
+}
+
+/// An input or output declared in `model.toml`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclaredTensor {
+    pub name: String,
+    pub datatype: DataType,
+    /// Dimensions, -1 for variable; without the batch dimension when `max_batch_size > 0`.
+    pub dims: Vec<i64>,
+}
+
+impl ModelConfig {
+    /// Parses `text`, naming `path` (and toml's line, column and key) in any error.
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|error| {
+            Error::invalid(format!(
+                "{}: {}",
+                path.display(),
+                error.to_string().trim_end()
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ModelConfig> {
+        ModelConfig::parse(Path::new("models/m/model.toml"), text)
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let config = parse("platform = \"onnx\"").unwrap();
+        assert_eq!(config.max_batch_size, 0);
+        assert_eq!(config.version_policy, VersionPolicy::Latest(1));
+        assert_eq!(config.ort, OrtOptions::default());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let config = parse(
+            r#"
+platform = "onnx"
+max_batch_size = 8
+version_policy = { specific = [3, 1] }
+[ort]
+instance_count = 2
+intra_op_threads = 1
+optimization_level = "basic"
+[[input]]
+name = "x"
+datatype = "FP32"
+dims = [64]
+[[output]]
+name = "y"
+datatype = "FP32"
+dims = [10]
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.version_policy, VersionPolicy::Specific(vec![3, 1]));
+        assert_eq!(config.ort.optimization_level, OptimizationLevel::Basic);
+        assert_eq!(config.inputs[0].datatype, DataType::Fp32);
+        assert_eq!(config.outputs[0].dims, vec![10]);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let error = parse("platform = \"onnx\"\nmax_batch = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("models/m/model.toml: "), "{error}");
+        assert!(error.contains("line 2"), "{error}");
+        assert!(error.contains("unknown field `max_batch`"), "{error}");
+    }
+
+    #[test]
+    fn bad_datatype_is_reported_with_its_line() {
+        let error = parse(
+            "platform = \"onnx\"\n[[input]]\nname = \"x\"\ndatatype = \"FLOAT\"\ndims = [1]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("line 4") && error.contains("unknown datatype 'FLOAT'"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn version_policies_select_versions() {
+        let found = vec![3, 1, 7, 2];
+        assert_eq!(VersionPolicy::Latest(2).select(found.clone()), vec![3, 7]);
+        assert_eq!(VersionPolicy::All.select(found.clone()), vec![1, 2, 3, 7]);
+        assert_eq!(
+            VersionPolicy::Specific(vec![9, 2]).select(found),
+            vec![2, 9]
+        );
+        let policy: ModelConfig = parse("platform = \"onnx\"\nversion_policy = \"all\"").unwrap();
+        assert_eq!(policy.version_policy, VersionPolicy::All);
+    }
+
+    #[test]
+    fn thread_defaults_do_not_oversubscribe() {
+        assert_eq!(OrtOptions::default().resolved_threads(2), (2, 1));
+        let one = OrtOptions {
+            instance_count: 1,
+            ..OrtOptions::default()
+        };
+        assert_eq!(one.resolved_threads(4), (1, 4));
+    }
+}

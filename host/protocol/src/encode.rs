@@ -1,0 +1,160 @@
+//! Encoding inference responses (and, for load generators and tests, requests) in JSON or with
+//! the binary tensor data extension.
+
+use serde::Serialize;
+use weft_core::{DataType, NamedTensor, Result};
+
+use crate::Parameters;
+use crate::decode::RequestInput;
+use crate::json_data::{JsonData, check_utf8};
+
+/// A response ready to encode.
+#[derive(Clone, Debug)]
+pub struct InferResponse {
+    pub model_name: String,
+    pub model_version: Option<String>,
+    pub id: Option<String>,
+    pub parameters: Parameters,
+    pub outputs: Vec<ResponseOutput>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ResponseOutput {
+    pub tensor: NamedTensor,
+    /// Send the bytes after the JSON header instead of as `data`.
+    pub binary: bool,
+    pub parameters: Parameters,
+}
+
+/// An encoded body. `json_header_length` is set (for the `Inference-Header-Content-Length`
+/// header) when binary tensors follow the JSON.
+#[derive(Clone, Debug)]
+pub struct EncodedResponse {
+    pub body: Vec<u8>,
+    pub json_header_length: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct WireTensor<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [usize],
+    #[serde(skip_serializing_if = "Parameters::is_empty")]
+    parameters: Parameters,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<JsonData<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireResponse<'a> {
+    model_name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Parameters::is_empty")]
+    parameters: &'a Parameters,
+    outputs: Vec<WireTensor<'a>>,
+}
+
+/// One tensor on the wire: binary ones get `binary_data_size` and no `data`.
+fn wire_tensor<'a>(
+    tensor: &'a NamedTensor,
+    binary: bool,
+    mut parameters: Parameters,
+) -> Result<WireTensor<'a>> {
+    let data = tensor.tensor.data();
+    let json = if binary {
+        parameters.insert("binary_data_size".into(), data.len().into());
+        None
+    } else {
+        if tensor.tensor.datatype() == DataType::Bytes {
+            check_utf8(&tensor.name, data)?;
+        }
+        Some(JsonData {
+            datatype: tensor.tensor.datatype(),
+            data,
+        })
+    };
+    Ok(WireTensor {
+        name: &tensor.name,
+        datatype: tensor.tensor.datatype().as_str(),
+        shape: tensor.tensor.shape(),
+        parameters,
+        data: json,
+    })
+}
+
+/// JSON header then the binary tensors, in order.
+fn assemble<'a>(
+    header: &impl Serialize,
+    binary: impl Iterator<Item = &'a [u8]>,
+) -> Result<(Vec<u8>, usize)> {
+    let mut body = serde_json::to_vec(header)
+        .map_err(|error| weft_core::Error::internal(format!("cannot encode JSON: {error}")))?;
+    let json_length = body.len();
+    for bytes in binary {
+        body.extend_from_slice(bytes);
+    }
+    Ok((body, json_length))
+}
+
+/// Encodes a response; outputs marked binary go after the JSON header.
+pub fn encode_infer_response(response: &InferResponse) -> Result<EncodedResponse> {
+    let outputs = response
+        .outputs
+        .iter()
+        .map(|output| wire_tensor(&output.tensor, output.binary, output.parameters.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let wire = WireResponse {
+        model_name: &response.model_name,
+        model_version: response.model_version.as_deref(),
+        id: response.id.as_deref(),
+        parameters: &response.parameters,
+        outputs,
+    };
+    let binary = response
+        .outputs
+        .iter()
+        .filter(|output| output.binary)
+        .map(|output| &output.tensor.tensor.data()[..]);
+    let (body, json_length) = assemble(&wire, binary)?;
+    let any_binary = response.outputs.iter().any(|output| output.binary);
+    Ok(EncodedResponse {
+        body,
+        json_header_length: any_binary.then_some(json_length),
+    })
+}
+
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    inputs: Vec<WireTensor<'a>>,
+    #[serde(skip_serializing_if = "Parameters::is_empty")]
+    parameters: Parameters,
+}
+
+/// Encodes a request (for `weft bench` and tests): all inputs as JSON `data`, or all binary with
+/// every output requested binary too. Returns the body and, if binary, the JSON header length.
+pub fn encode_infer_request(
+    inputs: &[RequestInput],
+    binary: bool,
+) -> Result<(Vec<u8>, Option<usize>)> {
+    let wire_inputs = inputs
+        .iter()
+        .map(|input| wire_tensor(&input.tensor, binary, input.parameters.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let mut parameters = Parameters::new();
+    if binary {
+        parameters.insert("binary_data_output".into(), true.into());
+    }
+    let wire = WireRequest {
+        inputs: wire_inputs,
+        parameters,
+    };
+    let tensors = inputs
+        .iter()
+        .filter(|_| binary)
+        .map(|input| &input.tensor.tensor.data()[..]);
+    let (body, json_length) = assemble(&wire, tensors)?;
+    Ok((body, binary.then_some(json_length)))
+}

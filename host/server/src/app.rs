@@ -1,0 +1,427 @@
+//! The HTTP application: the Open Inference Protocol (KServe V2) REST routes over axum.
+//!
+//! `app(state)` builds the whole router so tests serve exactly what `weft serve` serves. Each
+//! handler is thin: decode with `weft-protocol`, resolve with the engine's registry, run the
+//! model, encode. Errors flow as `weft_core::Error` and become HTTP once, in `error.rs`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::json;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use weft_core::{Error, ErrorKind, Model, NamedTensor, Tensor};
+use weft_engine::{ModelRegistry, ModelState};
+use weft_protocol::{
+    InferRequest, InferResponse, MetadataTensor, ModelMetadataResponse, RepositoryIndexEntry,
+    ResponseOutput, ServerMetadataResponse, decode_infer_request, encode_infer_response,
+};
+
+use crate::error::ApiError;
+
+/// The binary tensor data extension's header: length of the JSON part of the body.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+const REQUEST_ID: &str = "x-request-id";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<ModelRegistry>,
+    /// Largest request body accepted; larger gets 413.
+    pub max_request_bytes: usize,
+    /// Cleared when shutdown starts, so readiness turns 503 while in-flight requests finish.
+    pub accepting: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(registry: ModelRegistry, max_request_bytes: usize) -> Self {
+        AppState {
+            registry: Arc::new(registry),
+            max_request_bytes,
+            accepting: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
+/// Builds the router with request ids, tracing spans and a JSON 404 for unknown routes.
+pub fn app(state: AppState) -> Router {
+    let request_id = HeaderName::from_static(REQUEST_ID);
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_version_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_version_ready))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
+        .route("/v2/repository/index", post(repository_index))
+        .fallback(unknown_route)
+        .with_state(state)
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<Body>| {
+                let id = request
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
+            }),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+async fn live() -> Json<serde_json::Value> {
+    Json(json!({ "live": true }))
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.accepting.load(Ordering::Relaxed) {
+        Json(json!({ "ready": true })).into_response()
+    } else {
+        ApiError(Error::unavailable("server is shutting down")).into_response()
+    }
+}
+
+async fn server_metadata() -> Json<ServerMetadataResponse> {
+    Json(ServerMetadataResponse {
+        name: "weft".to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        extensions: vec!["binary_tensor_data".to_string()],
+    })
+}
+
+async fn unknown_route(request: Request<Body>) -> ApiError {
+    ApiError(Error::not_found(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    )))
+}
+
+fn metadata_response(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Response, ApiError> {
+    let (_, model) = state.registry.resolve(name, version)?;
+    let metadata = model.metadata();
+    let tensors = |specs: &[weft_core::TensorSpec]| {
+        specs
+            .iter()
+            .map(|spec| MetadataTensor {
+                name: spec.name.clone(),
+                datatype: spec.datatype.as_str().to_string(),
+                shape: spec.shape.clone(),
+            })
+            .collect()
+    };
+    let versions = state
+        .registry
+        .versions(name)
+        .unwrap_or_default()
+        .iter()
+        .map(u64::to_string)
+        .collect();
+    Ok(Json(ModelMetadataResponse {
+        name: name.to_string(),
+        versions,
+        platform: metadata.platform.clone(),
+        inputs: tensors(&metadata.inputs),
+        outputs: tensors(&metadata.outputs),
+    })
+    .into_response())
+}
+
+async fn model_metadata(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    metadata_response(&state, &model, None)
+}
+
+async fn model_version_metadata(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    metadata_response(&state, &model, Some(&version))
+}
+
+fn ready_response(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Response, ApiError> {
+    let (number, _) = state.registry.resolve(name, version)?;
+    Ok(Json(json!({ "name": name, "version": number.to_string(), "ready": true })).into_response())
+}
+
+async fn model_ready(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    ready_response(&state, &model, None)
+}
+
+async fn model_version_ready(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    ready_response(&state, &model, Some(&version))
+}
+
+async fn repository_index(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    // Triton's optional body: {"ready": true} lists only ready models.
+    let only_ready = if body.is_empty() {
+        false
+    } else {
+        let request: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|error| Error::invalid(format!("malformed JSON in index request: {error}")))?;
+        request
+            .get("ready")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    };
+    let entries: Vec<RepositoryIndexEntry> = state
+        .registry
+        .index()
+        .into_iter()
+        .filter(|entry| !only_ready || matches!(entry.state, ModelState::Ready(_)))
+        .map(|entry| {
+            let (state, reason) = match entry.state {
+                ModelState::Ready(_) => ("READY", String::new()),
+                ModelState::Unavailable(reason) => ("UNAVAILABLE", reason),
+            };
+            RepositoryIndexEntry {
+                name: entry.name,
+                version: entry.version.map(|v| v.to_string()),
+                state: state.to_string(),
+                reason,
+            }
+        })
+        .collect();
+    Ok(Json(entries).into_response())
+}
+
+async fn infer(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    run_infer(&state, &model, None, &headers, body).await
+}
+
+async fn infer_version(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    run_infer(&state, &model, Some(&version), &headers, body).await
+}
+
+/// Reads the body up to the limit; a larger body (declared or actual) is 413.
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
+    let limit = state.max_request_bytes;
+    let too_large = || {
+        Error::new(
+            ErrorKind::PayloadTooLarge,
+            format!("request body exceeds the limit of {limit} bytes (--max-request-bytes)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(error) => Err(Error::invalid(format!("cannot read request body: {error}"))),
+    }
+}
+
+fn header_length(headers: &HeaderMap) -> Result<Option<usize>, Error> {
+    let Some(value) = headers.get(HEADER_LENGTH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Error::invalid("Inference-Header-Content-Length must be a non-negative integer")
+        })
+}
+
+async fn run_infer(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let header_length = header_length(headers)?;
+    let body = read_body(state, headers, body).await?;
+    let request = decode_infer_request(body, header_length)?;
+    let (number, model) = state.registry.resolve(name, version)?;
+    let inputs = request_inputs(&request, model.as_ref())?;
+    model.metadata().validate_inputs(&inputs)?;
+    let selected = select_outputs(&request, model.as_ref())?;
+    let outputs = model
+        .infer(inputs)
+        .await
+        .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
+    let response = InferResponse {
+        model_name: name.to_string(),
+        model_version: Some(number.to_string()),
+        id: request.id.clone(),
+        parameters: serde_json::Map::new(),
+        outputs: pick_outputs(outputs, &selected)?,
+    };
+    let encoded = encode_infer_response(&response)?;
+    let mut reply = Response::new(Body::from(encoded.body));
+    *reply.status_mut() = StatusCode::OK;
+    let content_type = match encoded.json_header_length {
+        Some(length) => {
+            if let Ok(value) = HeaderValue::from_str(&length.to_string()) {
+                reply.headers_mut().insert(HEADER_LENGTH, value);
+            }
+            "application/octet-stream"
+        }
+        None => "application/json",
+    };
+    reply
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    Ok(reply)
+}
+
+/// The request's tensors; a headerless binary body (`Inference-Header-Content-Length: 0`) is the
+/// model's single input, shaped by its metadata with the one variable dimension inferred.
+fn request_inputs(request: &InferRequest, model: &dyn Model) -> Result<Vec<NamedTensor>, Error> {
+    let Some(raw) = &request.raw_single_input else {
+        return Ok(request
+            .inputs
+            .iter()
+            .map(|input| input.tensor.clone())
+            .collect());
+    };
+    let metadata = model.metadata();
+    let [spec] = metadata.inputs.as_slice() else {
+        return Err(Error::invalid(format!(
+            "a body without a JSON header (Inference-Header-Content-Length: 0) needs a model with \
+             exactly one input; this model has {}",
+            metadata.inputs.len()
+        )));
+    };
+    let size = spec
+        .datatype
+        .element_size()
+        .ok_or_else(|| Error::invalid("a body without a JSON header cannot carry a BYTES input"))?;
+    let fixed: usize = spec
+        .shape
+        .iter()
+        .filter(|&&d| d >= 0)
+        .map(|&d| d as usize)
+        .product();
+    let variable = spec.shape.iter().filter(|&&d| d < 0).count();
+    let row_bytes = fixed * size;
+    let inferred = if row_bytes == 0 {
+        0
+    } else {
+        raw.len() / row_bytes
+    };
+    if variable > 1
+        || row_bytes == 0
+        || inferred * row_bytes != raw.len()
+        || (variable == 0 && inferred != 1)
+    {
+        return Err(Error::invalid(format!(
+            "a body of {} bytes cannot be shaped as input '{}' ({} {:?})",
+            raw.len(),
+            spec.name,
+            spec.datatype,
+            spec.shape
+        )));
+    }
+    let shape = spec
+        .shape
+        .iter()
+        .map(|&d| if d < 0 { inferred } else { d as usize })
+        .collect();
+    let tensor = Tensor::new(spec.datatype, shape, raw.clone())?;
+    Ok(vec![NamedTensor::new(spec.name.clone(), tensor)])
+}
+
+/// The outputs to return with whether each is binary; all outputs if none were requested.
+fn select_outputs(request: &InferRequest, model: &dyn Model) -> Result<Vec<(String, bool)>, Error> {
+    let binary_default = request.binary_output_default();
+    let metadata = model.metadata();
+    if request.outputs.is_empty() {
+        return Ok(metadata
+            .outputs
+            .iter()
+            .map(|spec| (spec.name.clone(), binary_default))
+            .collect());
+    }
+    request
+        .outputs
+        .iter()
+        .map(|wanted| {
+            if metadata.output(&wanted.name).is_none() {
+                let names: Vec<&str> = metadata.outputs.iter().map(|s| s.name.as_str()).collect();
+                return Err(Error::invalid(format!(
+                    "unknown output '{}' requested; the model's outputs are {names:?}",
+                    wanted.name
+                )));
+            }
+            Ok((
+                wanted.name.clone(),
+                wanted.binary_data.unwrap_or(binary_default),
+            ))
+        })
+        .collect()
+}
+
+fn pick_outputs(
+    outputs: Vec<NamedTensor>,
+    selected: &[(String, bool)],
+) -> Result<Vec<ResponseOutput>, Error> {
+    selected
+        .iter()
+        .map(|(name, binary)| {
+            let tensor = outputs
+                .iter()
+                .find(|output| &output.name == name)
+                .cloned()
+                .ok_or_else(|| Error::internal(format!("the model produced no output '{name}'")))?;
+            Ok(ResponseOutput {
+                tensor,
+                binary: *binary,
+                parameters: serde_json::Map::new(),
+            })
+        })
+        .collect()
+}
+
+/// How long in-flight requests get to finish after a shutdown signal.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);

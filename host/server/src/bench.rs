@@ -1,0 +1,272 @@
+//! `weft bench`: a V2 load generator, and the same workload run in-process as the baseline.
+//!
+//! HTTP mode sends the same request over keep-alive connections from `--concurrency` tasks for
+//! `--duration` seconds after a warm-up, JSON or binary-extension bodies. In-process mode loads
+//! the model from the repository the way `weft serve` does and calls it directly with the same
+//! input, so the difference between the two is the cost of HTTP and the protocol codecs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::ValueEnum;
+use weft_core::{DataType, Model, NamedTensor, Tensor, TensorSpec};
+use weft_engine::ModelRegistry;
+
+use crate::loader::RepositoryLoader;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Model (or graph) to call.
+    #[arg(long)]
+    pub model: String,
+    /// Server to load, e.g. http://127.0.0.1:8000. Omit with --in-process.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// Run the model in this process instead of over HTTP (the baseline).
+    #[arg(long)]
+    pub in_process: bool,
+    /// Repository to load the model from with --in-process.
+    #[arg(long, default_value = "examples/quickstart")]
+    pub repository: PathBuf,
+    /// ONNX Runtime library for --in-process.
+    #[arg(
+        long,
+        env = "ORT_DYLIB_PATH",
+        default_value = "target/onnxruntime/libonnxruntime.so.1.22.1"
+    )]
+    pub ort_library: PathBuf,
+    /// Concurrent requests in flight.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds to run before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Rows in dimension 0 of each input (replaces every variable dimension).
+    #[arg(long, default_value_t = 1)]
+    pub rows: usize,
+    /// Request body encoding over HTTP.
+    #[arg(long, value_enum, default_value_t = Encoding::Binary)]
+    pub encoding: Encoding,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Encoding {
+    Json,
+    Binary,
+}
+
+/// What a run measured.
+#[derive(Debug)]
+pub struct Report {
+    pub requests: usize,
+    pub errors: usize,
+    pub elapsed: Duration,
+    pub latencies: Vec<Duration>,
+}
+
+impl Report {
+    fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let index = ((self.latencies.len() - 1) as f64 * p).round() as usize;
+        self.latencies[index.min(self.latencies.len() - 1)]
+    }
+
+    pub fn print(&self, label: &str, rows: usize) {
+        let seconds = self.elapsed.as_secs_f64().max(f64::EPSILON);
+        println!(
+            "{label}: {} requests, {} errors in {:.1}s: {:.0} req/s, {:.0} rows/s, p50 {:.1} us, p90 {:.1} us, p99 {:.1} us",
+            self.requests,
+            self.errors,
+            seconds,
+            self.requests as f64 / seconds,
+            (self.requests * rows) as f64 / seconds,
+            self.percentile(0.50).as_secs_f64() * 1e6,
+            self.percentile(0.90).as_secs_f64() * 1e6,
+            self.percentile(0.99).as_secs_f64() * 1e6,
+        );
+    }
+}
+
+pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    let report = if args.in_process {
+        let model = load_in_process(&args).await?;
+        let inputs = sample_inputs(&model.metadata().inputs, args.rows)?;
+        let call = move || {
+            let model = Arc::clone(&model);
+            let inputs = inputs.clone();
+            async move { model.infer(inputs).await.is_ok() }
+        };
+        drive(&args, call).await
+    } else {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(args.concurrency)
+            .build()
+            .context("cannot build the HTTP client")?;
+        let metadata: serde_json::Value = client
+            .get(format!("{}/v2/models/{}", args.url, args.model))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .with_context(|| format!("cannot read metadata of '{}' from {}", args.model, args.url))?
+            .json()
+            .await?;
+        let specs: Vec<TensorSpec> = serde_json::from_value(metadata["inputs"].clone())
+            .context("model metadata has no usable inputs")?;
+        let inputs = sample_inputs(&specs, args.rows)?;
+        let (body, header_length) = request_body(&inputs, args.encoding)?;
+        let url = format!("{}/v2/models/{}/infer", args.url, args.model);
+        let call = move || {
+            let mut request = client.post(&url).body(body.clone());
+            if let Some(length) = &header_length {
+                request = request.header("Inference-Header-Content-Length", length.as_str());
+            }
+            async move {
+                match request.send().await {
+                    Ok(response) if response.status().is_success() => {
+                        response.bytes().await.is_ok()
+                    }
+                    _ => false,
+                }
+            }
+        };
+        drive(&args, call).await
+    };
+    let label = if args.in_process {
+        format!(
+            "in-process {} rows={} concurrency={}",
+            args.model, args.rows, args.concurrency
+        )
+    } else {
+        format!(
+            "http {:?} {} rows={} concurrency={}",
+            args.encoding, args.model, args.rows, args.concurrency
+        )
+    };
+    report.print(&label, args.rows);
+    Ok(())
+}
+
+async fn load_in_process(args: &BenchArgs) -> anyhow::Result<Arc<dyn Model>> {
+    weft_backends::init_onnxruntime(&args.ort_library)?;
+    let repository = args.repository.clone();
+    let registry = tokio::task::spawn_blocking(move || {
+        ModelRegistry::load(&repository, &RepositoryLoader::default())
+    })
+    .await??;
+    let (_, model) = registry.resolve(&args.model, None)?;
+    Ok(model)
+}
+
+/// Runs `call` from `concurrency` tasks: warm-up, then measurement.
+async fn drive<F, Fut>(args: &BenchArgs, call: F) -> Report
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let warmup = Duration::from_secs_f64(args.warmup.max(0.0));
+    let duration = Duration::from_secs_f64(args.duration.max(0.1));
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let stop_at = measure_from + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0usize;
+            loop {
+                let began = Instant::now();
+                if began >= stop_at {
+                    break;
+                }
+                let ok = call().await;
+                if began >= measure_from {
+                    if ok {
+                        latencies.push(began.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        if let Ok((task_latencies, task_errors)) = task.await {
+            latencies.extend(task_latencies);
+            errors += task_errors;
+        }
+    }
+    latencies.sort_unstable();
+    Report {
+        requests: latencies.len(),
+        errors,
+        elapsed: duration,
+        latencies,
+    }
+}
+
+/// Deterministic inputs: every variable dimension becomes `rows`, values cycle small numbers.
+pub fn sample_inputs(specs: &[TensorSpec], rows: usize) -> anyhow::Result<Vec<NamedTensor>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<usize> = spec
+                .shape
+                .iter()
+                .map(|&d| if d < 0 { rows } else { d as usize })
+                .collect();
+            let count: usize = shape.iter().product();
+            let data: Vec<u8> = match spec.datatype {
+                DataType::Fp32 => (0..count)
+                    .flat_map(|i| ((i % 17) as f32 / 17.0).to_le_bytes())
+                    .collect(),
+                DataType::Fp64 => (0..count)
+                    .flat_map(|i| ((i % 17) as f64 / 17.0).to_le_bytes())
+                    .collect(),
+                DataType::Int64 => (0..count)
+                    .flat_map(|i| ((i % 17) as i64).to_le_bytes())
+                    .collect(),
+                DataType::Int32 => (0..count)
+                    .flat_map(|i| ((i % 17) as i32).to_le_bytes())
+                    .collect(),
+                DataType::Bool | DataType::Uint8 => (0..count).map(|i| (i % 2) as u8).collect(),
+                other => bail!("bench cannot generate {other} input '{}'", spec.name),
+            };
+            Ok(NamedTensor::new(
+                spec.name.clone(),
+                Tensor::new(spec.datatype, shape, Bytes::from(data))?,
+            ))
+        })
+        .collect()
+}
+
+/// A V2 request body for these inputs, and the binary header length if binary.
+fn request_body(
+    inputs: &[NamedTensor],
+    encoding: Encoding,
+) -> anyhow::Result<(Bytes, Option<String>)> {
+    let binary = matches!(encoding, Encoding::Binary);
+    let request_inputs = inputs
+        .iter()
+        .map(|input| weft_protocol::RequestInput {
+            tensor: input.clone(),
+            parameters: serde_json::Map::new(),
+        })
+        .collect::<Vec<_>>();
+    let (body, header_length) = weft_protocol::encode_infer_request(&request_inputs, binary)?;
+    Ok((Bytes::from(body), header_length.map(|l| l.to_string())))
+}

@@ -1,0 +1,191 @@
+//! The `weft` command line: flags with `WEFT_*` environment fallbacks, logging set-up, and the
+//! `serve` subcommand's start-up and graceful shutdown.
+//!
+//! It lives in the library (not `main.rs`) so the end-to-end tests run the exact same entry
+//! point as a binary of their own.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+
+use crate::app::{AppState, app};
+use crate::loader::RepositoryLoader;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weft",
+    version,
+    about = "Weft: WebAssembly-plugin inference serving (KServe V2 HTTP API)"
+)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a model repository over the Open Inference Protocol (KServe V2) HTTP API.
+    Serve(ServeArgs),
+    /// Measure a model over HTTP (V2, JSON or binary) or in-process with the same input.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the chosen address is logged).
+    #[arg(long, env = "WEFT_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// Model repository directory: models/<name>/model.toml and models/<name>/<version>/model.onnx.
+    #[arg(long, env = "WEFT_REPOSITORY")]
+    pub repository: PathBuf,
+    /// Directory for Weft's own durable state (created if missing).
+    #[arg(long, env = "WEFT_DATA_DIR", default_value = "weft-data")]
+    pub data_dir: PathBuf,
+    /// Largest request body in bytes; larger requests get 413.
+    #[arg(long, env = "WEFT_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+    /// Path of libonnxruntime.so (1.22 or newer); `cargo xtask setup` puts one under target/onnxruntime/.
+    #[arg(
+        long,
+        env = "ORT_DYLIB_PATH",
+        default_value = "target/onnxruntime/libonnxruntime.so.1.22.1"
+    )]
+    pub ort_library: PathBuf,
+    /// Exit at start-up if any model fails to load, instead of serving it as UNAVAILABLE.
+    #[arg(long, env = "WEFT_STRICT")]
+    pub strict: bool,
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
+    #[arg(long, env = "WEFT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+}
+
+/// Parses the command line, runs it, and turns any error into a message and exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime");
+    let result = runtime.and_then(|runtime| match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Bench(args) => runtime.block_on(crate::bench::bench(args)),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("weft: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Loads the repository, binds, serves until SIGINT/SIGTERM, then drains in-flight requests.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
+    let ort_info = weft_backends::init_onnxruntime(&args.ort_library)?;
+    tracing::info!(library = %args.ort_library.display(), build = %ort_info, "ONNX Runtime loaded");
+
+    let repository = args.repository.clone();
+    let registry = tokio::task::spawn_blocking(move || {
+        weft_engine::ModelRegistry::load(&repository, &RepositoryLoader::default())
+    })
+    .await
+    .context("model loading stopped unexpectedly")??;
+    let failures = registry.failures();
+    if args.strict && !failures.is_empty() {
+        bail!(
+            "--strict: {} model(s) failed to load: {}",
+            failures.len(),
+            failures.join("; ")
+        );
+    }
+
+    let state = AppState::new(registry, args.max_request_bytes);
+    let accepting = state.accepting.clone();
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    tracing::info!(%address, "listening");
+    // A machine-readable line on stdout, for scripts and tests that listen on port 0.
+    println!("weft listening on http://{address}");
+
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = Duration::from_secs(args.shutdown_grace_seconds);
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        accepting.store(false, Ordering::Relaxed);
+        tracing::info!("shutdown signal received; finishing in-flight requests");
+        let _ = drained_tx.send(());
+    });
+    let server = tokio::spawn(async move { server.await });
+    tokio::pin!(server);
+    tokio::select! {
+        finished = &mut server => finished.context("server task failed")?.context("server failed")?,
+        _ = async {
+            let _ = drained_rx.await;
+            tokio::time::sleep(grace).await;
+        } => bail!("in-flight requests did not finish within {grace:?} of the shutdown signal"),
+    }
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {},
+                    _ = terminate.recv() => {},
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,13 @@
+//! The `weft` server: the Open Inference Protocol (KServe V2) HTTP API over axum.
+//!
+//! It owns the process edge — flags, logging, HTTP routes, error-to-status mapping, graceful
+//! shutdown — and wires the engine's registry to the backends. Everything below the HTTP edge
+//! lives in the other crates, so `app(state)` is the whole server and tests serve exactly it.
+
+pub mod app;
+pub mod bench;
+pub mod cli;
+pub mod error;
+pub mod loader;
+
+pub use app::{AppState, app};

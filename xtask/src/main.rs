@@ -1,0 +1,219 @@
+//! `cargo xtask`: every set-up step a fresh machine needs, and the two commands the README
+//! starts with.
+//!
+//! - `cargo xtask setup`: wasm32-wasip2 target; the ONNX Runtime library unpacked from the
+//!   onnxruntime 1.22.1 PyPI wheel into `target/onnxruntime/` (cached, never committed); a Python
+//!   virtual environment in `target/venv` with the packages the tests use; generated test models.
+//! - `cargo xtask serve`: set-up, then `weft serve` on examples/quickstart at 127.0.0.1:8000.
+//! - `cargo xtask test`: set-up, then every test: `cargo test --workspace` (which includes the
+//!   end-to-end and tritonclient tests).
+//!
+//! It shells out to `python3`, `rustup` and `cargo` only, so it needs nothing but Rust and Python.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+const ORT_VERSION: &str = "1.22.1";
+/// Python packages the tests use, pinned so every machine gets the same ones.
+const PYTHON_PACKAGES: &[&str] = &[
+    "numpy==2.4.6",
+    "onnx==1.17.0",
+    "protobuf==7.36.2",
+    "tritonclient[http]==2.73.0",
+    "pytest==9.2.0",
+];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root()?;
+    match args.first().map(String::as_str) {
+        Some("setup") => setup(&root, true),
+        Some("serve") => {
+            setup(&root, false)?;
+            serve(&root, &args[1..])
+        }
+        Some("test") => {
+            setup(&root, true)?;
+            test(&root, &args[1..])
+        }
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <setup|serve|test> [args]\n\
+                 \x20 setup  install the wasm target, ONNX Runtime library, Python test packages\n\
+                 \x20 serve  set up, then serve examples/quickstart on 127.0.0.1:8000\n\
+                 \x20        (extra args go to `weft serve`, e.g. --listen 0.0.0.0:8000)\n\
+                 \x20 test   set up, then run every test (extra args go to `cargo test`)"
+            );
+            bail!("unknown or missing xtask command")
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask must live one folder below the workspace root")
+}
+
+/// Where the ONNX Runtime library ends up.
+pub fn ort_library(root: &Path) -> PathBuf {
+    root.join("target/onnxruntime")
+        .join(format!("libonnxruntime.so.{ORT_VERSION}"))
+}
+
+fn setup(root: &Path, for_tests: bool) -> Result<()> {
+    wasm_target()?;
+    onnxruntime(root)?;
+    if for_tests {
+        python_env(root)?;
+        test_models(root)?;
+    }
+    Ok(())
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn wasm_target() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    match installed {
+        Ok(output) if String::from_utf8_lossy(&output.stdout).contains("wasm32-wasip2") => Ok(()),
+        Ok(_) => {
+            eprintln!("xtask: adding the wasm32-wasip2 target");
+            run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))
+        }
+        Err(error) => bail!(
+            "rustup is needed to add the wasm32-wasip2 target ({error}); install Rust with rustup"
+        ),
+    }
+}
+
+/// Downloads the onnxruntime wheel with pip (no other network access is assumed) and unpacks the
+/// shared library out of it. Skipped when the library is already there.
+fn onnxruntime(root: &Path) -> Result<()> {
+    let library = ort_library(root);
+    if library.is_file() {
+        return Ok(());
+    }
+    let dir = root.join("target/onnxruntime");
+    let wheels = dir.join("wheel");
+    std::fs::create_dir_all(&wheels)?;
+    eprintln!("xtask: fetching onnxruntime {ORT_VERSION} from PyPI for its shared library");
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--quiet", "--no-deps"])
+        .args([
+            "--only-binary=:all:",
+            &format!("onnxruntime=={ORT_VERSION}"),
+            "-d",
+        ])
+        .arg(&wheels))?;
+    let unpack = format!(
+        "import glob, sys, zipfile\n\
+         wheel = sorted(glob.glob(sys.argv[1] + '/onnxruntime-{ORT_VERSION}-*.whl'))[0]\n\
+         with zipfile.ZipFile(wheel) as z:\n\
+         \x20   data = z.read('onnxruntime/capi/libonnxruntime.so.{ORT_VERSION}')\n\
+         open(sys.argv[2] + '.partial', 'wb').write(data)\n"
+    );
+    run(Command::new("python3")
+        .args(["-c", &unpack])
+        .arg(&wheels)
+        .arg(&library))?;
+    let partial = PathBuf::from(format!("{}.partial", library.display()));
+    std::fs::rename(partial, &library)
+        .context("cannot move the unpacked ONNX Runtime library into place")?;
+    let _ = std::fs::remove_dir_all(&wheels);
+    eprintln!("xtask: ONNX Runtime library at {}", library.display());
+    Ok(())
+}
+
+fn venv_python(root: &Path) -> PathBuf {
+    root.join("target/venv/bin/python")
+}
+
+/// A virtual environment with the pinned test packages; re-installed when the pins change.
+fn python_env(root: &Path) -> Result<()> {
+    let python = venv_python(root);
+    let stamp = root.join("target/venv/weft-packages.txt");
+    let wanted = PYTHON_PACKAGES.join("\n");
+    if python.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
+        return Ok(());
+    }
+    if !python.is_file() {
+        eprintln!("xtask: creating the Python test environment in target/venv");
+        run(Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(root.join("target/venv")))?;
+    }
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(PYTHON_PACKAGES))?;
+    std::fs::write(stamp, wanted)?;
+    Ok(())
+}
+
+/// Models the tests build for themselves (identity models for every datatype and the like).
+fn test_models(root: &Path) -> Result<()> {
+    let script = root.join("tests/models/make_test_models.py");
+    let out = root.join("target/test-models");
+    let stamp = out.join("generated-by.txt");
+    let script_text = std::fs::read_to_string(&script)
+        .with_context(|| format!("cannot read {}", script.display()))?;
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(&script_text) {
+        return Ok(());
+    }
+    run(Command::new(venv_python(root)).arg(&script).arg(&out))?;
+    std::fs::write(stamp, script_text)?;
+    Ok(())
+}
+
+fn serve(root: &Path, extra: &[String]) -> Result<()> {
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .current_dir(root)
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "weft-server",
+            "--bin",
+            "weft",
+            "--",
+        ])
+        .args(["serve", "--repository", "examples/quickstart"])
+        .arg("--ort-library")
+        .arg(ort_library(root))
+        .args(extra);
+    run(&mut command)
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .current_dir(root)
+        .args(["test", "--workspace"])
+        .args(extra)
+        .env("ORT_DYLIB_PATH", ort_library(root))
+        .env("WEFT_TEST_PYTHON", venv_python(root))
+        .env("WEFT_TEST_MODELS", root.join("target/test-models"));
+    run(&mut command)
+}
