@@ -2,6 +2,7 @@
 
 all_types: an Identity per Open Inference Protocol datatype: in_<dt> -> out_<dt>, shape [N, 3]
            (BYTES is an ONNX string tensor), to prove every type round-trips bit-exactly.
+strings:   text BYTES[N, 3] -> same BYTES (ONNX string tensors), for string-specific errors.
 cast_add:  a INT32[N], b FP16[N] -> sum_fp64 FP64 = double(a) + double(b), a_is_positive BOOL.
 `cargo xtask setup` runs this into target/test-models."""
 import os
@@ -34,6 +35,14 @@ def all_types():
     return finish(helper.make_graph(nodes, "all_types", inputs, outputs))
 
 
+def strings():
+    node = helper.make_node("Identity", ["text"], ["same"])
+    return finish(helper.make_graph(
+        [node], "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["N", 3])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["N", 3])]))
+
+
 def cast_add():
     zero = helper.make_tensor("zero", TensorProto.INT32, [], [0])
     nodes = [
@@ -64,4 +73,5 @@ if __name__ == "__main__":
     out = sys.argv[1]
     write(out, "all_types", all_types())
     write(out, "cast_add", cast_add())
+    write(out, "strings", strings())
     print("wrote", out)

@@ -1,6 +1,8 @@
 //! Every Open Inference Protocol datatype round-trips bit-exactly through an ONNX identity model,
 //! in JSON and in the binary extension, and a mixed-type model computes across types.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
+
 mod support;
 
 use serde_json::{Value, json};
@@ -102,13 +104,14 @@ fn samples() -> Vec<(&'static str, Value, Vec<u8>)> {
                 1e300f64.to_le_bytes().into(),
             ]),
         ),
+        // ONNX string tensors are C strings inside ONNX Runtime, so no NUL bytes here.
         (
             "BYTES",
-            json!(["", "héllo", "a\u{0}b"]),
+            json!(["", "héllo", "tab\tnew\nline"]),
             le(vec![
                 bytes_element(""),
                 bytes_element("héllo"),
-                bytes_element("a\u{0}b"),
+                bytes_element("tab\tnew\nline"),
             ]),
         ),
     ]
@@ -135,7 +138,19 @@ async fn every_datatype_round_trips_in_json() {
             .unwrap();
         assert_eq!(output["datatype"], *datatype, "{name}");
         assert_eq!(output["shape"], json!([1, 3]), "{name}");
-        assert_eq!(&output["data"], data, "{name}");
+        if *datatype == "FP32" {
+            // JSON carries the shortest text that round-trips the f32, so compare as f32.
+            let as_f32 = |v: &Value| {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(as_f32(&output["data"]), as_f32(data), "{name}");
+        } else {
+            assert_eq!(&output["data"], data, "{name}");
+        }
     }
 }
 

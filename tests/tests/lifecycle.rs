@@ -1,6 +1,8 @@
 //! Process lifecycle: SIGTERM lets a request that is already in flight complete, then the
 //! process exits 0.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
+
 mod support;
 
 use std::io::{Read, Write};

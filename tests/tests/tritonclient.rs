@@ -1,6 +1,8 @@
 //! Client compatibility: the stock `tritonclient[http]` Python package, in its default binary
 //! mode and in JSON mode, against a real `weft serve` (tests/python/test_tritonclient.py).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
+
 mod support;
 
 use std::process::Command;

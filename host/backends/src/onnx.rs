@@ -262,18 +262,16 @@ fn session_metadata(session: &Session, max_batch_size: usize) -> Result<ModelMet
         .iter()
         .map(|output| spec("output", &output.name, &output.output_type))
         .collect::<Result<Vec<_>>>()?;
-    if max_batch_size > 0 {
-        if let Some(fixed) = inputs
-            .iter()
-            .chain(&outputs)
-            .find(|s| s.shape.first() != Some(&-1))
-        {
-            return Err(Error::invalid(format!(
-                "max_batch_size is {max_batch_size} but '{}' has shape {:?}: a batching model \
-                 needs a variable first dimension",
-                fixed.name, fixed.shape
-            )));
-        }
+    let fixed_first_dim = inputs
+        .iter()
+        .chain(&outputs)
+        .find(|s| s.shape.first() != Some(&-1));
+    if let Some(fixed) = fixed_first_dim.filter(|_| max_batch_size > 0) {
+        return Err(Error::invalid(format!(
+            "max_batch_size is {max_batch_size} but '{}' has shape {:?}: a batching model \
+             needs a variable first dimension",
+            fixed.name, fixed.shape
+        )));
     }
     Ok(ModelMetadata {
         platform: "onnxruntime_onnx".to_string(),
@@ -336,12 +334,12 @@ fn primitive<'a, T: Element>(
     shape: Vec<i64>,
     data: &'a [u8],
 ) -> Result<SessionInputValue<'a>> {
-    if cfg!(target_endian = "little") {
-        if let Ok(view) = bytemuck::try_cast_slice::<u8, T>(data) {
-            return TensorRef::from_array_view((shape, view))
-                .map(SessionInputValue::from)
-                .map_err(ort_error(name));
-        }
+    // Wire bytes are little-endian, so a view is only valid on a little-endian host.
+    let aligned = bytemuck::try_cast_slice::<u8, T>(data).ok();
+    if let Some(view) = aligned.filter(|_| cfg!(target_endian = "little")) {
+        return TensorRef::from_array_view((shape, view))
+            .map(SessionInputValue::from)
+            .map_err(ort_error(name));
     }
     let owned: Vec<T> = data.chunks_exact(T::SIZE).map(T::from_le).collect();
     OrtTensor::from_array((shape, owned))

@@ -92,8 +92,16 @@ pub fn decode_infer_request(body: Bytes, header_length: Option<usize>) -> Result
             body.len()
         )));
     }
-    let wire: WireRequest = serde_json::from_slice(&body[..json_end])
-        .map_err(|error| Error::invalid(format!("malformed JSON in request: {error}")))?;
+    let json = &body[..json_end];
+    let wire: WireRequest =
+        serde_json::from_slice(json).map_err(|error| match std::str::from_utf8(json) {
+            Err(utf8) => Error::invalid(format!(
+                "malformed JSON in request: the JSON is not valid UTF-8 (byte {}); send non-UTF-8 \
+             BYTES elements as binary data",
+                utf8.valid_up_to()
+            )),
+            Ok(_) => Error::invalid(format!("malformed JSON in request: {error}")),
+        })?;
     let mut binary_offset = json_end;
     let mut inputs = Vec::with_capacity(wire.inputs.len());
     for input in wire.inputs {

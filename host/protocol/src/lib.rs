@@ -23,3 +23,6 @@ pub use types::{
 
 /// JSON object of request, input or output `parameters`.
 pub type Parameters = serde_json::Map<String, serde_json::Value>;
+
+#[cfg(test)]
+mod tests;

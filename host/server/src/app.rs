@@ -345,16 +345,13 @@ fn request_inputs(request: &InferRequest, model: &dyn Model) -> Result<Vec<Named
         .product();
     let variable = spec.shape.iter().filter(|&&d| d < 0).count();
     let row_bytes = fixed * size;
-    let inferred = if row_bytes == 0 {
-        0
-    } else {
-        raw.len() / row_bytes
-    };
-    if variable > 1
-        || row_bytes == 0
-        || inferred * row_bytes != raw.len()
-        || (variable == 0 && inferred != 1)
-    {
+    let inferred = raw
+        .len()
+        .checked_div(row_bytes)
+        .filter(|rows| rows * row_bytes == raw.len());
+    let fits = matches!((variable, inferred), (0, Some(1)) | (1, Some(_)));
+    let inferred = inferred.unwrap_or(0);
+    if !fits {
         return Err(Error::invalid(format!(
             "a body of {} bytes cannot be shaped as input '{}' ({} {:?})",
             raw.len(),

@@ -98,6 +98,7 @@ impl Repo {
             .with_model(&quickstart(), "labeler")
             .with_model(&test_models(), "all_types")
             .with_model(&test_models(), "cast_add")
+            .with_model(&test_models(), "strings")
     }
 }
 
@@ -127,14 +128,16 @@ impl Server {
         let data = tempfile::tempdir().unwrap();
         let stderr_path = data.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weft-under-test"))
-            .arg("serve")
+        let mut command = Command::new(env!("CARGO_BIN_EXE_weft-under-test"));
+        command.arg("serve");
+        if !extra.contains(&"--ort-library") {
+            command.arg("--ort-library").arg(ort_library());
+        }
+        let mut child = command
             .args(["--listen", "127.0.0.1:0", "--repository"])
             .arg(repository)
             .arg("--data-dir")
             .arg(data.path().join("data"))
-            .arg("--ort-library")
-            .arg(ort_library())
             .args(extra)
             .env("WEFT_LOG", "info")
             .stdout(Stdio::piped())
