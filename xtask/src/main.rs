@@ -1,7 +1,8 @@
 //! `cargo xtask`: every set-up step a fresh machine needs, and the two commands the README
 //! starts with.
 //!
-//! - `cargo xtask setup`: wasm32-wasip2 target; the ONNX Runtime library unpacked from the
+//! - `cargo xtask setup`: wasm32-wasip2 target; guest components (plugins/, tests/guests/) built
+//!   into `target/guests/`; the ONNX Runtime library unpacked from the
 //!   onnxruntime 1.22.1 PyPI wheel into `target/onnxruntime/` (cached, never committed); a Python
 //!   virtual environment in `target/venv` with the packages the tests use; generated test models.
 //! - `cargo xtask serve`: set-up, then `weft serve` on examples/quickstart at 127.0.0.1:8000.
@@ -68,6 +69,7 @@ pub fn ort_library(root: &Path) -> PathBuf {
 fn setup(root: &Path, for_tests: bool) -> Result<()> {
     wasm_target()?;
     onnxruntime(root)?;
+    guests(root)?;
     if for_tests {
         python_env(root)?;
         test_models(root)?;
@@ -137,6 +139,27 @@ fn onnxruntime(root: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(&wheels);
     eprintln!("xtask: ONNX Runtime library at {}", library.display());
     Ok(())
+}
+
+/// Where the guest components (plugins, guest test programs) are built.
+pub fn guests_dir(root: &Path) -> PathBuf {
+    root.join("target/guests/wasm32-wasip2/release")
+}
+
+/// Builds every guest (first-party plugins and guest test programs) to wasm32-wasip2
+/// components. Cargo's own freshness check makes this quick when nothing changed.
+fn guests(root: &Path) -> Result<()> {
+    run(Command::new(env!("CARGO"))
+        .current_dir(root.join("plugins"))
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
+        .arg(root.join("target/guests")))
 }
 
 fn venv_python(root: &Path) -> PathBuf {
@@ -214,6 +237,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .args(extra)
         .env("ORT_DYLIB_PATH", ort_library(root))
         .env("WEFT_TEST_PYTHON", venv_python(root))
-        .env("WEFT_TEST_MODELS", root.join("target/test-models"));
+        .env("WEFT_TEST_MODELS", root.join("target/test-models"))
+        .env("WEFT_GUESTS", guests_dir(root));
     run(&mut command)
 }

@@ -1,0 +1,69 @@
+//! The one place `bindgen!` runs. The `imports` world generates the host side of everything a
+//! plugin may import; each role world maps those imports onto it with `with:` and adds only its
+//! export, so the three roles share one set of host types.
+
+#![allow(missing_docs, clippy::all)]
+
+wasmtime::component::bindgen!({
+    path: "../../wit",
+    world: "weft:plugin/imports",
+    imports: { default: async | trappable },
+    with: {
+        "weft:plugin/types.tensor": crate::tensors::HostTensor,
+        "wasi:nn/tensor.tensor": crate::nn::NnTensor,
+        "wasi:nn/graph.graph": crate::nn::NnGraph,
+        "wasi:nn/inference.graph-execution-context": crate::nn::NnContext,
+        "wasi:nn/errors.error": crate::nn::NnError,
+    },
+});
+
+pub mod transformer {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "weft:plugin/transformer",
+        imports: { default: async | trappable },
+        exports: { default: async },
+        with: {
+            "weft:plugin/types": super::weft::plugin::types,
+            "weft:plugin/host": super::weft::plugin::host,
+            "wasi:nn/tensor": super::wasi::nn::tensor,
+            "wasi:nn/graph": super::wasi::nn::graph,
+            "wasi:nn/inference": super::wasi::nn::inference,
+            "wasi:nn/errors": super::wasi::nn::errors,
+        },
+    });
+}
+
+pub mod combiner {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "weft:plugin/combiner",
+        imports: { default: async | trappable },
+        exports: { default: async },
+        with: {
+            "weft:plugin/types": super::weft::plugin::types,
+            "weft:plugin/host": super::weft::plugin::host,
+            "wasi:nn/tensor": super::wasi::nn::tensor,
+            "wasi:nn/graph": super::wasi::nn::graph,
+            "wasi:nn/inference": super::wasi::nn::inference,
+            "wasi:nn/errors": super::wasi::nn::errors,
+        },
+    });
+}
+
+pub mod router {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "weft:plugin/router",
+        imports: { default: async | trappable },
+        exports: { default: async },
+        with: {
+            "weft:plugin/types": super::weft::plugin::types,
+            "weft:plugin/host": super::weft::plugin::host,
+            "wasi:nn/tensor": super::wasi::nn::tensor,
+            "wasi:nn/graph": super::wasi::nn::graph,
+            "wasi:nn/inference": super::wasi::nn::inference,
+            "wasi:nn/errors": super::wasi::nn::errors,
+        },
+    });
+}

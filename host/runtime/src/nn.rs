@@ -1,0 +1,262 @@
+//! Weft's own asynchronous `wasi:nn` host (0.2.0-rc-2024-10-28), lending the host's models to
+//! plugins.
+//!
+//! Why not wasmtime-wasi-nn's ONNX backend: it serializes calls on one mutex per graph, handles
+//! only f32, blocks the calling thread, and panics on malformed input. Here:
+//! - `load-by-name` resolves only the models granted to this plugin for this call (the caller
+//!   resolved the names in the tenant's namespace); anything else is `not-found`.
+//! - `load` of raw model bytes is refused with `security`: plugins use the host's models only.
+//! - `compute` awaits the model's async `infer`, so it never blocks a tokio worker.
+//! - Every malformed tensor or failed call is a wasi-nn error with a message, never a trap.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use wasmtime::component::Resource;
+use weft_core::{DataType, Model, NamedTensor, Tensor};
+
+use crate::bindings::wasi::nn::errors::{self, ErrorCode};
+use crate::bindings::wasi::nn::graph::{self, ExecutionTarget, GraphEncoding};
+use crate::bindings::wasi::nn::inference;
+use crate::bindings::wasi::nn::tensor::{self, TensorType};
+use crate::state::PluginState;
+
+/// A wasi-nn tensor: bytes in the host, typed with wasi-nn's small set of types.
+#[derive(Debug)]
+pub struct NnTensor {
+    pub dimensions: Vec<u32>,
+    pub ty: TensorType,
+    pub data: Bytes,
+}
+
+/// A model a plugin loaded by name.
+pub struct NnGraph {
+    pub name: String,
+    pub model: Arc<dyn Model>,
+}
+
+/// An execution context over a loaded model.
+pub struct NnContext {
+    pub name: String,
+    pub model: Arc<dyn Model>,
+}
+
+/// A wasi-nn error: a code and a message saying what was wrong.
+#[derive(Debug)]
+pub struct NnError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+fn datatype_of(ty: TensorType) -> DataType {
+    match ty {
+        TensorType::Fp16 => DataType::Fp16,
+        TensorType::Fp32 => DataType::Fp32,
+        TensorType::Fp64 => DataType::Fp64,
+        TensorType::Bf16 => DataType::Bf16,
+        TensorType::U8 => DataType::Uint8,
+        TensorType::I32 => DataType::Int32,
+        TensorType::I64 => DataType::Int64,
+    }
+}
+
+fn tensor_type_of(datatype: DataType) -> Option<TensorType> {
+    Some(match datatype {
+        DataType::Fp16 => TensorType::Fp16,
+        DataType::Fp32 => TensorType::Fp32,
+        DataType::Fp64 => TensorType::Fp64,
+        DataType::Bf16 => TensorType::Bf16,
+        DataType::Uint8 => TensorType::U8,
+        DataType::Int32 => TensorType::I32,
+        DataType::Int64 => TensorType::I64,
+        _ => return None,
+    })
+}
+
+impl PluginState {
+    fn nn_error<T>(
+        &mut self,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> wasmtime::Result<Result<T, Resource<NnError>>> {
+        let error = NnError {
+            code,
+            message: message.into(),
+        };
+        Ok(Err(self.table.push(error)?))
+    }
+
+    /// Turns the guest's named wasi-nn tensors into core tensors, checking byte lengths.
+    fn core_inputs(
+        &mut self,
+        inputs: Vec<(String, Resource<NnTensor>)>,
+    ) -> wasmtime::Result<Result<Vec<NamedTensor>, String>> {
+        let mut converted = Vec::with_capacity(inputs.len());
+        for (name, handle) in inputs {
+            let tensor = self.table.delete(handle)?;
+            let shape = tensor.dimensions.iter().map(|&d| d as usize).collect();
+            match Tensor::new(datatype_of(tensor.ty), shape, tensor.data) {
+                Ok(core) => converted.push(NamedTensor::new(name, core)),
+                Err(error) => return Ok(Err(format!("input '{name}': {error}"))),
+            }
+        }
+        Ok(Ok(converted))
+    }
+}
+
+impl errors::Host for PluginState {}
+
+impl errors::HostError for PluginState {
+    async fn code(&mut self, error: Resource<NnError>) -> wasmtime::Result<ErrorCode> {
+        Ok(self.table.get(&error)?.code)
+    }
+
+    async fn data(&mut self, error: Resource<NnError>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&error)?.message.clone())
+    }
+
+    async fn drop(&mut self, error: Resource<NnError>) -> wasmtime::Result<()> {
+        self.table.delete(error)?;
+        Ok(())
+    }
+}
+
+impl tensor::Host for PluginState {}
+
+impl tensor::HostTensor for PluginState {
+    async fn new(
+        &mut self,
+        dimensions: Vec<u32>,
+        ty: TensorType,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Resource<NnTensor>> {
+        // Byte length is checked at `compute`, where a mismatch can be reported as an error.
+        Ok(self.table.push(NnTensor {
+            dimensions,
+            ty,
+            data: Bytes::from(data),
+        })?)
+    }
+
+    async fn dimensions(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<Vec<u32>> {
+        Ok(self.table.get(&tensor)?.dimensions.clone())
+    }
+
+    async fn ty(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<TensorType> {
+        Ok(self.table.get(&tensor)?.ty)
+    }
+
+    async fn data(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.table.get(&tensor)?.data.to_vec())
+    }
+
+    async fn drop(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<()> {
+        self.table.delete(tensor)?;
+        Ok(())
+    }
+}
+
+impl graph::Host for PluginState {
+    async fn load(
+        &mut self,
+        _builder: Vec<Vec<u8>>,
+        _encoding: GraphEncoding,
+        _target: ExecutionTarget,
+    ) -> wasmtime::Result<Result<Resource<NnGraph>, Resource<NnError>>> {
+        self.nn_error(
+            ErrorCode::Security,
+            "loading model bytes from a plugin is not allowed; use load-by-name with a model \
+             granted to this graph node",
+        )
+    }
+
+    async fn load_by_name(
+        &mut self,
+        name: String,
+    ) -> wasmtime::Result<Result<Resource<NnGraph>, Resource<NnError>>> {
+        let Some(model) = self.grants.get(&name).cloned() else {
+            let message = format!("model '{name}' is not granted to this plugin");
+            return self.nn_error(ErrorCode::NotFound, message);
+        };
+        Ok(Ok(self.table.push(NnGraph { name, model })?))
+    }
+}
+
+impl graph::HostGraph for PluginState {
+    async fn init_execution_context(
+        &mut self,
+        graph: Resource<NnGraph>,
+    ) -> wasmtime::Result<Result<Resource<NnContext>, Resource<NnError>>> {
+        let graph = self.table.get(&graph)?;
+        let context = NnContext {
+            name: graph.name.clone(),
+            model: Arc::clone(&graph.model),
+        };
+        Ok(Ok(self.table.push(context)?))
+    }
+
+    async fn drop(&mut self, graph: Resource<NnGraph>) -> wasmtime::Result<()> {
+        self.table.delete(graph)?;
+        Ok(())
+    }
+}
+
+impl inference::Host for PluginState {}
+
+impl inference::HostGraphExecutionContext for PluginState {
+    async fn compute(
+        &mut self,
+        context: Resource<NnContext>,
+        inputs: Vec<(String, Resource<NnTensor>)>,
+    ) -> wasmtime::Result<Result<Vec<(String, Resource<NnTensor>)>, Resource<NnError>>> {
+        let (name, model) = {
+            let context = self.table.get(&context)?;
+            (context.name.clone(), Arc::clone(&context.model))
+        };
+        let inputs = match self.core_inputs(inputs)? {
+            Ok(inputs) => inputs,
+            Err(message) => {
+                return self.nn_error(
+                    ErrorCode::InvalidArgument,
+                    format!("model '{name}': {message}"),
+                );
+            }
+        };
+        if let Err(error) = model.metadata().validate_inputs(&inputs) {
+            return self.nn_error(
+                ErrorCode::InvalidArgument,
+                format!("model '{name}': {error}"),
+            );
+        }
+        let outputs = match model.infer(inputs).await {
+            Ok(outputs) => outputs,
+            Err(error) => {
+                return self.nn_error(ErrorCode::RuntimeError, format!("model '{name}': {error}"));
+            }
+        };
+        let mut converted = Vec::with_capacity(outputs.len());
+        for output in outputs {
+            let datatype = output.tensor.datatype();
+            let Some(ty) = tensor_type_of(datatype) else {
+                let message = format!(
+                    "model '{name}' output '{}' is {datatype}, which wasi-nn cannot carry",
+                    output.name
+                );
+                return self.nn_error(ErrorCode::UnsupportedOperation, message);
+            };
+            let dimensions = output.tensor.shape().iter().map(|&d| d as u32).collect();
+            let handle = self.table.push(NnTensor {
+                dimensions,
+                ty,
+                data: output.tensor.data().clone(),
+            })?;
+            converted.push((output.name, handle));
+        }
+        Ok(Ok(converted))
+    }
+
+    async fn drop(&mut self, context: Resource<NnContext>) -> wasmtime::Result<()> {
+        self.table.delete(context)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,695 @@
+//! The wasmtime engine, plugin loading (with a compile cache and role detection) and plugin
+//! calls under per-call limits.
+//!
+//! Every call gets a fresh Store instantiated from the plugin's cached `InstancePre` in the
+//! pooling allocator, so nothing leaks from one call to the next, and a trap, a deadline or an
+//! out-of-memory ends only that call: its Store is dropped and the next call starts clean.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, Resource, types::ComponentItem};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use weft_core::{Error, ErrorKind, Model, NamedTensor};
+
+use crate::bindings::Imports;
+use crate::bindings::combiner::CombinerPre;
+use crate::bindings::router::RouterPre;
+use crate::bindings::transformer::TransformerPre;
+use crate::bindings::weft::plugin::types::{
+    Branch, Error as GuestError, NamedTensor as WitNamedTensor,
+};
+
+/// Node parameters as the plugin receives them: key/value strings.
+pub type Params = Vec<(String, String)>;
+use crate::state::PluginState;
+use crate::tensors::HostTensor;
+
+/// Limits of one plugin call. Graph nodes and tenants may lower them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallLimits {
+    /// Wall-clock time for the whole call, instantiation included.
+    pub deadline: Duration,
+    /// Largest linear memory the plugin may grow to.
+    pub memory_bytes: usize,
+    /// Largest total byte size of the tensors a call returns.
+    pub max_output_bytes: usize,
+    /// Fuel (roughly, wasm instructions) per call, when the runtime meters fuel.
+    pub fuel: Option<u64>,
+    /// Bytes of stdout and of stderr kept for the host log.
+    pub log_bytes: usize,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        CallLimits {
+            deadline: Duration::from_secs(2),
+            memory_bytes: 64 << 20,
+            max_output_bytes: 64 << 20,
+            fuel: None,
+            log_bytes: 64 << 10,
+        }
+    }
+}
+
+/// Process-wide settings of the plugin runtime.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Default limits of each call.
+    pub limits: CallLimits,
+    /// Instances alive at once across all plugins (pooling allocator slots).
+    pub max_instances: u32,
+    /// Upper bound of any call's `memory_bytes` (the pooling allocator's memory slot size).
+    pub max_memory_bytes: usize,
+    /// Meter fuel in every call (costs some speed; enables `CallLimits::fuel`).
+    pub meter_fuel: bool,
+    /// Where compiled plugins are kept across restarts; `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
+    /// How often running plugins yield so deadlines can be enforced.
+    pub epoch_tick: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            limits: CallLimits::default(),
+            max_instances: 256,
+            max_memory_bytes: 256 << 20,
+            meter_fuel: false,
+            cache_dir: None,
+            epoch_tick: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Which role a plugin's component exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Transformer,
+    Combiner,
+    Router,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Transformer => "transformer",
+            Role::Combiner => "combiner",
+            Role::Router => "router",
+        }
+    }
+
+    fn export(self) -> &'static str {
+        match self {
+            Role::Transformer => "transform",
+            Role::Combiner => "combine",
+            Role::Router => "route",
+        }
+    }
+}
+
+/// Why a plugin call failed; the cause names the limit that was hit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailureCause {
+    Deadline,
+    Memory,
+    Fuel,
+    OutputTooLarge,
+    /// The plugin trapped (panic, unreachable, bad memory access...).
+    Trap,
+    /// The plugin returned its own error.
+    Guest,
+}
+
+impl FailureCause {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FailureCause::Deadline => "deadline",
+            FailureCause::Memory => "memory",
+            FailureCause::Fuel => "fuel",
+            FailureCause::OutputTooLarge => "output",
+            FailureCause::Trap => "trap",
+            FailureCause::Guest => "guest",
+        }
+    }
+}
+
+/// A failed plugin call: the cause and a core error (with its HTTP-mappable kind).
+#[derive(Clone, Debug)]
+pub struct PluginFailure {
+    pub cause: FailureCause,
+    pub error: Error,
+}
+
+impl std::fmt::Display for PluginFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Counters a metrics layer reads.
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub instantiations: AtomicU64,
+}
+
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct RuntimeInner {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    config: RuntimeConfig,
+    stats: RuntimeStats,
+    _ticker: EpochTicker,
+}
+
+/// The plugin sandbox: one wasmtime engine shared by every plugin.
+#[derive(Clone)]
+pub struct PluginRuntime {
+    inner: Arc<RuntimeInner>,
+}
+
+impl PluginRuntime {
+    pub fn new(config: RuntimeConfig) -> Result<Self, Error> {
+        let mut pooling = PoolingAllocationConfig::default();
+        pooling
+            .total_component_instances(config.max_instances)
+            .total_core_instances(config.max_instances * 4)
+            .total_memories(config.max_instances * 2)
+            .total_tables(config.max_instances * 4)
+            .max_memory_size(config.max_memory_bytes);
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .epoch_interruption(true)
+            .consume_fuel(config.meter_fuel)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+        let engine = Engine::new(&wasm)
+            .map_err(|e| Error::internal(format!("cannot create the wasm engine: {e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .and_then(|()| {
+                Imports::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| {
+                    state
+                })
+            })
+            .map_err(|e| Error::internal(format!("cannot link plugin imports: {e:#}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.clone();
+        let ticker_stop = Arc::clone(&stop);
+        let tick = config.epoch_tick;
+        let thread = std::thread::Builder::new()
+            .name("weft-epoch".into())
+            .spawn(move || {
+                while !ticker_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| Error::internal(format!("cannot start the epoch thread: {e}")))?;
+        Ok(PluginRuntime {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                config,
+                stats: RuntimeStats::default(),
+                _ticker: EpochTicker {
+                    stop,
+                    thread: Some(thread),
+                },
+            }),
+        })
+    }
+
+    pub fn stats(&self) -> &RuntimeStats {
+        &self.inner.stats
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// Compiles (or fetches from the compile cache) a component, detects its role and prepares
+    /// its instantiation. Blocking: call from a blocking thread or at start-up.
+    pub fn load(&self, name: &str, bytes: &[u8]) -> Result<Plugin, Error> {
+        let digest = hex(&Sha256::digest(bytes));
+        let component = self
+            .compile(&digest, bytes)
+            .map_err(|e| e.context(format!("plugin '{name}'")))?;
+        let role = detect_role(&self.inner.engine, &component)
+            .map_err(|e| e.context(format!("plugin '{name}'")))?;
+        let link_error = |e: wasmtime::Error| {
+            Error::invalid(format!(
+                "plugin '{name}' imports something Weft does not provide: {e:#}"
+            ))
+        };
+        let instance_pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(link_error)?;
+        let export_error = |e: wasmtime::Error| {
+            Error::invalid(format!(
+                "plugin '{name}' exports a malformed {}: {e:#}",
+                role.export()
+            ))
+        };
+        let pre = match role {
+            Role::Transformer => {
+                RolePre::Transformer(TransformerPre::new(instance_pre).map_err(export_error)?)
+            }
+            Role::Combiner => {
+                RolePre::Combiner(CombinerPre::new(instance_pre).map_err(export_error)?)
+            }
+            Role::Router => RolePre::Router(RouterPre::new(instance_pre).map_err(export_error)?),
+        };
+        Ok(Plugin {
+            name: Arc::from(name),
+            digest,
+            role,
+            pre: Arc::new(pre),
+            runtime: self.clone(),
+        })
+    }
+
+    fn compile(&self, digest: &str, bytes: &[u8]) -> Result<Component, Error> {
+        let engine = &self.inner.engine;
+        let cached = self.inner.config.cache_dir.as_ref().map(|dir| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
+            let engine_key = std::hash::Hasher::finish(&hasher);
+            dir.join(format!("{digest}-{engine_key:016x}.cwasm"))
+        });
+        if let Some(path) = cached.as_deref().filter(|p| p.is_file()) {
+            match deserialize_cached(engine, path) {
+                Ok(component) => {
+                    self.inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(component);
+                }
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "ignoring unreadable compile cache entry")
+                }
+            }
+        }
+        self.inner
+            .stats
+            .cache_misses
+            .fetch_add(1, Ordering::Relaxed);
+        let component = Component::new(engine, bytes)
+            .map_err(|e| Error::invalid(format!("not a valid WebAssembly component: {e:#}")))?;
+        if let Some(path) = cached {
+            if let Err(error) = write_cache(&component, &path) {
+                tracing::warn!(path = %path.display(), %error, "cannot write compile cache entry");
+            }
+        }
+        Ok(component)
+    }
+}
+
+/// Loads a component this process compiled and wrote into its own cache directory.
+#[allow(unsafe_code)]
+fn deserialize_cached(engine: &Engine, path: &Path) -> Result<Component, Error> {
+    // SAFETY: the file was produced by `Component::serialize` of an engine with the same
+    // compatibility hash (it is in the file name) and written by this process into a directory
+    // only Weft writes, via a temporary file and an atomic rename, so it is never partial.
+    unsafe { Component::deserialize_file(engine, path) }
+        .map_err(|e| Error::internal(format!("{e:#}")))
+}
+
+fn write_cache(component: &Component, path: &Path) -> Result<(), Error> {
+    let bytes = component
+        .serialize()
+        .map_err(|e| Error::internal(format!("{e:#}")))?;
+    let io = |e: std::io::Error| Error::internal(e.to_string());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&temporary, bytes).map_err(io)?;
+    std::fs::rename(&temporary, path).map_err(io)
+}
+
+fn detect_role(engine: &Engine, component: &Component) -> Result<Role, Error> {
+    let exports: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .filter(|(_, item)| matches!(item.ty, ComponentItem::ComponentFunc(_)))
+        .map(|(name, _)| name.to_string())
+        .collect();
+    let roles: Vec<Role> = [Role::Transformer, Role::Combiner, Role::Router]
+        .into_iter()
+        .filter(|role| exports.iter().any(|e| e == role.export()))
+        .collect();
+    match roles.as_slice() {
+        [role] => Ok(*role),
+        [] => Err(Error::invalid(format!(
+            "exports none of transform, combine, route (it exports {exports:?}); build it against \
+             a weft:plugin world"
+        ))),
+        _ => Err(Error::invalid(
+            "exports more than one of transform, combine, route",
+        )),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+enum RolePre {
+    Transformer(TransformerPre<PluginState>),
+    Combiner(CombinerPre<PluginState>),
+    Router(RouterPre<PluginState>),
+}
+
+/// What a call may use besides its inputs.
+#[derive(Clone, Default)]
+pub struct CallContext {
+    /// Models the plugin may `load-by-name`, by the name it uses (resolved by the caller in the
+    /// tenant's namespace).
+    pub grants: Arc<HashMap<String, Arc<dyn Model>>>,
+    /// Node parameters from the graph.
+    pub params: Params,
+    /// Limits for this call; `None` uses the runtime's defaults.
+    pub limits: Option<CallLimits>,
+}
+
+/// A loaded plugin, ready to be called concurrently.
+#[derive(Clone)]
+pub struct Plugin {
+    name: Arc<str>,
+    digest: String,
+    role: Role,
+    pre: Arc<RolePre>,
+    runtime: PluginRuntime,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Plugin({}, {}, {})",
+            self.name,
+            self.role.as_str(),
+            self.digest
+        )
+    }
+}
+
+/// What a successful call returned.
+enum Returned {
+    Tensors(Vec<NamedTensor>),
+    Route(String),
+}
+
+/// The input a role's export takes.
+enum Arguments {
+    Tensors(Vec<NamedTensor>),
+    Branches(Vec<(String, Vec<NamedTensor>)>),
+}
+
+impl Plugin {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// sha256 of the component bytes, hex.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub async fn transform(
+        &self,
+        context: &CallContext,
+        inputs: Vec<NamedTensor>,
+    ) -> Result<Vec<NamedTensor>, PluginFailure> {
+        self.expect_role(Role::Transformer)?;
+        match self.call(context, Arguments::Tensors(inputs)).await? {
+            Returned::Tensors(outputs) => Ok(outputs),
+            Returned::Route(_) => Err(self.internal("returned a route from transform")),
+        }
+    }
+
+    pub async fn combine(
+        &self,
+        context: &CallContext,
+        branches: Vec<(String, Vec<NamedTensor>)>,
+    ) -> Result<Vec<NamedTensor>, PluginFailure> {
+        self.expect_role(Role::Combiner)?;
+        match self.call(context, Arguments::Branches(branches)).await? {
+            Returned::Tensors(outputs) => Ok(outputs),
+            Returned::Route(_) => Err(self.internal("returned a route from combine")),
+        }
+    }
+
+    pub async fn route(
+        &self,
+        context: &CallContext,
+        inputs: Vec<NamedTensor>,
+    ) -> Result<String, PluginFailure> {
+        self.expect_role(Role::Router)?;
+        match self.call(context, Arguments::Tensors(inputs)).await? {
+            Returned::Route(branch) => Ok(branch),
+            Returned::Tensors(_) => Err(self.internal("returned tensors from route")),
+        }
+    }
+
+    fn internal(&self, message: &str) -> PluginFailure {
+        PluginFailure {
+            cause: FailureCause::Trap,
+            error: Error::internal(format!("plugin '{}' {message}", self.name)),
+        }
+    }
+
+    fn expect_role(&self, role: Role) -> Result<(), PluginFailure> {
+        if self.role == role {
+            return Ok(());
+        }
+        Err(PluginFailure {
+            cause: FailureCause::Guest,
+            error: Error::invalid(format!(
+                "plugin '{}' is a {}, not a {}",
+                self.name,
+                self.role.as_str(),
+                role.as_str()
+            )),
+        })
+    }
+
+    async fn call(
+        &self,
+        context: &CallContext,
+        arguments: Arguments,
+    ) -> Result<Returned, PluginFailure> {
+        let inner = &self.runtime.inner;
+        let mut limits = context
+            .limits
+            .clone()
+            .unwrap_or_else(|| inner.config.limits.clone());
+        limits.memory_bytes = limits.memory_bytes.min(inner.config.max_memory_bytes);
+        let state = PluginState::new(
+            Arc::clone(&self.name),
+            Arc::clone(&context.grants),
+            limits.memory_bytes,
+            limits.log_bytes,
+        );
+        let mut store = Store::new(&inner.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_async_yield_and_update(1);
+        if inner.config.meter_fuel {
+            let fuel = limits.fuel.unwrap_or(u64::MAX);
+            store
+                .set_fuel(fuel)
+                .map_err(|e| self.internal(&format!("cannot set fuel: {e}")))?;
+        }
+        inner.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+        let outcome = tokio::time::timeout(
+            limits.deadline,
+            self.invoke(&mut store, arguments, &context.params),
+        )
+        .await;
+        store.data().flush_output();
+        let failure = |cause: FailureCause, kind: ErrorKind, message: String| PluginFailure {
+            cause,
+            error: Error::new(kind, format!("plugin '{}': {message}", self.name)),
+        };
+        match outcome {
+            Err(_) => Err(failure(
+                FailureCause::Deadline,
+                ErrorKind::DeadlineExceeded,
+                format!("deadline of {:?} exceeded", limits.deadline),
+            )),
+            Ok(Err(trap)) => Err(self.classify(&store, &limits, trap)),
+            Ok(Ok(Err(guest))) => {
+                let (kind, message) = match guest {
+                    GuestError::InvalidInput(m) => {
+                        (ErrorKind::InvalidArgument, format!("invalid input: {m}"))
+                    }
+                    GuestError::Model(m) => {
+                        (ErrorKind::Internal, format!("model call failed: {m}"))
+                    }
+                    GuestError::Other(m) => (ErrorKind::Internal, m),
+                };
+                Err(failure(FailureCause::Guest, kind, message))
+            }
+            Ok(Ok(Ok(returned))) => {
+                if let Returned::Tensors(outputs) = &returned {
+                    let bytes: usize = outputs.iter().map(|o| o.tensor.data().len()).sum();
+                    if bytes > limits.max_output_bytes {
+                        return Err(failure(
+                            FailureCause::OutputTooLarge,
+                            ErrorKind::Internal,
+                            format!(
+                                "output limit of {} bytes exceeded ({bytes} bytes returned)",
+                                limits.max_output_bytes
+                            ),
+                        ));
+                    }
+                }
+                Ok(returned)
+            }
+        }
+    }
+
+    fn classify(
+        &self,
+        store: &Store<PluginState>,
+        limits: &CallLimits,
+        trap: wasmtime::Error,
+    ) -> PluginFailure {
+        let state = store.data();
+        let (cause, message) = if let Some(asked) = state.limiter.refused {
+            (
+                FailureCause::Memory,
+                format!(
+                    "memory limit of {} bytes exceeded (asked for {asked})",
+                    limits.memory_bytes
+                ),
+            )
+        } else if matches!(trap.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) {
+            (
+                FailureCause::Fuel,
+                format!("fuel limit of {} exhausted", limits.fuel.unwrap_or(0)),
+            )
+        } else {
+            let stderr = state.stderr_tail();
+            let detail = if stderr.is_empty() {
+                String::new()
+            } else {
+                format!("; stderr: {stderr}")
+            };
+            let reason = trap.root_cause().to_string();
+            (FailureCause::Trap, format!("trapped: {reason}{detail}"))
+        };
+        PluginFailure {
+            cause,
+            error: Error::new(
+                ErrorKind::Internal,
+                format!("plugin '{}': {message}", self.name),
+            ),
+        }
+    }
+
+    /// Instantiates, moves the arguments into the Store's table, calls the export, and takes the
+    /// returned tensors back out of the table.
+    async fn invoke(
+        &self,
+        store: &mut Store<PluginState>,
+        arguments: Arguments,
+        params: &Params,
+    ) -> wasmtime::Result<Result<Returned, GuestError>> {
+        match (&*self.pre, arguments) {
+            (RolePre::Transformer(pre), Arguments::Tensors(inputs)) => {
+                let instance = pre.instantiate_async(&mut *store).await?;
+                let inputs = push_tensors(store, inputs)?;
+                match instance
+                    .call_transform(&mut *store, &inputs, params)
+                    .await?
+                {
+                    Ok(outputs) => Ok(Ok(Returned::Tensors(take_tensors(store, outputs)?))),
+                    Err(error) => Ok(Err(error)),
+                }
+            }
+            (RolePre::Combiner(pre), Arguments::Branches(branches)) => {
+                let instance = pre.instantiate_async(&mut *store).await?;
+                let mut wit_branches = Vec::with_capacity(branches.len());
+                for (name, outputs) in branches {
+                    wit_branches.push(Branch {
+                        name,
+                        outputs: push_tensors(store, outputs)?,
+                    });
+                }
+                match instance
+                    .call_combine(&mut *store, &wit_branches, params)
+                    .await?
+                {
+                    Ok(outputs) => Ok(Ok(Returned::Tensors(take_tensors(store, outputs)?))),
+                    Err(error) => Ok(Err(error)),
+                }
+            }
+            (RolePre::Router(pre), Arguments::Tensors(inputs)) => {
+                let instance = pre.instantiate_async(&mut *store).await?;
+                let inputs = push_tensors(store, inputs)?;
+                Ok(instance
+                    .call_route(&mut *store, &inputs, params)
+                    .await?
+                    .map(Returned::Route))
+            }
+            _ => Err(wasmtime::Error::msg(
+                "arguments do not match the plugin's role",
+            )),
+        }
+    }
+}
+
+fn push_tensors(
+    store: &mut Store<PluginState>,
+    tensors: Vec<NamedTensor>,
+) -> wasmtime::Result<Vec<WitNamedTensor>> {
+    tensors
+        .into_iter()
+        .map(|named| {
+            let handle: Resource<HostTensor> =
+                store.data_mut().table.push(HostTensor(named.tensor))?;
+            Ok(WitNamedTensor {
+                name: named.name,
+                tensor: handle,
+            })
+        })
+        .collect()
+}
+
+fn take_tensors(
+    store: &mut Store<PluginState>,
+    tensors: Vec<WitNamedTensor>,
+) -> wasmtime::Result<Vec<NamedTensor>> {
+    tensors
+        .into_iter()
+        .map(|named| {
+            let tensor = store.data_mut().table.delete(named.tensor)?;
+            Ok(NamedTensor::new(named.name, tensor.0))
+        })
+        .collect()
+}

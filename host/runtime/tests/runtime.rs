@@ -1,0 +1,448 @@
+//! Runtime tests with real guest components (tests/guests/, plugins/) and fake models: data
+//! paths, grants, security, every limit, isolation between calls, role detection, and caching.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use weft_core::{
+    BoxFuture, DataType, ErrorKind, Model, ModelMetadata, NamedTensor, Tensor, TensorSpec,
+};
+use weft_runtime::{
+    CallContext, CallLimits, FailureCause, Plugin, PluginRuntime, Role, RuntimeConfig,
+};
+
+fn guests_dir() -> PathBuf {
+    let dir = std::env::var_os("WEFT_GUESTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target/guests/wasm32-wasip2/release")
+        });
+    assert!(
+        dir.join("runtime_echo.wasm").is_file(),
+        "guest components missing in {}: run `cargo xtask setup` (it builds plugins/ and tests/guests/)",
+        dir.display()
+    );
+    dir
+}
+
+fn runtime() -> PluginRuntime {
+    PluginRuntime::new(RuntimeConfig::default()).unwrap()
+}
+
+fn load(runtime: &PluginRuntime, guest: &str) -> Plugin {
+    let bytes = std::fs::read(guests_dir().join(format!("{guest}.wasm"))).unwrap();
+    runtime.load(guest, &bytes).unwrap()
+}
+
+fn f32_tensor(shape: Vec<usize>, values: &[f32]) -> Tensor {
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Tensor::new(DataType::Fp32, shape, Bytes::from(data)).unwrap()
+}
+
+fn f32s(tensor: &Tensor) -> Vec<f32> {
+    tensor
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn params(pairs: &[(&str, &str)]) -> CallContext {
+    CallContext {
+        params: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..CallContext::default()
+    }
+}
+
+/// Doubles an FP32 input `x` into output `y`.
+struct Doubler(ModelMetadata);
+
+impl Doubler {
+    fn new() -> Arc<dyn Model> {
+        Arc::new(Doubler(ModelMetadata {
+            platform: "fake".into(),
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                datatype: DataType::Fp32,
+                shape: vec![-1, 2],
+            }],
+            outputs: vec![TensorSpec {
+                name: "y".into(),
+                datatype: DataType::Fp32,
+                shape: vec![-1, 2],
+            }],
+            max_batch_size: 0,
+        }))
+    }
+}
+
+impl Model for Doubler {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.0
+    }
+    fn infer(
+        &self,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'_, weft_core::Result<Vec<NamedTensor>>> {
+        Box::pin(async move {
+            let x = &inputs[0].tensor;
+            let doubled: Vec<f32> = f32s(x).iter().map(|v| v * 2.0).collect();
+            Ok(vec![NamedTensor::new(
+                "y",
+                f32_tensor(x.shape().to_vec(), &doubled),
+            )])
+        })
+    }
+}
+
+fn granted(model: &str) -> CallContext {
+    let mut grants: HashMap<String, Arc<dyn Model>> = HashMap::new();
+    grants.insert("double".into(), Doubler::new());
+    CallContext {
+        grants: Arc::new(grants),
+        params: vec![("model".into(), model.into())],
+        limits: None,
+    }
+}
+
+#[tokio::test]
+async fn echo_returns_the_same_tensors_without_copying() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_echo");
+    assert_eq!(plugin.role(), Role::Transformer);
+    assert_eq!(plugin.digest().len(), 64);
+    let input = NamedTensor::new("x", f32_tensor(vec![1, 3], &[1.0, 2.0, 3.0]));
+    let outputs = plugin
+        .transform(&CallContext::default(), vec![input.clone()])
+        .await
+        .unwrap();
+    assert_eq!(outputs, vec![input.clone()]);
+    assert_eq!(
+        outputs[0].tensor.data().as_ptr(),
+        input.tensor.data().as_ptr(),
+        "passed through, not copied"
+    );
+}
+
+#[tokio::test]
+async fn every_datatype_round_trips_through_guest_memory_and_params_arrive() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_copy");
+    let mut inputs = Vec::new();
+    for datatype in DataType::ALL {
+        let tensor = match datatype {
+            DataType::Bytes => {
+                let data = weft_core::encode_bytes_elements([&b"a"[..], b"\xff\x00", b""]).unwrap();
+                Tensor::new(datatype, vec![3], Bytes::from(data)).unwrap()
+            }
+            DataType::Bool => {
+                Tensor::new(datatype, vec![3], Bytes::from_static(&[1, 0, 1])).unwrap()
+            }
+            _ => {
+                let size = datatype.element_size().unwrap();
+                let data: Vec<u8> = (0..3 * size).map(|i| (i * 37 + 11) as u8).collect();
+                Tensor::new(datatype, vec![3], Bytes::from(data)).unwrap()
+            }
+        };
+        inputs.push(NamedTensor::new(format!("in_{datatype}"), tensor));
+    }
+    let context = params(&[("mode", "copy"), ("k", "v w")]);
+    let outputs = plugin.transform(&context, inputs.clone()).await.unwrap();
+    assert_eq!(&outputs[..inputs.len()], &inputs[..]);
+    let echoed = &outputs[inputs.len()];
+    assert_eq!(echoed.name, "params");
+    let texts: Vec<&[u8]> = weft_core::bytes_elements(echoed.tensor.data())
+        .unwrap()
+        .collect();
+    assert_eq!(texts, vec![&b"mode=copy"[..], b"k=v w"]);
+}
+
+#[tokio::test]
+async fn granted_model_is_called_through_wasi_nn() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_call_model");
+    let input = NamedTensor::new("x", f32_tensor(vec![2, 2], &[1.0, -2.0, 3.5, 0.0]));
+    let outputs = plugin
+        .transform(&granted("double"), vec![input])
+        .await
+        .unwrap();
+    assert_eq!(outputs.len(), 1);
+    assert_eq!(outputs[0].name, "y");
+    assert_eq!(outputs[0].tensor.shape(), &[2, 2]);
+    assert_eq!(f32s(&outputs[0].tensor), vec![2.0, -4.0, 7.0, 0.0]);
+}
+
+#[tokio::test]
+async fn model_errors_reach_the_plugin_as_wasi_nn_errors() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_call_model");
+    let wrong_shape = NamedTensor::new("x", f32_tensor(vec![1, 3], &[1.0, 2.0, 3.0]));
+    let failure = plugin
+        .transform(&granted("double"), vec![wrong_shape])
+        .await
+        .unwrap_err();
+    assert_eq!(failure.cause, FailureCause::Guest);
+    let message = failure.to_string();
+    assert!(
+        message.contains("InvalidArgument")
+            && message.contains("expected shape [-1, 2] but got [1, 3]"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn ungranted_model_is_not_found() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_call_model");
+    let input = NamedTensor::new("x", f32_tensor(vec![1, 2], &[1.0, 2.0]));
+    let failure = plugin
+        .transform(&granted("someone_elses_model"), vec![input])
+        .await
+        .unwrap_err();
+    let message = failure.to_string();
+    assert!(
+        message.contains("NotFound") && message.contains("'someone_elses_model' is not granted"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn raw_model_bytes_are_refused_with_security() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_raw_load");
+    let failure = plugin
+        .transform(&CallContext::default(), vec![])
+        .await
+        .unwrap_err();
+    let message = failure.to_string();
+    assert!(
+        message.contains("Security") && message.contains("not allowed"),
+        "{message}"
+    );
+}
+
+fn limits(deadline_ms: u64) -> CallLimits {
+    CallLimits {
+        deadline: Duration::from_millis(deadline_ms),
+        memory_bytes: 16 << 20,
+        max_output_bytes: 1 << 20,
+        ..CallLimits::default()
+    }
+}
+
+#[tokio::test]
+async fn spinning_forever_hits_the_deadline_and_the_next_call_works() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_spin");
+    let context = CallContext {
+        limits: Some(limits(200)),
+        ..CallContext::default()
+    };
+    let started = Instant::now();
+    let failure = plugin.transform(&context, vec![]).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(failure.cause, FailureCause::Deadline);
+    assert_eq!(failure.error.kind(), ErrorKind::DeadlineExceeded);
+    assert!(
+        failure
+            .to_string()
+            .contains("plugin 'runtime_spin': deadline of 200ms exceeded"),
+        "{failure}"
+    );
+
+    let finite = CallContext {
+        params: vec![("iterations".into(), "1000".into())],
+        ..context
+    };
+    assert!(plugin.transform(&finite, vec![]).await.is_ok());
+}
+
+#[tokio::test]
+async fn allocating_forever_hits_the_memory_limit() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_allocate");
+    let context = CallContext {
+        limits: Some(limits(5_000)),
+        ..CallContext::default()
+    };
+    let failure = plugin.transform(&context, vec![]).await.unwrap_err();
+    assert_eq!(failure.cause, FailureCause::Memory, "{failure}");
+    assert!(
+        failure
+            .to_string()
+            .contains("memory limit of 16777216 bytes exceeded"),
+        "{failure}"
+    );
+}
+
+#[tokio::test]
+async fn a_trap_fails_only_its_call() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_trap");
+    let failure = plugin
+        .transform(&CallContext::default(), vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(failure.cause, FailureCause::Trap);
+    assert!(failure.to_string().contains("unreachable"), "{failure}");
+    let echo = load(&runtime, "runtime_echo");
+    assert!(
+        echo.transform(&CallContext::default(), vec![])
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_guest_reports_its_panic_message() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_panic");
+    let failure = plugin
+        .transform(&CallContext::default(), vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(failure.cause, FailureCause::Trap);
+    assert!(
+        failure.to_string().contains("the guest gave up on purpose"),
+        "{failure}"
+    );
+}
+
+#[tokio::test]
+async fn huge_output_hits_the_output_limit_and_a_small_one_then_works() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_huge_output");
+    let input = NamedTensor::new("x", f32_tensor(vec![1024], &vec![0.5; 1024]));
+    let context = CallContext {
+        limits: Some(limits(5_000)),
+        ..CallContext::default()
+    };
+    let failure = plugin
+        .transform(&context, vec![input.clone()])
+        .await
+        .unwrap_err();
+    assert_eq!(failure.cause, FailureCause::OutputTooLarge);
+    assert!(
+        failure
+            .to_string()
+            .contains("output limit of 1048576 bytes exceeded"),
+        "{failure}"
+    );
+    let small = CallContext {
+        params: vec![("copies".into(), "2".into())],
+        ..context
+    };
+    assert_eq!(
+        plugin.transform(&small, vec![input]).await.unwrap().len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spinning_plugin_does_not_block_another() {
+    let runtime = runtime();
+    let spin = load(&runtime, "runtime_spin");
+    let echo = load(&runtime, "runtime_echo");
+    let spinning = tokio::spawn(async move {
+        let context = CallContext {
+            limits: Some(limits(1_500)),
+            ..CallContext::default()
+        };
+        spin.transform(&context, vec![]).await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    for _ in 0..20 {
+        echo.transform(&CallContext::default(), vec![])
+            .await
+            .unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1_000),
+        "echo waited {:?} behind the spinner",
+        started.elapsed()
+    );
+    assert!(
+        !spinning.is_finished(),
+        "the spinner should still be running"
+    );
+    assert_eq!(
+        spinning.await.unwrap().unwrap_err().cause,
+        FailureCause::Deadline
+    );
+}
+
+#[tokio::test]
+async fn role_is_detected_and_enforced() {
+    let runtime = runtime();
+    let router = load(&runtime, "param_router");
+    assert_eq!(router.role(), Role::Router);
+    let failure = router
+        .transform(&CallContext::default(), vec![])
+        .await
+        .unwrap_err();
+    assert!(
+        failure
+            .to_string()
+            .contains("is a router, not a transformer"),
+        "{failure}"
+    );
+    assert_eq!(load(&runtime, "mean_combine").role(), Role::Combiner);
+    let error = runtime.load("junk", b"\0asm not really").unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("plugin 'junk': not a valid WebAssembly component"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn compiled_plugins_are_reused_from_the_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let config = RuntimeConfig {
+        cache_dir: Some(cache.path().to_path_buf()),
+        ..RuntimeConfig::default()
+    };
+    let bytes = std::fs::read(guests_dir().join("runtime_echo.wasm")).unwrap();
+    let first = PluginRuntime::new(config.clone()).unwrap();
+    first.load("echo", &bytes).unwrap();
+    assert_eq!(
+        first
+            .stats()
+            .cache_misses
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let entries = std::fs::read_dir(cache.path()).unwrap().count();
+    assert_eq!(entries, 1);
+    // A new runtime (as after a restart) loads it from disk and it still runs.
+    let second = PluginRuntime::new(config).unwrap();
+    let plugin = second.load("echo", &bytes).unwrap();
+    assert_eq!(
+        second
+            .stats()
+            .cache_hits
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(
+        plugin
+            .transform(&CallContext::default(), vec![])
+            .await
+            .is_ok()
+    );
+}
