@@ -315,10 +315,10 @@ impl PluginRuntime {
             .fetch_add(1, Ordering::Relaxed);
         let component = Component::new(engine, bytes)
             .map_err(|e| Error::invalid(format!("not a valid WebAssembly component: {e:#}")))?;
-        if let Some(path) = cached {
-            if let Err(error) = write_cache(&component, &path) {
-                tracing::warn!(path = %path.display(), %error, "cannot write compile cache entry");
-            }
+        if let Some(Err((path, error))) =
+            cached.map(|path| write_cache(&component, &path).map_err(|e| (path, e)))
+        {
+            tracing::warn!(path = %path.display(), %error, "cannot write compile cache entry");
         }
         Ok(component)
     }
@@ -390,6 +390,9 @@ pub struct CallContext {
     pub params: Params,
     /// Limits for this call; `None` uses the runtime's defaults.
     pub limits: Option<CallLimits>,
+    /// A host directory the plugin may read (never write) as `/assets`, when the graph grants
+    /// one. Without it the plugin sees no filesystem at all.
+    pub assets: Option<PathBuf>,
 }
 
 /// A loaded plugin, ready to be called concurrently.
@@ -438,6 +441,33 @@ impl Plugin {
 
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// Creates a Store and instantiates the plugin from its pool slot, then drops it: the fixed
+    /// cost every call pays before the export runs. For benchmarks.
+    pub async fn instantiate_only(&self) -> Result<(), Error> {
+        let inner = &self.runtime.inner;
+        let limits = &inner.config.limits;
+        let state = PluginState::new(
+            Arc::clone(&self.name),
+            Arc::default(),
+            limits.memory_bytes,
+            limits.log_bytes,
+        );
+        let mut store = Store::new(&inner.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_async_yield_and_update(1);
+        if inner.config.meter_fuel {
+            store
+                .set_fuel(u64::MAX)
+                .map_err(|e| Error::internal(e.to_string()))?;
+        }
+        let result = match &*self.pre {
+            RolePre::Transformer(pre) => pre.instantiate_async(&mut store).await.map(drop),
+            RolePre::Combiner(pre) => pre.instantiate_async(&mut store).await.map(drop),
+            RolePre::Router(pre) => pre.instantiate_async(&mut store).await.map(drop),
+        };
+        result.map_err(|e| Error::internal(format!("{e:#}")))
     }
 
     pub async fn transform(
@@ -509,12 +539,18 @@ impl Plugin {
             .clone()
             .unwrap_or_else(|| inner.config.limits.clone());
         limits.memory_bytes = limits.memory_bytes.min(inner.config.max_memory_bytes);
-        let state = PluginState::new(
+        let mut state = PluginState::new(
             Arc::clone(&self.name),
             Arc::clone(&context.grants),
             limits.memory_bytes,
             limits.log_bytes,
         );
+        if let Some(assets) = &context.assets {
+            state.grant_assets(assets).map_err(|error| PluginFailure {
+                cause: FailureCause::Guest,
+                error: error.context(format!("plugin '{}'", self.name)),
+            })?;
+        }
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_async_yield_and_update(1);

@@ -8,7 +8,9 @@ use std::time::Duration;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{
+    HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
+};
 use weft_core::Model;
 
 /// Store data of one call.
@@ -43,15 +45,7 @@ impl PluginState {
     ) -> Self {
         let stdout = MemoryOutputPipe::new(log_bytes);
         let stderr = MemoryOutputPipe::new(log_bytes);
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .wall_clock(FrozenClock)
-            .monotonic_clock(FrozenClock)
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+        let wasi = closed_wasi(&stdout, &stderr).build();
         PluginState {
             table: ResourceTable::new(),
             wasi,
@@ -61,6 +55,21 @@ impl PluginState {
             stdout,
             stderr,
         }
+    }
+
+    /// Lets the plugin read `dir` as `/assets` (read-only, through cap-std: no path can escape it).
+    pub(crate) fn grant_assets(&mut self, dir: &std::path::Path) -> Result<(), weft_core::Error> {
+        let mut builder = closed_wasi(&self.stdout, &self.stderr);
+        builder
+            .preopened_dir(dir, "/assets", wasmtime_wasi::FsPerms::ReadOnly)
+            .map_err(|error| {
+                weft_core::Error::unavailable(format!(
+                    "cannot open asset directory {}: {error}",
+                    dir.display()
+                ))
+            })?;
+        self.wasi = builder.build();
+        Ok(())
     }
 
     /// Writes whatever the plugin printed to the host log, once the call is over.
@@ -85,6 +94,20 @@ impl PluginState {
             .unwrap_or(0);
         text[start..].to_string()
     }
+}
+
+/// WASI with nothing granted: no preopens, env, args or sockets, frozen clocks, captured output.
+fn closed_wasi(stdout: &MemoryOutputPipe, stderr: &MemoryOutputPipe) -> WasiCtxBuilder {
+    let mut builder = WasiCtx::builder();
+    builder
+        .stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .wall_clock(FrozenClock)
+        .monotonic_clock(FrozenClock)
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    builder
 }
 
 /// A clock that always says zero: plugins get no host time unless a graph grants it.

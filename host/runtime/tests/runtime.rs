@@ -67,7 +67,7 @@ fn params(pairs: &[(&str, &str)]) -> CallContext {
 struct Doubler(ModelMetadata);
 
 impl Doubler {
-    fn new() -> Arc<dyn Model> {
+    fn shared() -> Arc<dyn Model> {
         Arc::new(Doubler(ModelMetadata {
             platform: "fake".into(),
             inputs: vec![TensorSpec {
@@ -106,11 +106,11 @@ impl Model for Doubler {
 
 fn granted(model: &str) -> CallContext {
     let mut grants: HashMap<String, Arc<dyn Model>> = HashMap::new();
-    grants.insert("double".into(), Doubler::new());
+    grants.insert("double".into(), Doubler::shared());
     CallContext {
         grants: Arc::new(grants),
         params: vec![("model".into(), model.into())],
-        limits: None,
+        ..CallContext::default()
     }
 }
 
@@ -444,5 +444,74 @@ async fn compiled_plugins_are_reused_from_the_cache() {
             .transform(&CallContext::default(), vec![])
             .await
             .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn filesystem_is_closed_unless_an_asset_directory_is_granted_and_then_read_only() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_read_asset");
+    let closed = plugin
+        .transform(&CallContext::default(), vec![])
+        .await
+        .unwrap_err();
+    assert!(
+        closed.to_string().contains("cannot read /assets/vocab.txt"),
+        "{closed}"
+    );
+
+    let assets = tempfile::tempdir().unwrap();
+    std::fs::write(assets.path().join("vocab.txt"), b"hello world").unwrap();
+    let granted = CallContext {
+        assets: Some(assets.path().to_path_buf()),
+        ..CallContext::default()
+    };
+    let outputs = plugin.transform(&granted, vec![]).await.unwrap();
+    let content: Vec<&[u8]> = weft_core::bytes_elements(outputs[0].tensor.data())
+        .unwrap()
+        .collect();
+    assert_eq!(content, vec![&b"hello world"[..]]);
+
+    let escape = CallContext {
+        params: vec![("file".into(), "../../etc/passwd".into())],
+        ..granted.clone()
+    };
+    assert!(
+        plugin.transform(&escape, vec![]).await.is_err(),
+        "paths must not escape the asset directory"
+    );
+    let write = CallContext {
+        params: vec![("write".into(), "yes".into())],
+        ..granted
+    };
+    assert!(plugin.transform(&write, vec![]).await.is_err());
+    assert_eq!(
+        std::fs::read(assets.path().join("vocab.txt")).unwrap(),
+        b"hello world"
+    );
+}
+
+#[tokio::test]
+async fn fuel_limit_stops_a_spinning_plugin_when_fuel_is_metered() {
+    let config = RuntimeConfig {
+        meter_fuel: true,
+        ..RuntimeConfig::default()
+    };
+    let runtime = PluginRuntime::new(config).unwrap();
+    let plugin = load(&runtime, "runtime_spin");
+    let context = CallContext {
+        limits: Some(CallLimits {
+            fuel: Some(1_000_000),
+            ..limits(10_000)
+        }),
+        ..CallContext::default()
+    };
+    let failure = plugin.transform(&context, vec![]).await.unwrap_err();
+    assert_eq!(failure.cause, FailureCause::Fuel, "{failure}");
+    assert!(
+        failure
+            .to_string()
+            .contains("fuel limit of 1000000 exhausted"),
+        "{failure}"
     );
 }

@@ -270,3 +270,135 @@ fn request_body(
     let (body, header_length) = weft_protocol::encode_infer_request(&request_inputs, binary)?;
     Ok((Bytes::from(body), header_length.map(|l| l.to_string())))
 }
+
+#[derive(Debug, clap::Args)]
+pub struct BenchPluginsArgs {
+    /// Folder with the built guest components (`cargo xtask setup` builds them).
+    #[arg(long, default_value = "target/guests/wasm32-wasip2/release")]
+    pub guests: PathBuf,
+    /// Repository holding the model the plugin calls.
+    #[arg(long, default_value = "examples/quickstart")]
+    pub repository: PathBuf,
+    /// Model the plugin calls through wasi:nn, and that is called directly for comparison.
+    #[arg(long, default_value = "mlp")]
+    pub model: String,
+    #[arg(
+        long,
+        env = "ORT_DYLIB_PATH",
+        default_value = "target/onnxruntime/libonnxruntime.so.1.22.1"
+    )]
+    pub ort_library: PathBuf,
+    /// Calls per measurement (after as many warm-up calls).
+    #[arg(long, default_value_t = 20_000)]
+    pub iterations: usize,
+}
+
+/// Times `call` `iterations` times after as many warm-up calls; returns sorted latencies.
+async fn time_calls<F, Fut>(iterations: usize, mut call: F) -> anyhow::Result<Vec<Duration>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    for _ in 0..iterations {
+        call().await?;
+    }
+    let mut latencies = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let began = Instant::now();
+        call().await?;
+        latencies.push(began.elapsed());
+    }
+    latencies.sort_unstable();
+    Ok(latencies)
+}
+
+fn summary(label: &str, latencies: &[Duration]) -> f64 {
+    let at = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
+    let mean =
+        latencies.iter().map(Duration::as_secs_f64).sum::<f64>() / latencies.len() as f64 * 1e6;
+    println!(
+        "{label:<48} mean {mean:8.1} us   p50 {:8.1} us   p99 {:8.1} us",
+        at(0.5),
+        at(0.99)
+    );
+    at(0.5)
+}
+
+pub async fn bench_plugins(args: BenchPluginsArgs) -> anyhow::Result<()> {
+    use std::collections::HashMap;
+    use weft_runtime::{CallContext, PluginRuntime, RuntimeConfig};
+
+    let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+    let read = |name: &str| {
+        let path = args.guests.join(format!("{name}.wasm"));
+        std::fs::read(&path)
+            .with_context(|| format!("cannot read {} (run `cargo xtask setup`)", path.display()))
+    };
+    let echo = runtime.load("runtime_echo", &read("runtime_echo")?)?;
+    let caller = runtime.load("runtime_call_model", &read("runtime_call_model")?)?;
+    let model = load_in_process(&BenchArgs {
+        model: args.model.clone(),
+        url: String::new(),
+        in_process: true,
+        repository: args.repository.clone(),
+        ort_library: args.ort_library.clone(),
+        concurrency: 1,
+        duration: 0.0,
+        warmup: 0.0,
+        rows: 1,
+        encoding: Encoding::Binary,
+    })
+    .await?;
+    let inputs = sample_inputs(&model.metadata().inputs, 1)?;
+    let mut grants: HashMap<String, Arc<dyn Model>> = HashMap::new();
+    grants.insert(args.model.clone(), Arc::clone(&model));
+    let with_grant = CallContext {
+        grants: Arc::new(grants),
+        params: vec![("model".to_string(), args.model.clone())],
+        ..CallContext::default()
+    };
+    let empty = CallContext::default();
+    let n = args.iterations;
+    println!("plugin sandbox, {n} calls each, one at a time:");
+    summary(
+        "instantiate from pool (fresh Store)",
+        &time_calls(n, || async { Ok(echo.instantiate_only().await?) }).await?,
+    );
+    summary(
+        "empty transform call (instantiate + call)",
+        &time_calls(n, || async {
+            echo.transform(&empty, Vec::new())
+                .await
+                .map(drop)
+                .map_err(|f| anyhow::anyhow!("{f}"))
+        })
+        .await?,
+    );
+    let direct = summary(
+        &format!("{} called directly (Model::infer)", args.model),
+        &time_calls(n, || async {
+            model
+                .infer(inputs.clone())
+                .await
+                .map(drop)
+                .map_err(anyhow::Error::from)
+        })
+        .await?,
+    );
+    let through = summary(
+        &format!("{} through a plugin via wasi:nn", args.model),
+        &time_calls(n, || async {
+            caller
+                .transform(&with_grant, inputs.clone())
+                .await
+                .map(drop)
+                .map_err(|f| anyhow::anyhow!("{f}"))
+        })
+        .await?,
+    );
+    println!(
+        "sandbox overhead per model call (p50 difference): {:.1} us",
+        through - direct
+    );
+    Ok(())
+}

@@ -37,6 +37,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Measure a model over HTTP (V2, JSON or binary) or in-process with the same input.
     Bench(crate::bench::BenchArgs),
+    /// Measure the plugin sandbox: instantiation, an empty call, and a model call through
+    /// wasi:nn against the same model called directly.
+    BenchPlugins(crate::bench::BenchPluginsArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -87,6 +90,7 @@ pub fn main() -> ExitCode {
     let result = runtime.and_then(|runtime| match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Bench(args) => runtime.block_on(crate::bench::bench(args)),
+        Command::BenchPlugins(args) => runtime.block_on(crate::bench::bench_plugins(args)),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
