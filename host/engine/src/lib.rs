@@ -1,12 +1,14 @@
 //! Weft's engine: what is served, independent of how it runs.
 //!
-//! Today it owns the model repository (Triton's layout, in TOML: `models/<name>/model.toml` plus
-//! numeric version folders) and the registry that maps a name and version to a loaded model or
-//! to the reason it is unavailable. Graph execution joins it later. It never depends on wasmtime
-//! or ONNX Runtime: loading goes through the [`registry::ModelLoader`] trait that the server
-//! wires to the backends, so everything here is unit-tested with fakes.
+//! It owns inference graphs (TOML schema, validation, the in-process executor), the model
+//! repository (Triton's layout, in TOML: `models/<name>/model.toml` plus numeric version folders)
+//! and the registry that maps a name and version to a loaded model or to the reason it is
+//! unavailable. It never depends on wasmtime or ONNX Runtime: models load through the
+//! [`registry::ModelLoader`] trait and graph nodes run through [`graph::NodeRunner`], which the
+//! server wires to the backends and the plugin runtime, so everything here is tested with fakes.
 
 pub mod config;
+pub mod graph;
 pub mod registry;
 pub mod repository;
 

@@ -1,0 +1,16 @@
+//! Inference graphs declared in TOML: the schema ([`schema`]), validation into an executable
+//! plan ([`validate`]) and the in-process executor ([`execute`]).
+//!
+//! Seldon's node kinds (model, transformer, output_transformer, router, combiner) and KServe's
+//! router types (splitter with weights and stickiness, switch on a request parameter) in one
+//! process: a hop between nodes is a function call, not a network round trip.
+
+pub mod execute;
+pub mod schema;
+pub mod validate;
+
+pub use execute::{
+    Execution, NodeContext, NodeRunner, NodeTrace, PluginCall, PluginReply, execute,
+};
+pub use schema::{BuiltinRouter, GraphSpec, NodeKind, NodeSpec};
+pub use validate::{Catalog, GraphPlan, PluginRole, Source, validate};

@@ -1,0 +1,179 @@
+//! The graph TOML schema. Unknown keys are errors; every error names the file, line and key.
+//!
+//! ```toml
+//! name = "classify"
+//! version = 1
+//!
+//! [[input]]
+//! name = "x"
+//! datatype = "FP32"
+//! shape = [-1, 64]
+//!
+//! [[output]]
+//! name = "probabilities"
+//! datatype = "FP32"
+//! shape = [-1, 10]
+//! from = "softmax.y"              # "<node>.<tensor>", or a list: the first that ran
+//!
+//! [[node]]
+//! name = "normalize"
+//! kind = "transformer"            # model | transformer | output_transformer | router | combiner
+//! plugin = "normalize"
+//! inputs = ["request"]            # "request", "request.<input>", "<node>", "<node>.<tensor>"
+//! params = { mode = "zscore" }
+//!
+//! [[node]]
+//! name = "mlp"
+//! kind = "model"
+//! model = "mlp"
+//! inputs = ["normalize"]
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use weft_core::{DataType, Error, Result};
+
+/// A parsed graph file.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphSpec {
+    pub name: String,
+    #[serde(default = "one")]
+    pub version: u64,
+    #[serde(rename = "input", default)]
+    pub inputs: Vec<GraphTensor>,
+    #[serde(rename = "output", default)]
+    pub outputs: Vec<GraphOutput>,
+    #[serde(rename = "node", default)]
+    pub nodes: Vec<NodeSpec>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// A declared graph input.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphTensor {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+}
+
+/// A declared graph output and where it comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphOutput {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+    /// `"<node>.<tensor>"`, or several: the first whose node ran (after a router).
+    pub from: OneOrMany,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn items(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(one) => vec![one.as_str()],
+            OneOrMany::Many(many) => many.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    Model,
+    Transformer,
+    OutputTransformer,
+    Router,
+    Combiner,
+}
+
+impl NodeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKind::Model => "model",
+            NodeKind::Transformer => "transformer",
+            NodeKind::OutputTransformer => "output_transformer",
+            NodeKind::Router => "router",
+            NodeKind::Combiner => "combiner",
+        }
+    }
+}
+
+/// Routers built into the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinRouter {
+    /// Weighted random choice (weights sum to 100), optionally sticky by a request parameter.
+    Splitter,
+    /// Choice by the value of a request parameter.
+    Switch,
+}
+
+/// One node.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+    pub kind: NodeKind,
+    /// For `model` nodes: the repository model and optional version.
+    pub model: Option<String>,
+    pub version: Option<String>,
+    /// For plugin nodes: the plugin name.
+    pub plugin: Option<String>,
+    /// For `router` nodes without a plugin.
+    pub builtin: Option<BuiltinRouter>,
+    /// Where this node's input tensors come from.
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// Renames: the name this node sees = `"<node>.<tensor>"` or `"request.<input>"`.
+    #[serde(default)]
+    pub tensor_map: BTreeMap<String, String>,
+    /// Parameters handed to the plugin.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// Router: the children it chooses among.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// Splitter: weight per route, summing to 100.
+    #[serde(default)]
+    pub weights: BTreeMap<String, u32>,
+    /// Splitter: request parameter whose value pins the choice.
+    pub sticky: Option<String>,
+    /// Switch: request parameter to read, its cases, and the route otherwise.
+    pub on: Option<String>,
+    #[serde(default)]
+    pub cases: BTreeMap<String, String>,
+    pub default: Option<String>,
+    /// Combiner: inputs whose failure is tolerated (the branch is left out).
+    #[serde(default)]
+    pub soft: Vec<String>,
+    /// Per-node limits, within the tenant's.
+    pub deadline_ms: Option<u64>,
+    pub memory_mb: Option<u64>,
+}
+
+impl GraphSpec {
+    /// Parses `text`, naming `path` (and toml's line, column and key) in any error.
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|error| {
+            Error::invalid(format!(
+                "{}: {}",
+                path.display(),
+                error.to_string().trim_end()
+            ))
+        })
+    }
+}

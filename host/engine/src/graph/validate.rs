@@ -1,0 +1,482 @@
+//! Graph validation: turns a parsed [`GraphSpec`] into an executable [`GraphPlan`], or an error
+//! that names the file, the line of the node, the node and the reason.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use weft_core::{DataType, Error, ModelMetadata, Result};
+
+use super::schema::{BuiltinRouter, GraphSpec, NodeKind, NodeSpec};
+
+/// What a plugin's component exports, as the engine needs to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PluginRole {
+    Transformer,
+    Combiner,
+    Router,
+}
+
+/// What validation may look up: the models and plugins visible to the graph's owner.
+pub trait Catalog {
+    fn model(&self, name: &str, version: Option<&str>) -> Option<ModelMetadata>;
+    fn plugin(&self, name: &str) -> Option<PluginRole>;
+}
+
+/// Where a node's input comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// All request inputs, or one by name.
+    Request(Option<String>),
+    /// All outputs of a node, or one by name.
+    Node(usize, Option<String>),
+}
+
+/// A validated graph, ready to execute.
+#[derive(Clone, Debug)]
+pub struct GraphPlan {
+    pub spec: GraphSpec,
+    /// Per node (same order as `spec.nodes`): its sources, and the nodes it waits for.
+    pub sources: Vec<Vec<Source>>,
+    pub renames: Vec<Vec<(String, Source)>>,
+    pub deps: Vec<Vec<usize>>,
+    /// Per graph output: candidate sources in order.
+    pub outputs: Vec<Vec<Source>>,
+}
+
+impl GraphPlan {
+    pub fn index_of(&self, node: &str) -> Option<usize> {
+        self.spec.nodes.iter().position(|n| n.name == node)
+    }
+}
+
+struct Checker<'a> {
+    path: &'a Path,
+    text: &'a str,
+    spec: &'a GraphSpec,
+    index: HashMap<&'a str, usize>,
+}
+
+impl Checker<'_> {
+    /// `file:line: node 'x': reason`, with the line of the node's `name = "x"`.
+    fn node_error(&self, node: &NodeSpec, reason: impl std::fmt::Display) -> Error {
+        let needle = format!("\"{}\"", node.name);
+        let line = self
+            .text
+            .lines()
+            .position(|line| line.trim_start().starts_with("name") && line.contains(&needle))
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        Error::invalid(format!(
+            "{}:{line}: node '{}': {reason}",
+            self.path.display(),
+            node.name
+        ))
+    }
+
+    fn graph_error(&self, reason: impl std::fmt::Display) -> Error {
+        Error::invalid(format!("{}: {reason}", self.path.display()))
+    }
+
+    /// Parses `request`, `request.x`, `node` or `node.x`.
+    fn source(&self, node: Option<&NodeSpec>, text: &str) -> Result<Source> {
+        let (head, tail) = match text.split_once('.') {
+            Some((head, tail)) => (head, Some(tail.to_string())),
+            None => (text, None),
+        };
+        if head == "request" {
+            if let Some(name) = &tail
+                && !self.spec.inputs.iter().any(|i| &i.name == name)
+            {
+                let reason = format!("'{text}' names no graph input");
+                return Err(node.map_or_else(
+                    || self.graph_error(&reason),
+                    |n| self.node_error(n, &reason),
+                ));
+            }
+            return Ok(Source::Request(tail));
+        }
+        match self.index.get(head) {
+            Some(&index) => Ok(Source::Node(index, tail)),
+            None => {
+                let reason = format!("unknown node '{head}' in '{text}'");
+                Err(node.map_or_else(
+                    || self.graph_error(&reason),
+                    |n| self.node_error(n, &reason),
+                ))
+            }
+        }
+    }
+}
+
+/// Validates `spec` (parsed from `text` at `path`) against `catalog`.
+pub fn validate(
+    path: &Path,
+    text: &str,
+    spec: GraphSpec,
+    catalog: &dyn Catalog,
+) -> Result<GraphPlan> {
+    let mut index = HashMap::new();
+    let checker_spec = spec.clone();
+    for (i, node) in checker_spec.nodes.iter().enumerate() {
+        if node.name == "request" || node.name.contains('.') {
+            return Err(Error::invalid(format!(
+                "{}: node '{}': names may not be 'request' or contain '.'",
+                path.display(),
+                node.name
+            )));
+        }
+        if index.insert(node.name.as_str(), i).is_some() {
+            return Err(Error::invalid(format!(
+                "{}: duplicate node name '{}'",
+                path.display(),
+                node.name
+            )));
+        }
+    }
+    let checker = Checker {
+        path,
+        text,
+        spec: &checker_spec,
+        index,
+    };
+    for (names, what) in [
+        (
+            checker_spec
+                .inputs
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>(),
+            "input",
+        ),
+        (
+            checker_spec
+                .outputs
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>(),
+            "output",
+        ),
+    ] {
+        let mut seen = HashSet::new();
+        if let Some(duplicate) = names.iter().find(|n| !seen.insert(**n)) {
+            return Err(checker.graph_error(format!("duplicate graph {what} '{duplicate}'")));
+        }
+    }
+
+    let mut sources = Vec::new();
+    let mut renames = Vec::new();
+    let mut deps = Vec::new();
+    for node in &checker_spec.nodes {
+        check_kind(&checker, node, catalog)?;
+        if node.inputs.is_empty() {
+            return Err(checker.node_error(node, "has no inputs"));
+        }
+        let node_sources = node
+            .inputs
+            .iter()
+            .map(|input| checker.source(Some(node), input))
+            .collect::<Result<Vec<_>>>()?;
+        let node_renames = node
+            .tensor_map
+            .iter()
+            .map(|(to, from)| Ok((to.clone(), checker.source(Some(node), from)?)))
+            .collect::<Result<Vec<_>>>()?;
+        for listed in node.routes.iter().chain(&node.soft) {
+            if !checker.index.contains_key(listed.as_str()) {
+                return Err(checker.node_error(node, format!("unknown node '{listed}'")));
+            }
+        }
+        for soft in &node.soft {
+            if !node.inputs.contains(soft) {
+                return Err(checker.node_error(
+                    node,
+                    format!("soft dependency '{soft}' is not one of its inputs"),
+                ));
+            }
+        }
+        let mut node_deps: Vec<usize> = node_sources
+            .iter()
+            .chain(node_renames.iter().map(|(_, s)| s))
+            .filter_map(|s| match s {
+                Source::Node(i, _) => Some(*i),
+                Source::Request(_) => None,
+            })
+            .collect();
+        node_deps.sort_unstable();
+        node_deps.dedup();
+        sources.push(node_sources);
+        renames.push(node_renames);
+        deps.push(node_deps);
+    }
+    let outputs = checker_spec
+        .outputs
+        .iter()
+        .map(|output| {
+            output
+                .from
+                .items()
+                .into_iter()
+                .map(|from| checker.source(None, from))
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    check_cycles(&checker, &deps)?;
+    check_reachable(&checker, &deps, &outputs)?;
+    check_model_types(&checker, &sources, &renames, catalog)?;
+    Ok(GraphPlan {
+        spec,
+        sources,
+        renames,
+        deps,
+        outputs,
+    })
+}
+
+fn check_kind(checker: &Checker<'_>, node: &NodeSpec, catalog: &dyn Catalog) -> Result<()> {
+    let expect_role = |role: PluginRole| -> Result<()> {
+        let Some(plugin) = &node.plugin else {
+            return Err(checker.node_error(
+                node,
+                format!("a {} node needs `plugin`", node.kind.as_str()),
+            ));
+        };
+        match catalog.plugin(plugin) {
+            None => Err(checker.node_error(node, format!("unknown plugin '{plugin}'"))),
+            Some(found) if found != role => Err(checker.node_error(
+                node,
+                format!(
+                    "plugin '{plugin}' is a {found:?} but a {} node needs a {role:?}",
+                    node.kind.as_str()
+                )
+                .to_lowercase(),
+            )),
+            Some(_) => Ok(()),
+        }
+    };
+    match node.kind {
+        NodeKind::Model => {
+            let Some(model) = &node.model else {
+                return Err(checker.node_error(node, "a model node needs `model`"));
+            };
+            if catalog.model(model, node.version.as_deref()).is_none() {
+                let version = node
+                    .version
+                    .as_deref()
+                    .map(|v| format!(" version {v}"))
+                    .unwrap_or_default();
+                return Err(checker.node_error(node, format!("unknown model '{model}'{version}")));
+            }
+            Ok(())
+        }
+        NodeKind::Transformer | NodeKind::OutputTransformer => expect_role(PluginRole::Transformer),
+        NodeKind::Combiner => expect_role(PluginRole::Combiner),
+        NodeKind::Router => {
+            if node.routes.is_empty() {
+                return Err(checker.node_error(node, "a router needs `routes`"));
+            }
+            match (&node.plugin, node.builtin) {
+                (Some(_), Some(_)) => {
+                    Err(checker
+                        .node_error(node, "a router has either `plugin` or `builtin`, not both"))
+                }
+                (None, None) => {
+                    Err(checker.node_error(node, "a router needs `plugin` or `builtin`"))
+                }
+                (Some(_), None) => expect_role(PluginRole::Router),
+                (None, Some(BuiltinRouter::Splitter)) => {
+                    let sum: u32 = node.weights.values().sum();
+                    let unknown = node.weights.keys().find(|k| !node.routes.contains(k));
+                    if let Some(unknown) = unknown {
+                        return Err(checker.node_error(
+                            node,
+                            format!("weight for '{unknown}', which is not one of its routes"),
+                        ));
+                    }
+                    if sum != 100 {
+                        return Err(checker
+                            .node_error(node, format!("splitter weights sum to {sum}, not 100")));
+                    }
+                    Ok(())
+                }
+                (None, Some(BuiltinRouter::Switch)) => {
+                    if node.on.is_none() {
+                        return Err(checker.node_error(
+                            node,
+                            "a switch needs `on` (the request parameter to read)",
+                        ));
+                    }
+                    let targets = node.cases.values().chain(node.default.as_ref());
+                    for target in targets {
+                        if !node.routes.contains(target) {
+                            return Err(checker.node_error(
+                                node,
+                                format!("case target '{target}' is not one of its routes"),
+                            ));
+                        }
+                    }
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn check_cycles(checker: &Checker<'_>, deps: &[Vec<usize>]) -> Result<()> {
+    // Depth-first search with colours; report the cycle's path.
+    fn visit(
+        node: usize,
+        deps: &[Vec<usize>],
+        colour: &mut [u8],
+        stack: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
+        colour[node] = 1;
+        stack.push(node);
+        for &dep in &deps[node] {
+            if colour[dep] == 1 {
+                let start = stack.iter().position(|&n| n == dep).unwrap_or(0);
+                let mut cycle = stack[start..].to_vec();
+                cycle.push(dep);
+                return Some(cycle);
+            }
+            if colour[dep] == 0
+                && let Some(cycle) = visit(dep, deps, colour, stack)
+            {
+                return Some(cycle);
+            }
+        }
+        stack.pop();
+        colour[node] = 2;
+        None
+    }
+    let mut colour = vec![0u8; deps.len()];
+    for node in 0..deps.len() {
+        if colour[node] == 0
+            && let Some(cycle) = visit(node, deps, &mut colour, &mut Vec::new())
+        {
+            let names: Vec<&str> = cycle
+                .iter()
+                .rev()
+                .map(|&i| checker.spec.nodes[i].name.as_str())
+                .collect();
+            return Err(checker.graph_error(format!("cycle: {}", names.join(" -> "))));
+        }
+    }
+    Ok(())
+}
+
+fn check_reachable(
+    checker: &Checker<'_>,
+    deps: &[Vec<usize>],
+    outputs: &[Vec<Source>],
+) -> Result<()> {
+    let mut used = vec![false; deps.len()];
+    let mut stack: Vec<usize> = outputs
+        .iter()
+        .flatten()
+        .filter_map(|s| match s {
+            Source::Node(i, _) => Some(*i),
+            Source::Request(_) => None,
+        })
+        .collect();
+    // Routers are used by the routes they choose among.
+    while let Some(node) = stack.pop() {
+        if std::mem::replace(&mut used[node], true) {
+            continue;
+        }
+        stack.extend(&deps[node]);
+    }
+    if let Some(unused) = used.iter().position(|u| !u) {
+        let node = &checker.spec.nodes[unused];
+        return Err(checker.node_error(node, "is unreachable: no graph output depends on it"));
+    }
+    Ok(())
+}
+
+/// Where datatypes are known (request inputs, model outputs), checks that a model node's inputs
+/// match its metadata by name, datatype and rank.
+fn check_model_types(
+    checker: &Checker<'_>,
+    sources: &[Vec<Source>],
+    renames: &[Vec<(String, Source)>],
+    catalog: &dyn Catalog,
+) -> Result<()> {
+    let spec = checker.spec;
+    let request: BTreeMap<&str, (DataType, usize)> = spec
+        .inputs
+        .iter()
+        .map(|i| (i.name.as_str(), (i.datatype, i.shape.len())))
+        .collect();
+    let model_outputs = |node: &NodeSpec| -> Option<BTreeMap<String, (DataType, usize)>> {
+        let metadata = catalog.model(node.model.as_deref()?, node.version.as_deref())?;
+        Some(
+            metadata
+                .outputs
+                .iter()
+                .map(|o| (o.name.clone(), (o.datatype, o.shape.len())))
+                .collect(),
+        )
+    };
+    for (index, node) in spec.nodes.iter().enumerate() {
+        if node.kind != NodeKind::Model {
+            continue;
+        }
+        let Some(metadata) = node
+            .model
+            .as_deref()
+            .and_then(|m| catalog.model(m, node.version.as_deref()))
+        else {
+            continue;
+        };
+        // Known tensors this node will see, by the name it sees them under.
+        let mut seen: BTreeMap<String, Option<(DataType, usize)>> = BTreeMap::new();
+        let mut add = |source: &Source, rename: Option<&str>| match source {
+            Source::Request(None) => request.iter().for_each(|(n, t)| {
+                seen.insert(n.to_string(), Some(*t));
+            }),
+            Source::Request(Some(name)) => {
+                seen.insert(
+                    rename.unwrap_or(name).to_string(),
+                    request.get(name.as_str()).copied(),
+                );
+            }
+            Source::Node(dep, tensor) => {
+                let dep_node = &spec.nodes[*dep];
+                let known = (dep_node.kind == NodeKind::Model)
+                    .then(|| model_outputs(dep_node))
+                    .flatten();
+                match (tensor, known) {
+                    (Some(name), known) => {
+                        let ty = known.and_then(|k| k.get(name).copied());
+                        seen.insert(rename.unwrap_or(name).to_string(), ty);
+                    }
+                    (None, Some(all)) => all.into_iter().for_each(|(n, t)| {
+                        seen.insert(n, Some(t));
+                    }),
+                    // Everything a plugin or router produces is unknown until run time.
+                    (None, None) => {}
+                }
+            }
+        };
+        sources[index].iter().for_each(|s| add(s, None));
+        renames[index].iter().for_each(|(to, s)| add(s, Some(to)));
+        for (name, ty) in &seen {
+            let Some((datatype, rank)) = ty else { continue };
+            let Some(want) = metadata.input(name) else {
+                continue;
+            };
+            if want.datatype != *datatype || want.shape.len() != *rank {
+                return Err(checker.node_error(
+                    node,
+                    format!(
+                        "input '{name}' is {datatype} of rank {rank} but model '{}' expects {} of rank {}",
+                        node.model.as_deref().unwrap_or_default(),
+                        want.datatype,
+                        want.shape.len()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
