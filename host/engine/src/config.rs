@@ -153,14 +153,20 @@ pub struct DeclaredTensor {
 impl ModelConfig {
     /// Parses `text`, naming `path` (and toml's line, column and key) in any error.
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|error| {
-            Error::invalid(format!(
-                "{}: {}",
-                path.display(),
-                error.to_string().trim_end()
-            ))
-        })
+        parse_toml(path, text)
     }
+}
+
+/// Deserializes TOML content, prefixing any error with `path`; toml's own message already names
+/// the line, column and key. Shared by every TOML file Weft reads.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    toml::from_str(text).map_err(|error| {
+        Error::invalid(format!(
+            "{}: {}",
+            path.display(),
+            error.to_string().trim_end()
+        ))
+    })
 }
 
 #[cfg(test)]

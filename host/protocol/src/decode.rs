@@ -45,14 +45,21 @@ impl InferRequest {
     }
 }
 
+/// `null` reads as the default, as if the key were absent; some clients write `"parameters": null`.
+fn nullable<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(
+    deserializer: D,
+) -> std::result::Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
 #[derive(Deserialize)]
 struct WireRequest {
     #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     parameters: Parameters,
     inputs: Vec<WireInput>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     outputs: Vec<WireOutput>,
 }
 
@@ -61,7 +68,7 @@ struct WireInput {
     name: String,
     shape: Vec<i64>,
     datatype: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     parameters: Parameters,
     #[serde(default)]
     data: Option<Value>,
@@ -70,7 +77,7 @@ struct WireInput {
 #[derive(Deserialize)]
 struct WireOutput {
     name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     parameters: Parameters,
 }
 

@@ -90,7 +90,11 @@ fn assemble<'a>(
     header: &impl Serialize,
     binary: impl Iterator<Item = &'a [u8]>,
 ) -> Result<(Vec<u8>, usize)> {
-    let mut body = serde_json::to_vec(header)
+    let binary: Vec<&[u8]> = binary.collect();
+    let binary_length: usize = binary.iter().map(|bytes| bytes.len()).sum();
+    // One allocation for the usual case: a small JSON header plus the binary tensors.
+    let mut body = Vec::with_capacity(binary_length + 1024);
+    serde_json::to_writer(&mut body, header)
         .map_err(|error| weft_core::Error::internal(format!("cannot encode JSON: {error}")))?;
     let json_length = body.len();
     for bytes in binary {

@@ -48,13 +48,9 @@ pub fn parse(name: &str, datatype: DataType, data: &Value, expected: usize) -> R
             DataType::Int16 => int::<i16>(value).map(|v| out.extend(v.to_le_bytes())),
             DataType::Int32 => int::<i32>(value).map(|v| out.extend(v.to_le_bytes())),
             DataType::Int64 => value.as_i64().map(|v| out.extend(v.to_le_bytes())),
-            DataType::Fp16 => value
-                .as_f64()
-                .map(|v| out.extend(f16::from_f64(v).to_le_bytes())),
-            DataType::Bf16 => value
-                .as_f64()
-                .map(|v| out.extend(bf16::from_f64(v).to_le_bytes())),
-            DataType::Fp32 => value.as_f64().map(|v| out.extend((v as f32).to_le_bytes())),
+            DataType::Fp16 => narrow(value, f16::from_f64).map(|v| out.extend(v.to_le_bytes())),
+            DataType::Bf16 => narrow(value, bf16::from_f64).map(|v| out.extend(v.to_le_bytes())),
+            DataType::Fp32 => narrow(value, |v| v as f32).map(|v| out.extend(v.to_le_bytes())),
             DataType::Fp64 => value.as_f64().map(|v| out.extend(v.to_le_bytes())),
             DataType::Bytes => None,
         };
@@ -81,13 +77,20 @@ fn int<T: TryFrom<i64> + TryFrom<u64>>(value: &Value) -> Option<T> {
     }
 }
 
+/// A JSON number rounded to a narrower float; a finite number that overflows to infinity is
+/// refused rather than silently becoming `inf`.
+fn narrow<T: Copy + Into<f64>>(value: &Value, convert: impl Fn(f64) -> T) -> Option<T> {
+    let narrow = convert(value.as_f64()?);
+    narrow.into().is_finite().then_some(narrow)
+}
+
 /// Checks that every `BYTES` element is UTF-8, since JSON can only carry strings.
 pub fn check_utf8(name: &str, data: &[u8]) -> Result<()> {
     for (index, element) in bytes_elements(data)?.enumerate() {
         if std::str::from_utf8(element).is_err() {
             return Err(Error::invalid(format!(
-                "output '{name}' element {index} is BYTES that is not valid UTF-8, which JSON cannot \
-                 carry; request the output with binary_data: true"
+                "output '{name}' element {index} is BYTES that is not valid UTF-8; request the \
+                 output with binary_data: true"
             )));
         }
     }
@@ -108,9 +111,13 @@ fn chunks<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
     })
 }
 
-/// JSON has no NaN or infinity: those become `null`, as serde_json writes them.
-fn float<S: SerializeSeq>(seq: &mut S, value: f64) -> std::result::Result<(), S::Error> {
-    if value.is_finite() {
+/// JSON has no NaN or infinity: those become `null`, as serde_json writes them. `f32` values are
+/// written with the shortest text that reads back as the same `f32` (FP16/BF16 widen to `f32`).
+fn float<S: SerializeSeq, F: Serialize + Into<f64> + Copy>(
+    seq: &mut S,
+    value: F,
+) -> std::result::Result<(), S::Error> {
+    if value.into().is_finite() {
         seq.serialize_element(&value)
     } else {
         seq.serialize_element(&())
@@ -149,19 +156,14 @@ impl Serialize for JsonData<'_> {
                 chunks(data).try_for_each(|c| seq.serialize_element(&i64::from_le_bytes(c)))?
             }
             DataType::Fp16 => {
-                chunks(data).try_for_each(|c| float(&mut seq, f16::from_le_bytes(c).to_f64()))?
+                chunks(data).try_for_each(|c| float(&mut seq, f16::from_le_bytes(c).to_f32()))?
             }
             DataType::Bf16 => {
-                chunks(data).try_for_each(|c| float(&mut seq, bf16::from_le_bytes(c).to_f64()))?
+                chunks(data).try_for_each(|c| float(&mut seq, bf16::from_le_bytes(c).to_f32()))?
             }
-            DataType::Fp32 => chunks(data).try_for_each(|c| {
-                let value = f32::from_le_bytes(c);
-                if value.is_finite() {
-                    seq.serialize_element(&value)
-                } else {
-                    seq.serialize_element(&())
-                }
-            })?,
+            DataType::Fp32 => {
+                chunks(data).try_for_each(|c| float(&mut seq, f32::from_le_bytes(c)))?
+            }
             DataType::Fp64 => {
                 chunks(data).try_for_each(|c| float(&mut seq, f64::from_le_bytes(c)))?
             }

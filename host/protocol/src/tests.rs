@@ -301,3 +301,331 @@ fn encoded_requests_decode_back() {
         assert_eq!(request.binary_output_default(), binary);
     }
 }
+
+/// Decodes `data` as one input of `datatype`, encodes it back as a JSON output, and returns the
+/// decoded bytes and the re-encoded `data`.
+fn json_round_trip(datatype: DataType, data: Value) -> (Bytes, Value) {
+    let count = data.as_array().map_or(1, Vec::len);
+    let request = decode_json(json!({"inputs": [{"name": "t", "shape": [count], "datatype": datatype.as_str(), "data": data}]})).unwrap();
+    let tensor = request.inputs[0].tensor.clone();
+    let bytes = tensor.tensor.data().clone();
+    let reply: Value = serde_json::from_slice(&response_of(vec![tensor], false).body).unwrap();
+    (bytes, reply["outputs"][0]["data"].clone())
+}
+
+#[test]
+fn floats_round_trip_bit_exactly_through_json_text() {
+    let f64s = [
+        0.1,
+        1e-300,
+        5e-324,
+        f64::MAX,
+        f64::MIN_POSITIVE,
+        -2.2250738585072014e-308,
+        1.0 / 3.0,
+    ];
+    let bits: Vec<u8> = f64s.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (decoded, reply) = json_round_trip(DataType::Fp64, json!(f64s));
+    assert_eq!(&decoded[..], &bits[..]);
+    assert_eq!(json_round_trip(DataType::Fp64, reply).0, decoded);
+
+    let f32s = [
+        0.1f32,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-45,
+        16_777_217.0,
+        1.0 / 3.0,
+    ];
+    let bits: Vec<u8> = f32s.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (decoded, reply) = json_round_trip(DataType::Fp32, json!(f32s));
+    assert_eq!(&decoded[..], &bits[..]);
+    assert_eq!(json_round_trip(DataType::Fp32, reply).0, decoded);
+
+    // Every finite FP16 and BF16 value survives encode -> JSON text -> decode.
+    for datatype in [DataType::Fp16, DataType::Bf16] {
+        let raw: Vec<u8> = (0..=u16::MAX)
+            .filter(|&bits| match datatype {
+                DataType::Fp16 => half::f16::from_bits(bits).is_finite(),
+                _ => half::bf16::from_bits(bits).is_finite(),
+            })
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        let tensor = NamedTensor::new(
+            "t",
+            Tensor::new(datatype, vec![raw.len() / 2], Bytes::from(raw.clone())).unwrap(),
+        );
+        let reply: Value = serde_json::from_slice(&response_of(vec![tensor], false).body).unwrap();
+        let (decoded, _) = json_round_trip(datatype, reply["outputs"][0]["data"].clone());
+        assert!(decoded[..] == raw[..], "{datatype}");
+    }
+}
+
+#[test]
+fn half_precision_values_are_written_short() {
+    let (_, reply) = json_round_trip(DataType::Fp16, json!([0.1, 1.5]));
+    let text = reply.to_string();
+    assert!(text.len() < 20, "{text}");
+}
+
+#[test]
+fn finite_numbers_that_overflow_a_narrow_float_are_refused() {
+    for (datatype, value) in [
+        (DataType::Fp16, 70000.0),
+        (DataType::Bf16, 1e39),
+        (DataType::Fp32, 1e39),
+    ] {
+        let message = error_of(decode_json(
+            json!({"inputs": [{"name": "t", "shape": [1], "datatype": datatype.as_str(), "data": [value]}]}),
+        ));
+        assert!(
+            message.contains(&format!(
+                "element 0 ({}) is not a valid {datatype}",
+                json!(value)
+            )),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn integer_ranges_are_checked_per_type() {
+    let cases = [
+        (DataType::Int8, json!(128)),
+        (DataType::Int8, json!(-129)),
+        (DataType::Uint16, json!(-1)),
+        (DataType::Int64, json!(u64::MAX)),
+        (DataType::Uint64, json!(-1)),
+        (DataType::Uint32, json!(1u64 << 32)),
+    ];
+    for (datatype, value) in cases {
+        let message = error_of(decode_json(
+            json!({"inputs": [{"name": "t", "shape": [2], "datatype": datatype.as_str(), "data": [0, value]}]}),
+        ));
+        assert_eq!(
+            message,
+            format!("input 't': element 1 ({value}) is not a valid {datatype} value")
+        );
+    }
+}
+
+#[test]
+fn bytes_json_round_trip_keeps_unicode() {
+    let strings = json!(["héllo", "日本語", "🦀", "", "tab\tquote\""]);
+    let (decoded, reply) = json_round_trip(DataType::Bytes, strings.clone());
+    assert_eq!(reply, strings);
+    let elements: Vec<&[u8]> = weft_core::bytes_elements(&decoded).unwrap().collect();
+    assert_eq!(elements[2], "🦀".as_bytes());
+}
+
+#[test]
+fn nested_data_with_the_wrong_count_names_both_counts() {
+    let message = error_of(decode_json(
+        json!({"inputs": [{"name": "t", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3]]}]}),
+    ));
+    assert_eq!(message, "input 't': shape needs 4 elements but data has 3");
+}
+
+#[test]
+fn json_that_is_not_utf8_or_has_wrong_types_is_invalid_argument() {
+    let mut body = br#"{"inputs": [{"name": ""#.to_vec();
+    body.extend_from_slice(&[0xff, 0xfe]);
+    body.extend_from_slice(br#"", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}"#);
+    let error = decode_infer_request(Bytes::from(body), None).err().unwrap();
+    assert_eq!(error.kind(), weft_core::ErrorKind::InvalidArgument);
+    assert!(error.message().contains("not valid UTF-8"), "{error}");
+
+    let error = decode_json(
+        json!({"inputs": [{"name": "t", "shape": "2", "datatype": "FP32", "data": [1]}]}),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(error.kind(), weft_core::ErrorKind::InvalidArgument);
+    assert!(
+        error
+            .message()
+            .starts_with("malformed JSON in request: invalid type: string \"2\"")
+            && error.message().contains("line 1 column"),
+        "{error}"
+    );
+    assert!(error_of(decode_json(json!({"id": "x"}))).contains("missing field `inputs`"));
+    let message = error_of(decode_json(
+        json!({"inputs": [], "outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]}),
+    ));
+    assert!(
+        message.contains("output 'y': parameter binary_data must be true or false"),
+        "{message}"
+    );
+}
+
+#[test]
+fn unknown_keys_and_null_optionals_are_accepted() {
+    let request = decode_json(json!({
+        "id": null, "parameters": null, "outputs": null, "extra": {"anything": 1},
+        "inputs": [{"name": "t", "shape": [1], "datatype": "INT8", "parameters": null, "data": [-1], "extra": 2}]
+    }))
+    .unwrap();
+    assert!(request.id.is_none() && request.outputs.is_empty() && !request.binary_output_default());
+    assert_eq!(&request.inputs[0].tensor.tensor.data()[..], &[0xff]);
+}
+
+#[test]
+fn requested_outputs_keep_their_parameters() {
+    let request = decode_json(json!({"inputs": [], "outputs": [
+        {"name": "a", "parameters": {"binary_data": false, "classification": 3}},
+        {"name": "b"},
+    ]}))
+    .unwrap();
+    assert_eq!(request.outputs[0].binary_data, Some(false));
+    assert_eq!(request.outputs[0].parameters["classification"], 3);
+    assert_eq!(request.outputs[1].name, "b");
+    assert_eq!(request.outputs[1].binary_data, None);
+}
+
+#[test]
+fn header_length_exceeding_the_body_gives_the_exact_message() {
+    let error = decode_infer_request(Bytes::from(vec![b' '; 120]), Some(500))
+        .err()
+        .unwrap();
+    assert_eq!(error.kind(), weft_core::ErrorKind::InvalidArgument);
+    assert_eq!(
+        error.message(),
+        "Inference-Header-Content-Length 500 exceeds the body's 120 bytes"
+    );
+}
+
+#[test]
+fn binary_inputs_take_their_bytes_in_input_order() {
+    let (body, length) = binary(
+        json!({"inputs": [
+            {"name": "a", "shape": [2], "datatype": "UINT8", "parameters": {"binary_data_size": 2}},
+            {"name": "j", "shape": [1], "datatype": "BOOL", "data": [[true]]},
+            {"name": "b", "shape": [1], "datatype": "UINT16", "parameters": {"binary_data_size": 2}},
+        ]}),
+        &[1, 2, 3, 4],
+    );
+    let request = decode_infer_request(body, Some(length)).unwrap();
+    let data: Vec<&[u8]> = request
+        .inputs
+        .iter()
+        .map(|i| &i.tensor.tensor.data()[..])
+        .collect();
+    assert_eq!(data, [&[1u8, 2][..], &[1], &[3, 4]]);
+    assert_eq!(request.inputs[0].parameters["binary_data_size"], 2);
+}
+
+#[test]
+fn response_mixes_json_and_binary_outputs_in_order() {
+    let tensor = |name: &str, data: &'static [u8]| {
+        NamedTensor::new(
+            name,
+            Tensor::new(DataType::Uint8, vec![data.len()], Bytes::from_static(data)).unwrap(),
+        )
+    };
+    let mut parameters = Parameters::new();
+    parameters.insert("note".into(), json!("kept"));
+    let response = InferResponse {
+        model_name: "m".into(),
+        model_version: None,
+        id: None,
+        parameters: Parameters::new(),
+        outputs: vec![
+            ResponseOutput {
+                tensor: tensor("a", &[1, 2]),
+                binary: true,
+                parameters: Parameters::new(),
+            },
+            ResponseOutput {
+                tensor: tensor("j", &[7]),
+                binary: false,
+                parameters,
+            },
+            ResponseOutput {
+                tensor: tensor("b", &[3]),
+                binary: true,
+                parameters: Parameters::new(),
+            },
+        ],
+    };
+    let encoded = encode_infer_response(&response).unwrap();
+    let length = encoded.json_header_length.unwrap();
+    assert_eq!(&encoded.body[length..], &[1, 2, 3]);
+    let header: Value = serde_json::from_slice(&encoded.body[..length]).unwrap();
+    assert_eq!(
+        header,
+        json!({"model_name": "m", "outputs": [
+            {"name": "a", "datatype": "UINT8", "shape": [2], "parameters": {"binary_data_size": 2}},
+            {"name": "j", "datatype": "UINT8", "shape": [1], "parameters": {"note": "kept"}, "data": [7]},
+            {"name": "b", "datatype": "UINT8", "shape": [1], "parameters": {"binary_data_size": 1}},
+        ]})
+    );
+}
+
+#[test]
+fn non_utf8_bytes_output_message_is_exact() {
+    let data = encode_bytes_elements([&b"ok"[..], &[0xc3][..]]).unwrap();
+    let tensor = NamedTensor::new(
+        "y",
+        Tensor::new(DataType::Bytes, vec![2], Bytes::from(data)).unwrap(),
+    );
+    let response = InferResponse {
+        model_name: "m".into(),
+        model_version: None,
+        id: None,
+        parameters: Parameters::new(),
+        outputs: vec![ResponseOutput {
+            tensor,
+            binary: false,
+            parameters: Parameters::new(),
+        }],
+    };
+    let error = encode_infer_response(&response).err().unwrap();
+    assert_eq!(error.kind(), weft_core::ErrorKind::InvalidArgument);
+    assert_eq!(
+        error.message(),
+        "output 'y' element 1 is BYTES that is not valid UTF-8; request the output with binary_data: true"
+    );
+}
+
+#[test]
+fn plain_response_types_have_the_v2_shapes() {
+    let entry = RepositoryIndexEntry {
+        name: "m".into(),
+        version: None,
+        state: "READY".into(),
+        reason: String::new(),
+    };
+    assert_eq!(
+        serde_json::to_value(&entry).unwrap(),
+        json!({"name": "m", "state": "READY", "reason": ""})
+    );
+    let metadata = ModelMetadataResponse {
+        name: "m".into(),
+        versions: vec!["1".into()],
+        platform: "onnxruntime_onnx".into(),
+        inputs: vec![MetadataTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![-1, 4],
+        }],
+        outputs: vec![],
+    };
+    let text = serde_json::to_string(&metadata).unwrap();
+    assert_eq!(
+        serde_json::from_str::<ModelMetadataResponse>(&text).unwrap(),
+        metadata
+    );
+    assert_eq!(
+        serde_json::to_value(ErrorResponse { error: "no".into() }).unwrap(),
+        json!({"error": "no"})
+    );
+    let server = ServerMetadataResponse {
+        name: "weft".into(),
+        version: "0.1.0".into(),
+        extensions: vec!["binary_tensor_data".into()],
+    };
+    assert_eq!(
+        serde_json::to_value(&server).unwrap()["extensions"][0],
+        "binary_tensor_data"
+    );
+}

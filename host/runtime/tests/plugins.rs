@@ -2,53 +2,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+mod common;
 
 use bytes::Bytes;
+use common::{context, f32_tensor, f32s, load, runtime};
 use weft_core::{DataType, NamedTensor, Tensor};
-use weft_runtime::{CallContext, Plugin, PluginRuntime, RuntimeConfig};
+use weft_runtime::Plugin;
 
 fn plugin(name: &str) -> Plugin {
-    let dir = std::env::var_os("WEFT_GUESTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/guests/wasm32-wasip2/release")
-        });
-    let path = dir.join(format!("{name}.wasm"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; run `cargo xtask setup` to build the plugins",
-            path.display()
-        )
-    });
-    PluginRuntime::new(RuntimeConfig::default())
-        .unwrap()
-        .load(name, &bytes)
-        .unwrap()
-}
-
-fn context(pairs: &[(&str, &str)]) -> CallContext {
-    CallContext {
-        params: pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..CallContext::default()
-    }
-}
-
-fn f32_tensor(shape: Vec<usize>, values: &[f32]) -> Tensor {
-    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Tensor::new(DataType::Fp32, shape, Bytes::from(data)).unwrap()
-}
-
-fn f32s(tensor: &Tensor) -> Vec<f32> {
-    tensor
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    load(&runtime(), name)
 }
 
 fn close(a: &[f32], b: &[f32]) -> bool {

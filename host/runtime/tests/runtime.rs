@@ -3,65 +3,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{context, f32_tensor, f32s, guests_dir, load, runtime};
 use weft_core::{
     BoxFuture, DataType, ErrorKind, Model, ModelMetadata, NamedTensor, Tensor, TensorSpec,
 };
-use weft_runtime::{
-    CallContext, CallLimits, FailureCause, Plugin, PluginRuntime, Role, RuntimeConfig,
-};
-
-fn guests_dir() -> PathBuf {
-    let dir = std::env::var_os("WEFT_GUESTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/guests/wasm32-wasip2/release")
-        });
-    assert!(
-        dir.join("runtime_echo.wasm").is_file(),
-        "guest components missing in {}: run `cargo xtask setup` (it builds plugins/ and tests/guests/)",
-        dir.display()
-    );
-    dir
-}
-
-fn runtime() -> PluginRuntime {
-    PluginRuntime::new(RuntimeConfig::default()).unwrap()
-}
-
-fn load(runtime: &PluginRuntime, guest: &str) -> Plugin {
-    let bytes = std::fs::read(guests_dir().join(format!("{guest}.wasm"))).unwrap();
-    runtime.load(guest, &bytes).unwrap()
-}
-
-fn f32_tensor(shape: Vec<usize>, values: &[f32]) -> Tensor {
-    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Tensor::new(DataType::Fp32, shape, Bytes::from(data)).unwrap()
-}
-
-fn f32s(tensor: &Tensor) -> Vec<f32> {
-    tensor
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-fn params(pairs: &[(&str, &str)]) -> CallContext {
-    CallContext {
-        params: pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..CallContext::default()
-    }
-}
+use weft_runtime::{CallContext, CallLimits, FailureCause, PluginRuntime, Role, RuntimeConfig};
 
 /// Doubles an FP32 input `x` into output `y`.
 struct Doubler(ModelMetadata);
@@ -155,7 +108,7 @@ async fn every_datatype_round_trips_through_guest_memory_and_params_arrive() {
         };
         inputs.push(NamedTensor::new(format!("in_{datatype}"), tensor));
     }
-    let context = params(&[("mode", "copy"), ("k", "v w")]);
+    let context = context(&[("mode", "copy"), ("k", "v w")]);
     let outputs = plugin.transform(&context, inputs.clone()).await.unwrap();
     assert_eq!(&outputs[..inputs.len()], &inputs[..]);
     let echoed = &outputs[inputs.len()];

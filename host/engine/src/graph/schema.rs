@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
-use weft_core::{DataType, Error, Result};
+use weft_core::{DataType, Result};
 
 /// A parsed graph file.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -168,12 +168,6 @@ pub struct NodeSpec {
 impl GraphSpec {
     /// Parses `text`, naming `path` (and toml's line, column and key) in any error.
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|error| {
-            Error::invalid(format!(
-                "{}: {}",
-                path.display(),
-                error.to_string().trim_end()
-            ))
-        })
+        crate::config::parse_toml(path, text)
     }
 }
