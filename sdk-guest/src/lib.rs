@@ -41,62 +41,42 @@ pub mod bindings {
     });
 }
 
-/// Bindings of the `transformer` world; see [`Transformer`] and [`export_transformer!`].
-pub mod transformer {
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "weft:plugin/transformer",
-        with: {
-            "weft:plugin/types@0.1.0": crate::bindings::weft::plugin::types,
-            "weft:plugin/host@0.1.0": crate::bindings::weft::plugin::host,
-            "wasi:nn/tensor@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::tensor,
-            "wasi:nn/errors@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::errors,
-            "wasi:nn/inference@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::inference,
-            "wasi:nn/graph@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::graph,
-        },
-        pub_export_macro: true,
-        export_macro_name: "export_transformer",
-        default_bindings_module: "weft_sdk::transformer",
-    });
+/// Generates one role world's bindings and its export macro, sharing the imports above.
+macro_rules! role_world {
+    ($(#[$doc:meta])* $module:ident, $world:literal, $export:literal, $path:literal) => {
+        $(#[$doc])*
+        pub mod $module {
+            wit_bindgen::generate!({
+                path: "../wit",
+                world: $world,
+                with: {
+                    "weft:plugin/types@0.1.0": crate::bindings::weft::plugin::types,
+                    "weft:plugin/host@0.1.0": crate::bindings::weft::plugin::host,
+                    "wasi:nn/tensor@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::tensor,
+                    "wasi:nn/errors@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::errors,
+                    "wasi:nn/inference@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::inference,
+                    "wasi:nn/graph@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::graph,
+                },
+                pub_export_macro: true,
+                export_macro_name: $export,
+                default_bindings_module: $path,
+            });
+        }
+    };
 }
 
-/// Bindings of the `combiner` world; see [`Combiner`] and [`export_combiner!`].
-pub mod combiner {
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "weft:plugin/combiner",
-        with: {
-            "weft:plugin/types@0.1.0": crate::bindings::weft::plugin::types,
-            "weft:plugin/host@0.1.0": crate::bindings::weft::plugin::host,
-            "wasi:nn/tensor@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::tensor,
-            "wasi:nn/errors@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::errors,
-            "wasi:nn/inference@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::inference,
-            "wasi:nn/graph@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::graph,
-        },
-        pub_export_macro: true,
-        export_macro_name: "export_combiner",
-        default_bindings_module: "weft_sdk::combiner",
-    });
-}
-
-/// Bindings of the `router` world; see [`Router`] and [`export_router!`].
-pub mod router {
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "weft:plugin/router",
-        with: {
-            "weft:plugin/types@0.1.0": crate::bindings::weft::plugin::types,
-            "weft:plugin/host@0.1.0": crate::bindings::weft::plugin::host,
-            "wasi:nn/tensor@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::tensor,
-            "wasi:nn/errors@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::errors,
-            "wasi:nn/inference@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::inference,
-            "wasi:nn/graph@0.2.0-rc-2024-10-28": crate::bindings::wasi::nn::graph,
-        },
-        pub_export_macro: true,
-        export_macro_name: "export_router",
-        default_bindings_module: "weft_sdk::router",
-    });
-}
+role_world!(
+    /// Bindings of the `transformer` world; see [`Transformer`] and [`export_transformer!`].
+    transformer, "weft:plugin/transformer", "export_transformer", "weft_sdk::transformer"
+);
+role_world!(
+    /// Bindings of the `combiner` world; see [`Combiner`] and [`export_combiner!`].
+    combiner, "weft:plugin/combiner", "export_combiner", "weft_sdk::combiner"
+);
+role_world!(
+    /// Bindings of the `router` world; see [`Router`] and [`export_router!`].
+    router, "weft:plugin/router", "export_router", "weft_sdk::router"
+);
 
 mod tensor;
 

@@ -17,53 +17,28 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub mod transformer {
-    wasmtime::component::bindgen!({
-        path: "../../wit",
-        world: "weft:plugin/transformer",
-        imports: { default: async | trappable },
-        exports: { default: async },
-        with: {
-            "weft:plugin/types": super::weft::plugin::types,
-            "weft:plugin/host": super::weft::plugin::host,
-            "wasi:nn/tensor": super::wasi::nn::tensor,
-            "wasi:nn/graph": super::wasi::nn::graph,
-            "wasi:nn/inference": super::wasi::nn::inference,
-            "wasi:nn/errors": super::wasi::nn::errors,
-        },
-    });
+/// Generates one role world's bindings, mapping every import onto the shared ones above.
+macro_rules! role_world {
+    ($module:ident, $world:literal) => {
+        pub mod $module {
+            wasmtime::component::bindgen!({
+                path: "../../wit",
+                world: $world,
+                imports: { default: async | trappable },
+                exports: { default: async },
+                with: {
+                    "weft:plugin/types": super::weft::plugin::types,
+                    "weft:plugin/host": super::weft::plugin::host,
+                    "wasi:nn/tensor": super::wasi::nn::tensor,
+                    "wasi:nn/graph": super::wasi::nn::graph,
+                    "wasi:nn/inference": super::wasi::nn::inference,
+                    "wasi:nn/errors": super::wasi::nn::errors,
+                },
+            });
+        }
+    };
 }
 
-pub mod combiner {
-    wasmtime::component::bindgen!({
-        path: "../../wit",
-        world: "weft:plugin/combiner",
-        imports: { default: async | trappable },
-        exports: { default: async },
-        with: {
-            "weft:plugin/types": super::weft::plugin::types,
-            "weft:plugin/host": super::weft::plugin::host,
-            "wasi:nn/tensor": super::wasi::nn::tensor,
-            "wasi:nn/graph": super::wasi::nn::graph,
-            "wasi:nn/inference": super::wasi::nn::inference,
-            "wasi:nn/errors": super::wasi::nn::errors,
-        },
-    });
-}
-
-pub mod router {
-    wasmtime::component::bindgen!({
-        path: "../../wit",
-        world: "weft:plugin/router",
-        imports: { default: async | trappable },
-        exports: { default: async },
-        with: {
-            "weft:plugin/types": super::weft::plugin::types,
-            "weft:plugin/host": super::weft::plugin::host,
-            "wasi:nn/tensor": super::wasi::nn::tensor,
-            "wasi:nn/graph": super::wasi::nn::graph,
-            "wasi:nn/inference": super::wasi::nn::inference,
-            "wasi:nn/errors": super::wasi::nn::errors,
-        },
-    });
-}
+role_world!(transformer, "weft:plugin/transformer");
+role_world!(combiner, "weft:plugin/combiner");
+role_world!(router, "weft:plugin/router");
