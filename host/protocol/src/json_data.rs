@@ -9,7 +9,8 @@ use weft_core::{DataType, Error, Result, bytes_elements, encode_bytes_elements};
 /// Flattens `data` (row-major, any nesting) into the tensor's byte form, checking each element's
 /// JSON type and range and that there are exactly `expected` elements.
 pub fn parse(name: &str, datatype: DataType, data: &Value, expected: usize) -> Result<Vec<u8>> {
-    let mut leaves = Vec::with_capacity(expected);
+    // Sized by the data actually sent, never by the client's claimed shape (which may be huge).
+    let mut leaves = Vec::new();
     flatten(data, &mut leaves);
     if leaves.len() != expected {
         return Err(Error::invalid(format!(
@@ -36,7 +37,7 @@ pub fn parse(name: &str, datatype: DataType, data: &Value, expected: usize) -> R
         return encode_bytes_elements(strings);
     }
     let size = datatype.element_size().unwrap_or(1);
-    let mut out = Vec::with_capacity(expected * size);
+    let mut out = Vec::with_capacity(leaves.len() * size);
     for (index, value) in leaves.iter().enumerate() {
         let ok = match datatype {
             DataType::Bool => value.as_bool().map(|b| out.push(u8::from(b))),

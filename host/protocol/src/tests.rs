@@ -629,3 +629,12 @@ fn plain_response_types_have_the_v2_shapes() {
         "binary_tensor_data"
     );
 }
+
+#[test]
+fn a_huge_claimed_shape_with_little_data_is_an_error_not_an_allocation() {
+    let request = json!({"inputs": [{"name": "t", "shape": [1_000_000_000_000u64, 64], "datatype": "FP32", "data": [1.0]}]});
+    let message = error_of(decode_json(request));
+    assert!(message.contains("input 't'"), "{message}");
+    let overflow = json!({"inputs": [{"name": "t", "shape": [i64::MAX, i64::MAX], "datatype": "FP64", "data": [1.0]}]});
+    assert!(error_of(decode_json(overflow)).contains("input 't'"));
+}
