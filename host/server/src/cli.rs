@@ -37,9 +37,36 @@ pub enum Command {
     Serve(ServeArgs),
     /// Measure a model over HTTP (V2, JSON or binary) or in-process with the same input.
     Bench(crate::bench::BenchArgs),
+    /// Work with inference graphs.
+    #[command(subcommand)]
+    Graph(GraphCommand),
     /// Measure the plugin sandbox: instantiation, an empty call, and a model call through
     /// wasi:nn against the same model called directly.
     BenchPlugins(crate::bench::BenchPluginsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GraphCommand {
+    /// Validate graph files against a repository's models and plugins, as loading would
+    /// (dry run: no server). Exits 1 if any file is invalid.
+    Check(GraphCheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GraphCheckArgs {
+    /// Repository whose models/ and plugins/ the graphs refer to.
+    #[arg(long, env = "WEFT_REPOSITORY")]
+    pub repository: PathBuf,
+    /// Path of libonnxruntime.so, to read model metadata.
+    #[arg(
+        long,
+        env = "ORT_DYLIB_PATH",
+        default_value = "target/onnxruntime/libonnxruntime.so.1.22.1"
+    )]
+    pub ort_library: PathBuf,
+    /// Graph TOML files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -91,6 +118,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Bench(args) => runtime.block_on(crate::bench::bench(args)),
         Command::BenchPlugins(args) => runtime.block_on(crate::bench::bench_plugins(args)),
+        Command::Graph(GraphCommand::Check(args)) => graph_check(args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,6 +142,29 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+}
+
+fn graph_check(args: GraphCheckArgs) -> anyhow::Result<()> {
+    weft_backends::init_onnxruntime(&args.ort_library)?;
+    let models = weft_engine::ModelRegistry::load(&args.repository, &RepositoryLoader::default())?;
+    let runtime = weft_runtime::PluginRuntime::new(weft_runtime::RuntimeConfig::default())?;
+    let plugins = crate::graphs::load_plugins(&args.repository, &runtime)?;
+    let catalog = crate::graphs::RepositoryCatalog {
+        models: &models,
+        plugins: &plugins,
+    };
+    let (lines, all_valid) = crate::graphs::check_files(&args.files, &catalog);
+    for line in &lines {
+        println!("{line}");
+    }
+    if !all_valid {
+        bail!(
+            "{} of {} graph files are invalid",
+            lines.iter().filter(|l| l.starts_with("error")).count(),
+            lines.len()
+        );
+    }
+    Ok(())
 }
 
 /// Loads the repository, binds, serves until SIGINT/SIGTERM, then drains in-flight requests.

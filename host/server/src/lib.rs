@@ -8,6 +8,7 @@ pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod error;
+pub mod graphs;
 pub mod loader;
 
 pub use app::{AppState, app};

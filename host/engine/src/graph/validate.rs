@@ -16,6 +16,16 @@ pub enum PluginRole {
     Router,
 }
 
+impl PluginRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginRole::Transformer => "transformer",
+            PluginRole::Combiner => "combiner",
+            PluginRole::Router => "router",
+        }
+    }
+}
+
 /// What validation may look up: the models and plugins visible to the graph's owner.
 pub trait Catalog {
     fn model(&self, name: &str, version: Option<&str>) -> Option<ModelMetadata>;
@@ -233,23 +243,34 @@ pub fn validate(
     })
 }
 
+/// "a transformer", "an output_transformer".
+fn article(kind: NodeKind) -> String {
+    let name = kind.as_str();
+    let article = if name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {name}")
+}
+
 fn check_kind(checker: &Checker<'_>, node: &NodeSpec, catalog: &dyn Catalog) -> Result<()> {
     let expect_role = |role: PluginRole| -> Result<()> {
         let Some(plugin) = &node.plugin else {
-            return Err(checker.node_error(
-                node,
-                format!("a {} node needs `plugin`", node.kind.as_str()),
-            ));
+            return Err(
+                checker.node_error(node, format!("{} node needs `plugin`", article(node.kind)))
+            );
         };
         match catalog.plugin(plugin) {
             None => Err(checker.node_error(node, format!("unknown plugin '{plugin}'"))),
             Some(found) if found != role => Err(checker.node_error(
                 node,
                 format!(
-                    "plugin '{plugin}' is a {found:?} but a {} node needs a {role:?}",
-                    node.kind.as_str()
-                )
-                .to_lowercase(),
+                    "plugin '{plugin}' is a {} but {} node needs a {}",
+                    found.as_str(),
+                    article(node.kind),
+                    role.as_str()
+                ),
             )),
             Some(_) => Ok(()),
         }
