@@ -15,6 +15,7 @@ use clap::ValueEnum;
 use weft_core::{DataType, Model, NamedTensor, Tensor, TensorSpec};
 use weft_engine::ModelRegistry;
 
+use crate::cli::OrtArgs;
 use crate::loader::RepositoryLoader;
 
 #[derive(Debug, clap::Args)]
@@ -31,13 +32,8 @@ pub struct BenchArgs {
     /// Repository to load the model from with --in-process.
     #[arg(long, default_value = "examples/quickstart")]
     pub repository: PathBuf,
-    /// ONNX Runtime library for --in-process.
-    #[arg(
-        long,
-        env = "ORT_DYLIB_PATH",
-        default_value = "target/onnxruntime/libonnxruntime.so.1.22.1"
-    )]
-    pub ort_library: PathBuf,
+    #[command(flatten)]
+    pub ort: OrtArgs,
     /// Concurrent requests in flight.
     #[arg(long, default_value_t = 1)]
     pub concurrency: usize,
@@ -158,7 +154,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn load_in_process(args: &BenchArgs) -> anyhow::Result<Arc<dyn Model>> {
-    weft_backends::init_onnxruntime(&args.ort_library)?;
+    weft_backends::init_onnxruntime(&args.ort.library)?;
     let repository = args.repository.clone();
     let registry = tokio::task::spawn_blocking(move || {
         ModelRegistry::load(&repository, &RepositoryLoader::default())
@@ -282,12 +278,8 @@ pub struct BenchPluginsArgs {
     /// Model the plugin calls through wasi:nn, and that is called directly for comparison.
     #[arg(long, default_value = "mlp")]
     pub model: String,
-    #[arg(
-        long,
-        env = "ORT_DYLIB_PATH",
-        default_value = "target/onnxruntime/libonnxruntime.so.1.22.1"
-    )]
-    pub ort_library: PathBuf,
+    #[command(flatten)]
+    pub ort: OrtArgs,
     /// Calls per measurement (after as many warm-up calls).
     #[arg(long, default_value_t = 20_000)]
     pub iterations: usize,
@@ -341,7 +333,7 @@ pub async fn bench_plugins(args: BenchPluginsArgs) -> anyhow::Result<()> {
         url: String::new(),
         in_process: true,
         repository: args.repository.clone(),
-        ort_library: args.ort_library.clone(),
+        ort: args.ort.clone(),
         concurrency: 1,
         duration: 0.0,
         warmup: 0.0,

@@ -57,16 +57,25 @@ pub struct GraphCheckArgs {
     /// Repository whose models/ and plugins/ the graphs refer to.
     #[arg(long, env = "WEFT_REPOSITORY")]
     pub repository: PathBuf,
-    /// Path of libonnxruntime.so, to read model metadata.
-    #[arg(
-        long,
-        env = "ORT_DYLIB_PATH",
-        default_value = "target/onnxruntime/libonnxruntime.so.1.22.1"
-    )]
-    pub ort_library: PathBuf,
+    #[command(flatten)]
+    pub ort: OrtArgs,
     /// Graph TOML files.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+}
+
+/// Where the ONNX Runtime library is; shared by every subcommand that runs models.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OrtArgs {
+    /// Path of libonnxruntime.so (1.22 or newer); `cargo xtask setup` puts one under target/onnxruntime/.
+    #[arg(
+        id = "ort_library",
+        long = "ort-library",
+        value_name = "PATH",
+        env = "ORT_DYLIB_PATH",
+        default_value = "target/onnxruntime/libonnxruntime.so.1.22.1"
+    )]
+    pub library: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -91,13 +100,8 @@ pub struct ServeArgs {
     /// Largest request body in bytes; larger requests get 413.
     #[arg(long, env = "WEFT_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_request_bytes: usize,
-    /// Path of libonnxruntime.so (1.22 or newer); `cargo xtask setup` puts one under target/onnxruntime/.
-    #[arg(
-        long,
-        env = "ORT_DYLIB_PATH",
-        default_value = "target/onnxruntime/libonnxruntime.so.1.22.1"
-    )]
-    pub ort_library: PathBuf,
+    #[command(flatten)]
+    pub ort: OrtArgs,
     /// Exit at start-up if any model fails to load, instead of serving it as UNAVAILABLE.
     #[arg(long, env = "WEFT_STRICT")]
     pub strict: bool,
@@ -145,7 +149,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn graph_check(args: GraphCheckArgs) -> anyhow::Result<()> {
-    weft_backends::init_onnxruntime(&args.ort_library)?;
+    weft_backends::init_onnxruntime(&args.ort.library)?;
     let models = weft_engine::ModelRegistry::load(&args.repository, &RepositoryLoader::default())?;
     let runtime = weft_runtime::PluginRuntime::new(weft_runtime::RuntimeConfig::default())?;
     let plugins = crate::graphs::load_plugins(&args.repository, &runtime)?;
@@ -171,8 +175,8 @@ fn graph_check(args: GraphCheckArgs) -> anyhow::Result<()> {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
-    let ort_info = weft_backends::init_onnxruntime(&args.ort_library)?;
-    tracing::info!(library = %args.ort_library.display(), build = %ort_info, "ONNX Runtime loaded");
+    let ort_info = weft_backends::init_onnxruntime(&args.ort.library)?;
+    tracing::info!(library = %args.ort.library.display(), build = %ort_info, "ONNX Runtime loaded");
 
     let repository = args.repository.clone();
     let registry = tokio::task::spawn_blocking(move || {
