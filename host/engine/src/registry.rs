@@ -159,11 +159,6 @@ impl ModelRegistry {
             .get(name)
             .map(|entry| entry.versions.keys().copied().collect())
     }
-
-    /// True if every version of every model loaded.
-    pub fn all_ready(&self) -> bool {
-        self.failures().is_empty()
-    }
 }
 
 impl ModelEntry {

@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -281,9 +280,9 @@ async fn run_infer(
 ) -> Result<Response, ApiError> {
     let header_length = header_length(headers)?;
     let body = read_body(state, headers, body).await?;
-    let request = decode_infer_request(body, header_length)?;
+    let mut request = decode_infer_request(body, header_length)?;
     let (number, model) = state.registry.resolve(name, version)?;
-    let inputs = request_inputs(&request, model.as_ref())?;
+    let inputs = request_inputs(&mut request, model.as_ref())?;
     model.metadata().validate_inputs(&inputs)?;
     let selected = select_outputs(&request, model.as_ref())?;
     let outputs = model
@@ -317,13 +316,14 @@ async fn run_infer(
 
 /// The request's tensors; a headerless binary body (`Inference-Header-Content-Length: 0`) is the
 /// model's single input, shaped by its metadata with the one variable dimension inferred.
-fn request_inputs(request: &InferRequest, model: &dyn Model) -> Result<Vec<NamedTensor>, Error> {
+/// The tensors move out of the request; the rest of it (id, outputs, parameters) stays.
+fn request_inputs(
+    request: &mut InferRequest,
+    model: &dyn Model,
+) -> Result<Vec<NamedTensor>, Error> {
     let Some(raw) = &request.raw_single_input else {
-        return Ok(request
-            .inputs
-            .iter()
-            .map(|input| input.tensor.clone())
-            .collect());
+        let inputs = std::mem::take(&mut request.inputs);
+        return Ok(inputs.into_iter().map(|input| input.tensor).collect());
     };
     let metadata = model.metadata();
     let [spec] = metadata.inputs.as_slice() else {
@@ -419,6 +419,3 @@ fn pick_outputs(
         })
         .collect()
 }
-
-/// How long in-flight requests get to finish after a shutdown signal.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
