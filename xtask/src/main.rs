@@ -5,7 +5,8 @@
 //!   into `target/guests/`; the ONNX Runtime library unpacked from the
 //!   onnxruntime 1.22.1 PyPI wheel into `target/onnxruntime/` (cached, never committed); a Python
 //!   virtual environment in `target/venv` with the packages the tests use; generated test models.
-//! - `cargo xtask serve`: set-up, then `weft serve` on examples/quickstart at 127.0.0.1:8000.
+//! - `cargo xtask serve [example]`: set-up, then `weft serve` on examples/quickstart (or the
+//!   named example) at 127.0.0.1:8000.
 //! - `cargo xtask test`: set-up, then every test: `cargo test --workspace` (which includes the
 //!   end-to-end and tritonclient tests).
 //!
@@ -43,8 +44,9 @@ fn main() -> Result<()> {
             eprintln!(
                 "usage: cargo xtask <setup|serve|test> [args]\n\
                  \x20 setup  install the wasm target, ONNX Runtime library, Python test packages\n\
-                 \x20 serve  set up, then serve examples/quickstart on 127.0.0.1:8000\n\
-                 \x20        (extra args go to `weft serve`, e.g. --listen 0.0.0.0:8000)\n\
+                 \x20 serve  set up, then serve examples/quickstart (or examples/<name> named\n\
+                 \x20        first, e.g. `serve classify`) on 127.0.0.1:8000; further args go to\n\
+                 \x20        `weft serve`, e.g. --listen 0.0.0.0:8000\n\
                  \x20 test   set up, then run every test (extra args go to `cargo test`)"
             );
             bail!("unknown or missing xtask command")
@@ -159,7 +161,44 @@ fn guests(root: &Path) -> Result<()> {
             "wasm32-wasip2",
             "--target-dir",
         ])
-        .arg(root.join("target/guests")))
+        .arg(root.join("target/guests")))?;
+    example_plugins(root)
+}
+
+/// Copies the first-party plugins (every crate directly under plugins/) into each example that
+/// has graphs, as `examples/<example>/plugins/<crate>.wasm`: the repository layout `weft serve`
+/// loads plugins from. Those copies are build outputs and git ignores them.
+fn example_plugins(root: &Path) -> Result<()> {
+    let mut crates = Vec::new();
+    for entry in std::fs::read_dir(root.join("plugins"))? {
+        let path = entry?.path();
+        if path.join("Cargo.toml").is_file()
+            && let Some(name) = path.file_name().and_then(|n| n.to_str())
+        {
+            crates.push(name.to_string());
+        }
+    }
+    for entry in std::fs::read_dir(root.join("examples"))? {
+        let example = entry?.path();
+        if !example.join("graphs").is_dir() {
+            continue;
+        }
+        let target = example.join("plugins");
+        std::fs::create_dir_all(&target)?;
+        for name in &crates {
+            let built = guests_dir(root).join(format!("{}.wasm", name.replace('-', "_")));
+            let copy = target.join(format!("{name}.wasm"));
+            let fresh = std::fs::read(&copy).ok()
+                == Some(std::fs::read(&built).with_context(|| {
+                    format!("plugin {name} was not built at {}", built.display())
+                })?);
+            if !fresh {
+                std::fs::copy(&built, &copy)
+                    .with_context(|| format!("cannot copy {}", built.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn venv_python(root: &Path) -> PathBuf {
@@ -208,7 +247,16 @@ fn test_models(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Serves `examples/<name>` (the quickstart unless the first argument names another example).
 fn serve(root: &Path, extra: &[String]) -> Result<()> {
+    let (example, extra) = match extra.first() {
+        Some(first) if !first.starts_with('-') => (first.as_str(), &extra[1..]),
+        _ => ("quickstart", extra),
+    };
+    let repository = Path::new("examples").join(example);
+    if !root.join(&repository).is_dir() {
+        bail!("no example named '{example}' (see the folders under examples/)");
+    }
     let mut command = Command::new(env!("CARGO"));
     command
         .current_dir(root)
@@ -222,7 +270,8 @@ fn serve(root: &Path, extra: &[String]) -> Result<()> {
             "weft",
             "--",
         ])
-        .args(["serve", "--repository", "examples/quickstart"])
+        .args(["serve", "--repository"])
+        .arg(&repository)
         .arg("--ort-library")
         .arg(ort_library(root))
         .args(extra);

@@ -14,5 +14,5 @@ mod tensor;
 
 pub use datatype::DataType;
 pub use error::{Error, ErrorKind, Result};
-pub use model::{BoxFuture, Model, ModelMetadata, TensorSpec};
+pub use model::{BoxFuture, Model, ModelMetadata, Parameters, TensorSpec};
 pub use tensor::{NamedTensor, Tensor, bytes_elements, element_count, encode_bytes_elements};

@@ -38,7 +38,21 @@ pub trait Model: Send + Sync {
     /// Runs the model on inputs that [`ModelMetadata::validate_inputs`] accepted; returns every
     /// output the model declares, in declaration order.
     fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>>;
+
+    /// Runs with the request's `parameters` and returns the outputs with response parameters.
+    /// Plain models ignore the parameters and add none; graphs read `trace` and report it back.
+    fn infer_with_parameters<'a>(
+        &'a self,
+        inputs: Vec<NamedTensor>,
+        parameters: &'a Parameters,
+    ) -> BoxFuture<'a, Result<(Vec<NamedTensor>, Parameters)>> {
+        let _ = parameters;
+        Box::pin(async move { Ok((self.infer(inputs).await?, Parameters::new())) })
+    }
 }
+
+/// Request or response parameters, as the V2 protocol carries them (a JSON object).
+pub type Parameters = serde_json::Map<String, serde_json::Value>;
 
 impl ModelMetadata {
     pub fn input(&self, name: &str) -> Option<&TensorSpec> {
@@ -95,11 +109,16 @@ impl ModelMetadata {
 }
 
 impl TensorSpec {
-    /// Checks one tensor against this declaration.
+    /// Checks one input tensor against this declaration.
     pub fn check(&self, name: &str, tensor: &crate::Tensor) -> Result<()> {
+        self.check_as("input", name, tensor)
+    }
+
+    /// Checks one tensor against this declaration; errors start with `<role> '<name>'`.
+    pub fn check_as(&self, role: &str, name: &str, tensor: &crate::Tensor) -> Result<()> {
         if tensor.datatype() != self.datatype {
             return Err(Error::invalid(format!(
-                "input '{name}': expected datatype {} but got {}",
+                "{role} '{name}': expected datatype {} but got {}",
                 self.datatype,
                 tensor.datatype()
             )));
@@ -113,7 +132,7 @@ impl TensorSpec {
                 .all(|(&want, &got)| want < 0 || want as usize == got);
         if !fits {
             return Err(Error::invalid(format!(
-                "input '{name}': expected shape {} but got {shape:?}",
+                "{role} '{name}': expected shape {} but got {shape:?}",
                 shape_text(&self.shape)
             )));
         }

@@ -50,15 +50,17 @@ pub struct ModelVersion {
     pub state: ModelState,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct ModelEntry {
     versions: BTreeMap<u64, ModelState>,
     /// Why the whole model is unavailable (its `model.toml` is broken, or it has no versions).
     failure: Option<String>,
+    /// A graph, added with [`ModelRegistry::add_graph`], rather than a repository model.
+    graph: bool,
 }
 
 /// Every model of the repository, keyed by name.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ModelRegistry {
     models: BTreeMap<String, ModelEntry>,
 }
@@ -153,6 +155,40 @@ impl ModelRegistry {
         }
     }
 
+    /// Serves a graph version under `name`, next to the models. `version: None` records a graph
+    /// file that failed before its version was known. Refused when a repository model already
+    /// has the name, or the graph already has that version.
+    pub fn add_graph(&mut self, name: &str, version: Option<u64>, state: ModelState) -> Result<()> {
+        let entry = self
+            .models
+            .entry(name.to_string())
+            .or_insert_with(|| ModelEntry {
+                graph: true,
+                ..ModelEntry::default()
+            });
+        if !entry.graph {
+            return Err(Error::invalid(format!(
+                "graph '{name}' has the name of a repository model; graphs and models share one namespace"
+            )));
+        }
+        match (version, state) {
+            (None, ModelState::Unavailable(reason)) => {
+                entry.failure = Some(reason);
+                Ok(())
+            }
+            (None, ModelState::Ready(_)) => Err(Error::internal(format!(
+                "graph '{name}' is ready but has no version"
+            ))),
+            (Some(version), _) if entry.versions.contains_key(&version) => Err(Error::invalid(
+                format!("graph '{name}' version {version} is defined twice"),
+            )),
+            (Some(version), state) => {
+                entry.versions.insert(version, state);
+                Ok(())
+            }
+        }
+    }
+
     /// The versions of a model, ascending; `None` if the name is unknown.
     pub fn versions(&self, name: &str) -> Option<Vec<u64>> {
         self.models
@@ -187,6 +223,7 @@ fn load_model(discovered: DiscoveredModel, loader: &dyn ModelLoader) -> ModelEnt
             return ModelEntry {
                 versions: BTreeMap::new(),
                 failure: Some(error.to_string()),
+                graph: false,
             };
         }
     };
@@ -199,6 +236,7 @@ fn load_model(discovered: DiscoveredModel, loader: &dyn ModelLoader) -> ModelEnt
         return ModelEntry {
             versions: BTreeMap::new(),
             failure: Some(reason),
+            graph: false,
         };
     }
     let mut versions = BTreeMap::new();
@@ -225,6 +263,7 @@ fn load_model(discovered: DiscoveredModel, loader: &dyn ModelLoader) -> ModelEnt
     ModelEntry {
         versions,
         failure: None,
+        graph: false,
     }
 }
 

@@ -85,6 +85,14 @@ fn wire_tensor<'a>(
     })
 }
 
+/// One tensor as a V2 JSON output object (`name`, `datatype`, `shape`, `data`), as a graph
+/// trace shows intermediate tensors.
+pub fn tensor_json(tensor: &NamedTensor) -> Result<serde_json::Value> {
+    let wire = wire_tensor(tensor, false, Parameters::new())?;
+    serde_json::to_value(&wire)
+        .map_err(|error| weft_core::Error::internal(format!("cannot encode JSON: {error}")))
+}
+
 /// JSON header then the binary tensors, in order.
 fn assemble<'a>(
     header: &impl Serialize,

@@ -15,6 +15,7 @@ mod types;
 pub use decode::{InferRequest, RequestInput, RequestedOutput, decode_infer_request};
 pub use encode::{
     EncodedResponse, InferResponse, ResponseOutput, encode_infer_request, encode_infer_response,
+    tensor_json,
 };
 pub use types::{
     ErrorResponse, MetadataTensor, ModelMetadataResponse, RepositoryIndexEntry,
@@ -22,7 +23,7 @@ pub use types::{
 };
 
 /// JSON object of request, input or output `parameters`.
-pub type Parameters = serde_json::Map<String, serde_json::Value>;
+pub use weft_core::Parameters;
 
 #[cfg(test)]
 mod tests;

@@ -19,6 +19,7 @@ use serde_json::json;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use weft_core::{Error, ErrorKind, Model, NamedTensor, Tensor};
+use weft_engine::graph::GRAPH_PLATFORM;
 use weft_engine::{ModelRegistry, ModelState};
 use weft_protocol::{
     InferRequest, InferResponse, MetadataTensor, ModelMetadataResponse, RepositoryIndexEntry,
@@ -285,15 +286,20 @@ async fn run_infer(
     let inputs = request_inputs(&mut request, model.as_ref())?;
     model.metadata().validate_inputs(&inputs)?;
     let selected = select_outputs(&request, model.as_ref())?;
-    let outputs = model
-        .infer(inputs)
+    let what = if model.metadata().platform == GRAPH_PLATFORM {
+        "graph"
+    } else {
+        "model"
+    };
+    let (outputs, parameters) = model
+        .infer_with_parameters(inputs, &request.parameters)
         .await
-        .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
+        .map_err(|error| error.context(format!("{what} '{name}' version {number}")))?;
     let response = InferResponse {
         model_name: name.to_string(),
         model_version: Some(number.to_string()),
         id: request.id.clone(),
-        parameters: serde_json::Map::new(),
+        parameters,
         outputs: pick_outputs(outputs, &selected)?,
     };
     let encoded = encode_infer_response(&response)?;

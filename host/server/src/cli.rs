@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -156,6 +157,7 @@ fn graph_check(args: GraphCheckArgs) -> anyhow::Result<()> {
     let catalog = crate::graphs::RepositoryCatalog {
         models: &models,
         plugins: &plugins,
+        limits: Some(crate::graphs::runtime_node_limits(&runtime)),
     };
     let (lines, all_valid) = crate::graphs::check_files(&args.files, &catalog);
     for line in &lines {
@@ -171,6 +173,36 @@ fn graph_check(args: GraphCheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Loads the repository's models, plugins (compiled once into `<data-dir>/compile-cache`) and
+/// graphs into one registry: graphs are served next to models, under their own names.
+fn load_repository(
+    repository: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(weft_engine::ModelRegistry, Vec<String>)> {
+    let models = Arc::new(weft_engine::ModelRegistry::load(
+        repository,
+        &RepositoryLoader::default(),
+    )?);
+    let runtime = weft_runtime::PluginRuntime::new(weft_runtime::RuntimeConfig {
+        cache_dir: Some(data_dir.join("compile-cache")),
+        ..weft_runtime::RuntimeConfig::default()
+    })?;
+    let plugins = crate::graphs::load_plugins(repository, &runtime)?;
+    let catalog = crate::graphs::RepositoryCatalog {
+        models: &models,
+        plugins: &plugins,
+        limits: Some(crate::graphs::runtime_node_limits(&runtime)),
+    };
+    let runner = Arc::new(crate::graphs::RepositoryRunner::new(
+        Arc::clone(&models),
+        &plugins,
+        &runtime,
+    ));
+    let mut served = (*models).clone();
+    let unserved = crate::graphs::load_graphs(repository, &catalog, runner, &mut served)?;
+    Ok((served, unserved))
+}
+
 /// Loads the repository, binds, serves until SIGINT/SIGTERM, then drains in-flight requests.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
@@ -179,15 +211,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(library = %args.ort.library.display(), build = %ort_info, "ONNX Runtime loaded");
 
     let repository = args.repository.clone();
-    let registry = tokio::task::spawn_blocking(move || {
-        weft_engine::ModelRegistry::load(&repository, &RepositoryLoader::default())
-    })
-    .await
-    .context("model loading stopped unexpectedly")??;
-    let failures = registry.failures();
+    let data_dir = args.data_dir.clone();
+    let registry = tokio::task::spawn_blocking(move || load_repository(&repository, &data_dir))
+        .await
+        .context("repository loading stopped unexpectedly")??;
+    let (registry, mut failures) = registry;
+    failures.extend(registry.failures());
     if args.strict && !failures.is_empty() {
         bail!(
-            "--strict: {} model(s) failed to load: {}",
+            "--strict: {} model(s) or graph(s) failed to load: {}",
             failures.len(),
             failures.join("; ")
         );

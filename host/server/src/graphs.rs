@@ -1,13 +1,19 @@
-//! Graphs and plugins of a repository: loading `<repo>/plugins/*.wasm` into the plugin runtime,
-//! the [`Catalog`] that graph validation looks models and plugins up in, and `weft graph check`.
+//! Graphs and plugins of a repository: loading `<repo>/plugins/*.wasm` into the plugin runtime
+//! and `<repo>/graphs/*.toml` into served [`GraphModel`]s, the [`Catalog`] that graph validation
+//! looks models and plugins up in, the [`NodeRunner`] that runs graph nodes on the backends and
+//! the sandbox, and `weft graph check`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use weft_core::{Error, ModelMetadata, Result};
-use weft_engine::ModelRegistry;
-use weft_engine::graph::{Catalog, GraphSpec, PluginRole, validate};
-use weft_runtime::{Plugin, PluginRuntime, Role};
+use weft_core::{BoxFuture, Error, ErrorKind, Model, ModelMetadata, NamedTensor, Result};
+use weft_engine::graph::{
+    Catalog, GraphModel, GraphSpec, NodeContext, NodeLimits, NodeRunner, PluginCall, PluginReply,
+    PluginRole, validate,
+};
+use weft_engine::{ModelRegistry, ModelState};
+use weft_runtime::{CallContext, CallLimits, Plugin, PluginRuntime, Role};
 
 /// Loads every `<repo>/plugins/<name>.wasm`; a plugin that fails to load maps to its error.
 pub fn load_plugins(
@@ -43,6 +49,8 @@ pub fn load_plugins(
 pub struct RepositoryCatalog<'a> {
     pub models: &'a ModelRegistry,
     pub plugins: &'a HashMap<String, Result<Plugin>>,
+    /// The ceilings for per-node limits; `None` in a dry run that knows no server settings.
+    pub limits: Option<NodeLimits>,
 }
 
 impl Catalog for RepositoryCatalog<'_> {
@@ -59,6 +67,226 @@ impl Catalog for RepositoryCatalog<'_> {
             Role::Router => PluginRole::Router,
         })
     }
+
+    fn node_limits(&self) -> Option<NodeLimits> {
+        self.limits
+    }
+}
+
+/// The per-node ceilings a plugin runtime allows.
+pub fn runtime_node_limits(runtime: &PluginRuntime) -> NodeLimits {
+    let config = runtime.config();
+    NodeLimits {
+        deadline_ms: u64::try_from(config.limits.deadline.as_millis()).unwrap_or(u64::MAX),
+        memory_mb: (config.max_memory_bytes >> 20) as u64,
+    }
+}
+
+/// Runs graph nodes: model nodes on the repository's models, plugin nodes in the sandbox with
+/// the node's params, limits and model grants.
+pub struct RepositoryRunner {
+    models: Arc<ModelRegistry>,
+    plugins: HashMap<String, Plugin>,
+    defaults: CallLimits,
+}
+
+impl RepositoryRunner {
+    pub fn new(
+        models: Arc<ModelRegistry>,
+        plugins: &HashMap<String, Result<Plugin>>,
+        runtime: &PluginRuntime,
+    ) -> Self {
+        let plugins = plugins
+            .iter()
+            .filter_map(|(name, plugin)| Some((name.clone(), plugin.as_ref().ok()?.clone())))
+            .collect();
+        RepositoryRunner {
+            models,
+            plugins,
+            defaults: runtime.config().limits.clone(),
+        }
+    }
+
+    fn call_context(&self, context: &NodeContext) -> CallContext {
+        let grants = context
+            .models
+            .iter()
+            .filter_map(|name| {
+                let (_, model) = self.models.resolve(name, None).ok()?;
+                Some((name.clone(), model))
+            })
+            .collect();
+        let mut limits = self.defaults.clone();
+        if let Some(deadline) = context.deadline {
+            limits.deadline = deadline;
+        }
+        if let Some(memory) = context.memory_bytes {
+            limits.memory_bytes = usize::try_from(memory).unwrap_or(usize::MAX);
+        }
+        CallContext {
+            grants: Arc::new(grants),
+            params: context.params.clone(),
+            limits: Some(limits),
+            assets: None,
+        }
+    }
+}
+
+impl NodeRunner for RepositoryRunner {
+    fn model<'a>(
+        &'a self,
+        model: &'a str,
+        version: Option<&'a str>,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
+        Box::pin(async move {
+            let (number, served) = self.models.resolve(model, version)?;
+            let context = |error: Error| error.context(format!("model '{model}' version {number}"));
+            served
+                .metadata()
+                .validate_inputs(&inputs)
+                .map_err(context)?;
+            served.infer(inputs).await.map_err(context)
+        })
+    }
+
+    fn plugin<'a>(
+        &'a self,
+        context: &'a NodeContext,
+        call: PluginCall<'a>,
+    ) -> BoxFuture<'a, Result<PluginReply>> {
+        Box::pin(async move {
+            let name = match &call {
+                PluginCall::Transform { plugin, .. }
+                | PluginCall::Combine { plugin, .. }
+                | PluginCall::Route { plugin, .. } => *plugin,
+            };
+            let plugin = self
+                .plugins
+                .get(name)
+                .ok_or_else(|| Error::unavailable(format!("plugin '{name}' is not loaded")))?;
+            let call_context = self.call_context(context);
+            let reply = match call {
+                PluginCall::Transform { inputs, .. } => plugin
+                    .transform(&call_context, inputs)
+                    .await
+                    .map(PluginReply::Tensors),
+                PluginCall::Combine { branches, .. } => plugin
+                    .combine(&call_context, branches)
+                    .await
+                    .map(PluginReply::Tensors),
+                PluginCall::Route { inputs, .. } => plugin
+                    .route(&call_context, inputs)
+                    .await
+                    .map(PluginReply::Route),
+            };
+            reply.map_err(|failure| failure.error)
+        })
+    }
+}
+
+/// Loads every `<repo>/graphs/*.toml`, validates it against `models` and `plugins`, and serves
+/// it in `served` under its name and version. A graph that cannot serve (bad file, unknown or
+/// unavailable model or plugin) is served as UNAVAILABLE with the reason, so the registry's
+/// failures list it. Returns what could not be served at all (a name clash), for `--strict`.
+pub fn load_graphs(
+    repository: &Path,
+    catalog: &RepositoryCatalog<'_>,
+    runner: Arc<dyn NodeRunner>,
+    served: &mut ModelRegistry,
+) -> Result<Vec<String>> {
+    let dir = repository.join("graphs");
+    let mut failures = Vec::new();
+    if !dir.is_dir() {
+        return Ok(failures);
+    }
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|error| Error::invalid(format!("cannot read {}: {error}", dir.display())))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| path.extension().and_then(|e| e.to_str()) == Some("toml"))
+        .collect();
+    files.sort();
+    for file in files {
+        let stem = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let (name, version, state) = match load_graph(&file, catalog, &runner) {
+            Ok((name, version, model)) => {
+                tracing::info!(graph = %name, version, "graph ready");
+                (name, Some(version), ModelState::Ready(model))
+            }
+            Err((name, version, error)) => {
+                let name = name.unwrap_or(stem);
+                tracing::error!(graph = %name, %error, "graph unavailable");
+                (name, version, ModelState::Unavailable(error.to_string()))
+            }
+        };
+        if let Err(error) = served.add_graph(&name, version, state) {
+            tracing::error!(graph = %name, %error, "graph not served");
+            failures.push(format!("{}: {error}", file.display()));
+        }
+    }
+    Ok(failures)
+}
+
+type GraphFailure = (Option<String>, Option<u64>, Error);
+
+fn load_graph(
+    file: &Path,
+    catalog: &RepositoryCatalog<'_>,
+    runner: &Arc<dyn NodeRunner>,
+) -> std::result::Result<(String, u64, Arc<dyn Model>), GraphFailure> {
+    let text = std::fs::read_to_string(file).map_err(|error| {
+        let error = Error::invalid(format!("{}: cannot read: {error}", file.display()));
+        (None, None, error)
+    })?;
+    let spec = GraphSpec::parse(file, &text).map_err(|error| (None, None, error))?;
+    let (name, version) = (spec.name.clone(), spec.version);
+    let fail = |error: Error| (Some(name.clone()), Some(version), error);
+    check_nodes_ready(&spec, catalog).map_err(fail)?;
+    let plan = validate(file, &text, spec, catalog).map_err(fail)?;
+    let model: Arc<dyn Model> = Arc::new(GraphModel::new(plan, Arc::clone(runner)));
+    Ok((name, version, model))
+}
+
+/// A graph is ready only when every node's model and plugin is: a node on an unavailable model
+/// or a plugin that failed to load makes the graph unavailable, with that reason.
+fn check_nodes_ready(spec: &GraphSpec, catalog: &RepositoryCatalog<'_>) -> Result<()> {
+    for node in &spec.nodes {
+        if let Some(model) = &node.model
+            && let Err(error) = catalog.models.resolve(model, node.version.as_deref())
+            && error.kind() == ErrorKind::Unavailable
+        {
+            return Err(Error::unavailable(format!(
+                "node '{}': {}",
+                node.name,
+                error.message()
+            )));
+        }
+        for granted in &node.models {
+            if let Err(error) = catalog.models.resolve(granted, None)
+                && error.kind() == ErrorKind::Unavailable
+            {
+                return Err(Error::unavailable(format!(
+                    "node '{}': {}",
+                    node.name,
+                    error.message()
+                )));
+            }
+        }
+        if let Some(plugin) = &node.plugin
+            && let Some(Err(error)) = catalog.plugins.get(plugin)
+        {
+            return Err(Error::unavailable(format!(
+                "node '{}': plugin '{plugin}' failed to load: {error}",
+                node.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Validates each graph file exactly as loading would; returns one line per file, and whether

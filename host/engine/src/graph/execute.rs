@@ -49,6 +49,8 @@ pub struct NodeContext {
     pub params: Vec<(String, String)>,
     pub deadline: Option<Duration>,
     pub memory_bytes: Option<u64>,
+    /// Models the plugin may load by name (the node's `models`).
+    pub models: Vec<String>,
 }
 
 /// Runs models and plugins for the executor (the server wires it to the backends and runtime).
@@ -329,6 +331,7 @@ fn run_node<'a>(
             params,
             deadline: node.deadline_ms.map(Duration::from_millis),
             memory_bytes: node.memory_mb.map(|mb| mb << 20),
+            models: node.models.clone(),
         };
         let result = match (node.kind, inputs) {
             (NodeKind::Model, NodeInputs::Tensors(tensors)) => {

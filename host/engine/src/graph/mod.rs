@@ -6,11 +6,13 @@
 //! process: a hop between nodes is a function call, not a network round trip.
 
 pub mod execute;
+pub mod model;
 pub mod schema;
 pub mod validate;
 
 pub use execute::{
     Execution, NodeContext, NodeRunner, NodeTrace, PluginCall, PluginReply, execute,
 };
+pub use model::{DEFAULT_GRAPH_DEADLINE, GRAPH_PLATFORM, GraphModel};
 pub use schema::{BuiltinRouter, GraphSpec, NodeKind, NodeSpec};
-pub use validate::{Catalog, GraphPlan, PluginRole, Source, validate};
+pub use validate::{Catalog, GraphPlan, NodeLimits, PluginRole, Source, validate};

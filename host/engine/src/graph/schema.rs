@@ -3,6 +3,7 @@
 //! ```toml
 //! name = "classify"
 //! version = 1
+//! deadline_ms = 1000              # the whole request, every node included
 //!
 //! [[input]]
 //! name = "x"
@@ -21,6 +22,9 @@
 //! plugin = "normalize"
 //! inputs = ["request"]            # "request", "request.<input>", "<node>", "<node>.<tensor>"
 //! params = { mode = "zscore" }
+//! models = []                     # models the plugin may load by name through wasi:nn
+//! deadline_ms = 50                # per-node limits, within the server's (or tenant's)
+//! memory_mb = 16
 //!
 //! [[node]]
 //! name = "mlp"
@@ -42,6 +46,8 @@ pub struct GraphSpec {
     pub name: String,
     #[serde(default = "one")]
     pub version: u64,
+    /// Deadline of one request through the whole graph; every node's work counts against it.
+    pub deadline_ms: Option<u64>,
     #[serde(rename = "input", default)]
     pub inputs: Vec<GraphTensor>,
     #[serde(rename = "output", default)]
@@ -141,9 +147,13 @@ pub struct NodeSpec {
     /// Renames: the name this node sees = `"<node>.<tensor>"` or `"request.<input>"`.
     #[serde(default)]
     pub tensor_map: BTreeMap<String, String>,
-    /// Parameters handed to the plugin.
-    #[serde(default)]
+    /// Parameters handed to the plugin: strings, numbers or booleans, which it receives as text.
+    #[serde(default, deserialize_with = "scalar_params")]
     pub params: BTreeMap<String, String>,
+    /// Plugin nodes: the models the plugin may open with `wasi:nn` `load-by-name`. Nothing
+    /// else is reachable from inside the sandbox.
+    #[serde(default)]
+    pub models: Vec<String>,
     /// Router: the children it chooses among.
     #[serde(default)]
     pub routes: Vec<String>,
@@ -163,6 +173,36 @@ pub struct NodeSpec {
     /// Per-node limits, within the tenant's.
     pub deadline_ms: Option<u64>,
     pub memory_mb: Option<u64>,
+}
+
+/// A param value as TOML writes it; plugins get its text.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+fn scalar_params<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, Scalar>::deserialize(deserializer).map_err(|_| {
+        serde::de::Error::custom("params values must be strings, numbers or booleans")
+    })?;
+    Ok(raw
+        .into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                Scalar::Text(text) => text,
+                Scalar::Integer(number) => number.to_string(),
+                Scalar::Float(number) => number.to_string(),
+                Scalar::Bool(flag) => flag.to_string(),
+            };
+            (key, text)
+        })
+        .collect())
 }
 
 impl GraphSpec {

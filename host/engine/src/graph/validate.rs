@@ -30,6 +30,17 @@ impl PluginRole {
 pub trait Catalog {
     fn model(&self, name: &str, version: Option<&str>) -> Option<ModelMetadata>;
     fn plugin(&self, name: &str) -> Option<PluginRole>;
+    /// The most a node may ask for; `None` means no ceiling is known (a dry run).
+    fn node_limits(&self) -> Option<NodeLimits> {
+        None
+    }
+}
+
+/// Ceilings for per-node `deadline_ms` and `memory_mb`: the server's, later the tenant's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeLimits {
+    pub deadline_ms: u64,
+    pub memory_mb: u64,
 }
 
 /// Where a node's input comes from.
@@ -178,6 +189,7 @@ pub fn validate(
     let mut deps = Vec::new();
     for node in &checker_spec.nodes {
         check_kind(&checker, node, catalog)?;
+        check_grants_and_limits(&checker, node, catalog)?;
         if node.inputs.is_empty() {
             return Err(checker.node_error(node, "has no inputs"));
         }
@@ -231,6 +243,9 @@ pub fn validate(
         })
         .collect::<Result<Vec<_>>>()?;
 
+    if checker_spec.deadline_ms == Some(0) {
+        return Err(checker.graph_error("`deadline_ms` must be above 0"));
+    }
     check_cycles(&checker, &deps)?;
     check_reachable(&checker, &deps, &outputs)?;
     check_model_types(&checker, &sources, &renames, catalog)?;
@@ -341,6 +356,57 @@ fn check_kind(checker: &Checker<'_>, node: &NodeSpec, catalog: &dyn Catalog) -> 
             }
         }
     }
+}
+
+/// `models` only on plugin nodes and only naming known models; limits within the ceilings.
+fn check_grants_and_limits(
+    checker: &Checker<'_>,
+    node: &NodeSpec,
+    catalog: &dyn Catalog,
+) -> Result<()> {
+    if !node.models.is_empty() && node.plugin.is_none() {
+        return Err(checker.node_error(
+            node,
+            "`models` grants wasi:nn access to a plugin; this node runs no plugin",
+        ));
+    }
+    if let Some(unknown) = node
+        .models
+        .iter()
+        .find(|m| catalog.model(m, None).is_none())
+    {
+        return Err(checker.node_error(node, format!("`models` grants unknown model '{unknown}'")));
+    }
+    if node.plugin.is_none() && (node.deadline_ms.is_some() || node.memory_mb.is_some()) {
+        return Err(checker.node_error(
+            node,
+            "`deadline_ms` and `memory_mb` limit a plugin call; this node runs no plugin",
+        ));
+    }
+    if node.deadline_ms == Some(0) || node.memory_mb == Some(0) {
+        return Err(checker.node_error(node, "`deadline_ms` and `memory_mb` must be above 0"));
+    }
+    if let Some(limits) = catalog.node_limits() {
+        if let Some(asked) = node.deadline_ms.filter(|&d| d > limits.deadline_ms) {
+            return Err(checker.node_error(
+                node,
+                format!(
+                    "deadline_ms {asked} exceeds the limit of {} ms",
+                    limits.deadline_ms
+                ),
+            ));
+        }
+        if let Some(asked) = node.memory_mb.filter(|&m| m > limits.memory_mb) {
+            return Err(checker.node_error(
+                node,
+                format!(
+                    "memory_mb {asked} exceeds the limit of {} MiB",
+                    limits.memory_mb
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_cycles(checker: &Checker<'_>, deps: &[Vec<usize>]) -> Result<()> {
