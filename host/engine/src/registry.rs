@@ -121,6 +121,7 @@ impl ModelRegistry {
             .models
             .get(name)
             .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+        let what = if entry.graph { "graph" } else { "model" };
         let Some(version) = version else {
             let ready = entry
                 .versions
@@ -132,7 +133,7 @@ impl ModelRegistry {
                 });
             return ready.ok_or_else(|| {
                 Error::unavailable(format!(
-                    "model '{name}' is not ready: {}",
+                    "{what} '{name}' is not ready: {}",
                     entry.unavailable_reasons()
                 ))
             });
@@ -142,15 +143,15 @@ impl ModelRegistry {
             .ok()
             .filter(|number| entry.versions.contains_key(number))
             .ok_or_else(|| {
-                Error::not_found(format!("unknown version '{version}' of model '{name}'"))
+                Error::not_found(format!("unknown version '{version}' of {what} '{name}'"))
             })?;
         match entry.versions.get(&number) {
             Some(ModelState::Ready(model)) => Ok((number, Arc::clone(model))),
             Some(ModelState::Unavailable(reason)) => Err(Error::unavailable(format!(
-                "model '{name}' version {number} is not ready: {reason}"
+                "{what} '{name}' version {number} is not ready: {reason}"
             ))),
             None => Err(Error::not_found(format!(
-                "unknown version '{version}' of model '{name}'"
+                "unknown version '{version}' of {what} '{name}'"
             ))),
         }
     }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,8 +13,8 @@ use weft_core::{
     BoxFuture, DataType, ErrorKind, ModelMetadata, NamedTensor, Result, Tensor, TensorSpec,
 };
 use weft_engine::graph::{
-    Catalog, GraphPlan, GraphSpec, NodeContext, NodeRunner, PluginCall, PluginReply, PluginRole,
-    execute, validate,
+    Catalog, GRAPH_PLATFORM, GraphModel, GraphPlan, GraphSpec, NodeContext, NodeLimits, NodeRunner,
+    PluginCall, PluginReply, PluginRole, execute, validate,
 };
 
 /// Models: `mlp` (x FP32 [-1,4] -> y FP32 [-1,2]), `ids` (x INT64 [-1,4] -> y FP32 [-1,2]).
@@ -32,7 +32,7 @@ fn spec(name: &str, datatype: DataType, shape: Vec<i64>) -> TensorSpec {
 impl Catalog for FakeCatalog {
     fn model(&self, name: &str, version: Option<&str>) -> Option<ModelMetadata> {
         let input = match (name, version) {
-            ("mlp", None | Some("1") | Some("2")) => DataType::Fp32,
+            ("mlp", None | Some("1") | Some("2")) | ("sleepy", None) => DataType::Fp32,
             ("ids", None) => DataType::Int64,
             _ => return None,
         };
@@ -51,6 +51,13 @@ impl Catalog for FakeCatalog {
             "pick" => Some(PluginRole::Router),
             _ => None,
         }
+    }
+
+    fn node_limits(&self) -> Option<NodeLimits> {
+        Some(NodeLimits {
+            deadline_ms: 2000,
+            memory_mb: 64,
+        })
     }
 }
 
@@ -140,6 +147,9 @@ impl NodeRunner for FakeRunner {
     ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
         Box::pin(async move {
             self.note(format!("model {model} {version:?}"));
+            if model == "sleepy" {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             // y = [sum(x), version]
             let x = values(&inputs[0]);
             let version: f32 = version.and_then(|v| v.parse().ok()).unwrap_or(0.0);
@@ -568,4 +578,114 @@ async fn the_splitter_keeps_its_proportions_and_sticky_keys_stay_put() {
             assert_eq!(again.trace[0].route, first.trace[0].route, "{user} moved");
         }
     }
+}
+
+#[tokio::test]
+async fn a_model_node_deadline_stops_that_node_and_names_it() {
+    let plan = inline(&format!(
+        r#"{HEADER}
+from = "m.y"
+[[node]]
+name = "m"
+kind = "model"
+model = "sleepy"
+inputs = ["request"]
+deadline_ms = 50
+"#
+    ));
+    let started = Instant::now();
+    let error = execute(
+        &plan,
+        &FakeRunner::default(),
+        request(),
+        &BTreeMap::new(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::DeadlineExceeded);
+    assert!(error.to_string().contains("node 'm'"), "{error}");
+    assert!(started.elapsed() < Duration::from_millis(400));
+}
+
+const TRACED: &str = r#"
+from = "mlp.y"
+[[node]]
+name = "pre"
+kind = "transformer"
+plugin = "scale"
+inputs = ["request"]
+params = { factor = 2 }
+[[node]]
+name = "mlp"
+kind = "model"
+model = "mlp"
+inputs = ["pre"]
+"#;
+
+fn graph_model(text: &str) -> GraphModel {
+    GraphModel::new(inline(text), Arc::new(FakeRunner::default()))
+}
+
+#[tokio::test]
+async fn a_graph_model_reports_its_declaration_and_traces_on_request() {
+    use weft_core::{Model, Parameters};
+    let model = graph_model(&format!("{HEADER}{TRACED}"));
+    let metadata = model.metadata();
+    assert_eq!(metadata.platform, GRAPH_PLATFORM);
+    assert_eq!(
+        metadata.inputs,
+        vec![spec("x", DataType::Fp32, vec![-1, 4])]
+    );
+    assert_eq!(
+        metadata.outputs,
+        vec![spec("out", DataType::Fp32, vec![-1, 2])]
+    );
+
+    // No trace unless asked; numbers in TOML params reach the plugin as text.
+    let (outputs, parameters) = model
+        .infer_with_parameters(request(), &Parameters::new())
+        .await
+        .unwrap();
+    assert_eq!(values(&outputs[0]), vec![20.0, 0.0]);
+    assert!(parameters.is_empty());
+
+    let mut ask = Parameters::new();
+    ask.insert("trace".into(), true.into());
+    let (_, parameters) = model.infer_with_parameters(request(), &ask).await.unwrap();
+    let trace = parameters["trace"].as_array().unwrap();
+    let nodes: Vec<&str> = trace.iter().map(|n| n["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes, vec!["pre", "mlp"]);
+    assert!(trace.iter().all(|n| n["duration_us"].is_u64()));
+    assert!(trace.iter().all(|n| n.get("outputs").is_none()));
+
+    ask.insert("trace".into(), "tensors".into());
+    let (_, parameters) = model.infer_with_parameters(request(), &ask).await.unwrap();
+    let pre = &parameters["trace"][0]["outputs"][0];
+    assert_eq!(pre["name"], "x");
+    assert_eq!(pre["shape"], serde_json::json!([1, 4]));
+    assert_eq!(pre["data"], serde_json::json!([2.0, 4.0, 6.0, 8.0]));
+
+    ask.insert("trace".into(), "loud".into());
+    let error = model
+        .infer_with_parameters(request(), &ask)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::InvalidArgument);
+    assert!(error.to_string().contains("'trace'"), "{error}");
+}
+
+#[tokio::test]
+async fn a_graph_output_that_breaks_its_declaration_is_an_error() {
+    use weft_core::Model;
+    let header = HEADER.replace("shape = [-1, 2]", "shape = [-1, 3]");
+    let model = graph_model(&format!("{header}{TRACED}"));
+    let error = model.infer(request()).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Internal);
+    assert!(
+        error
+            .to_string()
+            .contains("graph output 'out': expected shape [-1, 3]"),
+        "{error}"
+    );
 }

@@ -60,6 +60,35 @@ pub fn quickstart() -> PathBuf {
     workspace_root().join("examples/quickstart")
 }
 
+/// `examples/<name>`.
+pub fn example(name: &str) -> PathBuf {
+    workspace_root().join("examples").join(name)
+}
+
+/// The built guest components (first-party plugins and guest test programs).
+pub fn guests() -> PathBuf {
+    let path = std::env::var_os("WEFT_GUESTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/guests/wasm32-wasip2/release"));
+    assert!(
+        path.join("normalize.wasm").is_file(),
+        "guest components missing under {}: run `cargo xtask setup`",
+        path.display()
+    );
+    path
+}
+
+/// An example's repository as the README serves it; its plugins are installed by set-up.
+pub fn example_repository(name: &str) -> PathBuf {
+    let path = example(name);
+    assert!(
+        path.join("plugins/normalize.wasm").is_file(),
+        "plugins missing under {}/plugins: run `cargo xtask setup`, which installs them",
+        path.display()
+    );
+    path
+}
+
 /// A temporary repository holding copies (symlinks) of chosen model folders, plus extra files.
 pub struct Repo {
     pub dir: tempfile::TempDir,
@@ -78,6 +107,19 @@ impl Repo {
         assert!(source.is_dir(), "no model folder {}", source.display());
         std::os::unix::fs::symlink(&source, self.path().join("models").join(name)).unwrap();
         self
+    }
+
+    /// Adds `<guests>/<guest>.wasm` as the plugin `<name>`.
+    pub fn with_plugin(self, guest: &str, name: &str) -> Self {
+        let bytes = std::fs::read(guests().join(format!("{guest}.wasm")))
+            .unwrap_or_else(|e| panic!("guest {guest} missing ({e}): run `cargo xtask setup`"));
+        self.with_file(&format!("plugins/{name}.wasm"), &bytes)
+    }
+
+    /// Copies an example's graph file into this repository.
+    pub fn with_graph(self, example_name: &str, file: &str) -> Self {
+        let text = std::fs::read(example(example_name).join("graphs").join(file)).unwrap();
+        self.with_file(&format!("graphs/{file}"), &text)
     }
 
     pub fn with_file(self, relative: &str, contents: &[u8]) -> Self {

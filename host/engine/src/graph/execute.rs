@@ -8,7 +8,7 @@
 //! is tested with fakes.
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -336,10 +336,22 @@ fn run_node<'a>(
         let result = match (node.kind, inputs) {
             (NodeKind::Model, NodeInputs::Tensors(tensors)) => {
                 let model = node.model.as_deref().unwrap_or_default();
-                runner
-                    .model(model, node.version.as_deref(), tensors)
-                    .await
-                    .map(|t| (t, None))
+                let call = runner.model(model, node.version.as_deref(), tensors);
+                // A plugin's deadline is enforced inside the sandbox; a model's here.
+                match context.deadline {
+                    Some(deadline) => tokio::time::timeout(deadline, call).await.unwrap_or_else(
+                        |_| {
+                            Err(Error::new(
+                                ErrorKind::DeadlineExceeded,
+                                format!(
+                                    "model '{model}' exceeded the node's deadline of {deadline:?}"
+                                ),
+                            ))
+                        },
+                    ),
+                    None => call.await,
+                }
+                .map(|t| (t, None))
             }
             (NodeKind::Router, NodeInputs::Tensors(tensors)) => {
                 match (node.builtin, &node.plugin) {
@@ -397,6 +409,22 @@ fn tensors_of(reply: Result<PluginReply>) -> NodeResult {
 }
 
 /// The splitter (weighted, optionally sticky) and the switch.
+/// A stable ticket in 0..100 for a sticky value: FNV-1a, then splitmix64's finalizer so that
+/// keys differing in one character spread over every ticket.
+fn sticky_ticket(value: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in value.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^= hash >> 31;
+    hash % 100
+}
+
 fn builtin_route(
     node: &NodeSpec,
     builtin: BuiltinRouter,
@@ -405,12 +433,8 @@ fn builtin_route(
     match builtin {
         BuiltinRouter::Splitter => {
             let ticket = match node.sticky.as_ref().and_then(|key| request.get(key)) {
-                Some(value) => {
-                    // Fixed-key SipHash: the same value always lands on the same route.
-                    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                    value.hash(&mut hasher);
-                    hasher.finish() % 100
-                }
+                // The same value lands on the same route, across restarts and Rust releases.
+                Some(value) => sticky_ticket(value),
                 None => {
                     std::collections::hash_map::RandomState::new().hash_one(Instant::now()) % 100
                 }

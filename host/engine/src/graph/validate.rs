@@ -377,10 +377,10 @@ fn check_grants_and_limits(
     {
         return Err(checker.node_error(node, format!("`models` grants unknown model '{unknown}'")));
     }
-    if node.plugin.is_none() && (node.deadline_ms.is_some() || node.memory_mb.is_some()) {
+    if node.plugin.is_none() && node.memory_mb.is_some() {
         return Err(checker.node_error(
             node,
-            "`deadline_ms` and `memory_mb` limit a plugin call; this node runs no plugin",
+            "`memory_mb` limits a plugin's memory; this node runs no plugin",
         ));
     }
     if node.deadline_ms == Some(0) || node.memory_mb == Some(0) {
