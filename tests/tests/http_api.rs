@@ -173,7 +173,19 @@ async fn strict_mode_refuses_to_start_with_a_broken_model() {
         .err()
         .expect("--strict must refuse to start");
     assert!(
-        log.contains("--strict: 1 model(s) failed to load") && log.contains("broken"),
+        log.contains("--strict: 1 model(s) or graph(s) failed to load") && log.contains("broken"),
+        "{log}"
+    );
+
+    // A graph that cannot serve is a failure too.
+    let repo = Repo::new()
+        .with_model(&quickstart(), "mlp")
+        .with_file("graphs/lost.toml", b"name = \"lost\"\nnodes = 3\n");
+    let log = Server::try_start(repo.path(), &["--strict"])
+        .err()
+        .expect("--strict must refuse to start with a broken graph");
+    assert!(
+        log.contains("failed to load") && log.contains("lost.toml") && log.contains("nodes"),
         "{log}"
     );
 }
