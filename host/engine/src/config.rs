@@ -5,6 +5,12 @@
 //! max_batch_size = 64              # 0: the model does not batch; dims then include dim 0
 //! version_policy = { latest = 1 }  # or "all", or { specific = [1, 3] }
 //!
+//! [dynamic_batching]               # optional: merge concurrent requests (Triton's names)
+//! preferred_batch_size = [16, 32]  # sizes worth sending at once
+//! max_queue_delay_microseconds = 200   # longest the oldest request waits for a bigger batch
+//! max_queue_size = 1024            # waiting requests beyond this get 503
+//! default_timeout_microseconds = 0 # a request waiting longer gets 504; 0 = no limit
+//!
 //! [ort]
 //! instance_count = 2               # sessions that run concurrently
 //! intra_op_threads = 1
@@ -35,6 +41,8 @@ pub struct ModelConfig {
     pub version_policy: VersionPolicy,
     #[serde(default)]
     pub ort: OrtOptions,
+    /// Merge concurrent requests into one backend call; off when absent.
+    pub dynamic_batching: Option<DynamicBatching>,
     /// Declared inputs, checked against the model's own metadata at load.
     #[serde(default, rename = "input")]
     pub inputs: Vec<DeclaredTensor>,
@@ -85,6 +93,28 @@ impl VersionPolicy {
             }
         }
     }
+}
+
+/// `[dynamic_batching]`, with Triton's names.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicBatching {
+    #[serde(default)]
+    pub preferred_batch_size: Vec<usize>,
+    #[serde(default = "default_queue_delay")]
+    pub max_queue_delay_microseconds: u64,
+    #[serde(default = "default_queue_size")]
+    pub max_queue_size: usize,
+    #[serde(default)]
+    pub default_timeout_microseconds: u64,
+}
+
+fn default_queue_delay() -> u64 {
+    100
+}
+
+fn default_queue_size() -> usize {
+    4096
 }
 
 /// ONNX Runtime session options.
@@ -153,7 +183,32 @@ pub struct DeclaredTensor {
 impl ModelConfig {
     /// Parses `text`, naming `path` (and toml's line, column and key) in any error.
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
-        parse_toml(path, text)
+        let config: ModelConfig = parse_toml(path, text)?;
+        if let Some(batching) = &config.dynamic_batching {
+            let fail =
+                |reason: String| Err(Error::invalid(format!("{}: {reason}", path.display())));
+            if config.max_batch_size == 0 {
+                return fail(
+                    "[dynamic_batching] needs max_batch_size > 0 (the model must take a batch \
+                     dimension)"
+                        .into(),
+                );
+            }
+            if let Some(bad) = batching
+                .preferred_batch_size
+                .iter()
+                .find(|&&size| size == 0 || size > config.max_batch_size)
+            {
+                return fail(format!(
+                    "preferred_batch_size {bad} is not within 1..={} (max_batch_size)",
+                    config.max_batch_size
+                ));
+            }
+            if batching.max_queue_size == 0 {
+                return fail("max_queue_size must be above 0".into());
+            }
+        }
+        Ok(config)
     }
 }
 
@@ -234,6 +289,39 @@ dims = [10]
             error.contains("line 4") && error.contains("unknown datatype 'FLOAT'"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn dynamic_batching_takes_tritons_names_and_is_checked() {
+        let config = parse(
+            "platform = \"onnx\"\nmax_batch_size = 32\n[dynamic_batching]\n\
+             preferred_batch_size = [8, 16]\nmax_queue_delay_microseconds = 500\n",
+        )
+        .unwrap();
+        let batching = config.dynamic_batching.unwrap();
+        assert_eq!(batching.preferred_batch_size, vec![8, 16]);
+        assert_eq!(batching.max_queue_delay_microseconds, 500);
+        assert_eq!(batching.max_queue_size, 4096);
+        assert_eq!(batching.default_timeout_microseconds, 0);
+
+        let error = parse("platform = \"onnx\"\n[dynamic_batching]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("needs max_batch_size > 0"), "{error}");
+        let error = parse(
+            "platform = \"onnx\"\nmax_batch_size = 8\n[dynamic_batching]\npreferred_batch_size = [16]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("preferred_batch_size 16 is not within 1..=8"),
+            "{error}"
+        );
+        let error =
+            parse("platform = \"onnx\"\nmax_batch_size = 8\n[dynamic_batching]\nmax_delay = 1\n")
+                .unwrap_err()
+                .to_string();
+        assert!(error.contains("unknown field `max_delay`"), "{error}");
     }
 
     #[test]

@@ -1,17 +1,20 @@
 //! Weft's engine: what is served, independent of how it runs.
 //!
-//! It owns inference graphs (TOML schema, validation, the in-process executor), the model
+//! It owns inference graphs (TOML schema, validation, the in-process executor), the dynamic
+//! batcher that merges concurrent requests to a model, the model
 //! repository (Triton's layout, in TOML: `models/<name>/model.toml` plus numeric version folders)
 //! and the registry that maps a name and version to a loaded model or to the reason it is
 //! unavailable. It never depends on wasmtime or ONNX Runtime: models load through the
 //! [`registry::ModelLoader`] trait and graph nodes run through [`graph::NodeRunner`], which the
 //! server wires to the backends and the plugin runtime, so everything here is tested with fakes.
 
+pub mod batcher;
 pub mod config;
 pub mod graph;
 pub mod registry;
 pub mod repository;
 
-pub use config::{ModelConfig, OrtOptions, VersionPolicy};
+pub use batcher::{BatchStats, BatchedModel, BatchingConfig};
+pub use config::{DynamicBatching, ModelConfig, OrtOptions, VersionPolicy};
 pub use registry::{ModelLoader, ModelRegistry, ModelState, ModelVersion};
 pub use repository::{DiscoveredModel, discover};

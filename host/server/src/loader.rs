@@ -1,14 +1,16 @@
-//! Wires the engine's repository to the backends: `model.toml` settings become backend options.
+//! Wires the engine's repository to the backends: `model.toml` settings become backend options,
+//! and `[dynamic_batching]` puts the engine's batcher in front of the model.
 //!
 //! Kept in the server so that neither the engine nor the backends depend on each other.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use weft_backends::{GraphOptimization, OnnxModel, OnnxOptions};
 use weft_core::{Model, Result};
 use weft_engine::config::{OptimizationLevel, Platform};
-use weft_engine::{ModelConfig, ModelLoader};
+use weft_engine::{BatchedModel, BatchingConfig, ModelConfig, ModelLoader};
 
 /// Loads repository models with the backend their `platform` names.
 #[derive(Clone, Debug)]
@@ -44,7 +46,25 @@ impl ModelLoader for RepositoryLoader {
                     },
                     max_batch_size: config.max_batch_size,
                 };
-                Ok(Arc::new(OnnxModel::load(path, &options)?))
+                let model: Arc<dyn Model> = Arc::new(OnnxModel::load(path, &options)?);
+                Ok(match &config.dynamic_batching {
+                    None => model,
+                    Some(batching) => Arc::new(BatchedModel::new(
+                        model,
+                        BatchingConfig {
+                            max_batch_size: config.max_batch_size,
+                            preferred_batch_sizes: batching.preferred_batch_size.clone(),
+                            max_queue_delay: Duration::from_micros(
+                                batching.max_queue_delay_microseconds,
+                            ),
+                            max_queue_size: batching.max_queue_size,
+                            queue_timeout: (batching.default_timeout_microseconds > 0).then(|| {
+                                Duration::from_micros(batching.default_timeout_microseconds)
+                            }),
+                            instances: instance_count,
+                        },
+                    )),
+                })
             }
         }
     }

@@ -1,0 +1,413 @@
+//! The dynamic batcher: concurrent requests to one model version are merged along dimension 0
+//! into one backend call, and the outputs are split back, row for row, to each caller.
+//!
+//! [`BatchedModel`] wraps any [`Model`] and is itself a `Model`, so everything that calls a model
+//! — HTTP requests, graph model nodes, and plugins' `wasi:nn` `compute` — goes through the same
+//! queue: calls from different plugins and different tenants on a shared model batch together.
+//!
+//! Scheduling follows Triton's dynamic batcher. A batch is formed only when an instance is free
+//! (so while all instances are busy, waiting requests pile up into the next, larger batch). It
+//! takes the oldest request, then every waiting request with the same signature (input names,
+//! datatypes and dimensions after the first) that fits in `max_batch_size`; if the rows reach
+//! neither a preferred batch size nor the maximum, it waits for more until the oldest request has
+//! waited `max_queue_delay`. A full queue refuses at once (503); a request that waited past its
+//! queue timeout gets 504; a caller that went away is dropped from the queue without running.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use weft_core::{
+    BoxFuture, DataType, Error, ErrorKind, Model, ModelMetadata, NamedTensor, Result, Tensor,
+    bytes_elements,
+};
+
+/// How a model batches (model.toml's `[dynamic_batching]`, plus its limits).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchingConfig {
+    /// Most rows in one backend call.
+    pub max_batch_size: usize,
+    /// Batch sizes worth dispatching at once, without waiting for `max_queue_delay`.
+    pub preferred_batch_sizes: Vec<usize>,
+    /// How long the oldest waiting request may be held back for a bigger batch.
+    pub max_queue_delay: Duration,
+    /// Most requests waiting; more are refused with 503.
+    pub max_queue_size: usize,
+    /// A request that waits longer than this is answered with 504 instead of run.
+    pub queue_timeout: Option<Duration>,
+    /// Backend calls in flight at once (the model's instance count).
+    pub instances: usize,
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Backend calls made.
+    pub batches: AtomicU64,
+    /// Requests those calls served.
+    pub requests: AtomicU64,
+    /// Rows those calls carried.
+    pub rows: AtomicU64,
+    /// Requests waiting now.
+    pub queue_depth: AtomicUsize,
+    /// Requests refused because the queue was full.
+    pub rejected: AtomicU64,
+    /// Requests answered 504 after waiting past their queue timeout.
+    pub timed_out: AtomicU64,
+}
+
+/// Input names, datatypes and dims after the first: requests batch only with their own kind.
+type Signature = Vec<(String, DataType, Vec<usize>)>;
+
+struct Waiting {
+    inputs: Vec<NamedTensor>,
+    rows: usize,
+    signature: Signature,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Vec<NamedTensor>>>,
+}
+
+/// A model behind a dynamic batcher.
+pub struct BatchedModel {
+    inner: Arc<dyn Model>,
+    config: BatchingConfig,
+    stats: Arc<BatchStats>,
+    /// The scheduler starts with the first request, inside the async runtime.
+    queue: OnceLock<mpsc::UnboundedSender<Waiting>>,
+}
+
+impl BatchedModel {
+    pub fn new(inner: Arc<dyn Model>, config: BatchingConfig) -> Self {
+        BatchedModel {
+            inner,
+            config,
+            stats: Arc::default(),
+            queue: OnceLock::new(),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<BatchStats> {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &BatchingConfig {
+        &self.config
+    }
+
+    fn sender(&self) -> &mpsc::UnboundedSender<Waiting> {
+        self.queue.get_or_init(|| {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            let scheduler = Scheduler {
+                inner: Arc::clone(&self.inner),
+                config: self.config.clone(),
+                stats: Arc::clone(&self.stats),
+                instances: Arc::new(Semaphore::new(self.config.instances.max(1))),
+                held: VecDeque::new(),
+            };
+            tokio::spawn(scheduler.run(receiver));
+            sender
+        })
+    }
+
+    async fn submit(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>> {
+        let Some((rows, signature)) = batch_signature(&inputs)
+            .filter(|(rows, _)| *rows > 0 && *rows <= self.config.max_batch_size)
+        else {
+            // Nothing to merge (no batch dimension, or already a full batch): run it alone.
+            return self.inner.infer(inputs).await;
+        };
+        let depth = self.stats.queue_depth.fetch_add(1, Ordering::SeqCst);
+        if depth >= self.config.max_queue_size {
+            self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::unavailable(format!(
+                "the model's batch queue is full ({} requests waiting; max_queue_size)",
+                self.config.max_queue_size
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        let waiting = Waiting {
+            inputs,
+            rows,
+            signature,
+            enqueued: Instant::now(),
+            reply,
+        };
+        if self.sender().send(waiting).is_err() {
+            self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::unavailable("the model's batcher has stopped"));
+        }
+        answer
+            .await
+            .map_err(|_| Error::internal("the model's batcher dropped the request"))?
+    }
+}
+
+impl Model for BatchedModel {
+    fn metadata(&self) -> &ModelMetadata {
+        self.inner.metadata()
+    }
+
+    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
+        Box::pin(self.submit(inputs))
+    }
+}
+
+/// The rows (dimension 0, the same across inputs) and signature of a request; `None` when it
+/// cannot be merged with others.
+fn batch_signature(inputs: &[NamedTensor]) -> Option<(usize, Signature)> {
+    let rows = *inputs.first()?.tensor.shape().first()?;
+    let mut signature = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let (&first, rest) = input.tensor.shape().split_first()?;
+        if first != rows {
+            return None;
+        }
+        signature.push((input.name.clone(), input.tensor.datatype(), rest.to_vec()));
+    }
+    signature.sort();
+    Some((rows, signature))
+}
+
+struct Scheduler {
+    inner: Arc<dyn Model>,
+    config: BatchingConfig,
+    stats: Arc<BatchStats>,
+    instances: Arc<Semaphore>,
+    /// Requests taken off the channel that did not fit the last batch; they go first next time.
+    held: VecDeque<Waiting>,
+}
+
+impl Scheduler {
+    async fn run(mut self, mut receiver: mpsc::UnboundedReceiver<Waiting>) {
+        loop {
+            let Ok(permit) = Arc::clone(&self.instances).acquire_owned().await else {
+                return;
+            };
+            let first = match self.held.pop_front() {
+                Some(waiting) => waiting,
+                None => match receiver.recv().await {
+                    Some(waiting) => waiting,
+                    None => return,
+                },
+            };
+            let Some(first) = self.admit(first) else {
+                continue;
+            };
+            let batch = self.collect(first, &mut receiver).await;
+            self.stats
+                .queue_depth
+                .fetch_sub(batch.len(), Ordering::SeqCst);
+            let inner = Arc::clone(&self.inner);
+            let stats = Arc::clone(&self.stats);
+            tokio::spawn(async move {
+                run_batch(inner.as_ref(), &stats, batch).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Drops a request whose caller left and answers one that waited too long.
+    fn admit(&self, waiting: Waiting) -> Option<Waiting> {
+        if waiting.reply.is_closed() {
+            self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        if let Some(timeout) = self.config.queue_timeout
+            && waiting.enqueued.elapsed() > timeout
+        {
+            self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
+            self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            let _ = waiting.reply.send(Err(Error::new(
+                ErrorKind::DeadlineExceeded,
+                format!("the request waited in the model's batch queue longer than {timeout:?}"),
+            )));
+            return None;
+        }
+        Some(waiting)
+    }
+
+    /// Whether a batch of `rows` should go now rather than wait for more.
+    fn ready(&self, rows: usize) -> bool {
+        rows >= self.config.max_batch_size || self.config.preferred_batch_sizes.contains(&rows)
+    }
+
+    async fn collect(
+        &mut self,
+        first: Waiting,
+        receiver: &mut mpsc::UnboundedReceiver<Waiting>,
+    ) -> Vec<Waiting> {
+        let deadline = tokio::time::Instant::from_std(first.enqueued + self.config.max_queue_delay);
+        let mut rows = first.rows;
+        let mut batch = vec![first];
+        // Held requests of the same kind first, oldest first.
+        let mut index = 0;
+        while index < self.held.len() && rows < self.config.max_batch_size {
+            let fits = self.held[index].signature == batch[0].signature
+                && rows + self.held[index].rows <= self.config.max_batch_size;
+            if !fits {
+                index += 1;
+                continue;
+            }
+            if let Some(waiting) = self.held.remove(index).and_then(|w| self.admit(w)) {
+                rows += waiting.rows;
+                batch.push(waiting);
+            }
+        }
+        while !self.ready(rows) {
+            let next = match receiver.try_recv() {
+                Ok(waiting) => waiting,
+                Err(_) => match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                    Ok(Some(waiting)) => waiting,
+                    Ok(None) | Err(_) => break,
+                },
+            };
+            let Some(next) = self.admit(next) else {
+                continue;
+            };
+            if next.signature == batch[0].signature
+                && rows + next.rows <= self.config.max_batch_size
+            {
+                rows += next.rows;
+                batch.push(next);
+            } else {
+                self.held.push_back(next);
+                // The next request does not fit: send what we have rather than reorder further.
+                break;
+            }
+        }
+        batch
+    }
+}
+
+async fn run_batch(inner: &dyn Model, stats: &BatchStats, batch: Vec<Waiting>) {
+    let rows: Vec<usize> = batch.iter().map(|w| w.rows).collect();
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    stats
+        .requests
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    stats
+        .rows
+        .fetch_add(rows.iter().sum::<usize>() as u64, Ordering::Relaxed);
+    if batch.len() == 1 {
+        let mut batch = batch;
+        if let Some(only) = batch.pop() {
+            let result = inner.infer(only.inputs).await;
+            let _ = only.reply.send(result);
+        }
+        return;
+    }
+    let (inputs, replies): (Vec<_>, Vec<_>) =
+        batch.into_iter().map(|w| (w.inputs, w.reply)).unzip();
+    let outcome = match merge(inputs) {
+        Ok(merged) => match inner.infer(merged).await {
+            Ok(outputs) => split(outputs, &rows),
+            Err(error) => Err(error),
+        },
+        Err(error) => Err(error),
+    };
+    match outcome {
+        Ok(parts) => {
+            for (reply, part) in replies.into_iter().zip(parts) {
+                let _ = reply.send(Ok(part));
+            }
+        }
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// Concatenates same-signature requests along dimension 0, inputs in the first request's order.
+fn merge(requests: Vec<Vec<NamedTensor>>) -> Result<Vec<NamedTensor>> {
+    let Some(first) = requests.first() else {
+        return Ok(Vec::new());
+    };
+    let mut merged = Vec::with_capacity(first.len());
+    for input in first {
+        let parts: Vec<&Tensor> = requests
+            .iter()
+            .map(|request| {
+                request
+                    .iter()
+                    .find(|t| t.name == input.name)
+                    .map(|t| &t.tensor)
+                    .ok_or_else(|| Error::internal("batched requests differ in their inputs"))
+            })
+            .collect::<Result<_>>()?;
+        let total_bytes = parts.iter().map(|t| t.data().len()).sum();
+        let mut data = BytesMut::with_capacity(total_bytes);
+        parts.iter().for_each(|t| data.extend_from_slice(t.data()));
+        let mut shape = input.tensor.shape().to_vec();
+        shape[0] = parts.iter().map(|t| t.shape()[0]).sum();
+        merged.push(NamedTensor::new(
+            input.name.clone(),
+            Tensor::new(input.tensor.datatype(), shape, data.freeze())?,
+        ));
+    }
+    Ok(merged)
+}
+
+/// Splits each output along dimension 0 into the callers' row counts (zero-copy slices).
+fn split(outputs: Vec<NamedTensor>, rows: &[usize]) -> Result<Vec<Vec<NamedTensor>>> {
+    let total: usize = rows.iter().sum();
+    let mut parts: Vec<Vec<NamedTensor>> = rows.iter().map(|_| Vec::new()).collect();
+    for output in outputs {
+        let shape = output.tensor.shape();
+        if shape.first() != Some(&total) {
+            return Err(Error::internal(format!(
+                "output '{}' has shape {shape:?}, not {total} rows: the model cannot be batched \
+                 (set max_batch_size = 0 or remove [dynamic_batching])",
+                output.name
+            )));
+        }
+        let per_row: usize = shape[1..].iter().product();
+        let offsets = row_offsets(&output.tensor, per_row, total)?;
+        let mut row = 0;
+        for (part, &count) in parts.iter_mut().zip(rows) {
+            let data: Bytes = output
+                .tensor
+                .data()
+                .slice(offsets[row]..offsets[row + count]);
+            let mut piece_shape = shape.to_vec();
+            piece_shape[0] = count;
+            part.push(NamedTensor::new(
+                output.name.clone(),
+                Tensor::new(output.tensor.datatype(), piece_shape, data)?,
+            ));
+            row += count;
+        }
+    }
+    Ok(parts)
+}
+
+/// Byte offset of the start of every row, plus the end.
+fn row_offsets(tensor: &Tensor, per_row: usize, rows: usize) -> Result<Vec<usize>> {
+    if let Some(size) = tensor.datatype().element_size() {
+        return Ok((0..=rows).map(|row| row * per_row * size).collect());
+    }
+    // BYTES: each element is a 4-byte length and its bytes.
+    let mut offsets = Vec::with_capacity(rows + 1);
+    let mut position = 0;
+    offsets.push(0);
+    for (index, element) in bytes_elements(tensor.data())?.enumerate() {
+        position += 4 + element.len();
+        if per_row > 0 && (index + 1) % per_row == 0 {
+            offsets.push(position);
+        }
+    }
+    if per_row == 0 {
+        offsets.resize(rows + 1, 0);
+    }
+    if offsets.len() != rows + 1 {
+        return Err(Error::internal(
+            "a BYTES output does not divide into its rows",
+        ));
+    }
+    Ok(offsets)
+}

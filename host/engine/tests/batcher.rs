@@ -1,0 +1,318 @@
+//! The dynamic batcher with a fake model: merge and split are exact (FP32 and BYTES), requests of
+//! different shapes never share a batch, a full queue refuses, queue timeouts answer 504, a
+//! cancelled caller does not disturb the others, and a model error reaches every caller.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use weft_core::{
+    BoxFuture, DataType, Error, ErrorKind, Model, ModelMetadata, NamedTensor, Result, Tensor,
+    TensorSpec, bytes_elements, encode_bytes_elements,
+};
+use weft_engine::{BatchedModel, BatchingConfig};
+
+/// y = 2x (FP32, any row width); tag = "row:<first value of the row>" (BYTES [n, 1]).
+/// Records the rows of every call, and sleeps `delay` in each.
+struct Doubler {
+    metadata: ModelMetadata,
+    calls: Mutex<Vec<usize>>,
+    delay: Duration,
+    fail: bool,
+}
+
+impl Doubler {
+    fn new(delay: Duration) -> Arc<Self> {
+        let spec = |name: &str, datatype, shape| TensorSpec {
+            name: name.into(),
+            datatype,
+            shape,
+        };
+        Arc::new(Doubler {
+            metadata: ModelMetadata {
+                platform: "fake".into(),
+                inputs: vec![spec("x", DataType::Fp32, vec![-1, -1])],
+                outputs: vec![
+                    spec("y", DataType::Fp32, vec![-1, -1]),
+                    spec("tag", DataType::Bytes, vec![-1, 1]),
+                ],
+                max_batch_size: 8,
+            },
+            calls: Mutex::new(Vec::new()),
+            delay,
+            fail: false,
+        })
+    }
+
+    fn calls(&self) -> Vec<usize> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+fn floats(tensor: &Tensor) -> Vec<f32> {
+    tensor
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn fp32(shape: Vec<usize>, values: &[f32]) -> Tensor {
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Tensor::new(DataType::Fp32, shape, Bytes::from(data)).unwrap()
+}
+
+impl Model for Doubler {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
+        Box::pin(async move {
+            let x = &inputs[0].tensor;
+            let (rows, width) = (x.shape()[0], x.shape()[1]);
+            self.calls.lock().unwrap().push(rows);
+            tokio::time::sleep(self.delay).await;
+            if self.fail {
+                return Err(Error::invalid("the fake model refuses"));
+            }
+            let values = floats(x);
+            let doubled: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
+            let tags: Vec<String> = values
+                .chunks(width.max(1))
+                .map(|row| format!("row:{}", row[0]))
+                .collect();
+            let tag_bytes: Vec<&[u8]> = tags.iter().map(|t| t.as_bytes()).collect();
+            Ok(vec![
+                NamedTensor::new("y", fp32(vec![rows, width], &doubled)),
+                NamedTensor::new(
+                    "tag",
+                    Tensor::new(
+                        DataType::Bytes,
+                        vec![rows, 1],
+                        Bytes::from(encode_bytes_elements(tag_bytes.iter().copied()).unwrap()),
+                    )
+                    .unwrap(),
+                ),
+            ])
+        })
+    }
+}
+
+fn config(instances: usize) -> BatchingConfig {
+    BatchingConfig {
+        max_batch_size: 8,
+        preferred_batch_sizes: Vec::new(),
+        max_queue_delay: Duration::from_millis(5),
+        max_queue_size: 100,
+        queue_timeout: None,
+        instances,
+    }
+}
+
+/// A request of `rows` rows of `width`, values starting at `start`.
+fn request(rows: usize, width: usize, start: f32) -> Vec<NamedTensor> {
+    let values: Vec<f32> = (0..rows * width).map(|i| start + i as f32).collect();
+    vec![NamedTensor::new("x", fp32(vec![rows, width], &values))]
+}
+
+fn check_answer(request: &[NamedTensor], answer: &[NamedTensor]) {
+    let x = &request[0].tensor;
+    let (rows, width) = (x.shape()[0], x.shape()[1]);
+    assert_eq!(answer[0].name, "y");
+    assert_eq!(answer[0].tensor.shape(), &[rows, width]);
+    let expected: Vec<f32> = floats(x).iter().map(|v| v * 2.0).collect();
+    assert_eq!(floats(&answer[0].tensor), expected);
+    assert_eq!(answer[1].tensor.shape(), &[rows, 1]);
+    let tags: Vec<String> = bytes_elements(answer[1].tensor.data())
+        .unwrap()
+        .map(|t| String::from_utf8(t.to_vec()).unwrap())
+        .collect();
+    let expected: Vec<String> = floats(x)
+        .chunks(width)
+        .map(|row| format!("row:{}", row[0]))
+        .collect();
+    assert_eq!(tags, expected);
+}
+
+#[tokio::test]
+async fn concurrent_requests_merge_into_few_calls_and_split_back_exactly() {
+    let fake = Doubler::new(Duration::from_millis(30));
+    let batched = Arc::new(BatchedModel::new(fake.clone(), config(1)));
+    let requests: Vec<Vec<NamedTensor>> = (0..12)
+        .map(|i| request(1 + i % 3, 4, (i * 100) as f32))
+        .collect();
+    let tasks: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|r| {
+            let batched = Arc::clone(&batched);
+            tokio::spawn(async move { batched.infer(r).await })
+        })
+        .collect();
+    for (request, task) in requests.iter().zip(tasks) {
+        check_answer(request, &task.await.unwrap().unwrap());
+    }
+    let calls = fake.calls();
+    assert_eq!(calls.iter().sum::<usize>(), 24, "{calls:?}");
+    assert!(calls.iter().all(|&rows| rows <= 8), "{calls:?}");
+    assert!(calls.len() <= 5, "12 requests should batch: {calls:?}");
+    let stats = batched.stats();
+    assert_eq!(
+        stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        12
+    );
+    assert_eq!(
+        stats.queue_depth.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[tokio::test]
+async fn requests_of_different_shapes_never_share_a_batch() {
+    let fake = Doubler::new(Duration::from_millis(20));
+    let batched = Arc::new(BatchedModel::new(fake.clone(), config(1)));
+    let requests: Vec<Vec<NamedTensor>> = (0..10)
+        .map(|i| request(1, if i % 2 == 0 { 4 } else { 3 }, i as f32))
+        .collect();
+    let tasks: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|r| {
+            let batched = Arc::clone(&batched);
+            tokio::spawn(async move { batched.infer(r).await })
+        })
+        .collect();
+    for (request, task) in requests.iter().zip(tasks) {
+        check_answer(request, &task.await.unwrap().unwrap());
+    }
+    assert_eq!(fake.calls().iter().sum::<usize>(), 10);
+}
+
+#[tokio::test]
+async fn a_preferred_size_dispatches_without_waiting_for_the_delay() {
+    let fake = Doubler::new(Duration::ZERO);
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            preferred_batch_sizes: vec![4],
+            max_queue_delay: Duration::from_secs(30),
+            ..config(1)
+        },
+    ));
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let batched = Arc::clone(&batched);
+            tokio::spawn(async move { batched.infer(request(1, 2, i as f32)).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(fake.calls(), vec![4]);
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_with_unavailable() {
+    let fake = Doubler::new(Duration::from_millis(300));
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            max_queue_size: 2,
+            max_queue_delay: Duration::ZERO,
+            ..config(1)
+        },
+    ));
+    // One runs (holding the only instance); two wait; the fourth is refused.
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let batched = Arc::clone(&batched);
+        tasks.push(tokio::spawn(async move {
+            batched.infer(request(1, 2, i as f32)).await
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let error = batched.infer(request(1, 2, 9.0)).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unavailable);
+    assert!(error.to_string().contains("queue is full"), "{error}");
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    // Recovered: it serves again.
+    batched.infer(request(1, 2, 1.0)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_waiting_past_its_timeout_gets_deadline_exceeded() {
+    let fake = Doubler::new(Duration::from_millis(200));
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            queue_timeout: Some(Duration::from_millis(20)),
+            max_queue_delay: Duration::ZERO,
+            ..config(1)
+        },
+    ));
+    let first = {
+        let batched = Arc::clone(&batched);
+        tokio::spawn(async move { batched.infer(request(1, 2, 0.0)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let error = batched.infer(request(1, 2, 5.0)).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::DeadlineExceeded);
+    first.await.unwrap().unwrap();
+    assert_eq!(fake.calls(), vec![1]);
+}
+
+#[tokio::test]
+async fn a_cancelled_caller_is_dropped_and_the_others_are_unaffected() {
+    let fake = Doubler::new(Duration::from_millis(100));
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            max_queue_delay: Duration::ZERO,
+            ..config(1)
+        },
+    ));
+    let spawn = |rows: usize, start: f32| {
+        let batched = Arc::clone(&batched);
+        tokio::spawn(async move { batched.infer(request(rows, 2, start)).await })
+    };
+    let running = spawn(1, 0.0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cancelled = spawn(3, 10.0);
+    let kept = spawn(2, 20.0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cancelled.abort();
+    check_answer(&request(1, 2, 0.0), &running.await.unwrap().unwrap());
+    check_answer(&request(2, 2, 20.0), &kept.await.unwrap().unwrap());
+    assert!(cancelled.await.unwrap_err().is_cancelled());
+    assert_eq!(fake.calls(), vec![1, 2], "the cancelled rows never ran");
+}
+
+#[tokio::test]
+async fn a_model_error_reaches_every_caller_of_the_batch() {
+    let fake = Arc::new(Doubler {
+        fail: true,
+        ..Arc::into_inner(Doubler::new(Duration::from_millis(20))).unwrap()
+    });
+    let batched = Arc::new(BatchedModel::new(fake.clone(), config(1)));
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let batched = Arc::clone(&batched);
+            tokio::spawn(async move { batched.infer(request(1, 2, i as f32)).await })
+        })
+        .collect();
+    for task in tasks {
+        let error = task.await.unwrap().unwrap_err();
+        assert!(error.to_string().contains("refuses"), "{error}");
+    }
+    // A request larger than max_batch_size bypasses the queue and reaches the model.
+    let error = batched.infer(request(9, 2, 0.0)).await.unwrap_err();
+    assert!(error.to_string().contains("refuses"), "{error}");
+    assert!(fake.calls().contains(&9));
+}
