@@ -10,12 +10,17 @@
 //! - `cargo xtask test`: set-up, then every test: `cargo test --workspace` (which includes the
 //!   end-to-end and tritonclient tests).
 //!
+//! - `cargo xtask bench`: set-up, the benchmark models, a release build, then the benchmark
+//!   matrix of BENCHMARKS.md against `weft serve` on bench/repository (see `bench.rs`).
+//!
 //! It shells out to `python3`, `rustup` and `cargo` only, so it needs nothing but Rust and Python.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+
+mod bench;
 
 const ORT_VERSION: &str = "1.22.1";
 /// Python packages the tests use, pinned so every machine gets the same ones.
@@ -40,6 +45,10 @@ fn main() -> Result<()> {
             setup(&root, true)?;
             test(&root, &args[1..])
         }
+        Some("bench") => {
+            setup(&root, true)?;
+            bench::run_matrix(&root, &args[1..])
+        }
         _ => {
             eprintln!(
                 "usage: cargo xtask <setup|serve|test> [args]\n\
@@ -47,7 +56,9 @@ fn main() -> Result<()> {
                  \x20 serve  set up, then serve examples/quickstart (or examples/<name> named\n\
                  \x20        first, e.g. `serve classify`) on 127.0.0.1:8000; further args go to\n\
                  \x20        `weft serve`, e.g. --listen 0.0.0.0:8000\n\
-                 \x20 test   set up, then run every test (extra args go to `cargo test`)"
+                 \x20 test   set up, then run every test (extra args go to `cargo test`)\n\
+                 \x20 bench  set up, build release, serve bench/repository and run the benchmark\n\
+                 \x20        matrix of BENCHMARKS.md (--duration S, --warmup S, --only NAME)"
             );
             bail!("unknown or missing xtask command")
         }
@@ -166,8 +177,8 @@ fn guests(root: &Path) -> Result<()> {
 }
 
 /// Copies the first-party plugins (every crate directly under plugins/) into each example that
-/// has graphs, as `examples/<example>/plugins/<crate>.wasm`: the repository layout `weft serve`
-/// loads plugins from. Those copies are build outputs and git ignores them.
+/// has graphs, and into bench/repository, as `<repository>/plugins/<crate>.wasm`: the layout
+/// `weft serve` loads plugins from. Those copies are build outputs and git ignores them.
 fn example_plugins(root: &Path) -> Result<()> {
     let mut crates = Vec::new();
     for entry in std::fs::read_dir(root.join("plugins"))? {
@@ -178,8 +189,11 @@ fn example_plugins(root: &Path) -> Result<()> {
             crates.push(name.to_string());
         }
     }
+    let mut repositories = vec![root.join("bench/repository")];
     for entry in std::fs::read_dir(root.join("examples"))? {
-        let example = entry?.path();
+        repositories.push(entry?.path());
+    }
+    for example in repositories {
         if !example.join("graphs").is_dir() {
             continue;
         }
@@ -201,7 +215,7 @@ fn example_plugins(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn venv_python(root: &Path) -> PathBuf {
+pub fn venv_python(root: &Path) -> PathBuf {
     root.join("target/venv/bin/python")
 }
 

@@ -25,6 +25,8 @@ use weft_core::{
     bytes_elements,
 };
 
+use crate::accounting::{self, Spent};
+
 /// How a model batches (model.toml's `[dynamic_batching]`, plus its limits).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchingConfig {
@@ -59,6 +61,23 @@ pub struct BatchStats {
     pub timed_out: AtomicU64,
 }
 
+/// Sees every batch, for metrics. Called on the batcher's tasks; keep it cheap.
+pub trait BatchObserver: Send + Sync {
+    /// A backend call of `rows` rows for `requests` requests took `compute`.
+    fn batch(&self, rows: usize, requests: usize, compute: Duration);
+    /// A request waited `queued` before its batch started.
+    fn waited(&self, queued: Duration);
+    /// Requests waiting now.
+    fn depth(&self, depth: usize);
+}
+
+/// What a caller gets back: its outputs, how long it queued and how long its batch computed.
+struct Reply {
+    result: Result<Vec<NamedTensor>>,
+    queued: Duration,
+    compute: Duration,
+}
+
 /// Input names, datatypes and dims after the first: requests batch only with their own kind.
 type Signature = Vec<(String, DataType, Vec<usize>)>;
 
@@ -67,7 +86,7 @@ struct Waiting {
     rows: usize,
     signature: Signature,
     enqueued: Instant,
-    reply: oneshot::Sender<Result<Vec<NamedTensor>>>,
+    reply: oneshot::Sender<Reply>,
 }
 
 /// A model behind a dynamic batcher.
@@ -75,6 +94,7 @@ pub struct BatchedModel {
     inner: Arc<dyn Model>,
     config: BatchingConfig,
     stats: Arc<BatchStats>,
+    observer: Option<Arc<dyn BatchObserver>>,
     /// The scheduler starts with the first request, inside the async runtime.
     queue: OnceLock<mpsc::UnboundedSender<Waiting>>,
 }
@@ -85,8 +105,15 @@ impl BatchedModel {
             inner,
             config,
             stats: Arc::default(),
+            observer: None,
             queue: OnceLock::new(),
         }
+    }
+
+    /// Reports every batch, wait and queue depth to `observer` (metrics).
+    pub fn with_observer(mut self, observer: Arc<dyn BatchObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn stats(&self) -> &Arc<BatchStats> {
@@ -104,6 +131,7 @@ impl BatchedModel {
                 inner: Arc::clone(&self.inner),
                 config: self.config.clone(),
                 stats: Arc::clone(&self.stats),
+                observer: self.observer.clone(),
                 instances: Arc::new(Semaphore::new(self.config.instances.max(1))),
                 held: VecDeque::new(),
             };
@@ -117,7 +145,14 @@ impl BatchedModel {
             .filter(|(rows, _)| *rows > 0 && *rows <= self.config.max_batch_size)
         else {
             // Nothing to merge (no batch dimension, or already a full batch): run it alone.
-            return self.inner.infer(inputs).await;
+            let started = Instant::now();
+            let result = self.inner.infer(inputs).await;
+            let compute = started.elapsed();
+            accounting::add(Spent::Compute, compute);
+            if let Some(observer) = &self.observer {
+                observer.batch(rows_of(&result), 1, compute);
+            }
+            return result;
         };
         let depth = self.stats.queue_depth.fetch_add(1, Ordering::SeqCst);
         if depth >= self.config.max_queue_size {
@@ -128,6 +163,7 @@ impl BatchedModel {
                 self.config.max_queue_size
             )));
         }
+        report_depth(&self.stats, self.observer.as_deref());
         let (reply, answer) = oneshot::channel();
         let waiting = Waiting {
             inputs,
@@ -140,9 +176,28 @@ impl BatchedModel {
             self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
             return Err(Error::unavailable("the model's batcher has stopped"));
         }
-        answer
+        let reply = answer
             .await
-            .map_err(|_| Error::internal("the model's batcher dropped the request"))?
+            .map_err(|_| Error::internal("the model's batcher dropped the request"))?;
+        accounting::add(Spent::Queue, reply.queued);
+        accounting::add(Spent::Compute, reply.compute);
+        reply.result
+    }
+}
+
+/// Rows of a successful result (dimension 0 of its first output), for metrics.
+fn rows_of(result: &Result<Vec<NamedTensor>>) -> usize {
+    result
+        .as_ref()
+        .ok()
+        .and_then(|outputs| outputs.first())
+        .and_then(|output| output.tensor.shape().first().copied())
+        .unwrap_or(0)
+}
+
+fn report_depth(stats: &BatchStats, observer: Option<&dyn BatchObserver>) {
+    if let Some(observer) = observer {
+        observer.depth(stats.queue_depth.load(Ordering::SeqCst));
     }
 }
 
@@ -176,6 +231,7 @@ struct Scheduler {
     inner: Arc<dyn Model>,
     config: BatchingConfig,
     stats: Arc<BatchStats>,
+    observer: Option<Arc<dyn BatchObserver>>,
     instances: Arc<Semaphore>,
     /// Requests taken off the channel that did not fit the last batch; they go first next time.
     held: VecDeque<Waiting>,
@@ -201,10 +257,12 @@ impl Scheduler {
             self.stats
                 .queue_depth
                 .fetch_sub(batch.len(), Ordering::SeqCst);
+            report_depth(&self.stats, self.observer.as_deref());
             let inner = Arc::clone(&self.inner);
             let stats = Arc::clone(&self.stats);
+            let observer = self.observer.clone();
             tokio::spawn(async move {
-                run_batch(inner.as_ref(), &stats, batch).await;
+                run_batch(inner.as_ref(), &stats, observer.as_deref(), batch).await;
                 drop(permit);
             });
         }
@@ -214,6 +272,7 @@ impl Scheduler {
     fn admit(&self, waiting: Waiting) -> Option<Waiting> {
         if waiting.reply.is_closed() {
             self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
+            report_depth(&self.stats, self.observer.as_deref());
             return None;
         }
         if let Some(timeout) = self.config.queue_timeout
@@ -221,10 +280,17 @@ impl Scheduler {
         {
             self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
             self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
-            let _ = waiting.reply.send(Err(Error::new(
-                ErrorKind::DeadlineExceeded,
-                format!("the request waited in the model's batch queue longer than {timeout:?}"),
-            )));
+            report_depth(&self.stats, self.observer.as_deref());
+            let _ = waiting.reply.send(Reply {
+                result: Err(Error::new(
+                    ErrorKind::DeadlineExceeded,
+                    format!(
+                        "the request waited in the model's batch queue longer than {timeout:?}"
+                    ),
+                )),
+                queued: waiting.enqueued.elapsed(),
+                compute: Duration::ZERO,
+            });
             return None;
         }
         Some(waiting)
@@ -283,41 +349,66 @@ impl Scheduler {
     }
 }
 
-async fn run_batch(inner: &dyn Model, stats: &BatchStats, batch: Vec<Waiting>) {
+async fn run_batch(
+    inner: &dyn Model,
+    stats: &BatchStats,
+    observer: Option<&dyn BatchObserver>,
+    batch: Vec<Waiting>,
+) {
+    let started = Instant::now();
     let rows: Vec<usize> = batch.iter().map(|w| w.rows).collect();
+    let total_rows: usize = rows.iter().sum();
     stats.batches.fetch_add(1, Ordering::Relaxed);
     stats
         .requests
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    stats
-        .rows
-        .fetch_add(rows.iter().sum::<usize>() as u64, Ordering::Relaxed);
-    if batch.len() == 1 {
-        let mut batch = batch;
-        if let Some(only) = batch.pop() {
-            let result = inner.infer(only.inputs).await;
-            let _ = only.reply.send(result);
-        }
-        return;
+    stats.rows.fetch_add(total_rows as u64, Ordering::Relaxed);
+    let queued: Vec<Duration> = batch
+        .iter()
+        .map(|w| started.saturating_duration_since(w.enqueued))
+        .collect();
+    if let Some(observer) = observer {
+        queued.iter().for_each(|&wait| observer.waited(wait));
     }
+    let requests = batch.len();
     let (inputs, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|w| (w.inputs, w.reply)).unzip();
-    let outcome = match merge(inputs) {
-        Ok(merged) => match inner.infer(merged).await {
-            Ok(outputs) => split(outputs, &rows),
+    let outcome = if requests == 1 {
+        let mut inputs = inputs;
+        match inputs.pop() {
+            Some(only) => inner.infer(only).await.map(|outputs| vec![outputs]),
+            None => Ok(Vec::new()),
+        }
+    } else {
+        match merge(inputs) {
+            Ok(merged) => match inner.infer(merged).await {
+                Ok(outputs) => split(outputs, &rows),
+                Err(error) => Err(error),
+            },
             Err(error) => Err(error),
-        },
-        Err(error) => Err(error),
+        }
     };
+    let compute = started.elapsed();
+    if let Some(observer) = observer {
+        observer.batch(total_rows, requests, compute);
+    }
     match outcome {
         Ok(parts) => {
-            for (reply, part) in replies.into_iter().zip(parts) {
-                let _ = reply.send(Ok(part));
+            for ((reply, part), queued) in replies.into_iter().zip(parts).zip(queued) {
+                let _ = reply.send(Reply {
+                    result: Ok(part),
+                    queued,
+                    compute,
+                });
             }
         }
         Err(error) => {
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
+            for (reply, queued) in replies.into_iter().zip(queued) {
+                let _ = reply.send(Reply {
+                    result: Err(error.clone()),
+                    queued,
+                    compute,
+                });
             }
         }
     }

@@ -8,13 +8,14 @@
 //! [`registry::ModelLoader`] trait and graph nodes run through [`graph::NodeRunner`], which the
 //! server wires to the backends and the plugin runtime, so everything here is tested with fakes.
 
+pub mod accounting;
 pub mod batcher;
 pub mod config;
 pub mod graph;
 pub mod registry;
 pub mod repository;
 
-pub use batcher::{BatchStats, BatchedModel, BatchingConfig};
+pub use batcher::{BatchObserver, BatchStats, BatchedModel, BatchingConfig};
 pub use config::{DynamicBatching, ModelConfig, OrtOptions, VersionPolicy};
 pub use registry::{ModelLoader, ModelRegistry, ModelState, ModelVersion};
 pub use repository::{DiscoveredModel, discover};

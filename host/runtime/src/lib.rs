@@ -14,6 +14,6 @@ mod state;
 mod tensors;
 
 pub use runtime::{
-    CallContext, CallLimits, FailureCause, Plugin, PluginFailure, PluginRuntime, Role,
+    CallContext, CallLimits, FailureCause, Plugin, PluginFailure, PluginRuntime, PluginStats, Role,
     RuntimeConfig, RuntimeStats,
 };

@@ -127,6 +127,15 @@ pub enum FailureCause {
 }
 
 impl FailureCause {
+    pub const ALL: [FailureCause; 6] = [
+        FailureCause::Deadline,
+        FailureCause::Memory,
+        FailureCause::Fuel,
+        FailureCause::OutputTooLarge,
+        FailureCause::Trap,
+        FailureCause::Guest,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             FailureCause::Deadline => "deadline",
@@ -149,6 +158,29 @@ pub struct PluginFailure {
 impl std::fmt::Display for PluginFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.error.fmt(f)
+    }
+}
+
+/// Counters of one plugin's calls, for metrics.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    /// Calls made (each one a fresh instance).
+    pub calls: AtomicU64,
+    /// Failed calls by cause, indexed like [`FailureCause::ALL`].
+    pub failures: [AtomicU64; 6],
+    /// Fuel consumed, when fuel metering is on.
+    pub fuel_consumed: AtomicU64,
+    /// The largest linear memory any call grew to, in bytes.
+    pub peak_memory_bytes: AtomicU64,
+}
+
+impl PluginStats {
+    pub fn failures_by(&self, cause: &FailureCause) -> u64 {
+        let index = FailureCause::ALL
+            .iter()
+            .position(|c| c == cause)
+            .unwrap_or(0);
+        self.failures[index].load(Ordering::Relaxed)
     }
 }
 
@@ -287,6 +319,7 @@ impl PluginRuntime {
             role,
             pre: Arc::new(pre),
             runtime: self.clone(),
+            stats: Arc::default(),
         })
     }
 
@@ -403,6 +436,7 @@ pub struct Plugin {
     role: Role,
     pre: Arc<RolePre>,
     runtime: PluginRuntime,
+    stats: Arc<PluginStats>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -441,6 +475,11 @@ impl Plugin {
 
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// This plugin's call counters (shared by its clones).
+    pub fn stats(&self) -> &Arc<PluginStats> {
+        &self.stats
     }
 
     /// Creates a Store and instantiates the plugin from its pool slot, then drops it: the fixed
@@ -533,6 +572,23 @@ impl Plugin {
         context: &CallContext,
         arguments: Arguments,
     ) -> Result<Returned, PluginFailure> {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let result = self.call_instance(context, arguments).await;
+        if let Err(failure) = &result {
+            let index = FailureCause::ALL
+                .iter()
+                .position(|c| *c == failure.cause)
+                .unwrap_or(0);
+            self.stats.failures[index].fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn call_instance(
+        &self,
+        context: &CallContext,
+        arguments: Arguments,
+    ) -> Result<Returned, PluginFailure> {
         let inner = &self.runtime.inner;
         let mut limits = context
             .limits
@@ -567,6 +623,17 @@ impl Plugin {
         )
         .await;
         store.data().flush_output();
+        self.stats
+            .peak_memory_bytes
+            .fetch_max(store.data().limiter.peak as u64, Ordering::Relaxed);
+        if inner.config.meter_fuel
+            && let Ok(left) = store.get_fuel()
+        {
+            let given = limits.fuel.unwrap_or(u64::MAX);
+            self.stats
+                .fuel_consumed
+                .fetch_add(given.saturating_sub(left), Ordering::Relaxed);
+        }
         let failure = |cause: FailureCause, kind: ErrorKind, message: String| PluginFailure {
             cause,
             error: Error::new(kind, format!("plugin '{}': {message}", self.name)),

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -19,6 +20,7 @@ use serde_json::json;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use weft_core::{Error, ErrorKind, Model, NamedTensor, Tensor};
+use weft_engine::accounting::{self, Cost};
 use weft_engine::graph::GRAPH_PLATFORM;
 use weft_engine::{ModelRegistry, ModelState};
 use weft_protocol::{
@@ -26,11 +28,19 @@ use weft_protocol::{
     ResponseOutput, ServerMetadataResponse, decode_infer_request, encode_infer_response,
 };
 
-use crate::error::ApiError;
+use crate::error::{ApiError, status_of};
+use crate::metrics::{Metrics, ScrapeSources};
+use crate::stats::{Outcome, StatsStore};
 
 /// The binary tensor data extension's header: length of the JSON part of the body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 const REQUEST_ID: &str = "x-request-id";
+
+/// The tenant every request belongs to until API keys select one (the tenants issue).
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Requests slower than this get a warning log line, unless set otherwise.
+pub const DEFAULT_SLOW_REQUEST: Duration = Duration::from_secs(1);
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -40,6 +50,12 @@ pub struct AppState {
     pub max_request_bytes: usize,
     /// Cleared when shutdown starts, so readiness turns 503 while in-flight requests finish.
     pub accepting: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    /// What `/metrics` reads at scrape time (the plugin runtime and the loaded plugins).
+    pub scrape: ScrapeSources,
+    pub stats: Arc<StatsStore>,
+    /// Requests slower than this are logged at warn level.
+    pub slow_request: Duration,
 }
 
 impl AppState {
@@ -48,6 +64,10 @@ impl AppState {
             registry: Arc::new(registry),
             max_request_bytes,
             accepting: Arc::new(AtomicBool::new(true)),
+            metrics: Arc::default(),
+            scrape: ScrapeSources::default(),
+            stats: Arc::default(),
+            slow_request: DEFAULT_SLOW_REQUEST,
         }
     }
 }
@@ -66,6 +86,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
         .route("/v2/repository/index", post(repository_index))
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v2/models/{model}/stats", get(model_stats))
+        .route("/v2/models/{model}/versions/{version}/stats", get(model_version_stats))
+        .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
@@ -98,7 +122,7 @@ async fn server_metadata() -> Json<ServerMetadataResponse> {
     Json(ServerMetadataResponse {
         name: "weft".to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        extensions: vec!["binary_tensor_data".to_string()],
+        extensions: vec!["binary_tensor_data".to_string(), "statistics".to_string()],
     })
 }
 
@@ -272,6 +296,15 @@ fn header_length(headers: &HeaderMap) -> Result<Option<usize>, Error> {
         })
 }
 
+/// What a request resolved to, for metrics and statistics.
+#[derive(Default)]
+struct Served {
+    version: Option<u64>,
+    rows: u64,
+}
+
+/// Runs one inference request inside its cost account, then records metrics, statistics and a
+/// slow-request line.
 async fn run_infer(
     state: &AppState,
     name: &str,
@@ -279,11 +312,77 @@ async fn run_infer(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let cost = Arc::new(Cost::default());
+    let mut served = Served::default();
+    let result = accounting::scope(
+        Arc::clone(&cost),
+        infer_accounted(state, name, version, headers, body, &cost, &mut served),
+    )
+    .await;
+    let duration = started.elapsed();
+    let status = match &result {
+        Ok(_) => 200,
+        Err(error) => status_of(error.0.kind()).as_u16(),
+    };
+    let version_label = served.version.map(|v| v.to_string()).unwrap_or_default();
+    // Only names that resolved become label values, so unknown names cannot grow the series.
+    let model_label = if served.version.is_some() { name } else { "" };
+    state.metrics.request(
+        DEFAULT_TENANT,
+        model_label,
+        &version_label,
+        status,
+        duration,
+    );
+    if served.version.is_some() {
+        let micros = |counter: &std::sync::atomic::AtomicU64| {
+            Duration::from_micros(counter.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        state.stats.record(
+            DEFAULT_TENANT,
+            name,
+            &version_label,
+            &Outcome {
+                ok: result.is_ok(),
+                duration,
+                rows: served.rows,
+                queue: micros(&cost.queue_us),
+                compute: micros(&cost.compute_us),
+            },
+        );
+    }
+    if duration > state.slow_request {
+        tracing::warn!(
+            model = name,
+            version = %version_label,
+            status,
+            duration_ms = duration.as_millis() as u64,
+            "slow request"
+        );
+    }
+    result
+}
+
+async fn infer_accounted(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+    cost: &Cost,
+    served: &mut Served,
+) -> Result<Response, ApiError> {
     let header_length = header_length(headers)?;
     let body = read_body(state, headers, body).await?;
     let mut request = decode_infer_request(body, header_length)?;
     let (number, model) = state.registry.resolve(name, version)?;
+    served.version = Some(number);
     let inputs = request_inputs(&mut request, model.as_ref())?;
+    served.rows = inputs
+        .first()
+        .and_then(|input| input.tensor.shape().first().copied())
+        .unwrap_or(1) as u64;
     model.metadata().validate_inputs(&inputs)?;
     let selected = select_outputs(&request, model.as_ref())?;
     let what = if model.metadata().platform == GRAPH_PLATFORM {
@@ -291,10 +390,20 @@ async fn run_infer(
     } else {
         "model"
     };
-    let (outputs, parameters) = model
+    let (outputs, mut parameters) = model
         .infer_with_parameters(inputs, &request.parameters)
         .await
         .map_err(|error| error.context(format!("{what} '{name}' version {number}")))?;
+    // What the request cost, so a tenant can see it.
+    let load =
+        |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+    parameters.insert("compute_us".into(), load(&cost.compute_us).into());
+    parameters.insert("queue_us".into(), load(&cost.queue_us).into());
+    parameters.insert("plugin_us".into(), load(&cost.plugin_us).into());
+    let fuel = load(&cost.fuel);
+    if fuel > 0 {
+        parameters.insert("fuel".into(), fuel.into());
+    }
     let response = InferResponse {
         model_name: name.to_string(),
         model_version: Some(number.to_string()),
@@ -318,6 +427,89 @@ async fn run_infer(
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     Ok(reply)
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(&state.scrape);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Triton's statistics for the names and versions asked, zeros for those not yet used.
+fn stats_response(
+    state: &AppState,
+    name: Option<&str>,
+    version: Option<&str>,
+) -> Result<Response, ApiError> {
+    let names: Vec<String> = match name {
+        Some(name) => {
+            state
+                .registry
+                .versions(name)
+                .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+            vec![name.to_string()]
+        }
+        None => {
+            let mut names: Vec<String> =
+                state.registry.index().into_iter().map(|e| e.name).collect();
+            names.dedup();
+            names
+        }
+    };
+    let mut model_stats = Vec::new();
+    for name in &names {
+        let mut versions: Vec<String> = state
+            .registry
+            .versions(name)
+            .unwrap_or_default()
+            .iter()
+            .map(u64::to_string)
+            .collect();
+        if let Some(version) = version {
+            if !versions.iter().any(|v| v == version) {
+                return Err(Error::not_found(format!(
+                    "unknown version '{version}' of model '{name}'"
+                ))
+                .into());
+            }
+            versions = vec![version.to_string()];
+        }
+        let recorded = state.stats.snapshot(DEFAULT_TENANT, Some(name), None);
+        for version in versions {
+            model_stats.push(
+                recorded
+                    .iter()
+                    .find(|stat| stat.version == version)
+                    .cloned()
+                    .unwrap_or_else(|| crate::stats::empty(name, &version)),
+            );
+        }
+    }
+    Ok(Json(json!({ "model_stats": model_stats })).into_response())
+}
+
+async fn all_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
+    stats_response(&state, None, None)
+}
+
+async fn model_stats(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    stats_response(&state, Some(&model), None)
+}
+
+async fn model_version_stats(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    stats_response(&state, Some(&model), Some(&version))
 }
 
 /// The request's tensors; a headerless binary body (`Inference-Header-Content-Length: 0`) is the

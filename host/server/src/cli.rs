@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::app::{AppState, app};
 use crate::loader::RepositoryLoader;
+use crate::metrics::{Metrics, ScrapeSources};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -106,6 +107,9 @@ pub struct ServeArgs {
     /// Exit at start-up if any model fails to load, instead of serving it as UNAVAILABLE.
     #[arg(long, env = "WEFT_STRICT")]
     pub strict: bool,
+    /// Requests slower than this many milliseconds are logged at warn level ("slow request").
+    #[arg(long, env = "WEFT_SLOW_REQUEST_MS", default_value_t = 1000)]
+    pub slow_request_ms: u64,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "WEFT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
@@ -173,16 +177,26 @@ fn graph_check(args: GraphCheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What serving needs from the repository: every model and graph in one registry, the reasons
+/// of anything that could not be served at all, and what `/metrics` reads at scrape time.
+struct Loaded {
+    registry: weft_engine::ModelRegistry,
+    unserved: Vec<String>,
+    scrape: ScrapeSources,
+}
+
 /// Loads the repository's models, plugins (compiled once into `<data-dir>/compile-cache`) and
 /// graphs into one registry: graphs are served next to models, under their own names.
 fn load_repository(
     repository: &std::path::Path,
     data_dir: &std::path::Path,
-) -> anyhow::Result<(weft_engine::ModelRegistry, Vec<String>)> {
-    let models = Arc::new(weft_engine::ModelRegistry::load(
-        repository,
-        &RepositoryLoader::default(),
-    )?);
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Loaded> {
+    let loader = RepositoryLoader {
+        metrics: Some(Arc::clone(metrics)),
+        ..RepositoryLoader::default()
+    };
+    let models = Arc::new(weft_engine::ModelRegistry::load(repository, &loader)?);
     let runtime = weft_runtime::PluginRuntime::new(weft_runtime::RuntimeConfig {
         cache_dir: Some(data_dir.join("compile-cache")),
         ..weft_runtime::RuntimeConfig::default()
@@ -197,10 +211,25 @@ fn load_repository(
         Arc::clone(&models),
         &plugins,
         &runtime,
+        Some(Arc::clone(metrics)),
     ));
-    let mut served = (*models).clone();
-    let unserved = crate::graphs::load_graphs(repository, &catalog, runner, &mut served)?;
-    Ok((served, unserved))
+    let scrape = ScrapeSources {
+        runtime: Some(runtime.clone()),
+        plugins: Arc::clone(runner.plugins()),
+    };
+    let mut registry = (*models).clone();
+    let unserved = crate::graphs::load_graphs(
+        repository,
+        &catalog,
+        runner,
+        Some(metrics.graph_observer()),
+        &mut registry,
+    )?;
+    Ok(Loaded {
+        registry,
+        unserved,
+        scrape,
+    })
 }
 
 /// Loads the repository, binds, serves until SIGINT/SIGTERM, then drains in-flight requests.
@@ -212,11 +241,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let repository = args.repository.clone();
     let data_dir = args.data_dir.clone();
-    let registry = tokio::task::spawn_blocking(move || load_repository(&repository, &data_dir))
-        .await
-        .context("repository loading stopped unexpectedly")??;
-    let (registry, mut failures) = registry;
-    failures.extend(registry.failures());
+    let metrics = Arc::new(Metrics::new());
+    let loading_metrics = Arc::clone(&metrics);
+    let loaded = tokio::task::spawn_blocking(move || {
+        load_repository(&repository, &data_dir, &loading_metrics)
+    })
+    .await
+    .context("repository loading stopped unexpectedly")??;
+    metrics.declare_models(crate::app::DEFAULT_TENANT, &loaded.registry);
+    let mut failures = loaded.unserved;
+    failures.extend(loaded.registry.failures());
     if args.strict && !failures.is_empty() {
         bail!(
             "--strict: {} model(s) or graph(s) failed to load: {}",
@@ -225,7 +259,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
-    let state = AppState::new(registry, args.max_request_bytes);
+    let state = AppState {
+        metrics,
+        scrape: loaded.scrape,
+        slow_request: Duration::from_millis(args.slow_request_ms),
+        ..AppState::new(loaded.registry, args.max_request_bytes)
+    };
     let accepting = state.accepting.clone();
     let listener = TcpListener::bind(args.listen)
         .await

@@ -6,14 +6,18 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use weft_core::{BoxFuture, Error, ErrorKind, Model, ModelMetadata, NamedTensor, Result};
+use weft_engine::accounting::{self, Spent};
 use weft_engine::graph::{
-    Catalog, GraphModel, GraphSpec, NodeContext, NodeLimits, NodeRunner, PluginCall, PluginReply,
-    PluginRole, validate,
+    Catalog, GraphModel, GraphObserver, GraphSpec, NodeContext, NodeLimits, NodeRunner, PluginCall,
+    PluginReply, PluginRole, validate,
 };
 use weft_engine::{ModelRegistry, ModelState};
 use weft_runtime::{CallContext, CallLimits, Plugin, PluginRuntime, Role};
+
+use crate::metrics::Metrics;
 
 /// Loads every `<repo>/plugins/<name>.wasm`; a plugin that fails to load maps to its error.
 pub fn load_plugins(
@@ -86,8 +90,9 @@ pub fn runtime_node_limits(runtime: &PluginRuntime) -> NodeLimits {
 /// the node's params, limits and model grants.
 pub struct RepositoryRunner {
     models: Arc<ModelRegistry>,
-    plugins: HashMap<String, Plugin>,
+    plugins: Arc<HashMap<String, Plugin>>,
     defaults: CallLimits,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl RepositoryRunner {
@@ -95,6 +100,7 @@ impl RepositoryRunner {
         models: Arc<ModelRegistry>,
         plugins: &HashMap<String, Result<Plugin>>,
         runtime: &PluginRuntime,
+        metrics: Option<Arc<Metrics>>,
     ) -> Self {
         let plugins = plugins
             .iter()
@@ -102,9 +108,15 @@ impl RepositoryRunner {
             .collect();
         RepositoryRunner {
             models,
-            plugins,
+            plugins: Arc::new(plugins),
             defaults: runtime.config().limits.clone(),
+            metrics,
         }
+    }
+
+    /// The loaded plugins, for metrics read at scrape time.
+    pub fn plugins(&self) -> &Arc<HashMap<String, Plugin>> {
+        &self.plugins
     }
 
     fn call_context(&self, context: &NodeContext) -> CallContext {
@@ -166,6 +178,7 @@ impl NodeRunner for RepositoryRunner {
                 .get(name)
                 .ok_or_else(|| Error::unavailable(format!("plugin '{name}' is not loaded")))?;
             let call_context = self.call_context(context);
+            let started = Instant::now();
             let reply = match call {
                 PluginCall::Transform { inputs, .. } => plugin
                     .transform(&call_context, inputs)
@@ -180,6 +193,11 @@ impl NodeRunner for RepositoryRunner {
                     .await
                     .map(PluginReply::Route),
             };
+            let elapsed = started.elapsed();
+            accounting::add(Spent::Plugin, elapsed);
+            if let Some(metrics) = &self.metrics {
+                metrics.plugin_call(name, elapsed);
+            }
             reply.map_err(|failure| failure.error)
         })
     }
@@ -193,6 +211,7 @@ pub fn load_graphs(
     repository: &Path,
     catalog: &RepositoryCatalog<'_>,
     runner: Arc<dyn NodeRunner>,
+    observer: Option<Arc<dyn GraphObserver>>,
     served: &mut ModelRegistry,
 ) -> Result<Vec<String>> {
     let dir = repository.join("graphs");
@@ -213,7 +232,7 @@ pub fn load_graphs(
             .and_then(|s| s.to_str())
             .unwrap_or_default()
             .to_string();
-        let (name, version, state) = match load_graph(&file, catalog, &runner) {
+        let (name, version, state) = match load_graph(&file, catalog, &runner, observer.as_ref()) {
             Ok((name, version, model)) => {
                 tracing::info!(graph = %name, version, "graph ready");
                 (name, Some(version), ModelState::Ready(model))
@@ -238,6 +257,7 @@ fn load_graph(
     file: &Path,
     catalog: &RepositoryCatalog<'_>,
     runner: &Arc<dyn NodeRunner>,
+    observer: Option<&Arc<dyn GraphObserver>>,
 ) -> std::result::Result<(String, u64, Arc<dyn Model>), GraphFailure> {
     let text = std::fs::read_to_string(file).map_err(|error| {
         let error = Error::invalid(format!("{}: cannot read: {error}", file.display()));
@@ -248,7 +268,11 @@ fn load_graph(
     let fail = |error: Error| (Some(name.clone()), Some(version), error);
     check_nodes_ready(&spec, catalog).map_err(fail)?;
     let plan = validate(file, &text, spec, catalog).map_err(fail)?;
-    let model: Arc<dyn Model> = Arc::new(GraphModel::new(plan, Arc::clone(runner)));
+    let mut graph = GraphModel::new(plan, Arc::clone(runner));
+    if let Some(observer) = observer {
+        graph = graph.with_observer(Arc::clone(observer));
+    }
+    let model: Arc<dyn Model> = Arc::new(graph);
     Ok((name, version, model))
 }
 

@@ -10,5 +10,7 @@ pub mod cli;
 pub mod error;
 pub mod graphs;
 pub mod loader;
+pub mod metrics;
+pub mod stats;
 
 pub use app::{AppState, app};

@@ -13,6 +13,6 @@ pub mod validate;
 pub use execute::{
     Execution, NodeContext, NodeRunner, NodeTrace, PluginCall, PluginReply, execute,
 };
-pub use model::{DEFAULT_GRAPH_DEADLINE, GRAPH_PLATFORM, GraphModel};
+pub use model::{DEFAULT_GRAPH_DEADLINE, GRAPH_PLATFORM, GraphModel, GraphObserver};
 pub use schema::{BuiltinRouter, GraphSpec, NodeKind, NodeSpec};
 pub use validate::{Catalog, GraphPlan, NodeLimits, PluginRole, Source, validate};

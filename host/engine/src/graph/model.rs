@@ -54,12 +54,22 @@ fn trace_error(got: &str) -> Error {
     ))
 }
 
+/// Sees every node that ran, for metrics.
+pub trait GraphObserver: Send + Sync {
+    fn node(&self, graph: &str, node: &str, duration: Duration);
+    /// Called once per node when the observer is attached, so series exist before traffic.
+    fn declare(&self, graph: &str, node: &str) {
+        let _ = (graph, node);
+    }
+}
+
 /// A graph ready to serve: its plan, the runner its nodes call, and its V2 metadata.
 pub struct GraphModel {
     plan: Arc<GraphPlan>,
     runner: Arc<dyn NodeRunner>,
     metadata: ModelMetadata,
     deadline: Duration,
+    observer: Option<Arc<dyn GraphObserver>>,
 }
 
 impl GraphModel {
@@ -96,7 +106,17 @@ impl GraphModel {
             runner,
             metadata,
             deadline,
+            observer: None,
         }
+    }
+
+    /// Reports every node's duration to `observer` (metrics).
+    pub fn with_observer(mut self, observer: Arc<dyn GraphObserver>) -> Self {
+        for node in &self.plan.spec.nodes {
+            observer.declare(&self.plan.spec.name, &node.name);
+        }
+        self.observer = Some(observer);
+        self
     }
 
     pub fn plan(&self) -> &GraphPlan {
@@ -118,6 +138,11 @@ impl GraphModel {
             self.deadline,
         )
         .await?;
+        if let Some(observer) = &self.observer {
+            for node in &execution.trace {
+                observer.node(&self.plan.spec.name, &node.node, node.duration);
+            }
+        }
         for (output, spec) in execution.outputs.iter().zip(&self.metadata.outputs) {
             spec.check_as("graph output", &output.name, &output.tensor)
                 .map_err(|error| {

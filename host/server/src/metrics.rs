@@ -1,0 +1,408 @@
+//! Prometheus metrics: `/metrics` in the text format, named `weft_<noun>_<unit>` with bounded
+//! labels (tenant, model or graph, version, status, node, plugin, cause).
+//!
+//! Request counts and latencies are recorded as requests finish; batch sizes, queue waits and
+//! compute times by the batcher's observer and the metered model wrapper; per-node durations by
+//! the graph observer. Counters the runtime keeps itself (plugin calls, failures by cause, fuel,
+//! peak memory, instantiations, compile-cache lookups) and process RSS are read at scrape time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::core::{AtomicU64 as PromAtomicU64, GenericCounter};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use weft_core::{BoxFuture, Model, ModelMetadata, NamedTensor, Result};
+use weft_engine::BatchObserver;
+use weft_engine::accounting::{self, Spent};
+use weft_engine::graph::GraphObserver;
+use weft_runtime::{FailureCause, Plugin, PluginRuntime};
+
+/// Latency buckets from 50 µs to 10 s: in-process hops are microseconds, requests milliseconds.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    queue_duration: HistogramVec,
+    compute_duration: HistogramVec,
+    node_duration: HistogramVec,
+    batch_size: HistogramVec,
+    queue_depth: IntGaugeVec,
+    plugin_duration: HistogramVec,
+    plugin_calls: IntCounterVec,
+    plugin_traps: IntCounterVec,
+    plugin_errors: IntCounterVec,
+    plugin_fuel: IntCounterVec,
+    plugin_memory_peak: IntGaugeVec,
+    plugin_instantiations: IntCounter,
+    compile_cache: IntCounterVec,
+    uploads: IntCounterVec,
+    resident_memory: IntGauge,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|error| unreachable!("metric {name} is well-formed: {error}"));
+    register(registry, Box::new(metric.clone()));
+    metric
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let metric = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .unwrap_or_else(|error| unreachable!("metric {name} is well-formed: {error}"));
+    register(registry, Box::new(metric.clone()));
+    metric
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|error| unreachable!("metric {name} is well-formed: {error}"));
+    register(registry, Box::new(metric.clone()));
+    metric
+}
+
+fn register(registry: &Registry, metric: Box<dyn prometheus::core::Collector>) {
+    if let Err(error) = registry.register(metric) {
+        tracing::error!(%error, "cannot register a metric");
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let plugin_instantiations = IntCounter::new(
+            "weft_plugin_instantiations_total",
+            "Plugin instances created (one per plugin call).",
+        )
+        .unwrap_or_else(|error| unreachable!("well-formed: {error}"));
+        register(&r, Box::new(plugin_instantiations.clone()));
+        let resident_memory = IntGauge::new(
+            "weft_process_resident_memory_bytes",
+            "Resident memory of the weft process.",
+        )
+        .unwrap_or_else(|error| unreachable!("well-formed: {error}"));
+        register(&r, Box::new(resident_memory.clone()));
+        Metrics {
+            requests: counter_vec(
+                &r,
+                "weft_requests_total",
+                "Inference requests by tenant, model or graph, version and HTTP status.",
+                &["tenant", "model", "version", "status"],
+            ),
+            request_duration: histogram_vec(
+                &r,
+                "weft_request_duration_seconds",
+                "Inference request latency inside the server, decoding to encoding.",
+                &["tenant", "model"],
+                SECONDS_BUCKETS,
+            ),
+            queue_duration: histogram_vec(
+                &r,
+                "weft_queue_duration_seconds",
+                "Time a request waited in a model's batch queue.",
+                &["model"],
+                SECONDS_BUCKETS,
+            ),
+            compute_duration: histogram_vec(
+                &r,
+                "weft_compute_duration_seconds",
+                "Backend compute time of one model execution (one batch).",
+                &["model"],
+                SECONDS_BUCKETS,
+            ),
+            node_duration: histogram_vec(
+                &r,
+                "weft_graph_node_duration_seconds",
+                "Duration of one graph node.",
+                &["graph", "node"],
+                SECONDS_BUCKETS,
+            ),
+            batch_size: histogram_vec(
+                &r,
+                "weft_batch_size_rows",
+                "Rows per backend execution of a batching model.",
+                &["model"],
+                BATCH_BUCKETS,
+            ),
+            queue_depth: gauge_vec(
+                &r,
+                "weft_queue_depth_requests",
+                "Requests waiting in a model's batch queue.",
+                &["model"],
+            ),
+            plugin_duration: histogram_vec(
+                &r,
+                "weft_plugin_call_duration_seconds",
+                "Duration of one plugin call, instantiation included.",
+                &["plugin"],
+                SECONDS_BUCKETS,
+            ),
+            plugin_calls: counter_vec(&r, "weft_plugin_calls_total", "Plugin calls.", &["plugin"]),
+            plugin_traps: counter_vec(
+                &r,
+                "weft_plugin_traps_total",
+                "Plugin calls stopped by a limit or a trap, by cause (deadline, memory, fuel, \
+                 output, trap).",
+                &["plugin", "cause"],
+            ),
+            plugin_errors: counter_vec(
+                &r,
+                "weft_plugin_errors_total",
+                "Plugin calls that returned an error of their own.",
+                &["plugin"],
+            ),
+            plugin_fuel: counter_vec(
+                &r,
+                "weft_plugin_fuel_consumed_total",
+                "Fuel plugins consumed (when fuel metering is on).",
+                &["plugin"],
+            ),
+            plugin_memory_peak: gauge_vec(
+                &r,
+                "weft_plugin_memory_peak_bytes",
+                "Largest linear memory any call of the plugin grew to.",
+                &["plugin"],
+            ),
+            plugin_instantiations,
+            compile_cache: counter_vec(
+                &r,
+                "weft_compile_cache_lookups_total",
+                "Plugin compile-cache lookups by result (hit, miss).",
+                &["result"],
+            ),
+            uploads: counter_vec(
+                &r,
+                "weft_uploads_total",
+                "Uploads of plugins, models and graphs by kind and outcome.",
+                &["kind", "status"],
+            ),
+            resident_memory,
+            registry: r,
+        }
+    }
+
+    /// Records one finished inference request.
+    pub fn request(
+        &self,
+        tenant: &str,
+        model: &str,
+        version: &str,
+        status: u16,
+        duration: Duration,
+    ) {
+        self.requests
+            .with_label_values(&[tenant, model, version, &status.to_string()])
+            .inc();
+        self.request_duration
+            .with_label_values(&[tenant, model])
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Creates the request series of every served model and graph version (at zero), so
+    /// dashboards and alerts see them before the first request.
+    pub fn declare_models(&self, tenant: &str, registry: &weft_engine::ModelRegistry) {
+        for entry in registry.index() {
+            let version = entry.version.map(|v| v.to_string()).unwrap_or_default();
+            let _ = self
+                .requests
+                .with_label_values(&[tenant, &entry.name, &version, "200"]);
+            let _ = self
+                .request_duration
+                .with_label_values(&[tenant, &entry.name]);
+        }
+    }
+
+    pub fn plugin_call(&self, plugin: &str, duration: Duration) {
+        self.plugin_duration
+            .with_label_values(&[plugin])
+            .observe(duration.as_secs_f64());
+    }
+
+    /// An observer for one batching model's batcher.
+    pub fn batch_observer(self: &Arc<Self>, model: &str) -> Arc<dyn BatchObserver> {
+        Arc::new(ModelMetrics {
+            batch_size: self.batch_size.with_label_values(&[model]),
+            compute: self.compute_duration.with_label_values(&[model]),
+            queue: self.queue_duration.with_label_values(&[model]),
+            depth: self.queue_depth.with_label_values(&[model]),
+        })
+    }
+
+    /// Wraps a model that does not batch so its compute time is measured and accounted.
+    pub fn metered(&self, model: &str, inner: Arc<dyn Model>) -> Arc<dyn Model> {
+        Arc::new(MeteredModel {
+            inner,
+            compute: self.compute_duration.with_label_values(&[model]),
+        })
+    }
+
+    pub fn graph_observer(self: &Arc<Self>) -> Arc<dyn GraphObserver> {
+        Arc::clone(self) as Arc<dyn GraphObserver>
+    }
+
+    /// Renders every metric, after refreshing those read from the runtime and the process.
+    pub fn render(&self, sources: &ScrapeSources) -> String {
+        self.refresh(sources);
+        let mut text = String::new();
+        if let Err(error) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        text
+    }
+
+    fn refresh(&self, sources: &ScrapeSources) {
+        if let Some(runtime) = &sources.runtime {
+            let stats = runtime.stats();
+            catch_up(&self.plugin_instantiations, load(&stats.instantiations));
+            catch_up(
+                &self.compile_cache.with_label_values(&["hit"]),
+                load(&stats.cache_hits),
+            );
+            catch_up(
+                &self.compile_cache.with_label_values(&["miss"]),
+                load(&stats.cache_misses),
+            );
+        }
+        for (name, plugin) in sources.plugins.iter() {
+            let stats = plugin.stats();
+            let _ = self.plugin_duration.with_label_values(&[name]);
+            catch_up(
+                &self.plugin_calls.with_label_values(&[name]),
+                load(&stats.calls),
+            );
+            for cause in FailureCause::ALL {
+                let count = stats.failures_by(&cause);
+                if cause == FailureCause::Guest {
+                    catch_up(&self.plugin_errors.with_label_values(&[name]), count);
+                } else {
+                    catch_up(
+                        &self.plugin_traps.with_label_values(&[name, cause.as_str()]),
+                        count,
+                    );
+                }
+            }
+            catch_up(
+                &self.plugin_fuel.with_label_values(&[name]),
+                load(&stats.fuel_consumed),
+            );
+            self.plugin_memory_peak
+                .with_label_values(&[name])
+                .set(i64::try_from(load(&stats.peak_memory_bytes)).unwrap_or(i64::MAX));
+        }
+        if let Some(bytes) = resident_memory_bytes() {
+            self.resident_memory.set(bytes);
+        }
+        // Families appear even before their first sample, so dashboards and alerts always
+        // find every name.
+        let _ = self.uploads.with_label_values(&["plugin", "ok"]);
+    }
+}
+
+fn load(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Moves a Prometheus counter up to a value kept elsewhere (counters only go up).
+fn catch_up(counter: &GenericCounter<PromAtomicU64>, value: u64) {
+    let current = counter.get();
+    if value > current {
+        counter.inc_by(value - current);
+    }
+}
+
+/// Resident set size from /proc/self/statm (Linux), in bytes.
+fn resident_memory_bytes() -> Option<i64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// What `/metrics` reads at scrape time.
+#[derive(Clone, Default)]
+pub struct ScrapeSources {
+    pub runtime: Option<PluginRuntime>,
+    pub plugins: Arc<HashMap<String, Plugin>>,
+}
+
+impl GraphObserver for Metrics {
+    fn node(&self, graph: &str, node: &str, duration: Duration) {
+        self.node_duration
+            .with_label_values(&[graph, node])
+            .observe(duration.as_secs_f64());
+    }
+
+    fn declare(&self, graph: &str, node: &str) {
+        let _ = self.node_duration.with_label_values(&[graph, node]);
+    }
+}
+
+/// One batching model's series, resolved once.
+struct ModelMetrics {
+    batch_size: Histogram,
+    compute: Histogram,
+    queue: Histogram,
+    depth: IntGauge,
+}
+
+impl BatchObserver for ModelMetrics {
+    fn batch(&self, rows: usize, _requests: usize, compute: Duration) {
+        self.batch_size.observe(rows as f64);
+        self.compute.observe(compute.as_secs_f64());
+    }
+
+    fn waited(&self, queued: Duration) {
+        self.queue.observe(queued.as_secs_f64());
+    }
+
+    fn depth(&self, depth: usize) {
+        self.depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+}
+
+/// A model that does not batch, with its compute time measured for metrics and accounting.
+struct MeteredModel {
+    inner: Arc<dyn Model>,
+    compute: Histogram,
+}
+
+impl Model for MeteredModel {
+    fn metadata(&self) -> &ModelMetadata {
+        self.inner.metadata()
+    }
+
+    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = self.inner.infer(inputs).await;
+            let elapsed = started.elapsed();
+            self.compute.observe(elapsed.as_secs_f64());
+            accounting::add(Spent::Compute, elapsed);
+            result
+        })
+    }
+}
