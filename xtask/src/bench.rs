@@ -3,7 +3,8 @@
 //! Generates the `wide` model (bench/make_bench_models.py) if missing, builds the release
 //! binary, serves bench/repository on a free port, and runs `weft bench` over HTTP for the bare
 //! models and the classify-style graph, at concurrency 1 and 64, with batching off and on, then
-//! the in-process limits (one row and batches of 64). Prints each `weft bench` line and a table.
+//! the in-process limits (one row, and batches of 64 from one and from two callers: the model
+//! has one session per core). Prints each `weft bench` line and a table.
 //! The load generator shares the machine with the server; compare rows of one run.
 
 use std::io::{BufRead, BufReader};
@@ -147,7 +148,7 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
         {
             continue;
         }
-        for batch in ["1", "64"] {
+        for (batch, concurrency) in [("1", "1"), ("64", "1"), ("64", "2")] {
             let line = weft_bench(
                 &weft,
                 root,
@@ -161,13 +162,18 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
                     &library.to_string_lossy(),
                     "--rows",
                     batch,
+                    "--concurrency",
+                    concurrency,
                     "--duration",
                     &options.duration,
                     "--warmup",
                     &options.warmup,
                 ],
             )?;
-            rows.push((format!("{model}, in-process, batch of {batch}"), line));
+            rows.push((
+                format!("{model}, in-process, batch of {batch}, c={concurrency}"),
+                line,
+            ));
         }
     }
     println!("\n| run | result |\n|---|---|");

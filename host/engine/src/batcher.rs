@@ -326,6 +326,9 @@ impl Scheduler {
         while !self.ready(rows) {
             let next = match receiver.try_recv() {
                 Ok(waiting) => waiting,
+                // Checked first: tokio's timer fires even a past deadline only at its next
+                // millisecond tick.
+                Err(_) if tokio::time::Instant::now() >= deadline => break,
                 Err(_) => match tokio::time::timeout_at(deadline, receiver.recv()).await {
                     Ok(Some(waiting)) => waiting,
                     Ok(None) | Err(_) => break,

@@ -229,6 +229,11 @@ impl PluginRuntime {
             .total_memories(config.max_instances * 2)
             .total_tables(config.max_instances * 4)
             .max_memory_size(config.max_memory_bytes);
+        // Returning a slot to the pool decommits its memory (madvise), and each madvise costs a
+        // TLB shootdown across cores; batching them was worth ~10% of classify-graph throughput
+        // at concurrency 64 (BENCHMARKS.md). Keeping memory resident instead (memset on reuse)
+        // measured slower for Rust guests, whose 1 MiB stack spans the first pages.
+        pooling.decommit_batch_size(DECOMMIT_BATCH);
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
@@ -412,6 +417,9 @@ enum RolePre {
     Combiner(CombinerPre<PluginState>),
     Router(RouterPre<PluginState>),
 }
+
+/// Pool slots whose memory is decommitted together (see `PluginRuntime::new`).
+const DECOMMIT_BATCH: usize = 16;
 
 /// What a call may use besides its inputs.
 #[derive(Clone, Default)]
