@@ -99,8 +99,10 @@ async fn concurrent_mixed_requests_get_exactly_their_own_rows() {
             tokio::spawn(async move { infer(&server, &model, &values, &format!("req-{i}")).await })
         })
         .collect();
+    let mut batched_rows = 0;
     for (i, task) in tasks.into_iter().enumerate() {
         let body = task.await.unwrap();
+        batched_rows += cases[i].1.len() / 64;
         let rows = cases[i].1.len() / 64;
         assert_eq!(
             body["id"],
@@ -121,4 +123,29 @@ async fn concurrent_mixed_requests_get_exactly_their_own_rows() {
             );
         }
     }
+
+    // Every row went through the one batcher, HTTP and wasi:nn alike, in fewer executions.
+    let metrics = client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{model=\"batched\"}}")))
+            .and_then(|l| l.rsplit_once(' '))
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap_or_else(|| panic!("no {name} for batched in:\n{metrics}"))
+    };
+    assert_eq!(series("weft_batch_size_rows_sum") as usize, batched_rows);
+    let executions = series("weft_batch_size_rows_count");
+    assert!(
+        executions < cases.len() as f64,
+        "{executions} executions for {} requests: nothing was batched",
+        cases.len()
+    );
 }

@@ -401,6 +401,50 @@ mod tests {
     }
 
     #[test]
+    fn graphs_share_the_namespace_and_keep_their_versions() {
+        let dir = repo(&[
+            ("models/m/model.toml", ONNX),
+            ("models/m/1/model.onnx", "ok"),
+        ]);
+        let mut registry = ModelRegistry::load(dir.path(), &FakeLoader::default()).unwrap();
+        let (_, model) = registry.resolve("m", None).unwrap();
+        let clash = registry.add_graph("m", Some(1), ModelState::Ready(Arc::clone(&model)));
+        assert!(
+            clash
+                .unwrap_err()
+                .to_string()
+                .contains("has the name of a repository model")
+        );
+        registry
+            .add_graph("g", Some(1), ModelState::Ready(Arc::clone(&model)))
+            .unwrap();
+        registry
+            .add_graph(
+                "g",
+                Some(2),
+                ModelState::Unavailable("node 'n': broken".into()),
+            )
+            .unwrap();
+        let twice = registry.add_graph("g", Some(1), ModelState::Ready(Arc::clone(&model)));
+        assert!(twice.unwrap_err().to_string().contains("defined twice"));
+        assert_eq!(registry.versions("g"), Some(vec![1, 2]));
+        // The latest ready version serves; the broken one says why, naming a graph.
+        assert_eq!(registry.resolve("g", None).unwrap().0, 1);
+        let error = registry.resolve("g", Some("2")).err().unwrap();
+        assert_eq!(
+            error.to_string(),
+            "graph 'g' version 2 is not ready: node 'n': broken"
+        );
+        registry
+            .add_graph("lost", None, ModelState::Unavailable("bad TOML".into()))
+            .unwrap();
+        assert_eq!(
+            registry.resolve("lost", None).err().unwrap().to_string(),
+            "graph 'lost' is not ready: bad TOML"
+        );
+    }
+
+    #[test]
     fn unknown_names_and_versions_are_not_found() {
         let dir = repo(&[
             ("models/m/model.toml", ONNX),
