@@ -1,14 +1,19 @@
 //! The wasmtime engine, plugin loading (with a compile cache and role detection) and plugin
 //! calls under per-call limits.
 //!
-//! Every call gets a fresh Store instantiated from the plugin's cached `InstancePre` in the
-//! pooling allocator, so nothing leaks from one call to the next, and a trap, a deadline or an
-//! out-of-memory ends only that call: its Store is dropped and the next call starts clean.
+//! A call runs in a Store instantiated from the plugin's cached `InstancePre` in the pooling
+//! allocator. A trap, a deadline, an out-of-memory or an oversized output ends only that call:
+//! its Store is dropped and the next call starts clean. With `reuse_instances` (the default) an
+//! instance whose call ended cleanly is kept warm for the next call of the same plugin, which
+//! skips instantiation and the page faults of a fresh memory; it is replaced after
+//! `MAX_CALLS_PER_INSTANCE` calls. Warm instances belong to one plugin, and plugins to one
+//! tenant, so nothing crosses tenants; a plugin's own memory may persist between its calls.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -18,9 +23,9 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use weft_core::{Error, ErrorKind, Model, NamedTensor};
 
 use crate::bindings::Imports;
-use crate::bindings::combiner::CombinerPre;
-use crate::bindings::router::RouterPre;
-use crate::bindings::transformer::TransformerPre;
+use crate::bindings::combiner::{Combiner, CombinerPre};
+use crate::bindings::router::{Router, RouterPre};
+use crate::bindings::transformer::{Transformer, TransformerPre};
 use crate::bindings::weft::plugin::types::{
     Branch, Error as GuestError, NamedTensor as WitNamedTensor,
 };
@@ -72,6 +77,8 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// How often running plugins yield so deadlines can be enforced.
     pub epoch_tick: Duration,
+    /// Keep instances whose call ended cleanly for the plugin's next call (see the module doc).
+    pub reuse_instances: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -83,6 +90,7 @@ impl Default for RuntimeConfig {
             meter_fuel: false,
             cache_dir: None,
             epoch_tick: Duration::from_millis(5),
+            reuse_instances: true,
         }
     }
 }
@@ -164,7 +172,7 @@ impl std::fmt::Display for PluginFailure {
 /// Counters of one plugin's calls, for metrics.
 #[derive(Debug, Default)]
 pub struct PluginStats {
-    /// Calls made (each one a fresh instance).
+    /// Calls made.
     pub calls: AtomicU64,
     /// Failed calls by cause, indexed like [`FailureCause::ALL`].
     pub failures: [AtomicU64; 6],
@@ -211,6 +219,8 @@ struct RuntimeInner {
     linker: Linker<PluginState>,
     config: RuntimeConfig,
     stats: RuntimeStats,
+    /// Warm instances held across all plugins; capped so calls always find a free pool slot.
+    warm_total: Arc<AtomicUsize>,
     _ticker: EpochTicker,
 }
 
@@ -268,6 +278,7 @@ impl PluginRuntime {
                 linker,
                 config,
                 stats: RuntimeStats::default(),
+                warm_total: Arc::default(),
                 _ticker: EpochTicker {
                     stop,
                     thread: Some(thread),
@@ -325,6 +336,10 @@ impl PluginRuntime {
             pre: Arc::new(pre),
             runtime: self.clone(),
             stats: Arc::default(),
+            warm: Arc::new(WarmPool {
+                instances: Mutex::default(),
+                total: Arc::clone(&self.inner.warm_total),
+            }),
         })
     }
 
@@ -445,7 +460,40 @@ pub struct Plugin {
     pre: Arc<RolePre>,
     runtime: PluginRuntime,
     stats: Arc<PluginStats>,
+    warm: Arc<WarmPool>,
 }
+
+/// A plugin's warm instances; gives their count back to the runtime's total when dropped.
+struct WarmPool {
+    instances: Mutex<Vec<Warm>>,
+    total: Arc<AtomicUsize>,
+}
+
+impl Drop for WarmPool {
+    fn drop(&mut self) {
+        let held = self.instances.get_mut().map(|v| v.len()).unwrap_or(0);
+        self.total.fetch_sub(held, Ordering::Relaxed);
+    }
+}
+
+/// A live instance kept for the plugin's next call.
+struct Warm {
+    store: Store<PluginState>,
+    instance: RoleInstance,
+    calls: u32,
+}
+
+enum RoleInstance {
+    Transformer(Transformer),
+    Combiner(Combiner),
+    Router(Router),
+}
+
+/// Calls one warm instance serves before it is replaced.
+const MAX_CALLS_PER_INSTANCE: u32 = 1000;
+
+/// Warm instances kept per plugin (about the calls that run at once).
+const MAX_WARM_PER_PLUGIN: usize = 8;
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -603,20 +651,36 @@ impl Plugin {
             .clone()
             .unwrap_or_else(|| inner.config.limits.clone());
         limits.memory_bytes = limits.memory_bytes.min(inner.config.max_memory_bytes);
-        let mut state = PluginState::new(
-            Arc::clone(&self.name),
-            Arc::clone(&context.grants),
-            limits.memory_bytes,
-            limits.log_bytes,
-        );
-        if let Some(assets) = &context.assets {
-            state.grant_assets(assets).map_err(|error| PluginFailure {
-                cause: FailureCause::Guest,
-                error: error.context(format!("plugin '{}'", self.name)),
-            })?;
-        }
-        let mut store = Store::new(&inner.engine, state);
-        store.limiter(|state| &mut state.limiter);
+        let reusable = inner.config.reuse_instances && context.assets.is_none();
+        let (mut store, instance, calls) = match reusable
+            .then(|| self.take_warm(limits.memory_bytes))
+            .flatten()
+        {
+            Some(mut warm) => {
+                let state = warm.store.data_mut();
+                state.grants = Arc::clone(&context.grants);
+                state.limiter.memory_bytes = limits.memory_bytes;
+                state.limiter.refused = None;
+                (warm.store, Some(warm.instance), warm.calls)
+            }
+            None => {
+                let mut state = PluginState::new(
+                    Arc::clone(&self.name),
+                    Arc::clone(&context.grants),
+                    limits.memory_bytes,
+                    limits.log_bytes,
+                );
+                if let Some(assets) = &context.assets {
+                    state.grant_assets(assets).map_err(|error| PluginFailure {
+                        cause: FailureCause::Guest,
+                        error: error.context(format!("plugin '{}'", self.name)),
+                    })?;
+                }
+                let mut store = Store::new(&inner.engine, state);
+                store.limiter(|state| &mut state.limiter);
+                (store, None, 0)
+            }
+        };
         store.epoch_deadline_async_yield_and_update(1);
         if inner.config.meter_fuel {
             let fuel = limits.fuel.unwrap_or(u64::MAX);
@@ -624,10 +688,9 @@ impl Plugin {
                 .set_fuel(fuel)
                 .map_err(|e| self.internal(&format!("cannot set fuel: {e}")))?;
         }
-        inner.stats.instantiations.fetch_add(1, Ordering::Relaxed);
         let outcome = tokio::time::timeout(
             limits.deadline,
-            self.invoke(&mut store, arguments, &context.params),
+            self.invoke(&mut store, instance, arguments, &context.params),
         )
         .await;
         store.data().flush_output();
@@ -653,7 +716,10 @@ impl Plugin {
                 format!("deadline of {:?} exceeded", limits.deadline),
             )),
             Ok(Err(trap)) => Err(self.classify(&store, &limits, trap)),
-            Ok(Ok(Err(guest))) => {
+            Ok(Ok((instance, Err(guest)))) => {
+                if reusable {
+                    self.keep_warm(store, instance, calls);
+                }
                 let (kind, message) = match guest {
                     GuestError::InvalidInput(m) => {
                         (ErrorKind::InvalidArgument, format!("invalid input: {m}"))
@@ -665,7 +731,7 @@ impl Plugin {
                 };
                 Err(failure(FailureCause::Guest, kind, message))
             }
-            Ok(Ok(Ok(returned))) => {
+            Ok(Ok((instance, Ok(returned)))) => {
                 if let Returned::Tensors(outputs) = &returned {
                     let bytes: usize = outputs.iter().map(|o| o.tensor.data().len()).sum();
                     if bytes > limits.max_output_bytes {
@@ -679,9 +745,49 @@ impl Plugin {
                         ));
                     }
                 }
+                if reusable {
+                    self.keep_warm(store, instance, calls);
+                }
                 Ok(returned)
             }
         }
+    }
+
+    /// A warm instance whose memory fits `memory_bytes`, if one is kept.
+    fn take_warm(&self, memory_bytes: usize) -> Option<Warm> {
+        let inner = &self.runtime.inner;
+        let mut warm = self.warm.instances.lock().ok()?;
+        while let Some(candidate) = warm.pop() {
+            inner.warm_total.fetch_sub(1, Ordering::Relaxed);
+            if candidate.store.data().limiter.peak <= memory_bytes {
+                return Some(candidate);
+            }
+            // Grown past this call's limit: let it go, a fresh instance starts small.
+        }
+        None
+    }
+
+    /// Keeps an instance whose call ended cleanly, unless it has served its share, wrote
+    /// output (its capture buffers are per instance), or the pool is full.
+    fn keep_warm(&self, store: Store<PluginState>, instance: RoleInstance, calls: u32) {
+        let inner = &self.runtime.inner;
+        let calls = calls + 1;
+        if calls >= MAX_CALLS_PER_INSTANCE || store.data().wrote_output() {
+            return;
+        }
+        let cap = (inner.config.max_instances as usize) / 4;
+        let Ok(mut warm) = self.warm.instances.lock() else {
+            return;
+        };
+        if warm.len() >= MAX_WARM_PER_PLUGIN || inner.warm_total.load(Ordering::Relaxed) >= cap {
+            return;
+        }
+        inner.warm_total.fetch_add(1, Ordering::Relaxed);
+        warm.push(Warm {
+            store,
+            instance,
+            calls,
+        });
     }
 
     fn classify(
@@ -723,28 +829,48 @@ impl Plugin {
         }
     }
 
-    /// Instantiates, moves the arguments into the Store's table, calls the export, and takes the
-    /// returned tensors back out of the table.
+    /// Instantiates (unless a warm instance is given), moves the arguments into the Store's
+    /// table, calls the export, and takes the returned tensors back out of the table.
     async fn invoke(
         &self,
         store: &mut Store<PluginState>,
+        instance: Option<RoleInstance>,
         arguments: Arguments,
         params: &Params,
-    ) -> wasmtime::Result<Result<Returned, GuestError>> {
-        match (&*self.pre, arguments) {
-            (RolePre::Transformer(pre), Arguments::Tensors(inputs)) => {
-                let instance = pre.instantiate_async(&mut *store).await?;
+    ) -> wasmtime::Result<(RoleInstance, Result<Returned, GuestError>)> {
+        let instance = match instance {
+            Some(instance) => instance,
+            None => {
+                self.runtime
+                    .inner
+                    .stats
+                    .instantiations
+                    .fetch_add(1, Ordering::Relaxed);
+                match &*self.pre {
+                    RolePre::Transformer(pre) => {
+                        RoleInstance::Transformer(pre.instantiate_async(&mut *store).await?)
+                    }
+                    RolePre::Combiner(pre) => {
+                        RoleInstance::Combiner(pre.instantiate_async(&mut *store).await?)
+                    }
+                    RolePre::Router(pre) => {
+                        RoleInstance::Router(pre.instantiate_async(&mut *store).await?)
+                    }
+                }
+            }
+        };
+        let result = match (&instance, arguments) {
+            (RoleInstance::Transformer(transformer), Arguments::Tensors(inputs)) => {
                 let inputs = push_tensors(store, inputs)?;
-                match instance
+                match transformer
                     .call_transform(&mut *store, &inputs, params)
                     .await?
                 {
-                    Ok(outputs) => Ok(Ok(Returned::Tensors(take_tensors(store, outputs)?))),
-                    Err(error) => Ok(Err(error)),
+                    Ok(outputs) => Ok(Returned::Tensors(take_tensors(store, outputs)?)),
+                    Err(error) => Err(error),
                 }
             }
-            (RolePre::Combiner(pre), Arguments::Branches(branches)) => {
-                let instance = pre.instantiate_async(&mut *store).await?;
+            (RoleInstance::Combiner(combiner), Arguments::Branches(branches)) => {
                 let mut wit_branches = Vec::with_capacity(branches.len());
                 for (name, outputs) in branches {
                     wit_branches.push(Branch {
@@ -752,26 +878,28 @@ impl Plugin {
                         outputs: push_tensors(store, outputs)?,
                     });
                 }
-                match instance
+                match combiner
                     .call_combine(&mut *store, &wit_branches, params)
                     .await?
                 {
-                    Ok(outputs) => Ok(Ok(Returned::Tensors(take_tensors(store, outputs)?))),
-                    Err(error) => Ok(Err(error)),
+                    Ok(outputs) => Ok(Returned::Tensors(take_tensors(store, outputs)?)),
+                    Err(error) => Err(error),
                 }
             }
-            (RolePre::Router(pre), Arguments::Tensors(inputs)) => {
-                let instance = pre.instantiate_async(&mut *store).await?;
+            (RoleInstance::Router(router), Arguments::Tensors(inputs)) => {
                 let inputs = push_tensors(store, inputs)?;
-                Ok(instance
+                router
                     .call_route(&mut *store, &inputs, params)
                     .await?
-                    .map(Returned::Route))
+                    .map(Returned::Route)
             }
-            _ => Err(wasmtime::Error::msg(
-                "arguments do not match the plugin's role",
-            )),
-        }
+            _ => {
+                return Err(wasmtime::Error::msg(
+                    "arguments do not match the plugin's role",
+                ));
+            }
+        };
+        Ok((instance, result))
     }
 }
 

@@ -83,6 +83,12 @@ impl PluginState {
         }
     }
 
+    /// Whether the plugin wrote anything to stdout or stderr (its capture buffers are bounded
+    /// and per instance, so an instance that wrote is not reused).
+    pub(crate) fn wrote_output(&self) -> bool {
+        !self.stdout.contents().is_empty() || !self.stderr.contents().is_empty()
+    }
+
     /// The end of stderr, for error messages (a Rust guest's panic message lands there).
     pub(crate) fn stderr_tail(&self) -> String {
         let bytes = self.stderr.contents();

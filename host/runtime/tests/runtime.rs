@@ -468,3 +468,99 @@ async fn fuel_limit_stops_a_spinning_plugin_when_fuel_is_metered() {
         "{failure}"
     );
 }
+
+fn instantiations(runtime: &PluginRuntime) -> u64 {
+    runtime
+        .stats()
+        .instantiations
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn clean_calls_reuse_a_warm_instance_and_failures_never_do() {
+    let runtime = runtime();
+    let copy = load(&runtime, "runtime_copy");
+    for i in 0..5 {
+        let x = NamedTensor::new("x", f32_tensor(vec![1, 2], &[i as f32, 1.0]));
+        let out = copy.transform(&context(&[]), vec![x]).await.unwrap();
+        assert_eq!(f32s(&out[0].tensor), vec![i as f32, 1.0]);
+    }
+    assert_eq!(
+        instantiations(&runtime),
+        1,
+        "one instance served five calls"
+    );
+
+    // A trap discards its instance: every trapping call starts fresh.
+    let trap = load(&runtime, "runtime_trap");
+    for _ in 0..3 {
+        assert!(
+            trap.transform(&CallContext::default(), vec![])
+                .await
+                .is_err()
+        );
+    }
+    assert_eq!(instantiations(&runtime), 4);
+
+    // So does a deadline: the next call after a spin to the deadline gets a fresh instance.
+    let spin = load(&runtime, "runtime_spin");
+    let mut slow = context(&[]);
+    slow.limits = Some(limits(50));
+    let failure = spin.transform(&slow, vec![]).await.unwrap_err();
+    assert_eq!(failure.cause, FailureCause::Deadline);
+    assert!(
+        spin.transform(&context(&[("iterations", "10")]), vec![])
+            .await
+            .is_ok()
+    );
+    assert_eq!(instantiations(&runtime), 6);
+
+    // A plugin that writes output is not kept (its capture buffers belong to the instance).
+    let panic = load(&runtime, "runtime_panic");
+    for _ in 0..2 {
+        assert!(
+            panic
+                .transform(&CallContext::default(), vec![])
+                .await
+                .is_err()
+        );
+    }
+    assert_eq!(instantiations(&runtime), 8);
+}
+
+#[tokio::test]
+async fn reuse_can_be_turned_off() {
+    let runtime = PluginRuntime::new(RuntimeConfig {
+        reuse_instances: false,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let echo = load(&runtime, "runtime_echo");
+    for _ in 0..3 {
+        echo.transform(&CallContext::default(), vec![])
+            .await
+            .unwrap();
+    }
+    assert_eq!(instantiations(&runtime), 3);
+}
+
+#[tokio::test]
+async fn a_warm_instance_sees_only_the_grants_of_its_current_call() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_call_model");
+    let x = || NamedTensor::new("x", f32_tensor(vec![1, 2], &[1.0, 2.0]));
+    let out = plugin
+        .transform(&granted("double"), vec![x()])
+        .await
+        .unwrap();
+    assert_eq!(f32s(&out[0].tensor), vec![2.0, 4.0]);
+    // Same warm instance, a call that grants nothing: the model is out of reach.
+    let mut ungranted = granted("double");
+    ungranted.grants = Arc::default();
+    let failure = plugin.transform(&ungranted, vec![x()]).await.unwrap_err();
+    assert!(
+        failure.to_string().contains("'double' is not granted"),
+        "{failure}"
+    );
+    assert_eq!(instantiations(&runtime), 1);
+}

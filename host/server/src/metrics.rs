@@ -97,7 +97,7 @@ impl Metrics {
         let r = Registry::new();
         let plugin_instantiations = IntCounter::new(
             "weft_plugin_instantiations_total",
-            "Plugin instances created (one per plugin call).",
+            "Plugin instances created (a warm instance serves many calls).",
         )
         .unwrap_or_else(|error| unreachable!("well-formed: {error}"));
         register(&r, Box::new(plugin_instantiations.clone()));
