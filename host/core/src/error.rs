@@ -19,6 +19,15 @@ pub enum ErrorKind {
     DeadlineExceeded,
     /// A bug or an unexpected backend failure (HTTP 500).
     Internal,
+    /// No credentials, or credentials nobody issued (HTTP 401).
+    Unauthenticated,
+    /// The caller is known but a limit of its account forbids this, e.g. a storage quota (HTTP 403).
+    PermissionDenied,
+    /// The thing already exists in a state this request may not change, e.g. an immutable version
+    /// (HTTP 409).
+    Conflict,
+    /// A rate or concurrency quota is spent for now; retrying later helps (HTTP 429).
+    ResourceExhausted,
 }
 
 impl ErrorKind {
@@ -32,6 +41,10 @@ impl ErrorKind {
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::Internal => "internal",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
         }
     }
 }
@@ -68,6 +81,10 @@ impl Error {
 
     pub fn internal(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Internal, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Conflict, message)
     }
 
     pub fn kind(&self) -> ErrorKind {

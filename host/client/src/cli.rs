@@ -1,0 +1,341 @@
+//! The client subcommands' command line: clap enums and argument structs, with `WEFT_*`
+//! environment fallbacks for the server address and keys.
+//!
+//! Kept apart from the code that runs them so the `weft` binary (host/server's cli.rs) can merge
+//! these enums into its own with `#[command(flatten)]`, and so parsing is testable on its own.
+//! The graph commands are a separate enum ([`GraphClientCommand`]) because the binary already has
+//! a `weft graph` group (`graph check`, which works offline) that these join.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+/// The server address every client command needs.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8000";
+
+/// Server address plus a tenant API key: what tenant commands (uploads, lists, inference) need.
+#[derive(Clone, clap::Args)]
+pub struct TenantConnection {
+    /// Base URL of the Weft server.
+    #[arg(long, env = "WEFT_SERVER", default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// The tenant's API key (`weft_...`), sent as `Authorization: Bearer`.
+    #[arg(long, env = "WEFT_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+}
+
+/// Server address plus the operator's admin key: what tenant administration needs.
+#[derive(Clone, clap::Args)]
+pub struct AdminConnection {
+    /// Base URL of the Weft server.
+    #[arg(long, env = "WEFT_SERVER", default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// The operator's admin key (the one given to `weft serve --admin-key`).
+    #[arg(long, env = "WEFT_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: String,
+}
+
+// Hand-written so that a stray `{:?}` never prints a key.
+impl fmt::Debug for TenantConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantConnection")
+            .field("server", &self.server)
+            .field("api_key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Debug for AdminConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConnection")
+            .field("server", &self.server)
+            .field("admin_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The client subcommands of `weft` (all but `weft graph ...`, see [`GraphClientCommand`]).
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Plugin signing keys: generate a key pair, register or revoke its public half.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Sign, upload, list and delete a tenant's Wasm plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Upload, list and delete a tenant's ONNX models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Administer tenants (needs the operator's admin key).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Send a V2 JSON inference request to a model or graph and print the response.
+    Infer(InferArgs),
+}
+
+/// `weft key ...`
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Generate an ed25519 key pair: PREFIX.key (secret, mode 0600) and PREFIX.pub. Prints the key id.
+    Gen(KeyGenArgs),
+    /// Register a public key with the server, so plugins it signs may be pushed.
+    Register(KeyRegisterArgs),
+    /// List the signing keys registered for this tenant.
+    List(TenantConnection),
+    /// Revoke a registered signing key: plugins it signed stop loading.
+    Revoke(KeyRevokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeyGenArgs {
+    /// Path prefix of the files to write: PREFIX.key and PREFIX.pub (neither may exist).
+    #[arg(long, value_name = "PREFIX")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeyRegisterArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Public key file written by `weft key gen` (PREFIX.pub), or a file holding a bare base64 key.
+    #[arg(value_name = "PUBLIC_FILE")]
+    pub public_file: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeyRevokeArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Key id, as printed by `weft key gen` or `weft key list`.
+    pub id: String,
+}
+
+/// `weft plugin ...`
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Sign a plugin component with a secret key, writing a detached signature file (offline).
+    Sign(PluginSignArgs),
+    /// Upload a signed plugin component as a new version.
+    Push(PluginPushArgs),
+    /// List this tenant's plugins and their versions.
+    List(TenantConnection),
+    /// Delete a plugin (all versions) or one version of it.
+    Delete(PluginDeleteArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PluginSignArgs {
+    /// Secret key file written by `weft key gen` (PREFIX.key).
+    #[arg(long, value_name = "PREFIX.key")]
+    pub key: PathBuf,
+    /// Plugin name the signature is for.
+    #[arg(long)]
+    pub name: String,
+    /// Plugin version the signature is for.
+    #[arg(long)]
+    pub version: String,
+    /// Where to write the signature [default: FILE.sig, e.g. plugin.wasm.sig].
+    #[arg(long, value_name = "FILE.sig")]
+    pub out: Option<PathBuf>,
+    /// The plugin component (.wasm).
+    #[arg(value_name = "FILE.wasm")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PluginPushArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Plugin name.
+    #[arg(long)]
+    pub name: String,
+    /// Plugin version (a new one: versions are immutable).
+    #[arg(long)]
+    pub version: String,
+    /// Signature file from `weft plugin sign` [default: FILE.sig, e.g. plugin.wasm.sig].
+    #[arg(long, value_name = "FILE.sig")]
+    pub signature: Option<PathBuf>,
+    /// Print upload progress on stderr even when it is not a terminal (bodies over 1 MiB).
+    #[arg(long)]
+    pub progress: bool,
+    /// The plugin component (.wasm).
+    #[arg(value_name = "FILE.wasm")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PluginDeleteArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Plugin name.
+    pub name: String,
+    /// Delete only this version (default: every version).
+    #[arg(long)]
+    pub version: Option<String>,
+}
+
+/// `weft model ...`
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Upload an ONNX model and its model.toml as a new version; the server loads it before storing.
+    Push(ModelPushArgs),
+    /// List this tenant's models and their versions.
+    List(TenantConnection),
+    /// Delete a model (all versions) or one version of it.
+    Delete(ModelDeleteArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ModelPushArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Model name.
+    #[arg(long)]
+    pub name: String,
+    /// Model version (a new one, 1 or more: versions are immutable).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub version: u64,
+    /// The model's configuration (model.toml).
+    #[arg(long, value_name = "model.toml")]
+    pub config: PathBuf,
+    /// Print upload progress on stderr even when it is not a terminal (bodies over 1 MiB).
+    #[arg(long)]
+    pub progress: bool,
+    /// The ONNX model file.
+    #[arg(value_name = "FILE.onnx")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ModelDeleteArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Model name.
+    pub name: String,
+    /// Delete only this version (default: every version).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub version: Option<u64>,
+}
+
+/// The server-side `weft graph ...` commands; the binary adds them next to its offline `check`.
+#[derive(Debug, Subcommand)]
+pub enum GraphClientCommand {
+    /// Upload graph TOML files, each as a new version of the graph its `name` key names.
+    Apply(GraphApplyArgs),
+    /// List this tenant's graphs and their versions.
+    List(TenantConnection),
+    /// Delete a graph (all versions) or one version of it.
+    Delete(GraphDeleteArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GraphApplyArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Graph TOML files.
+    #[arg(required = true, value_name = "FILE.toml")]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GraphDeleteArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Graph name.
+    pub name: String,
+    /// Delete only this version (default: every version).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub version: Option<u64>,
+}
+
+/// `weft tenant ...` (admin key).
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant; prints it and its first API key, which is shown only this once.
+    Create(TenantCreateArgs),
+    /// List tenants.
+    List(AdminConnection),
+    /// Show one tenant: quotas, shared models, keys, usage.
+    Show(TenantNameArgs),
+    /// Change a tenant's quotas or shared models.
+    Update(TenantUpdateArgs),
+    /// Delete a tenant and everything it stored.
+    Delete(TenantNameArgs),
+    /// Create or revoke a tenant's API keys.
+    #[command(subcommand)]
+    Key(TenantKeyCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TenantCreateArgs {
+    #[command(flatten)]
+    pub connection: AdminConnection,
+    /// Tenant name.
+    pub name: String,
+    /// Quotas as a JSON object; fields left out keep their defaults,
+    /// e.g. '{"requests_per_second": 50, "max_models": 5}'.
+    #[arg(long, value_name = "JSON")]
+    pub quotas: Option<String>,
+    /// A platform (repository) model or graph this tenant may use; repeat for more, "*" for all.
+    #[arg(long = "share", value_name = "MODEL")]
+    pub shared_models: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TenantUpdateArgs {
+    #[command(flatten)]
+    pub connection: AdminConnection,
+    /// Tenant name.
+    pub name: String,
+    /// New quotas as a JSON object (fields left out are unchanged).
+    #[arg(long, value_name = "JSON")]
+    pub quotas: Option<String>,
+    /// Replace the shared models with these (repeat for more, "*" for all).
+    #[arg(long = "share", value_name = "MODEL", conflicts_with = "share_none")]
+    pub shared_models: Vec<String>,
+    /// Share no platform models any more.
+    #[arg(long)]
+    pub share_none: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TenantNameArgs {
+    #[command(flatten)]
+    pub connection: AdminConnection,
+    /// Tenant name.
+    pub name: String,
+}
+
+/// `weft tenant key ...`
+#[derive(Debug, Subcommand)]
+pub enum TenantKeyCommand {
+    /// Create another API key for a tenant; prints it (shown only this once).
+    Create(TenantNameArgs),
+    /// Revoke one of a tenant's API keys.
+    Revoke(TenantKeyRevokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TenantKeyRevokeArgs {
+    #[command(flatten)]
+    pub connection: AdminConnection,
+    /// Tenant name.
+    pub name: String,
+    /// API key id (the 16 hex characters after `weft_`).
+    pub id: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InferArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Model or graph name.
+    pub model: String,
+    /// Model version (default: the server's choice).
+    #[arg(long)]
+    pub version: Option<String>,
+    /// V2 JSON request body: a file, or - for stdin.
+    #[arg(long, value_name = "FILE|-", default_value = "-")]
+    pub input: PathBuf,
+}

@@ -1,0 +1,20 @@
+//! Weft's durable tenant state and the crypto helpers that guard it.
+//!
+//! This crate owns what must survive a restart in a multi-tenant server — tenants, their quotas,
+//! API key hashes, registered signing keys, and the plugin, model and graph versions they pushed —
+//! plus the content-addressed blobs those versions point at. [`Store`] keeps all metadata in one
+//! `state.json` rewritten atomically and blobs under `blobs/sha256/<hex>`, so a crash at any point
+//! leaves either the old or the new state, never a mix. [`signing`] and [`api_keys`] live here
+//! rather than in the server because the CLI client needs the same formats, and neither needs an
+//! async runtime or a web framework.
+
+pub mod api_keys;
+mod records;
+pub mod signing;
+mod store;
+
+pub use records::{
+    ApiKey, GraphVersion, MAX_NAME_LEN, ModelVersion, PluginVersion, Quotas, SigningKey, State,
+    Tenant, Usage, check_name, unix_now,
+};
+pub use store::{SCRATCH_PREFIX, Store};

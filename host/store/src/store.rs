@@ -1,0 +1,650 @@
+//! The crash-safe store: one atomically rewritten `state.json` plus content-addressed blobs.
+//!
+//! Layout under `<data-dir>/store/`: `state.json` holds all metadata; `blobs/sha256/<hex>` holds
+//! the bytes the metadata points at. Every file is written to a temporary file in the same
+//! directory, fsynced, renamed over its final name, and then the directory is fsynced, so after a
+//! crash each file is either entirely old or entirely new. Writers put blobs first and commit
+//! metadata that references them second; a crash in between leaves an unreferenced blob, which the
+//! next [`Store::open`] deletes together with temporary leftovers. Blobs dropped by a delete are
+//! also only removed by the next open, never while serving, so a request that already read the
+//! state can still read the blob. [`Store::transact`] is the only way to change the state: one
+//! writer at a time, all or nothing; readers take a cheap [`Arc`] snapshot and never block on a
+//! writer's disk I/O.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind as IoErrorKind, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use weft_core::{Error, Result};
+
+use crate::records::State;
+use crate::signing::{is_sha256_hex, sha256_hex};
+
+const STATE_FILE: &str = "state.json";
+const STATE_TEMP: &str = "state.json.tmp";
+/// Prefix of temporary blob files; never a valid digest, so never mistaken for a blob.
+const BLOB_TEMP_PREFIX: &str = ".tmp-";
+/// Prefix of scratch files in [`Store::scratch_dir`] (a temp prefix, so `open` removes them).
+pub const SCRATCH_PREFIX: &str = ".tmp-scratch-";
+
+/// Durable tenant state and blobs under `<data-dir>/store/`.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    blob_dir: PathBuf,
+    state: RwLock<Arc<State>>,
+    writer: Mutex<()>,
+    temp_counter: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `data_dir/store`: loads `state.json` (missing
+    /// means empty; unreadable or unparsable is an error — existing data is never silently
+    /// replaced), then deletes temporary leftovers and blobs no record references.
+    pub fn open(data_dir: &Path) -> Result<Store> {
+        let dir = data_dir.join("store");
+        let blob_dir = dir.join("blobs").join("sha256");
+        fs::create_dir_all(&blob_dir)
+            .map_err(|e| io_error("cannot create directory", &blob_dir, &e))?;
+        // Make the (possibly just created) directory entries themselves durable.
+        for parent in [data_dir, dir.as_path(), blob_dir.parent().unwrap_or(&dir)] {
+            sync_dir(parent)?;
+        }
+
+        let state_path = dir.join(STATE_FILE);
+        let state = match fs::read(&state_path) {
+            Ok(bytes) => serde_json::from_slice::<State>(&bytes).map_err(|e| {
+                Error::internal(format!(
+                    "cannot parse {}: {e}; refusing to start over existing data (restore the file \
+                     from a backup, or move it aside to start with an empty store)",
+                    state_path.display()
+                ))
+            })?,
+            Err(e) if e.kind() == IoErrorKind::NotFound => State::default(),
+            Err(e) => return Err(io_error("cannot read", &state_path, &e)),
+        };
+
+        let store = Store {
+            dir,
+            blob_dir,
+            state: RwLock::new(Arc::new(state)),
+            writer: Mutex::new(()),
+            temp_counter: AtomicU64::new(0),
+        };
+        store.collect_garbage()?;
+        Ok(store)
+    }
+
+    /// The directory holding `state.json` and `blobs/`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The committed state: a cheap snapshot that later commits do not change.
+    pub fn state(&self) -> Arc<State> {
+        // A poisoned lock still holds a fully committed state: the Arc is replaced atomically.
+        Arc::clone(&self.state.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Stores `bytes` durably as a blob and returns its sha256 hex digest. Storing bytes that are
+    /// already stored writes nothing.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<String> {
+        let digest = sha256_hex(bytes);
+        let path = self.blob_dir.join(&digest);
+        match fs::metadata(&path) {
+            // Same name and same length: the same bytes, unless the disk damaged them, which
+            // read_blob detects.
+            Ok(meta) if meta.is_file() && meta.len() == bytes.len() as u64 => return Ok(digest),
+            _ => {}
+        }
+        let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+        let temp = self.blob_dir.join(format!(
+            "{BLOB_TEMP_PREFIX}{digest}-{}-{n}",
+            std::process::id()
+        ));
+        write_durably(&temp, &path, &self.blob_dir, bytes)?;
+        Ok(digest)
+    }
+
+    /// Where a stored blob lives, for a reader that needs a path (a model backend). Check the
+    /// bytes with [`Store::read_blob`] first: the file itself is not verified.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        self.blob_dir.join(digest)
+    }
+
+    /// A directory for scratch files named with [`SCRATCH_PREFIX`]: whatever a crash leaves
+    /// there is removed by the next [`Store::open`].
+    pub fn scratch_dir(&self) -> &Path {
+        &self.blob_dir
+    }
+
+    /// Whether a blob with this digest is stored (its contents are not checked).
+    pub fn has_blob(&self, digest: &str) -> bool {
+        is_sha256_hex(digest) && self.blob_dir.join(digest).is_file()
+    }
+
+    /// Reads the blob `digest`, checking that its bytes still hash to it.
+    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
+        if !is_sha256_hex(digest) {
+            return Err(Error::invalid(format!(
+                "{digest:?} is not a sha256 digest (64 lowercase hex characters)"
+            )));
+        }
+        let path = self.blob_dir.join(digest);
+        let bytes = fs::read(&path).map_err(|e| {
+            if e.kind() == IoErrorKind::NotFound {
+                Error::not_found(format!("blob {digest} is not stored"))
+            } else {
+                io_error("cannot read", &path, &e)
+            }
+        })?;
+        let actual = sha256_hex(&bytes);
+        if actual != digest {
+            return Err(Error::internal(format!(
+                "blob {} is corrupt: its bytes hash to {actual}",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Runs `change` on a copy of the state. On `Ok` bumps `revision`, writes the new state
+    /// durably and publishes it; on `Err` — from `change`, or from writing — the committed state
+    /// is unchanged. One writer runs at a time.
+    ///
+    /// Every blob the new state references for the first time must already be stored (with
+    /// [`Store::put_blob`]); otherwise the commit fails, since a crash could not be recovered.
+    ///
+    /// If writing fails after the rename (only the final directory fsync can), the new state may
+    /// or may not survive a crash; the caller gets the error and the published state stays old.
+    pub fn transact<T>(&self, change: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        // A writer that panicked left nothing half-done: it only ever mutated its own copy.
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.state();
+        let mut next = State::clone(&current);
+        let out = change(&mut next)?;
+        next.revision = current.revision.saturating_add(1);
+        self.check_new_blobs(&current, &next)?;
+
+        let mut text = serde_json::to_vec_pretty(&next)
+            .map_err(|e| Error::internal(format!("cannot serialize the store's state: {e}")))?;
+        text.push(b'\n');
+        write_durably(
+            &self.dir.join(STATE_TEMP),
+            &self.dir.join(STATE_FILE),
+            &self.dir,
+            &text,
+        )?;
+
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        Ok(out)
+    }
+
+    fn check_new_blobs(&self, current: &State, next: &State) -> Result<()> {
+        let old = current.referenced_digests();
+        for digest in next.referenced_digests() {
+            if !old.contains(digest) && !self.has_blob(digest) {
+                return Err(Error::internal(format!(
+                    "refusing to commit a record that references blob {digest:?}, which is not \
+                     stored"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes temporary leftovers and blobs the state does not reference. Runs only in `open`,
+    /// before anyone else can see the store.
+    fn collect_garbage(&self) -> Result<()> {
+        let state = self.state();
+        let referenced: BTreeSet<&str> = state.referenced_digests();
+
+        remove_if_present(&self.dir.join(STATE_TEMP))?;
+        let mut removed = false;
+        let entries = fs::read_dir(&self.blob_dir)
+            .map_err(|e| io_error("cannot list", &self.blob_dir, &e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("cannot list", &self.blob_dir, &e))?;
+            let name = entry.file_name();
+            // Names we did not write (not UTF-8, not a digest or temp file) are left alone.
+            let Some(name) = name.to_str() else { continue };
+            let garbage = name.starts_with(BLOB_TEMP_PREFIX)
+                || (is_sha256_hex(name) && !referenced.contains(name));
+            if garbage {
+                remove_if_present(&entry.path())?;
+                removed = true;
+            }
+        }
+        if removed {
+            sync_dir(&self.blob_dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `temp`, fsyncs it, renames it to `path` and fsyncs `dir` (their parent).
+/// On failure the temporary file is removed (best effort) and `path` is untouched.
+fn write_durably(temp: &Path, path: &Path, dir: &Path, bytes: &[u8]) -> Result<()> {
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(temp)
+            .map_err(|e| io_error("cannot create", temp, &e))?;
+        file.write_all(bytes)
+            .map_err(|e| io_error("cannot write", temp, &e))?;
+        file.sync_all()
+            .map_err(|e| io_error("cannot sync", temp, &e))?;
+        drop(file);
+        fs::rename(temp, path).map_err(|e| {
+            Error::internal(format!(
+                "cannot rename {} to {}: {e}",
+                temp.display(),
+                path.display()
+            ))
+        })
+    })();
+    if let Err(err) = result {
+        let _ = fs::remove_file(temp);
+        return Err(err);
+    }
+    sync_dir(dir)
+}
+
+/// Makes renames and deletions in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error("cannot sync directory", dir, &e))
+    }
+    #[cfg(not(unix))]
+    {
+        // Directories cannot be opened for syncing here; renames are durable on their own.
+        let _ = (dir, File::open);
+        Ok(())
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == IoErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error("cannot remove", path, &e)),
+    }
+}
+
+fn io_error(what: &str, path: &Path, err: &std::io::Error) -> Error {
+    Error::internal(format!("{what} {}: {err}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::records::{GraphVersion, PluginVersion, Quotas, Tenant};
+    use weft_core::ErrorKind;
+
+    fn add_tenant(store: &Store, name: &str) -> Result<()> {
+        store.transact(|state| {
+            state
+                .tenants
+                .insert(name.into(), Tenant::new(name, 7, Quotas::default()));
+            Ok(())
+        })
+    }
+
+    fn blob_names(store: &Store) -> Vec<String> {
+        let mut names: Vec<_> = fs::read_dir(&store.blob_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn plugin(digest: &str, size: u64) -> PluginVersion {
+        PluginVersion {
+            version: "1.0".into(),
+            digest: digest.into(),
+            size,
+            signature: "sig".into(),
+            key_id: "kid".into(),
+            created_unix: 1,
+        }
+    }
+
+    #[test]
+    fn open_empty_creates_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(*store.state(), State::default());
+        assert!(dir.path().join("store/blobs/sha256").is_dir());
+        assert_eq!(store.dir(), dir.path().join("store"));
+        // Nothing committed yet: no state file.
+        assert!(!dir.path().join("store/state.json").exists());
+    }
+
+    #[test]
+    fn committed_transaction_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let out = store
+                .transact(|state| {
+                    state
+                        .tenants
+                        .insert("acme".into(), Tenant::new("acme", 7, Quotas::default()));
+                    Ok(42)
+                })
+                .unwrap();
+            assert_eq!(out, 42);
+            assert_eq!(store.state().revision, 1);
+            add_tenant(&store, "beta").unwrap();
+            assert_eq!(store.state().revision, 2);
+        }
+        assert!(!dir.path().join("store/state.json.tmp").exists());
+        let store = Store::open(dir.path()).unwrap();
+        let state = store.state();
+        assert_eq!(state.revision, 2);
+        assert_eq!(state.tenants.keys().collect::<Vec<_>>(), ["acme", "beta"]);
+        assert_eq!(state.tenants["acme"].created_unix, 7);
+    }
+
+    #[test]
+    fn failing_closure_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        add_tenant(&store, "acme").unwrap();
+        let before = store.state();
+        let on_disk = fs::read(dir.path().join("store/state.json")).unwrap();
+
+        let err = store
+            .transact(|state| -> Result<()> {
+                state.tenants.clear();
+                state.revision = 99;
+                Err(Error::conflict("no"))
+            })
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conflict);
+        assert_eq!(store.state(), before);
+        assert_eq!(
+            fs::read(dir.path().join("store/state.json")).unwrap(),
+            on_disk
+        );
+        // The closure cannot set the revision either.
+        store
+            .transact(|state| {
+                state.revision = 1000;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(store.state().revision, 2);
+    }
+
+    #[test]
+    fn write_failure_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        add_tenant(&store, "acme").unwrap();
+        let before = store.state();
+        let on_disk = fs::read(dir.path().join("store/state.json")).unwrap();
+
+        // A directory where the temp file must go makes the write fail (even as root).
+        let temp = dir.path().join("store/state.json.tmp");
+        fs::create_dir(&temp).unwrap();
+        let err = add_tenant(&store, "beta").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Internal);
+        assert!(err.message().contains("state.json.tmp"), "{err}");
+        assert_eq!(store.state(), before);
+        assert_eq!(
+            fs::read(dir.path().join("store/state.json")).unwrap(),
+            on_disk
+        );
+
+        fs::remove_dir(&temp).unwrap();
+        add_tenant(&store, "beta").unwrap();
+        assert_eq!(store.state().revision, 2);
+        assert_eq!(Store::open(dir.path()).unwrap().state(), store.state());
+    }
+
+    #[test]
+    fn panicking_closure_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        add_tenant(&store, "acme").unwrap();
+        let before = store.state();
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.transact(|state| -> Result<()> {
+                state.tenants.clear();
+                panic!("boom");
+            })
+        }));
+        assert!(caught.is_err());
+        assert_eq!(store.state(), before);
+        // The store stays usable.
+        add_tenant(&store, "beta").unwrap();
+        assert_eq!(store.state().tenants.len(), 2);
+    }
+
+    #[test]
+    fn snapshots_are_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.state();
+        add_tenant(&store, "acme").unwrap();
+        assert!(old.tenants.is_empty());
+        assert_eq!(old.revision, 0);
+        assert_eq!(store.state().tenants.len(), 1);
+    }
+
+    #[test]
+    fn concurrent_writers_are_serialised() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let store = &store;
+                scope.spawn(move || {
+                    for i in 0..10 {
+                        add_tenant(store, &format!("t{t}-{i}")).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(store.state().revision, 40);
+        assert_eq!(store.state().tenants.len(), 40);
+        let reopened = Store::open(dir.path()).unwrap();
+        assert_eq!(reopened.state(), store.state());
+    }
+
+    #[test]
+    fn blob_round_trip_and_dedup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = store.put_blob(b"hello").unwrap();
+        assert_eq!(digest, sha256_hex(b"hello"));
+        assert!(store.has_blob(&digest));
+        assert_eq!(store.read_blob(&digest).unwrap(), b"hello");
+        assert_eq!(store.put_blob(b"hello").unwrap(), digest);
+        assert_eq!(blob_names(&store), std::slice::from_ref(&digest));
+        let empty = store.put_blob(b"").unwrap();
+        assert_eq!(store.read_blob(&empty).unwrap(), b"");
+        assert_eq!(blob_names(&store).len(), 2);
+    }
+
+    #[test]
+    fn blob_corruption_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = store.put_blob(b"hello").unwrap();
+        let path = store.blob_dir.join(&digest);
+        fs::write(&path, b"jello").unwrap();
+        let err = store.read_blob(&digest).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Internal);
+        assert!(err.message().contains("corrupt"), "{err}");
+        // A truncated blob is rewritten by the next put of the same bytes.
+        fs::write(&path, b"hell").unwrap();
+        store.put_blob(b"hello").unwrap();
+        assert_eq!(store.read_blob(&digest).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn bad_or_missing_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for bad in ["", "abc", "../state.json", &"A".repeat(64), ".tmp-x"] {
+            let err = store.read_blob(bad).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{bad:?}");
+            assert!(!store.has_blob(bad));
+        }
+        let err = store.read_blob(&sha256_hex(b"absent")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn commit_requires_new_blobs_to_be_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        add_tenant(&store, "acme").unwrap();
+        let missing = sha256_hex(b"never stored");
+        let err = store
+            .transact(|state| {
+                let tenant = state.tenants.get_mut("acme").unwrap();
+                tenant.plugins.insert("p".into(), vec![plugin(&missing, 1)]);
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(err.message().contains(&missing), "{err}");
+        assert!(store.state().tenants["acme"].plugins.is_empty());
+
+        let digest = store.put_blob(b"component").unwrap();
+        store
+            .transact(|state| {
+                let tenant = state.tenants.get_mut("acme").unwrap();
+                tenant.plugins.insert("p".into(), vec![plugin(&digest, 9)]);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(store.state().tenants["acme"].stored_bytes(), 9);
+    }
+
+    #[test]
+    fn open_removes_orphans_and_temp_files_but_keeps_referenced_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, graph, orphan);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            add_tenant(&store, "acme").unwrap();
+            kept = store.put_blob(b"component").unwrap();
+            graph = store.put_blob(b"name = 'g'").unwrap();
+            store
+                .transact(|state| {
+                    let tenant = state.tenants.get_mut("acme").unwrap();
+                    tenant.plugins.insert("p".into(), vec![plugin(&kept, 9)]);
+                    tenant.graphs.entry("g".into()).or_default().insert(
+                        1,
+                        GraphVersion {
+                            toml_digest: graph.clone(),
+                            size: 10,
+                            created_unix: 1,
+                        },
+                    );
+                    Ok(())
+                })
+                .unwrap();
+            // A crash between writing a blob and committing the state that references it.
+            orphan = store.put_blob(b"pushed but never committed").unwrap();
+        }
+        let store_dir = dir.path().join("store");
+        let blob_dir = store_dir.join("blobs/sha256");
+        fs::write(store_dir.join("state.json.tmp"), b"{half written").unwrap();
+        fs::write(blob_dir.join(format!(".tmp-{orphan}-1-0")), b"half").unwrap();
+        fs::write(blob_dir.join("README"), b"not ours").unwrap();
+
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store_dir.join("state.json.tmp").exists());
+        let mut expected = vec![kept.clone(), graph.clone(), "README".to_owned()];
+        expected.sort();
+        assert_eq!(blob_names(&store), expected);
+        assert_eq!(store.read_blob(&kept).unwrap(), b"component");
+        assert_eq!(
+            store.read_blob(&orphan).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+
+        // Deleting the record makes the blob garbage at the next open, not before.
+        store
+            .transact(|state| {
+                state.tenants.get_mut("acme").unwrap().plugins.clear();
+                Ok(())
+            })
+            .unwrap();
+        assert!(store.has_blob(&kept));
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.has_blob(&kept));
+        assert!(store.has_blob(&graph));
+    }
+
+    #[test]
+    fn corrupt_state_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            add_tenant(&store, "acme").unwrap();
+        }
+        let path = dir.path().join("store/state.json");
+        let good = fs::read(&path).unwrap();
+        for bad in [
+            &b"{not json"[..],
+            b"",
+            b"[]",
+            &good[..good.len() / 2],
+            b"{\"revision\": 1, \"tenants\": {\"a\": {\"name\": \"a\", \"created_unix\": 0, \
+               \"quotas\": {\"brust\": 1}}}}",
+        ] {
+            fs::write(&path, bad).unwrap();
+            let err = Store::open(dir.path()).unwrap_err();
+            assert!(err.message().contains("state.json"), "{err}");
+            assert!(err.message().contains("refusing"), "{err}");
+            // The bad file is left for the operator, not replaced.
+            assert_eq!(fs::read(&path).unwrap(), bad);
+        }
+        fs::write(&path, &good).unwrap();
+        assert_eq!(Store::open(dir.path()).unwrap().state().tenants.len(), 1);
+    }
+
+    #[test]
+    fn corrupt_state_file_does_not_lose_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest;
+        {
+            let store = Store::open(dir.path()).unwrap();
+            digest = store.put_blob(b"precious").unwrap();
+            add_tenant(&store, "acme").unwrap();
+            store
+                .transact(|state| {
+                    let t = state.tenants.get_mut("acme").unwrap();
+                    t.plugins.insert("p".into(), vec![plugin(&digest, 8)]);
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let path = dir.path().join("store/state.json");
+        let good = fs::read(&path).unwrap();
+        fs::write(&path, b"garbage").unwrap();
+        assert!(Store::open(dir.path()).is_err());
+        // Refusing to open must not have garbage-collected the (now unreadable) references.
+        assert!(dir.path().join("store/blobs/sha256").join(&digest).exists());
+        fs::write(&path, good).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.read_blob(&digest).unwrap(), b"precious");
+    }
+}
