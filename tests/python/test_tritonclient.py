@@ -11,6 +11,7 @@ import pytest
 import tritonclient.http as httpclient
 from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException
+from weft_auth import authenticated_client
 
 
 def url():
@@ -23,7 +24,7 @@ def url():
 
 @pytest.fixture(scope="module")
 def client():
-    return httpclient.InferenceServerClient(url())
+    return authenticated_client(url())
 
 
 def mlp_reference(x):
@@ -31,6 +32,18 @@ def mlp_reference(x):
     weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
     hidden = np.maximum(x @ weights["w0"] + weights["b0"], 0)
     return hidden @ weights["w1"] + weights["b1"]
+
+
+def test_a_client_without_key_is_refused_with_401_but_health_stays_open():
+    anonymous = httpclient.InferenceServerClient(url())
+    assert anonymous.is_server_live()
+    with pytest.raises(InferenceServerException) as refused:
+        anonymous.get_model_metadata("mlp")
+    assert "401" in str(refused.value.status()) or "API key" in str(refused.value)
+    wrong = authenticated_client(url(), key="weft_0000000000000000_not-a-real-key")
+    with pytest.raises(InferenceServerException) as refused:
+        wrong.infer("mlp", [])
+    assert "API key" in str(refused.value)
 
 
 def test_health_and_metadata(client):

@@ -11,6 +11,7 @@ import pytest
 import tritonclient.http as httpclient
 from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException
+from weft_auth import authenticated_client
 
 
 def env(name):
@@ -23,12 +24,12 @@ def env(name):
 
 @pytest.fixture(scope="module")
 def client():
-    return httpclient.InferenceServerClient(env("WEFT_URL"))
+    return authenticated_client(env("WEFT_URL"))
 
 
 @pytest.fixture(scope="module")
 def ab_client():
-    return httpclient.InferenceServerClient(env("WEFT_AB_URL"))
+    return authenticated_client(env("WEFT_AB_URL"))
 
 
 def mlp(path, x):

@@ -149,3 +149,128 @@ async fn concurrent_mixed_requests_get_exactly_their_own_rows() {
         cases.len()
     );
 }
+
+/// Two tenants' own signed plugins call one shared, batched platform model through `wasi:nn`
+/// at the same time: their calls batch together and each gets exactly its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_tenants_plugins_share_one_batched_model_and_get_their_own_answers() {
+    let quickstart_mlp = quickstart().join("models/mlp/1");
+    let repo = Repo::new()
+        .with_model(&quickstart(), "mlp")
+        .with_file("models/batched/model.toml", BATCHED_MLP.as_bytes());
+    std::os::unix::fs::symlink(&quickstart_mlp, repo.path().join("models/batched/1")).unwrap();
+    let server = Server::start(repo.path());
+    let admin = client_with_key(ADMIN_KEY);
+    let plugin = std::fs::read(guests().join("runtime_call_model.wasm")).unwrap();
+    let mut keys = Vec::new();
+    for tenant in ["acme", "bolt"] {
+        let created: Value = admin
+            .post(server.url("/api/v1/tenants"))
+            .json(&json!({"name": tenant, "shared_models": ["batched"]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let key = created["api_key"]["key"].as_str().unwrap().to_string();
+        let tenant_client = client_with_key(&key);
+        let secret = weft_store::signing::SecretKey::generate().unwrap();
+        let registered = tenant_client
+            .post(server.url("/api/v1/signing-keys"))
+            .json(&json!({"public_key": secret.public().to_base64()}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(registered.status(), 201);
+        let signature = secret.sign_plugin(&plugin, "call_model", "1");
+        let pushed = tenant_client
+            .put(server.url("/api/v1/plugins/call_model/versions/1"))
+            .header("Weft-Signature", &signature.signature)
+            .header("Weft-Signing-Key", &signature.key_id)
+            .body(plugin.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(pushed.status(), 201, "{}", pushed.text().await.unwrap());
+        let applied = tenant_client
+            .put(server.url("/api/v1/graphs/via-plugin"))
+            .body(VIA_PLUGIN.replace(
+                "name = \"via-plugin\"",
+                "name = \"via-plugin\"\nversion = 1",
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(applied.status(), 201, "{}", applied.text().await.unwrap());
+        keys.push(key);
+    }
+    // References: the unbatched platform mlp, one request at a time (tenant `default`).
+    let cases: Vec<(usize, Vec<f32>)> = (0..32)
+        .map(|i| (i % 2, rows_of(100 + i, 1 + i % 3)))
+        .collect();
+    let mut expected = Vec::new();
+    for (i, (_, values)) in cases.iter().enumerate() {
+        expected.push(y(&infer(&server, "mlp", values, &format!("ref-{i}")).await));
+    }
+    let tasks: Vec<_> = cases
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, (tenant, values))| {
+            let url = server.url("/v2/models/via-plugin/infer");
+            let key = keys[tenant].clone();
+            tokio::spawn(async move {
+                let rows = values.len() / 64;
+                let response = client_with_key(&key)
+                    .post(url)
+                    .json(&json!({"id": format!("req-{i}"), "inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 64], "data": values}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                response.json::<Value>().await.unwrap()
+            })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let body = task.await.unwrap();
+        assert_eq!(body["id"], format!("req-{i}"));
+        let got = y(&body);
+        assert_eq!(got.len(), expected[i].len(), "request {i}");
+        for (a, e) in got.iter().zip(&expected[i]) {
+            assert!(
+                (a - e).abs() <= 1e-4 * e.abs().max(1.0),
+                "request {i} (tenant {}): {a} vs {e}",
+                cases[i].0
+            );
+        }
+    }
+    let metrics = client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let executions: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("weft_batch_size_rows_count{model=\"batched\"}"))
+        .and_then(|l| l.rsplit_once(' '))
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap();
+    assert!(
+        executions < cases.len() as f64,
+        "{executions} executions for {} calls",
+        cases.len()
+    );
+    for tenant in ["acme", "bolt"] {
+        assert!(
+            metrics.contains(&format!(
+                "weft_requests_total{{model=\"via-plugin\",status=\"200\",tenant=\"{tenant}\""
+            )),
+            "per-tenant request series for {tenant}"
+        );
+    }
+}

@@ -24,7 +24,7 @@ fn request_in_flight_at_sigterm_completes_and_the_process_exits_zero() {
         .unwrap();
     let head = format!(
         "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         Authorization: Bearer {TEST_KEY}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         server.address,
         body.len()
     );

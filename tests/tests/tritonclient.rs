@@ -17,6 +17,7 @@ fn pytest(module: &str, env: &[(&str, &std::ffi::OsStr)], servers: &[&Server]) {
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .arg(&script)
         .envs(env.iter().copied())
+        .env("WEFT_API_KEY", TEST_KEY)
         .output()
         .expect("cannot run pytest from the test environment (run `cargo xtask setup`)");
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -289,8 +289,21 @@ fn serve(root: &Path, extra: &[String]) -> Result<()> {
         .arg("--ort-library")
         .arg(ort_library(root))
         .args(extra);
+    // Every data-plane call needs an API key; the README's examples use this one for the
+    // tenant `default`, which shares every model and graph of the example's repository.
+    let has_key = extra.iter().any(|arg| arg.starts_with("--bootstrap-key"))
+        || std::env::var_os("WEFT_BOOTSTRAP_KEY").is_some();
+    if !has_key {
+        command.args(["--bootstrap-key", QUICKSTART_KEY]);
+        eprintln!(
+            "API key of tenant `default`: {QUICKSTART_KEY} (send `Authorization: Bearer {QUICKSTART_KEY}`)"
+        );
+    }
     run(&mut command)
 }
+
+/// The API key `cargo xtask serve` gives tenant `default`; the README's examples send it.
+const QUICKSTART_KEY: &str = "weft-quickstart-key";
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     let mut command = Command::new(env!("CARGO"));

@@ -7,8 +7,8 @@
 //! work a request fans out to concurrently (graph branches) stays on the request's task.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// What a request spent; all in microseconds except fuel.
@@ -18,6 +18,8 @@ pub struct Cost {
     pub queue_us: AtomicU64,
     pub plugin_us: AtomicU64,
     pub fuel: AtomicU64,
+    /// Where the plugins that ran came from (digest, signer), one entry per distinct plugin.
+    pub provenance: Mutex<Vec<serde_json::Value>>,
 }
 
 /// Which counter [`add`] adds to.
@@ -55,6 +57,18 @@ pub fn add_fuel(fuel: u64) {
     let _ = COST.try_with(|cost| cost.fuel.fetch_add(fuel, Ordering::Relaxed));
 }
 
+/// Notes that a plugin ran for the current request: `entry` describes it (name, version, digest,
+/// signer). Repeated calls of one plugin are noted once.
+pub fn note_plugin(entry: &serde_json::Value) {
+    let _ = COST.try_with(|cost| {
+        if let Ok(mut provenance) = cost.provenance.lock()
+            && !provenance.contains(entry)
+        {
+            provenance.push(entry.clone());
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,11 +82,14 @@ mod tests {
             add(Spent::Compute, Duration::from_micros(3));
             add(Spent::Queue, Duration::from_micros(2));
             add_fuel(11);
+            note_plugin(&serde_json::json!({"plugin": "p"}));
+            note_plugin(&serde_json::json!({"plugin": "p"}));
         })
         .await;
         assert_eq!(cost.compute_us.load(Ordering::Relaxed), 10);
         assert_eq!(cost.queue_us.load(Ordering::Relaxed), 2);
         assert_eq!(cost.plugin_us.load(Ordering::Relaxed), 0);
         assert_eq!(cost.fuel.load(Ordering::Relaxed), 11);
+        assert_eq!(cost.provenance.lock().unwrap().len(), 1);
     }
 }

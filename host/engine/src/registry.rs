@@ -77,6 +77,19 @@ impl ModelRegistry {
         Ok(registry)
     }
 
+    /// Loads one version with `loader` and checks the tensors its configuration declares.
+    pub fn load_version(
+        loader: &dyn ModelLoader,
+        name: &str,
+        version: u64,
+        path: &Path,
+        config: &ModelConfig,
+    ) -> Result<Arc<dyn Model>> {
+        let model = loader.load(name, version, path, config)?;
+        check_declared(config, model.metadata())?;
+        Ok(model)
+    }
+
     /// Every version with its state, ordered by name then version, for the repository index.
     pub fn index(&self) -> Vec<ModelVersion> {
         let mut index = Vec::new();
@@ -190,6 +203,46 @@ impl ModelRegistry {
         }
     }
 
+    /// Serves a tenant's model version under `name`. Refused when a graph has the name or the
+    /// version is already there.
+    pub fn add_model_version(&mut self, name: &str, version: u64, state: ModelState) -> Result<()> {
+        let entry = self.models.entry(name.to_string()).or_default();
+        if entry.graph {
+            return Err(Error::invalid(format!(
+                "model '{name}' has the name of a graph; graphs and models share one namespace"
+            )));
+        }
+        if entry.versions.contains_key(&version) {
+            return Err(Error::invalid(format!(
+                "model '{name}' version {version} is defined twice"
+            )));
+        }
+        entry.versions.insert(version, state);
+        Ok(())
+    }
+
+    /// Makes `name` of `other` (every version, model or graph) visible here too, unless this
+    /// registry already has the name. Returns whether it was added.
+    pub fn share_from(&mut self, other: &ModelRegistry, name: &str) -> bool {
+        match (self.models.contains_key(name), other.models.get(name)) {
+            (false, Some(entry)) => {
+                self.models.insert(name.to_string(), entry.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every model and graph name, ascending.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.models.keys().map(String::as_str)
+    }
+
+    /// Whether `name` is a graph rather than a model.
+    pub fn is_graph(&self, name: &str) -> bool {
+        self.models.get(name).is_some_and(|entry| entry.graph)
+    }
+
     /// The versions of a model, ascending; `None` if the name is unknown.
     pub fn versions(&self, name: &str) -> Option<Vec<u64>> {
         self.models
@@ -245,10 +298,7 @@ fn load_model(discovered: DiscoveredModel, loader: &dyn ModelLoader) -> ModelEnt
         let state = if !path.is_file() {
             ModelState::Unavailable(format!("{} does not exist", path.display()))
         } else {
-            match loader
-                .load(&name, version, &path, &config)
-                .and_then(|model| check_declared(&config, model.metadata()).map(|()| model))
-            {
+            match ModelRegistry::load_version(loader, &name, version, &path, &config) {
                 Ok(model) => ModelState::Ready(model),
                 Err(error) => ModelState::Unavailable(error.to_string()),
             }

@@ -1,8 +1,10 @@
 //! The HTTP application: the Open Inference Protocol (KServe V2) REST routes over axum.
 //!
 //! `app(state)` builds the whole router so tests serve exactly what `weft serve` serves. Each
-//! handler is thin: decode with `weft-protocol`, resolve with the engine's registry, run the
-//! model, encode. Errors flow as `weft_core::Error` and become HTTP once, in `error.rs`.
+//! handler is thin: authenticate the caller (its API key selects its tenant's namespace, see
+//! `tenants.rs`), decode with `weft-protocol`, resolve in that namespace, run the model, encode.
+//! Errors flow as `weft_core::Error` and become HTTP once, in `error.rs`. Health, server
+//! metadata and `/metrics` need no key; the control plane lives in `control.rs`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +22,9 @@ use serde_json::json;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use weft_core::{Error, ErrorKind, Model, NamedTensor, Tensor};
+use weft_engine::ModelState;
 use weft_engine::accounting::{self, Cost};
 use weft_engine::graph::GRAPH_PLATFORM;
-use weft_engine::{ModelRegistry, ModelState};
 use weft_protocol::{
     InferRequest, InferResponse, MetadataTensor, ModelMetadataResponse, RepositoryIndexEntry,
     ResponseOutput, ServerMetadataResponse, decode_infer_request, encode_infer_response,
@@ -31,13 +33,14 @@ use weft_protocol::{
 use crate::error::{ApiError, status_of};
 use crate::metrics::{Metrics, ScrapeSources};
 use crate::stats::{Outcome, StatsStore};
+use crate::tenants::{Tenancy, TenantScope};
 
 /// The binary tensor data extension's header: length of the JSON part of the body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 const REQUEST_ID: &str = "x-request-id";
 
-/// The tenant every request belongs to until API keys select one (the tenants issue).
-pub const DEFAULT_TENANT: &str = "default";
+/// Uploads larger than this get 413, unless set otherwise.
+pub const DEFAULT_MAX_UPLOAD_BYTES: usize = 1 << 30;
 
 /// Requests slower than this get a warning log line, unless set otherwise.
 pub const DEFAULT_SLOW_REQUEST: Duration = Duration::from_secs(1);
@@ -45,9 +48,12 @@ pub const DEFAULT_SLOW_REQUEST: Duration = Duration::from_secs(1);
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    pub registry: Arc<ModelRegistry>,
+    /// Tenants: keys, namespaces, quotas, and the store behind them.
+    pub tenancy: Arc<Tenancy>,
     /// Largest request body accepted; larger gets 413.
     pub max_request_bytes: usize,
+    /// Largest control-plane upload (plugin, model, graph) accepted; larger gets 413.
+    pub max_upload_bytes: usize,
     /// Cleared when shutdown starts, so readiness turns 503 while in-flight requests finish.
     pub accepting: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
@@ -59,10 +65,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(registry: ModelRegistry, max_request_bytes: usize) -> Self {
+    pub fn new(tenancy: Arc<Tenancy>, max_request_bytes: usize) -> Self {
         AppState {
-            registry: Arc::new(registry),
+            tenancy,
             max_request_bytes,
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             accepting: Arc::new(AtomicBool::new(true)),
             metrics: Arc::default(),
             scrape: ScrapeSources::default(),
@@ -90,6 +97,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/{model}/stats", get(model_stats))
         .route("/v2/models/{model}/versions/{version}/stats", get(model_version_stats))
         .route("/metrics", get(metrics))
+        .merge(crate::control::routes())
         .fallback(unknown_route)
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
@@ -106,6 +114,20 @@ pub fn app(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
 
+/// The tenant whose API key a request carries; 401 without a valid one.
+pub struct Caller(pub Arc<TenantScope>);
+
+impl axum::extract::FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Caller(state.tenancy.authenticate(&parts.headers)?))
+    }
+}
+
 async fn live() -> Json<serde_json::Value> {
     Json(json!({ "live": true }))
 }
@@ -114,7 +136,7 @@ async fn ready(State(state): State<AppState>) -> Response {
     if state.accepting.load(Ordering::Relaxed) {
         Json(json!({ "ready": true })).into_response()
     } else {
-        ApiError(Error::unavailable("server is shutting down")).into_response()
+        ApiError::from(Error::unavailable("server is shutting down")).into_response()
     }
 }
 
@@ -127,7 +149,7 @@ async fn server_metadata() -> Json<ServerMetadataResponse> {
 }
 
 async fn unknown_route(request: Request<Body>) -> ApiError {
-    ApiError(Error::not_found(format!(
+    ApiError::from(Error::not_found(format!(
         "no route for {} {}",
         request.method(),
         request.uri().path()
@@ -135,11 +157,11 @@ async fn unknown_route(request: Request<Body>) -> ApiError {
 }
 
 fn metadata_response(
-    state: &AppState,
+    scope: &TenantScope,
     name: &str,
     version: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let (_, model) = state.registry.resolve(name, version)?;
+    let (_, model) = scope.registry.resolve(name, version)?;
     let metadata = model.metadata();
     let tensors = |specs: &[weft_core::TensorSpec]| {
         specs
@@ -151,7 +173,7 @@ fn metadata_response(
             })
             .collect()
     };
-    let versions = state
+    let versions = scope
         .registry
         .versions(name)
         .unwrap_or_default()
@@ -169,46 +191,43 @@ fn metadata_response(
 }
 
 async fn model_metadata(
-    State(state): State<AppState>,
+    Caller(scope): Caller,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
-    metadata_response(&state, &model, None)
+    metadata_response(&scope, &model, None)
 }
 
 async fn model_version_metadata(
-    State(state): State<AppState>,
+    Caller(scope): Caller,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    metadata_response(&state, &model, Some(&version))
+    metadata_response(&scope, &model, Some(&version))
 }
 
 fn ready_response(
-    state: &AppState,
+    scope: &TenantScope,
     name: &str,
     version: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let (number, _) = state.registry.resolve(name, version)?;
+    let (number, _) = scope.registry.resolve(name, version)?;
     Ok(Json(json!({ "name": name, "version": number.to_string(), "ready": true })).into_response())
 }
 
 async fn model_ready(
-    State(state): State<AppState>,
+    Caller(scope): Caller,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
-    ready_response(&state, &model, None)
+    ready_response(&scope, &model, None)
 }
 
 async fn model_version_ready(
-    State(state): State<AppState>,
+    Caller(scope): Caller,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    ready_response(&state, &model, Some(&version))
+    ready_response(&scope, &model, Some(&version))
 }
 
-async fn repository_index(
-    State(state): State<AppState>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn repository_index(Caller(scope): Caller, body: Bytes) -> Result<Response, ApiError> {
     // Triton's optional body: {"ready": true} lists only ready models.
     let only_ready = if body.is_empty() {
         false
@@ -220,7 +239,7 @@ async fn repository_index(
             .and_then(|v| v.as_bool())
             .unwrap_or(false)
     };
-    let entries: Vec<RepositoryIndexEntry> = state
+    let entries: Vec<RepositoryIndexEntry> = scope
         .registry
         .index()
         .into_iter()
@@ -243,29 +262,33 @@ async fn repository_index(
 
 async fn infer(
     State(state): State<AppState>,
+    Caller(scope): Caller,
     Path(model): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    run_infer(&state, &model, None, &headers, body).await
+    run_infer(&state, &scope, &model, None, &headers, body).await
 }
 
 async fn infer_version(
     State(state): State<AppState>,
+    Caller(scope): Caller,
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    run_infer(&state, &model, Some(&version), &headers, body).await
+    run_infer(&state, &scope, &model, Some(&version), &headers, body).await
 }
 
-/// Reads the body up to the limit; a larger body (declared or actual) is 413.
-async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
-    let limit = state.max_request_bytes;
+/// Reads the body up to `limit`; a larger body (declared or actual) is 413.
+pub async fn read_body(limit: usize, headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
     let too_large = || {
         Error::new(
             ErrorKind::PayloadTooLarge,
-            format!("request body exceeds the limit of {limit} bytes (--max-request-bytes)"),
+            format!(
+                "request body exceeds the limit of {limit} bytes (--max-request-bytes or the \
+                 tenant's max_request_bytes quota)"
+            ),
         )
     };
     let declared = headers
@@ -307,6 +330,7 @@ struct Served {
 /// slow-request line.
 async fn run_infer(
     state: &AppState,
+    scope: &TenantScope,
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
@@ -315,32 +339,42 @@ async fn run_infer(
     let started = Instant::now();
     let cost = Arc::new(Cost::default());
     let mut served = Served::default();
-    let result = accounting::scope(
-        Arc::clone(&cost),
-        infer_accounted(state, name, version, headers, body, &cost, &mut served),
-    )
-    .await;
+    let result = match scope.admit() {
+        Ok(_permit) => {
+            accounting::scope(
+                Arc::clone(&cost),
+                infer_accounted(
+                    state,
+                    scope,
+                    name,
+                    version,
+                    headers,
+                    body,
+                    &cost,
+                    &mut served,
+                ),
+            )
+            .await
+        }
+        Err(refusal) => Err(refusal),
+    };
     let duration = started.elapsed();
     let status = match &result {
         Ok(_) => 200,
-        Err(error) => status_of(error.0.kind()).as_u16(),
+        Err(error) => status_of(error.error.kind()).as_u16(),
     };
     let version_label = served.version.map(|v| v.to_string()).unwrap_or_default();
     // Only names that resolved become label values, so unknown names cannot grow the series.
     let model_label = if served.version.is_some() { name } else { "" };
-    state.metrics.request(
-        DEFAULT_TENANT,
-        model_label,
-        &version_label,
-        status,
-        duration,
-    );
+    state
+        .metrics
+        .request(&scope.name, model_label, &version_label, status, duration);
     if served.version.is_some() {
         let micros = |counter: &std::sync::atomic::AtomicU64| {
             Duration::from_micros(counter.load(std::sync::atomic::Ordering::Relaxed))
         };
         state.stats.record(
-            DEFAULT_TENANT,
+            &scope.name,
             name,
             &version_label,
             &Outcome {
@@ -354,6 +388,7 @@ async fn run_infer(
     }
     if duration > state.slow_request {
         tracing::warn!(
+            tenant = %scope.name,
             model = name,
             version = %version_label,
             status,
@@ -364,8 +399,10 @@ async fn run_infer(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn infer_accounted(
     state: &AppState,
+    scope: &TenantScope,
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
@@ -374,9 +411,12 @@ async fn infer_accounted(
     served: &mut Served,
 ) -> Result<Response, ApiError> {
     let header_length = header_length(headers)?;
-    let body = read_body(state, headers, body).await?;
+    let limit = state
+        .max_request_bytes
+        .min(usize::try_from(scope.quotas.max_request_bytes).unwrap_or(usize::MAX));
+    let body = read_body(limit, headers, body).await?;
     let mut request = decode_infer_request(body, header_length)?;
-    let (number, model) = state.registry.resolve(name, version)?;
+    let (number, model) = scope.registry.resolve(name, version)?;
     served.version = Some(number);
     let inputs = request_inputs(&mut request, model.as_ref())?;
     served.rows = inputs
@@ -404,6 +444,11 @@ async fn infer_accounted(
     if fuel > 0 {
         parameters.insert("fuel".into(), fuel.into());
     }
+    if let Ok(mut provenance) = cost.provenance.lock()
+        && !provenance.is_empty()
+    {
+        parameters.insert("provenance".into(), std::mem::take(&mut *provenance).into());
+    }
     let response = InferResponse {
         model_name: name.to_string(),
         model_version: Some(number.to_string()),
@@ -430,7 +475,13 @@ async fn infer_accounted(
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.metrics.render(&state.scrape);
+    let tenant_plugins: Vec<_> = state
+        .tenancy
+        .scopes()
+        .iter()
+        .flat_map(|scope| scope.plugin_labels.clone())
+        .collect();
+    let text = state.metrics.render(&state.scrape, &tenant_plugins);
     (
         [(
             header::CONTENT_TYPE,
@@ -444,12 +495,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// Triton's statistics for the names and versions asked, zeros for those not yet used.
 fn stats_response(
     state: &AppState,
+    scope: &TenantScope,
     name: Option<&str>,
     version: Option<&str>,
 ) -> Result<Response, ApiError> {
     let names: Vec<String> = match name {
         Some(name) => {
-            state
+            scope
                 .registry
                 .versions(name)
                 .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
@@ -457,14 +509,14 @@ fn stats_response(
         }
         None => {
             let mut names: Vec<String> =
-                state.registry.index().into_iter().map(|e| e.name).collect();
+                scope.registry.index().into_iter().map(|e| e.name).collect();
             names.dedup();
             names
         }
     };
     let mut model_stats = Vec::new();
     for name in &names {
-        let mut versions: Vec<String> = state
+        let mut versions: Vec<String> = scope
             .registry
             .versions(name)
             .unwrap_or_default()
@@ -480,7 +532,7 @@ fn stats_response(
             }
             versions = vec![version.to_string()];
         }
-        let recorded = state.stats.snapshot(DEFAULT_TENANT, Some(name), None);
+        let recorded = state.stats.snapshot(&scope.name, Some(name), None);
         for version in versions {
             model_stats.push(
                 recorded
@@ -494,22 +546,27 @@ fn stats_response(
     Ok(Json(json!({ "model_stats": model_stats })).into_response())
 }
 
-async fn all_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
-    stats_response(&state, None, None)
+async fn all_stats(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+) -> Result<Response, ApiError> {
+    stats_response(&state, &scope, None, None)
 }
 
 async fn model_stats(
     State(state): State<AppState>,
+    Caller(scope): Caller,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
-    stats_response(&state, Some(&model), None)
+    stats_response(&state, &scope, Some(&model), None)
 }
 
 async fn model_version_stats(
     State(state): State<AppState>,
+    Caller(scope): Caller,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    stats_response(&state, Some(&model), Some(&version))
+    stats_response(&state, &scope, Some(&model), Some(&version))
 }
 
 /// The request's tensors; a headerless binary body (`Inference-Header-Content-Length: 0`) is the

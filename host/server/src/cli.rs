@@ -45,6 +45,8 @@ pub enum Command {
     /// Measure the plugin sandbox: instantiation, an empty call, and a model call through
     /// wasi:nn against the same model called directly.
     BenchPlugins(crate::bench::BenchPluginsArgs),
+    #[command(flatten)]
+    Client(weft_client::ClientCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,6 +54,8 @@ pub enum GraphCommand {
     /// Validate graph files against a repository's models and plugins, as loading would
     /// (dry run: no server). Exits 1 if any file is invalid.
     Check(GraphCheckArgs),
+    #[command(flatten)]
+    Client(weft_client::GraphClientCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -110,6 +114,17 @@ pub struct ServeArgs {
     /// Requests slower than this many milliseconds are logged at warn level ("slow request").
     #[arg(long, env = "WEFT_SLOW_REQUEST_MS", default_value_t = 1000)]
     pub slow_request_ms: u64,
+    /// The operator's key for the admin API (`/api/v1/tenants`: tenants, quotas, API keys);
+    /// without it the admin API answers 401. At least 16 characters.
+    #[arg(long, env = "WEFT_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// An API key for the tenant `default`, which shares every repository model and graph. Kept
+    /// in memory only (hashed); for the quickstart and tests. At least 16 characters.
+    #[arg(long, env = "WEFT_BOOTSTRAP_KEY", hide_env_values = true)]
+    pub bootstrap_key: Option<String>,
+    /// Largest control-plane upload (plugin, model, graph) in bytes; larger uploads get 413.
+    #[arg(long, env = "WEFT_MAX_UPLOAD_BYTES", default_value_t = crate::app::DEFAULT_MAX_UPLOAD_BYTES)]
+    pub max_upload_bytes: usize,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "WEFT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
@@ -128,6 +143,10 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => runtime.block_on(crate::bench::bench(args)),
         Command::BenchPlugins(args) => runtime.block_on(crate::bench::bench_plugins(args)),
         Command::Graph(GraphCommand::Check(args)) => graph_check(args),
+        Command::Graph(GraphCommand::Client(command)) => {
+            runtime.block_on(weft_client::run_graph(command))
+        }
+        Command::Client(command) => runtime.block_on(weft_client::run(command)),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -183,6 +202,8 @@ struct Loaded {
     registry: weft_engine::ModelRegistry,
     unserved: Vec<String>,
     scrape: ScrapeSources,
+    runtime: weft_runtime::PluginRuntime,
+    loader: RepositoryLoader,
 }
 
 /// Loads the repository's models, plugins (compiled once into `<data-dir>/compile-cache`) and
@@ -229,6 +250,8 @@ fn load_repository(
         registry,
         unserved,
         scrape,
+        runtime,
+        loader,
     })
 }
 
@@ -239,16 +262,43 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let ort_info = weft_backends::init_onnxruntime(&args.ort.library)?;
     tracing::info!(library = %args.ort.library.display(), build = %ort_info, "ONNX Runtime loaded");
 
+    for (flag, key) in [
+        ("--admin-key", &args.admin_key),
+        ("--bootstrap-key", &args.bootstrap_key),
+    ] {
+        if key.as_ref().is_some_and(|key| key.trim().len() < 16) {
+            bail!("{flag} must be at least 16 characters");
+        }
+    }
     let repository = args.repository.clone();
     let data_dir = args.data_dir.clone();
     let metrics = Arc::new(Metrics::new());
     let loading_metrics = Arc::clone(&metrics);
-    let loaded = tokio::task::spawn_blocking(move || {
-        load_repository(&repository, &data_dir, &loading_metrics)
+    let admin_key = args.admin_key.clone();
+    let bootstrap_key = args.bootstrap_key.clone();
+    let (loaded, tenancy) = tokio::task::spawn_blocking(move || {
+        let loaded = load_repository(&repository, &data_dir, &loading_metrics)?;
+        let store = weft_store::Store::open(&data_dir)
+            .with_context(|| format!("cannot open the store under {}", data_dir.display()))?;
+        let tenancy = crate::tenants::Tenancy::new(crate::tenants::TenancyConfig {
+            store: Arc::new(store),
+            platform: loaded.registry.clone(),
+            runtime: loaded.runtime.clone(),
+            loader: loaded.loader.clone(),
+            metrics: Some(Arc::clone(&loading_metrics)),
+            admin_key,
+            bootstrap_key,
+        })
+        .context("cannot restore the tenants from the store")?;
+        anyhow::Ok((loaded, tenancy))
     })
     .await
     .context("repository loading stopped unexpectedly")??;
-    metrics.declare_models(crate::app::DEFAULT_TENANT, &loaded.registry);
+    tracing::info!(
+        tenants = tenancy.scopes().len(),
+        admin_api = args.admin_key.is_some(),
+        "tenants restored"
+    );
     let mut failures = loaded.unserved;
     failures.extend(loaded.registry.failures());
     if args.strict && !failures.is_empty() {
@@ -263,7 +313,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics,
         scrape: loaded.scrape,
         slow_request: Duration::from_millis(args.slow_request_ms),
-        ..AppState::new(loaded.registry, args.max_request_bytes)
+        max_upload_bytes: args.max_upload_bytes,
+        ..AppState::new(Arc::new(tenancy), args.max_request_bytes)
     };
     let accepting = state.accepting.clone();
     let listener = TcpListener::bind(args.listen)

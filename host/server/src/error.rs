@@ -1,22 +1,39 @@
 //! The one place where an error kind becomes an HTTP status and a V2 `{"error": "..."}` body.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use weft_core::{Error, ErrorKind};
 use weft_protocol::ErrorResponse;
 
-/// An error on its way to the client.
+/// An error on its way to the client; a quota refusal also says when to retry.
 #[derive(Debug)]
-pub struct ApiError(pub Error);
+pub struct ApiError {
+    pub error: Error,
+    /// Seconds for a `Retry-After` header (429 refusals).
+    pub retry_after: Option<u64>,
+}
 
-impl From<Error> for ApiError {
-    fn from(error: Error) -> Self {
-        ApiError(error)
+impl ApiError {
+    /// A refusal the caller may retry after `seconds`.
+    pub fn retry_after(error: Error, seconds: u64) -> Self {
+        ApiError {
+            error,
+            retry_after: Some(seconds.max(1)),
+        }
     }
 }
 
-/// The status each kind maps to (Triton's mapping, plus 413 and 504).
+impl From<Error> for ApiError {
+    fn from(error: Error) -> Self {
+        ApiError {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+/// The status each kind maps to (Triton's mapping, plus 401, 403, 409, 413, 429 and 504).
 pub fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
@@ -26,20 +43,36 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
         ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = status_of(self.0.kind());
+        let status = status_of(self.error.kind());
         if status.is_server_error() {
-            tracing::error!(kind = self.0.kind().as_str(), error = %self.0, "request failed");
+            tracing::error!(kind = self.error.kind().as_str(), error = %self.error, "request failed");
         } else {
-            tracing::info!(kind = self.0.kind().as_str(), error = %self.0, "request refused");
+            tracing::info!(kind = self.error.kind().as_str(), error = %self.error, "request refused");
         }
         let body = ErrorResponse {
-            error: self.0.message().to_string(),
+            error: self.error.message().to_string(),
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after
+            && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"weft\""),
+            );
+        }
+        response
     }
 }

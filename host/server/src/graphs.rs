@@ -93,6 +93,9 @@ pub struct RepositoryRunner {
     plugins: Arc<HashMap<String, Plugin>>,
     defaults: CallLimits,
     metrics: Option<Arc<Metrics>>,
+    /// Per plugin name, where it came from (version, digest, signer), noted on each request
+    /// that runs it; empty for repository plugins.
+    provenance: HashMap<String, serde_json::Value>,
 }
 
 impl RepositoryRunner {
@@ -111,7 +114,20 @@ impl RepositoryRunner {
             plugins: Arc::new(plugins),
             defaults: runtime.config().limits.clone(),
             metrics,
+            provenance: HashMap::new(),
         }
+    }
+
+    /// A tenant's runner: its plugins run under its own ceilings and each call is noted in the
+    /// request's provenance.
+    pub fn for_tenant(
+        mut self,
+        limits: CallLimits,
+        provenance: HashMap<String, serde_json::Value>,
+    ) -> Self {
+        self.defaults = limits;
+        self.provenance = provenance;
+        self
     }
 
     /// The loaded plugins, for metrics read at scrape time.
@@ -178,6 +194,9 @@ impl NodeRunner for RepositoryRunner {
                 .get(name)
                 .ok_or_else(|| Error::unavailable(format!("plugin '{name}' is not loaded")))?;
             let call_context = self.call_context(context);
+            if let Some(entry) = self.provenance.get(name) {
+                accounting::note_plugin(entry);
+            }
             let started = Instant::now();
             let reply = match call {
                 PluginCall::Transform { inputs, .. } => plugin
@@ -278,7 +297,7 @@ fn load_graph(
 
 /// A graph is ready only when every node's model and plugin is: a node on an unavailable model
 /// or a plugin that failed to load makes the graph unavailable, with that reason.
-fn check_nodes_ready(spec: &GraphSpec, catalog: &RepositoryCatalog<'_>) -> Result<()> {
+pub fn check_nodes_ready(spec: &GraphSpec, catalog: &RepositoryCatalog<'_>) -> Result<()> {
     for node in &spec.nodes {
         if let Some(model) = &node.model
             && let Err(error) = catalog.models.resolve(model, node.version.as_deref())

@@ -1,16 +1,18 @@
 //! The `weft` server: the Open Inference Protocol (KServe V2) HTTP API over axum.
 //!
 //! It owns the process edge — flags, logging, HTTP routes, error-to-status mapping, graceful
-//! shutdown — and wires the engine's registry to the backends. Everything below the HTTP edge
+//! shutdown, tenants and their control plane — and wires the engine's registry to the backends. Everything below the HTTP edge
 //! lives in the other crates, so `app(state)` is the whole server and tests serve exactly it.
 
 pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod control;
 pub mod error;
 pub mod graphs;
 pub mod loader;
 pub mod metrics;
 pub mod stats;
+pub mod tenants;
 
 pub use app::{AppState, app};

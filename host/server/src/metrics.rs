@@ -237,6 +237,16 @@ impl Metrics {
         }
     }
 
+    /// Records one control-plane upload (plugin, model or graph) and its HTTP status.
+    pub fn upload(&self, kind: &str, status: u16) {
+        let status = if status < 300 {
+            "ok".to_string()
+        } else {
+            status.to_string()
+        };
+        self.uploads.with_label_values(&[kind, &status]).inc();
+    }
+
     pub fn plugin_call(&self, plugin: &str, duration: Duration) {
         self.plugin_duration
             .with_label_values(&[plugin])
@@ -265,9 +275,10 @@ impl Metrics {
         Arc::clone(self) as Arc<dyn GraphObserver>
     }
 
-    /// Renders every metric, after refreshing those read from the runtime and the process.
-    pub fn render(&self, sources: &ScrapeSources) -> String {
-        self.refresh(sources);
+    /// Renders every metric, after refreshing those read from the runtime, the plugins (the
+    /// repository's and `tenant_plugins`, labelled `tenant/name@version`) and the process.
+    pub fn render(&self, sources: &ScrapeSources, tenant_plugins: &[(String, Plugin)]) -> String {
+        self.refresh(sources, tenant_plugins);
         let mut text = String::new();
         if let Err(error) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text) {
             tracing::error!(%error, "cannot encode metrics");
@@ -275,7 +286,7 @@ impl Metrics {
         text
     }
 
-    fn refresh(&self, sources: &ScrapeSources) {
+    fn refresh(&self, sources: &ScrapeSources, tenant_plugins: &[(String, Plugin)]) {
         if let Some(runtime) = &sources.runtime {
             let stats = runtime.stats();
             catch_up(&self.plugin_instantiations, load(&stats.instantiations));
@@ -288,7 +299,11 @@ impl Metrics {
                 load(&stats.cache_misses),
             );
         }
-        for (name, plugin) in sources.plugins.iter() {
+        let plugins = sources
+            .plugins
+            .iter()
+            .chain(tenant_plugins.iter().map(|(label, plugin)| (label, plugin)));
+        for (name, plugin) in plugins {
             let stats = plugin.stats();
             let _ = self.plugin_duration.with_label_values(&[name]);
             catch_up(

@@ -9,6 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// The API key of tenant `default` (which shares every repository model and graph) in every
+/// server the harness starts; [`client`] sends it.
+pub const TEST_KEY: &str = "weft-test-bootstrap-key";
+/// The operator's admin key in every server the harness starts.
+pub const ADMIN_KEY: &str = "weft-test-admin-key";
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -149,7 +155,7 @@ pub struct Server {
     pub child: Child,
     pub address: String,
     pub stderr: PathBuf,
-    _data: tempfile::TempDir,
+    data: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -168,12 +174,32 @@ impl Server {
     /// Like `start_with`, but returns the process's stderr when it exits instead of serving.
     pub fn try_start(repository: &Path, extra: &[&str]) -> Result<Server, String> {
         let data = tempfile::tempdir().unwrap();
+        Server::try_start_in(repository, extra, data)
+    }
+
+    /// Starts a server whose `--data-dir` is `<data>/data` (so a test can restart on the same
+    /// store); the server owns `data` and removes it when dropped.
+    pub fn try_start_in(
+        repository: &Path,
+        extra: &[&str],
+        data: tempfile::TempDir,
+    ) -> Result<Server, String> {
         let stderr_path = data.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&stderr_path)
+            .unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_weft-under-test"));
         command.arg("serve");
         if !extra.contains(&"--ort-library") {
             command.arg("--ort-library").arg(ort_library());
+        }
+        if !extra.contains(&"--bootstrap-key") {
+            command.args(["--bootstrap-key", TEST_KEY]);
+        }
+        if !extra.contains(&"--admin-key") {
+            command.args(["--admin-key", ADMIN_KEY]);
         }
         let mut child = command
             .args(["--listen", "127.0.0.1:0", "--repository"])
@@ -200,7 +226,7 @@ impl Server {
                 child,
                 address,
                 stderr: stderr_path,
-                _data: data,
+                data: Some(data),
             }),
             Err(_) => {
                 let _ = child.kill();
@@ -216,6 +242,19 @@ impl Server {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The `--data-dir` this server uses.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data.as_ref().unwrap().path().join("data")
+    }
+
+    /// SIGKILLs the process (no shutdown, no flush: a crash) and hands back its data directory,
+    /// so a test can start a new server on the same store.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.data.take().unwrap()
     }
 
     /// Waits for the process to exit (after a signal sent elsewhere).
@@ -241,8 +280,22 @@ impl Drop for Server {
     }
 }
 
+/// An HTTP client that sends [`TEST_KEY`] as its bearer token.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::new()
+    client_with_key(TEST_KEY)
+}
+
+/// An HTTP client that sends `key` as its bearer token.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 /// POSTs JSON and returns (status, parsed body).

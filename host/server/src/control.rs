@@ -1,0 +1,1107 @@
+//! The control plane under `/api/v1`: the operator's tenant and key administration (admin key)
+//! and each tenant's own signing keys, plugins, models and graphs (the tenant's API key).
+//!
+//! Every change is one store transaction, durable before it is answered, followed by a rebuild
+//! of that tenant's namespace (see `tenants.rs`); a change that fails stores nothing. Uploads
+//! are checked before anything is written: a plugin's signature and component, a model's
+//! configuration and loadability, a graph's validation (the same as `weft graph check`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use weft_core::{Error, ErrorKind, Result};
+use weft_engine::ModelRegistry;
+use weft_store::signing::{PublicKey, plugin_message, sha256_hex};
+use weft_store::{Quotas, State as StoreState, Tenant, api_keys, check_name};
+
+use crate::app::{AppState, Caller, read_body};
+use crate::error::ApiError;
+use crate::tenants::{
+    Tenancy, check_model_config, graph_path, graph_references, new_tenant, signing_key, unix_now,
+    validate_graph,
+};
+
+/// The OpenAPI description of every route, served at `/api/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Header carrying a plugin's detached signature (base64 ed25519).
+pub const SIGNATURE_HEADER: &str = "weft-signature";
+/// Header naming the registered signing key that made the signature.
+pub const SIGNING_KEY_HEADER: &str = "weft-signing-key";
+/// Header giving the length of the model.toml that precedes the ONNX bytes of a model push.
+pub const CONFIG_LENGTH_HEADER: &str = "weft-config-length";
+/// Optional header naming the client's file, so graph errors name it as `weft graph check` does.
+pub const FILE_NAME_HEADER: &str = "weft-file-name";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/tenants", post(create_tenant).get(list_tenants))
+        .route(
+            "/api/v1/tenants/{tenant}",
+            get(get_tenant).patch(update_tenant).delete(delete_tenant),
+        )
+        .route("/api/v1/tenants/{tenant}/keys", post(issue_key))
+        .route(
+            "/api/v1/tenants/{tenant}/keys/{id}",
+            axum::routing::delete(revoke_key),
+        )
+        .route("/api/v1/tenant", get(whoami))
+        .route(
+            "/api/v1/signing-keys",
+            post(register_signing_key).get(list_signing_keys),
+        )
+        .route(
+            "/api/v1/signing-keys/{id}",
+            axum::routing::delete(revoke_signing_key),
+        )
+        .route("/api/v1/plugins", get(list_plugins))
+        .route(
+            "/api/v1/plugins/{name}",
+            get(get_plugin).delete(delete_plugin),
+        )
+        .route(
+            "/api/v1/plugins/{name}/versions/{version}",
+            put(push_plugin).delete(delete_plugin_version),
+        )
+        .route("/api/v1/models", get(list_models))
+        .route("/api/v1/models/{name}", get(get_model).delete(delete_model))
+        .route(
+            "/api/v1/models/{name}/versions/{version}",
+            put(push_model).delete(delete_model_version),
+        )
+        .route("/api/v1/graphs", get(list_graphs))
+        .route(
+            "/api/v1/graphs/{name}",
+            put(apply_graph).get(get_graph).delete(delete_graph),
+        )
+        .route(
+            "/api/v1/graphs/{name}/versions/{version}",
+            axum::routing::delete(delete_graph_version),
+        )
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// Runs blocking tenancy work (store writes, model loads, plugin compiles) off the async threads.
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce(&Tenancy) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let tenancy = Arc::clone(&state.tenancy);
+    tokio::task::spawn_blocking(move || work(&tenancy))
+        .await
+        .map_err(|error| Error::internal(format!("control-plane task failed: {error}")))?
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    if body.is_empty() {
+        return serde_json::from_slice(b"{}")
+            .map_err(|error| Error::invalid(format!("a JSON body is required: {error}")));
+    }
+    serde_json::from_slice(body).map_err(|error| Error::invalid(format!("malformed JSON: {error}")))
+}
+
+fn created(value: Value) -> Response {
+    (StatusCode::CREATED, axum::Json(value)).into_response()
+}
+
+fn ok(value: Value) -> Response {
+    axum::Json(value).into_response()
+}
+
+fn tenant_of<'a>(state: &'a StoreState, name: &str) -> Result<&'a Tenant> {
+    state
+        .tenants
+        .get(name)
+        .ok_or_else(|| Error::not_found(format!("unknown tenant '{name}'")))
+}
+
+fn tenant_mut<'a>(state: &'a mut StoreState, name: &str) -> Result<&'a mut Tenant> {
+    state
+        .tenants
+        .get_mut(name)
+        .ok_or_else(|| Error::not_found(format!("unknown tenant '{name}'")))
+}
+
+/// What a tenant looks like over the API: never a key or a key hash.
+fn tenant_view(tenant: &Tenant) -> Value {
+    let (plugins, models, graphs) = tenant.counts();
+    json!({
+        "name": tenant.name,
+        "created_unix": tenant.created_unix,
+        "quotas": tenant.quotas,
+        "shared_models": tenant.shared_models,
+        "api_keys": tenant.api_keys.iter().map(|key| json!({
+            "id": key.id, "created_unix": key.created_unix, "revoked": key.revoked,
+        })).collect::<Vec<_>>(),
+        "usage": {
+            "plugins": plugins, "models": models, "graphs": graphs,
+            "stored_bytes": tenant.stored_bytes(),
+        },
+    })
+}
+
+/// Refuses a change that leaves the tenant over a storage quota (403).
+fn check_storage(tenant: &Tenant) -> Result<()> {
+    let (plugins, models, graphs) = tenant.counts();
+    let quotas = &tenant.quotas;
+    let over = |what: &str, used: u64, limit: u64| {
+        Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "tenant '{}' would exceed its quota of {limit} {what} (it would have {used})",
+                tenant.name
+            ),
+        )
+    };
+    if plugins > u64::from(quotas.max_plugins) {
+        return Err(over("plugin versions", plugins, quotas.max_plugins.into()));
+    }
+    if models > u64::from(quotas.max_models) {
+        return Err(over("model versions", models, quotas.max_models.into()));
+    }
+    if graphs > u64::from(quotas.max_graphs) {
+        return Err(over("graph versions", graphs, quotas.max_graphs.into()));
+    }
+    if tenant.stored_bytes() > quotas.max_stored_bytes {
+        return Err(over(
+            "stored bytes",
+            tenant.stored_bytes(),
+            quotas.max_stored_bytes,
+        ));
+    }
+    Ok(())
+}
+
+// ---- operator: tenants and API keys ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenant {
+    name: String,
+    #[serde(default)]
+    quotas: Quotas,
+    #[serde(default)]
+    shared_models: Vec<String>,
+}
+
+async fn create_tenant(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> std::result::Result<Response, ApiError> {
+    state.tenancy.authenticate_admin(&headers)?;
+    let request: CreateTenant = parse_json(&body)?;
+    check_name("tenant", &request.name)?;
+    request.quotas.validate()?;
+    let (id, key) = api_keys::generate()?;
+    let view = blocking(&state, move |tenancy| {
+        let name = request.name.clone();
+        tenancy.change(Some(&name), move |store| {
+            if store.tenants.contains_key(&request.name) {
+                return Err(Error::conflict(format!(
+                    "tenant '{}' already exists",
+                    request.name
+                )));
+            }
+            let mut tenant = new_tenant(&request.name, request.quotas, request.shared_models);
+            tenant.api_keys.push(weft_store::ApiKey {
+                id: id.clone(),
+                hash: api_keys::hash(&key),
+                created_unix: unix_now(),
+                revoked: false,
+            });
+            let view = json!({
+                "tenant": tenant_view(&tenant),
+                "api_key": {"id": id, "key": key},
+            });
+            store.tenants.insert(request.name.clone(), tenant);
+            Ok(view)
+        })
+    })
+    .await?;
+    Ok(created(view))
+}
+
+async fn list_tenants(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> std::result::Result<Response, ApiError> {
+    state.tenancy.authenticate_admin(&headers)?;
+    let store = state.tenancy.store().state();
+    let tenants: Vec<Value> = store.tenants.values().map(tenant_view).collect();
+    Ok(ok(json!({ "tenants": tenants })))
+}
+
+async fn get_tenant(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    state.tenancy.authenticate_admin(&headers)?;
+    let store = state.tenancy.store().state();
+    Ok(ok(tenant_view(tenant_of(&store, &name)?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateTenant {
+    /// Only the fields given change.
+    quotas: Option<Value>,
+    shared_models: Option<Vec<String>>,
+}
+
+async fn update_tenant(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> std::result::Result<Response, ApiError> {
+    state.tenancy.authenticate_admin(&headers)?;
+    let request: UpdateTenant = parse_json(&body)?;
+    let view = blocking(&state, move |tenancy| {
+        tenancy.change(Some(&name), |store| {
+            let tenant = tenant_mut(store, &name)?;
+            if let Some(patch) = &request.quotas {
+                tenant.quotas = tenant.quotas.patched(patch)?;
+            }
+            if let Some(shared) = request.shared_models {
+                tenant.shared_models = shared;
+            }
+            Ok(tenant_view(tenant))
+        })
+    })
+    .await?;
+    Ok(ok(view))
+}
+
+async fn delete_tenant(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    state.tenancy.authenticate_admin(&headers)?;
+    let deleted = name.clone();
+    blocking(&state, move |tenancy| {
+        tenancy.change(None, |store| {
+            store
+                .tenants
+                .remove(&name)
+                .map(|_| ())
+                .ok_or_else(|| Error::not_found(format!("unknown tenant '{name}'")))
+        })
+    })
+    .await?;
+    Ok(ok(json!({ "deleted": deleted })))
+}
+
+async fn issue_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    state.tenancy.authenticate_admin(&headers)?;
+    let (id, key) = api_keys::generate()?;
+    let hash = api_keys::hash(&key);
+    let key_id = id.clone();
+    blocking(&state, move |tenancy| {
+        tenancy.change(Some(&name), |store| {
+            tenant_mut(store, &name)?.api_keys.push(weft_store::ApiKey {
+                id: key_id,
+                hash,
+                created_unix: unix_now(),
+                revoked: false,
+            });
+            Ok(())
+        })
+    })
+    .await?;
+    Ok(created(json!({ "id": id, "key": key })))
+}
+
+async fn revoke_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, id)): Path<(String, String)>,
+) -> std::result::Result<Response, ApiError> {
+    state.tenancy.authenticate_admin(&headers)?;
+    let revoked = id.clone();
+    blocking(&state, move |tenancy| {
+        tenancy.change(Some(&name), |store| {
+            let tenant = tenant_mut(store, &name)?;
+            let key = tenant
+                .api_keys
+                .iter_mut()
+                .find(|key| key.id == id)
+                .ok_or_else(|| {
+                    Error::not_found(format!("tenant '{name}' has no API key '{id}'"))
+                })?;
+            key.revoked = true;
+            Ok(())
+        })
+    })
+    .await?;
+    Ok(ok(json!({ "revoked": revoked })))
+}
+
+// ---- tenant: identity and signing keys ----
+
+async fn whoami(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+) -> std::result::Result<Response, ApiError> {
+    let store = state.tenancy.store().state();
+    Ok(ok(tenant_view(tenant_of(&store, &scope.name)?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterSigningKey {
+    public_key: String,
+}
+
+async fn register_signing_key(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    body: Bytes,
+) -> std::result::Result<Response, ApiError> {
+    let request: RegisterSigningKey = parse_json(&body)?;
+    let public = PublicKey::from_base64(request.public_key.trim())?;
+    let id = public.key_id();
+    let tenant = scope.name.clone();
+    let key_id = id.clone();
+    let encoded = public.to_base64();
+    blocking(&state, move |tenancy| {
+        tenancy.change(Some(&tenant), |store| {
+            let tenant = tenant_mut(store, &tenant)?;
+            if let Some(existing) = tenant.signing_keys.iter().find(|key| key.id == key_id) {
+                return Err(Error::conflict(if existing.revoked {
+                    format!("signing key '{key_id}' was revoked and cannot be registered again")
+                } else {
+                    format!("signing key '{key_id}' is already registered")
+                }));
+            }
+            tenant.signing_keys.push(weft_store::SigningKey {
+                id: key_id,
+                public_key: encoded,
+                created_unix: unix_now(),
+                revoked: false,
+            });
+            Ok(())
+        })
+    })
+    .await?;
+    Ok(created(
+        json!({ "id": id, "public_key": public.to_base64() }),
+    ))
+}
+
+async fn list_signing_keys(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+) -> std::result::Result<Response, ApiError> {
+    let store = state.tenancy.store().state();
+    let tenant = tenant_of(&store, &scope.name)?;
+    let keys: Vec<Value> = tenant
+        .signing_keys
+        .iter()
+        .map(|key| {
+            json!({
+                "id": key.id, "public_key": key.public_key,
+                "created_unix": key.created_unix, "revoked": key.revoked,
+            })
+        })
+        .collect();
+    Ok(ok(json!({ "signing_keys": keys })))
+}
+
+async fn revoke_signing_key(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path(id): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    let tenant = scope.name.clone();
+    let revoked = id.clone();
+    blocking(&state, move |tenancy| {
+        tenancy.change(Some(&tenant), |store| {
+            let key = tenant_mut(store, &tenant)?
+                .signing_keys
+                .iter_mut()
+                .find(|key| key.id == id)
+                .ok_or_else(|| Error::not_found(format!("unknown signing key '{id}'")))?;
+            key.revoked = true;
+            Ok(())
+        })
+    })
+    .await?;
+    Ok(ok(json!({ "revoked": revoked })))
+}
+
+// ---- tenant: plugins ----
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|value| !value.is_empty())
+}
+
+/// Reads an upload body up to the server's upload limit.
+async fn upload_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes> {
+    read_body(state.max_upload_bytes, headers, body).await
+}
+
+async fn push_plugin(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> std::result::Result<Response, ApiError> {
+    let result = push_plugin_checked(&state, &scope.name, name, version, &headers, body).await;
+    state.metrics.upload(
+        "plugin",
+        result
+            .as_ref()
+            .map_or_else(|e| crate::error::status_of(e.kind()).as_u16(), |_| 201),
+    );
+    Ok(created(result?))
+}
+
+async fn push_plugin_checked(
+    state: &AppState,
+    tenant: &str,
+    name: String,
+    version: String,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value> {
+    check_name("plugin", &name)?;
+    check_name("plugin version", &version)?;
+    let unsigned = || {
+        Error::invalid(
+            "unsigned plugin: send the headers Weft-Signature (base64 ed25519 signature) and \
+             Weft-Signing-Key (a registered key id); `weft plugin sign` makes both",
+        )
+    };
+    let signature = header_text(headers, SIGNATURE_HEADER)
+        .ok_or_else(unsigned)?
+        .to_string();
+    let key_id = header_text(headers, SIGNING_KEY_HEADER)
+        .ok_or_else(unsigned)?
+        .to_string();
+    let bytes = upload_body(state, headers, body).await?;
+    let tenant = tenant.to_string();
+    blocking(state, move |tenancy| {
+        let digest = sha256_hex(&bytes);
+        let current = tenancy.store().state();
+        let record = tenant_of(&current, &tenant)?;
+        if record
+            .plugins
+            .get(&name)
+            .is_some_and(|versions| versions.iter().any(|v| v.version == version))
+        {
+            return Err(Error::conflict(format!(
+                "plugin '{name}' version {version} already exists; versions are immutable, \
+                 push a new version"
+            )));
+        }
+        signing_key(record, &key_id)?
+            .verify(&plugin_message(&digest, &name, &version), &signature)
+            .map_err(|error| {
+                error.context(format!(
+                    "plugin '{name}' version {version} (sha256 {digest}) refused"
+                ))
+            })?;
+        let plugin = tenancy.runtime().load(&name, &bytes)?;
+        let role = plugin.role().as_str();
+        tenancy.store().put_blob(&bytes)?;
+        let size = bytes.len() as u64;
+        tenancy.change(Some(&tenant), |store| {
+            let record = tenant_mut(store, &tenant)?;
+            let versions = record.plugins.entry(name.clone()).or_default();
+            if versions.iter().any(|v| v.version == version) {
+                return Err(Error::conflict(format!(
+                    "plugin '{name}' version {version} already exists"
+                )));
+            }
+            versions.push(weft_store::PluginVersion {
+                version: version.clone(),
+                digest: digest.clone(),
+                size,
+                signature,
+                key_id: key_id.clone(),
+                created_unix: unix_now(),
+            });
+            check_storage(record)
+        })?;
+        Ok(json!({
+            "name": name, "version": version, "digest": format!("sha256:{digest}"),
+            "key_id": key_id, "role": role,
+        }))
+    })
+    .await
+}
+
+fn plugin_view(name: &str, versions: &[weft_store::PluginVersion]) -> Value {
+    json!({
+        "name": name,
+        "versions": versions.iter().map(|v| json!({
+            "version": v.version, "digest": format!("sha256:{}", v.digest), "size": v.size,
+            "key_id": v.key_id, "created_unix": v.created_unix,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn list_plugins(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+) -> std::result::Result<Response, ApiError> {
+    let store = state.tenancy.store().state();
+    let tenant = tenant_of(&store, &scope.name)?;
+    let plugins: Vec<Value> = tenant
+        .plugins
+        .iter()
+        .map(|(name, versions)| plugin_view(name, versions))
+        .collect();
+    Ok(ok(json!({ "plugins": plugins })))
+}
+
+async fn get_plugin(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    let store = state.tenancy.store().state();
+    let tenant = tenant_of(&store, &scope.name)?;
+    let versions = tenant
+        .plugins
+        .get(&name)
+        .ok_or_else(|| Error::not_found(format!("unknown plugin '{name}'")))?;
+    Ok(ok(plugin_view(&name, versions)))
+}
+
+/// The graphs of a tenant that name `what` (a model or plugin) in a node.
+fn graphs_using(tenancy: &Tenancy, tenant: &Tenant, what: &str) -> Result<Vec<String>> {
+    let mut users = Vec::new();
+    for (graph, versions) in &tenant.graphs {
+        for (version, record) in versions {
+            let text = String::from_utf8(tenancy.store().read_blob(&record.toml_digest)?)
+                .unwrap_or_default();
+            if graph_references(&text).contains(what) {
+                users.push(format!("{graph} version {version}"));
+            }
+        }
+    }
+    Ok(users)
+}
+
+async fn delete_plugin(
+    state: State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    remove_plugin(state, caller, name, None).await
+}
+
+async fn delete_plugin_version(
+    state: State<AppState>,
+    caller: Caller,
+    Path((name, version)): Path<(String, String)>,
+) -> std::result::Result<Response, ApiError> {
+    remove_plugin(state, caller, name, Some(version)).await
+}
+
+async fn remove_plugin(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    name: String,
+    version: Option<String>,
+) -> std::result::Result<Response, ApiError> {
+    let tenant = scope.name.clone();
+    let answer = json!({ "deleted": name, "version": version });
+    blocking(&state, move |tenancy| {
+        tenancy.exclusive(|| {
+            let current = tenancy.store().state();
+            let record = tenant_of(&current, &tenant)?;
+            let versions = record
+                .plugins
+                .get(&name)
+                .ok_or_else(|| Error::not_found(format!("unknown plugin '{name}'")))?;
+            let last = match &version {
+                None => true,
+                Some(version) => {
+                    if !versions.iter().any(|v| &v.version == version) {
+                        return Err(Error::not_found(format!(
+                            "unknown version '{version}' of plugin '{name}'"
+                        )));
+                    }
+                    versions.len() == 1
+                }
+            };
+            if last {
+                let users = graphs_using(tenancy, record, &name)?;
+                if !users.is_empty() {
+                    return Err(Error::conflict(format!(
+                        "plugin '{name}' is used by graph {}; delete or change those first",
+                        users.join(", ")
+                    )));
+                }
+            }
+            Ok(())
+        })?;
+        tenancy.change(Some(&tenant), |store| {
+            let record = tenant_mut(store, &tenant)?;
+            match &version {
+                None => {
+                    record.plugins.remove(&name);
+                }
+                Some(version) => {
+                    if let Some(versions) = record.plugins.get_mut(&name) {
+                        versions.retain(|v| &v.version != version);
+                        if versions.is_empty() {
+                            record.plugins.remove(&name);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    })
+    .await?;
+    Ok(ok(answer))
+}
+
+// ---- tenant: models ----
+
+async fn push_model(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> std::result::Result<Response, ApiError> {
+    let result = push_model_checked(&state, &scope, name, version, &headers, body).await;
+    state.metrics.upload(
+        "model",
+        result
+            .as_ref()
+            .map_or_else(|e| crate::error::status_of(e.kind()).as_u16(), |_| 201),
+    );
+    Ok(created(result?))
+}
+
+fn parse_version(text: &str, what: &str) -> Result<u64> {
+    text.parse::<u64>().ok().filter(|v| *v >= 1).ok_or_else(|| {
+        Error::invalid(format!(
+            "{what} version must be a number >= 1, not '{text}'"
+        ))
+    })
+}
+
+async fn push_model_checked(
+    state: &AppState,
+    scope: &crate::tenants::TenantScope,
+    name: String,
+    version: String,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value> {
+    check_name("model", &name)?;
+    let number = parse_version(&version, "model")?;
+    let config_length = header_text(headers, CONFIG_LENGTH_HEADER)
+        .and_then(|v| v.parse::<usize>().ok())
+        .ok_or_else(|| {
+            Error::invalid(
+                "send the header Weft-Config-Length: the byte length of the model.toml that \
+                 precedes the ONNX bytes in the body",
+            )
+        })?;
+    let bytes = upload_body(state, headers, body).await?;
+    if config_length > bytes.len() {
+        return Err(Error::invalid(format!(
+            "Weft-Config-Length {config_length} is longer than the body ({} bytes)",
+            bytes.len()
+        )));
+    }
+    let config_bytes = bytes.slice(..config_length);
+    let onnx = bytes.slice(config_length..);
+    let config_text = std::str::from_utf8(&config_bytes)
+        .map_err(|_| Error::invalid("model.toml is not UTF-8"))?
+        .to_string();
+    let config = check_model_config(&name, &config_text)?;
+    if onnx.is_empty() {
+        return Err(Error::invalid(
+            "the body has no ONNX bytes after model.toml",
+        ));
+    }
+    if scope.registry.is_graph(&name) {
+        return Err(Error::conflict(format!(
+            "'{name}' is a graph; graphs and models share one namespace"
+        )));
+    }
+    let tenant = scope.name.clone();
+    blocking(state, move |tenancy| {
+        let current = tenancy.store().state();
+        let record = tenant_of(&current, &tenant)?;
+        if record
+            .models
+            .get(&name)
+            .is_some_and(|versions| versions.contains_key(&number))
+        {
+            return Err(Error::conflict(format!(
+                "model '{name}' version {number} already exists; versions are immutable"
+            )));
+        }
+        // Load it from a scratch file first: a model that cannot serve stores nothing.
+        let scratch = tempfile::Builder::new()
+            .prefix(weft_store::SCRATCH_PREFIX)
+            .tempfile_in(tenancy.store().scratch_dir())
+            .map_err(|error| Error::internal(format!("cannot create a scratch file: {error}")))?;
+        std::fs::write(scratch.path(), &onnx)
+            .map_err(|error| Error::internal(format!("cannot write a scratch file: {error}")))?;
+        let model =
+            ModelRegistry::load_version(tenancy.loader(), &name, number, scratch.path(), &config)
+                .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
+        drop(scratch);
+        let onnx_digest = tenancy.store().put_blob(&onnx)?;
+        let config_digest = tenancy.store().put_blob(config_text.as_bytes())?;
+        tenancy.remember_model(&tenant, &name, &onnx_digest, &config_digest, model)?;
+        let size = bytes.len() as u64;
+        tenancy.change(Some(&tenant), |store| {
+            let record = tenant_mut(store, &tenant)?;
+            if record.graphs.contains_key(&name) {
+                return Err(Error::conflict(format!(
+                    "'{name}' is a graph; graphs and models share one namespace"
+                )));
+            }
+            let versions = record.models.entry(name.clone()).or_default();
+            if versions.contains_key(&number) {
+                return Err(Error::conflict(format!(
+                    "model '{name}' version {number} already exists"
+                )));
+            }
+            versions.insert(
+                number,
+                weft_store::ModelVersion {
+                    onnx_digest: onnx_digest.clone(),
+                    config_digest,
+                    size,
+                    created_unix: unix_now(),
+                },
+            );
+            check_storage(record)
+        })?;
+        Ok(json!({
+            "name": name, "version": number.to_string(),
+            "onnx_digest": format!("sha256:{onnx_digest}"), "size": size,
+        }))
+    })
+    .await
+}
+
+fn model_view(
+    name: &str,
+    versions: &std::collections::BTreeMap<u64, weft_store::ModelVersion>,
+) -> Value {
+    json!({
+        "name": name,
+        "versions": versions.iter().map(|(number, v)| json!({
+            "version": number.to_string(), "onnx_digest": format!("sha256:{}", v.onnx_digest),
+            "size": v.size, "created_unix": v.created_unix,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn list_models(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+) -> std::result::Result<Response, ApiError> {
+    let store = state.tenancy.store().state();
+    let tenant = tenant_of(&store, &scope.name)?;
+    let models: Vec<Value> = tenant
+        .models
+        .iter()
+        .map(|(name, versions)| model_view(name, versions))
+        .collect();
+    Ok(ok(json!({ "models": models })))
+}
+
+async fn get_model(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    let store = state.tenancy.store().state();
+    let tenant = tenant_of(&store, &scope.name)?;
+    let versions = tenant
+        .models
+        .get(&name)
+        .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+    Ok(ok(model_view(&name, versions)))
+}
+
+async fn delete_model(
+    state: State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    remove_model(state, caller, name, None).await
+}
+
+async fn delete_model_version(
+    state: State<AppState>,
+    caller: Caller,
+    Path((name, version)): Path<(String, String)>,
+) -> std::result::Result<Response, ApiError> {
+    let number = parse_version(&version, "model")?;
+    remove_model(state, caller, name, Some(number)).await
+}
+
+async fn remove_model(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    name: String,
+    version: Option<u64>,
+) -> std::result::Result<Response, ApiError> {
+    let tenant = scope.name.clone();
+    let answer = json!({ "deleted": name, "version": version.map(|v| v.to_string()) });
+    blocking(&state, move |tenancy| {
+        tenancy.exclusive(|| {
+            let current = tenancy.store().state();
+            let record = tenant_of(&current, &tenant)?;
+            let versions = record
+                .models
+                .get(&name)
+                .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+            if let Some(number) = version
+                && !versions.contains_key(&number)
+            {
+                return Err(Error::not_found(format!(
+                    "unknown version '{number}' of model '{name}'"
+                )));
+            }
+            if version.is_none() || versions.len() == 1 {
+                let users = graphs_using(tenancy, record, &name)?;
+                if !users.is_empty() {
+                    return Err(Error::conflict(format!(
+                        "model '{name}' is used by graph {}; delete or change those first",
+                        users.join(", ")
+                    )));
+                }
+            }
+            Ok(())
+        })?;
+        tenancy.change(Some(&tenant), |store| {
+            let record = tenant_mut(store, &tenant)?;
+            match version {
+                None => {
+                    record.models.remove(&name);
+                }
+                Some(number) => {
+                    if let Some(versions) = record.models.get_mut(&name) {
+                        versions.remove(&number);
+                        if versions.is_empty() {
+                            record.models.remove(&name);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    })
+    .await?;
+    Ok(ok(answer))
+}
+
+// ---- tenant: graphs ----
+
+async fn apply_graph(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> std::result::Result<Response, ApiError> {
+    let result = apply_graph_checked(&state, &scope, name, &headers, body).await;
+    state.metrics.upload(
+        "graph",
+        result
+            .as_ref()
+            .map_or_else(|e| crate::error::status_of(e.kind()).as_u16(), |_| 201),
+    );
+    Ok(created(result?))
+}
+
+async fn apply_graph_checked(
+    state: &AppState,
+    scope: &crate::tenants::TenantScope,
+    name: String,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value> {
+    check_name("graph", &name)?;
+    let bytes = upload_body(state, headers, body).await?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Error::invalid("the graph is not UTF-8 text"))?
+        .to_string();
+    let file = header_text(headers, FILE_NAME_HEADER)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| graph_path(&name));
+    let tenant = scope.name.clone();
+    blocking(state, move |tenancy| {
+        let scope = tenancy
+            .scope(&tenant)
+            .ok_or_else(|| Error::not_found(format!("unknown tenant '{tenant}'")))?;
+        let plan = validate_graph(&scope, &file, &text)?;
+        if plan.spec.name != name {
+            return Err(Error::invalid(format!(
+                "{}: the graph is named '{}' but was applied as '{name}'",
+                file.display(),
+                plan.spec.name
+            )));
+        }
+        let version = plan.spec.version;
+        if scope.models.versions(&name).is_some() && !scope.registry.is_graph(&name) {
+            return Err(Error::conflict(format!(
+                "'{name}' is a model; graphs and models share one namespace"
+            )));
+        }
+        let digest = tenancy.store().put_blob(text.as_bytes())?;
+        let size = text.len() as u64;
+        tenancy.change(Some(&tenant), |store| {
+            let record = tenant_mut(store, &tenant)?;
+            if record.models.contains_key(&name) {
+                return Err(Error::conflict(format!(
+                    "'{name}' is a model; graphs and models share one namespace"
+                )));
+            }
+            record.graphs.entry(name.clone()).or_default().insert(
+                version,
+                weft_store::GraphVersion {
+                    toml_digest: digest,
+                    size,
+                    created_unix: unix_now(),
+                },
+            );
+            check_storage(record)
+        })?;
+        Ok(json!({ "name": name, "version": version.to_string() }))
+    })
+    .await
+}
+
+async fn list_graphs(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+) -> std::result::Result<Response, ApiError> {
+    let store = state.tenancy.store().state();
+    let tenant = tenant_of(&store, &scope.name)?;
+    let graphs: Vec<Value> = tenant
+        .graphs
+        .iter()
+        .map(|(name, versions)| {
+            json!({
+                "name": name,
+                "versions": versions.iter().map(|(v, g)| json!({
+                    "version": v.to_string(), "size": g.size, "created_unix": g.created_unix,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(ok(json!({ "graphs": graphs })))
+}
+
+async fn get_graph(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    let tenant = scope.name.clone();
+    let view = blocking(&state, move |tenancy| {
+        let store = tenancy.store().state();
+        let record = tenant_of(&store, &tenant)?;
+        let versions = record
+            .graphs
+            .get(&name)
+            .ok_or_else(|| Error::not_found(format!("unknown graph '{name}'")))?;
+        let mut listed = Vec::new();
+        for (version, graph) in versions {
+            let text = String::from_utf8(tenancy.store().read_blob(&graph.toml_digest)?)
+                .unwrap_or_default();
+            listed.push(json!({
+                "version": version.to_string(), "toml": text, "created_unix": graph.created_unix,
+            }));
+        }
+        Ok(json!({ "name": name, "versions": listed }))
+    })
+    .await?;
+    Ok(ok(view))
+}
+
+async fn delete_graph(
+    state: State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    remove_graph(state, caller, name, None).await
+}
+
+async fn delete_graph_version(
+    state: State<AppState>,
+    caller: Caller,
+    Path((name, version)): Path<(String, String)>,
+) -> std::result::Result<Response, ApiError> {
+    let number = parse_version(&version, "graph")?;
+    remove_graph(state, caller, name, Some(number)).await
+}
+
+async fn remove_graph(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    name: String,
+    version: Option<u64>,
+) -> std::result::Result<Response, ApiError> {
+    let tenant = scope.name.clone();
+    let answer = json!({ "deleted": name, "version": version.map(|v| v.to_string()) });
+    blocking(&state, move |tenancy| {
+        tenancy.change(Some(&tenant), |store| {
+            let record = tenant_mut(store, &tenant)?;
+            let versions = record
+                .graphs
+                .get_mut(&name)
+                .ok_or_else(|| Error::not_found(format!("unknown graph '{name}'")))?;
+            match version {
+                None => {
+                    record.graphs.remove(&name);
+                }
+                Some(number) => {
+                    if versions.remove(&number).is_none() {
+                        return Err(Error::not_found(format!(
+                            "unknown version '{number}' of graph '{name}'"
+                        )));
+                    }
+                    if versions.is_empty() {
+                        record.graphs.remove(&name);
+                    }
+                }
+            }
+            Ok(())
+        })
+    })
+    .await?;
+    Ok(ok(answer))
+}

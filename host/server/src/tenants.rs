@@ -1,0 +1,683 @@
+//! Tenants as the server serves them: which tenant a bearer key belongs to, the namespace each
+//! tenant sees (its own models, plugins and graphs, plus the repository's names the operator
+//! shares with it), and its rate and concurrency quotas at the door.
+//!
+//! A tenant's namespace is an immutable [`TenantScope`] behind an `Arc`, rebuilt from the store
+//! and swapped whole after every change. A request keeps the scope it started with, so in-flight
+//! requests finish on the versions they began with while new requests see the new ones, and
+//! old models and plugins are freed when the last request holding them ends (hot swap).
+//!
+//! Names resolve only inside the caller's scope, so another tenant's model, graph or plugin
+//! is "unknown" (404) exactly like a name that does not exist: nothing says it exists.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use axum::http::{HeaderMap, header};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use weft_core::{Error, ErrorKind, Model, Result};
+use weft_engine::graph::{GraphModel, GraphSpec, NodeLimits, validate};
+use weft_engine::{ModelConfig, ModelRegistry, ModelState};
+use weft_runtime::{CallLimits, Plugin, PluginRuntime};
+use weft_store::signing::{PublicKey, plugin_message};
+use weft_store::{Quotas, State, Store, Tenant, api_keys};
+
+use crate::error::ApiError;
+use crate::graphs::{RepositoryCatalog, RepositoryRunner, runtime_node_limits};
+use crate::loader::RepositoryLoader;
+use crate::metrics::Metrics;
+
+/// The tenant `--bootstrap-key` opens: it owns nothing and shares every repository name.
+pub const BOOTSTRAP_TENANT: &str = "default";
+
+/// One tenant's namespace and door, immutable once built.
+pub struct TenantScope {
+    pub name: String,
+    pub quotas: Quotas,
+    /// Every name the tenant can call: its models and graphs and the shared repository names.
+    pub registry: ModelRegistry,
+    /// The models alone (no graphs): what the tenant's graphs and plugins may call.
+    pub models: Arc<ModelRegistry>,
+    /// The tenant's current plugin versions, by name, as graph validation sees them.
+    pub plugins: HashMap<String, Result<Plugin>>,
+    pub gate: Arc<Gate>,
+    /// The ceilings of this tenant's plugin nodes.
+    pub limits: CallLimits,
+    pub runner: Arc<RepositoryRunner>,
+    /// The loaded plugins labelled `tenant/name@version`, for `/metrics`.
+    pub plugin_labels: Vec<(String, Plugin)>,
+}
+
+impl TenantScope {
+    /// The catalog graph validation checks this tenant's graphs against.
+    pub fn catalog(&self) -> RepositoryCatalog<'_> {
+        RepositoryCatalog {
+            models: &self.models,
+            plugins: &self.plugins,
+            limits: Some(NodeLimits {
+                deadline_ms: u64::try_from(self.limits.deadline.as_millis()).unwrap_or(u64::MAX),
+                memory_mb: (self.limits.memory_bytes >> 20) as u64,
+            }),
+        }
+    }
+
+    /// Admits one data-plane request: a token from the rate bucket and a concurrency slot,
+    /// or a 429 that says when to retry. The permit is held until the response is built.
+    pub fn admit(&self) -> std::result::Result<OwnedSemaphorePermit, ApiError> {
+        self.gate.admit(&self.name)
+    }
+}
+
+/// A token bucket (requests per second, burst) and a concurrency limit.
+pub struct Gate {
+    bucket: Mutex<Bucket>,
+    rate: f64,
+    burst: f64,
+    in_flight: Arc<Semaphore>,
+    max_concurrent: u32,
+}
+
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+impl Gate {
+    pub fn new(quotas: &Quotas) -> Self {
+        let burst = f64::from(quotas.burst.max(1));
+        Gate {
+            bucket: Mutex::new(Bucket {
+                tokens: burst,
+                updated: Instant::now(),
+            }),
+            rate: quotas.requests_per_second.max(0.001),
+            burst,
+            in_flight: Arc::new(Semaphore::new(
+                quotas.max_concurrent_requests.max(1) as usize
+            )),
+            max_concurrent: quotas.max_concurrent_requests.max(1),
+        }
+    }
+
+    fn admit(&self, tenant: &str) -> std::result::Result<OwnedSemaphorePermit, ApiError> {
+        {
+            let mut bucket = self
+                .bucket
+                .lock()
+                .map_err(|_| Error::internal("rate limiter poisoned"))?;
+            let now = Instant::now();
+            let refill = now.duration_since(bucket.updated).as_secs_f64() * self.rate;
+            bucket.tokens = (bucket.tokens + refill).min(self.burst);
+            bucket.updated = now;
+            if bucket.tokens < 1.0 {
+                let wait = ((1.0 - bucket.tokens) / self.rate).ceil() as u64;
+                return Err(ApiError::retry_after(
+                    Error::new(
+                        ErrorKind::ResourceExhausted,
+                        format!(
+                            "tenant '{tenant}' is over its rate quota of {} requests/s (burst {})",
+                            self.rate, self.burst
+                        ),
+                    ),
+                    wait,
+                ));
+            }
+            bucket.tokens -= 1.0;
+        }
+        Arc::clone(&self.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::retry_after(
+                    Error::new(
+                        ErrorKind::ResourceExhausted,
+                        format!(
+                            "tenant '{tenant}' is at its quota of {} concurrent requests",
+                            self.max_concurrent
+                        ),
+                    ),
+                    1,
+                )
+            })
+    }
+}
+
+/// Who API keys belong to and what each tenant sees, swapped whole.
+#[derive(Default)]
+struct View {
+    tenants: HashMap<String, Arc<TenantScope>>,
+    /// API key id -> (tenant, hash of the key), revoked keys left out.
+    keys: HashMap<String, (String, String)>,
+}
+
+/// What the server knows about tenants: the store, the shared repository, and every tenant's
+/// built scope. Control-plane changes go through [`Tenancy::change`], one at a time.
+pub struct Tenancy {
+    store: Arc<Store>,
+    /// The repository's models and graphs: the operator's names, shared per tenant.
+    platform: ModelRegistry,
+    runtime: PluginRuntime,
+    loader: RepositoryLoader,
+    metrics: Option<Arc<Metrics>>,
+    admin_key_hash: Option<String>,
+    bootstrap_key_hash: Option<String>,
+    view: RwLock<Arc<View>>,
+    /// Gates outlive rebuilds (a push must not refill a tenant's bucket); replaced when quotas change.
+    gates: Mutex<HashMap<String, (Quotas, Arc<Gate>)>>,
+    /// Loaded tenant models by (tenant, model, onnx digest, config digest), so rebuilding a scope
+    /// does not reload what did not change.
+    loaded_models: Mutex<HashMap<LoadedModelKey, Arc<dyn Model>>>,
+    /// Loaded tenant plugins by (tenant, name, digest). Keyed by tenant too: a plugin keeps warm
+    /// instances, and instances never cross tenants.
+    loaded_plugins: Mutex<HashMap<(String, String, String), Plugin>>,
+    /// Serialises control-plane changes (store transaction + rebuild).
+    writer: Mutex<()>,
+}
+
+/// (tenant, model, ONNX digest, model.toml digest): what makes a loaded tenant model reusable.
+type LoadedModelKey = (String, String, String, String);
+
+/// What the tenancy is built from.
+pub struct TenancyConfig {
+    pub store: Arc<Store>,
+    pub platform: ModelRegistry,
+    pub runtime: PluginRuntime,
+    pub loader: RepositoryLoader,
+    pub metrics: Option<Arc<Metrics>>,
+    /// The operator's key for `/api/v1/tenants`; `None` disables the admin API.
+    pub admin_key: Option<String>,
+    /// A key for [`BOOTSTRAP_TENANT`], kept in memory only (quickstart, tests).
+    pub bootstrap_key: Option<String>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    mutex
+        .lock()
+        .map_err(|_| Error::internal("a tenancy lock was poisoned by an earlier failure"))
+}
+
+impl Tenancy {
+    /// Builds every tenant's scope from the store; creates the bootstrap tenant if a bootstrap
+    /// key is given and the tenant does not exist. Blocking (loads models and plugins).
+    pub fn new(config: TenancyConfig) -> Result<Self> {
+        let tenancy = Tenancy {
+            store: config.store,
+            platform: config.platform,
+            runtime: config.runtime,
+            loader: config.loader,
+            metrics: config.metrics,
+            admin_key_hash: config.admin_key.as_deref().map(api_keys::hash),
+            bootstrap_key_hash: config.bootstrap_key.as_deref().map(api_keys::hash),
+            view: RwLock::default(),
+            gates: Mutex::default(),
+            loaded_models: Mutex::default(),
+            loaded_plugins: Mutex::default(),
+            writer: Mutex::default(),
+        };
+        if tenancy.bootstrap_key_hash.is_some()
+            && !tenancy.store.state().tenants.contains_key(BOOTSTRAP_TENANT)
+        {
+            tenancy.store.transact(|state| {
+                state.tenants.insert(
+                    BOOTSTRAP_TENANT.to_string(),
+                    new_tenant(BOOTSTRAP_TENANT, Quotas::default(), vec!["*".to_string()]),
+                );
+                Ok(())
+            })?;
+        }
+        tenancy.rebuild(&tenancy.store.state(), None)?;
+        Ok(tenancy)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn runtime(&self) -> &PluginRuntime {
+        &self.runtime
+    }
+
+    pub fn loader(&self) -> &RepositoryLoader {
+        &self.loader
+    }
+
+    /// The repository's models and graphs.
+    pub fn platform(&self) -> &ModelRegistry {
+        &self.platform
+    }
+
+    fn current(&self) -> Arc<View> {
+        match self.view.read() {
+            Ok(view) => Arc::clone(&view),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// The current scope of a tenant.
+    pub fn scope(&self, tenant: &str) -> Option<Arc<TenantScope>> {
+        self.current().tenants.get(tenant).cloned()
+    }
+
+    /// Every tenant's scope, for metrics and statistics.
+    pub fn scopes(&self) -> Vec<Arc<TenantScope>> {
+        self.current().tenants.values().cloned().collect()
+    }
+
+    /// The scope of the tenant whose API key the request carries: 401 without a valid key.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<TenantScope>> {
+        let key = bearer(headers)?;
+        let view = self.current();
+        let tenant = if self
+            .bootstrap_key_hash
+            .as_deref()
+            .is_some_and(|hash| api_keys::matches(key, hash))
+        {
+            Some(BOOTSTRAP_TENANT)
+        } else {
+            api_keys::id_of(key)
+                .and_then(|id| view.keys.get(id))
+                .filter(|(_, hash)| api_keys::matches(key, hash))
+                .map(|(tenant, _)| tenant.as_str())
+        };
+        tenant
+            .and_then(|tenant| view.tenants.get(tenant))
+            .cloned()
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unauthenticated,
+                    "invalid API key: it was never issued, or it was revoked",
+                )
+            })
+    }
+
+    /// Checks the operator's admin key.
+    pub fn authenticate_admin(&self, headers: &HeaderMap) -> Result<()> {
+        let Some(hash) = &self.admin_key_hash else {
+            return Err(Error::new(
+                ErrorKind::Unauthenticated,
+                "the admin API is disabled: start the server with --admin-key (WEFT_ADMIN_KEY)",
+            ));
+        };
+        if api_keys::matches(bearer(headers)?, hash) {
+            Ok(())
+        } else {
+            Err(Error::new(ErrorKind::Unauthenticated, "invalid admin key"))
+        }
+    }
+
+    /// Runs one control-plane change: `change` edits a copy of the state (all or nothing, made
+    /// durable before it is published), then the scopes of `tenant` (or all when `None`) are
+    /// rebuilt and swapped in. Blocking.
+    pub fn change<T>(
+        &self,
+        tenant: Option<&str>,
+        change: impl FnOnce(&mut State) -> Result<T>,
+    ) -> Result<T> {
+        let _writer = lock(&self.writer)?;
+        let result = self.store.transact(change)?;
+        self.rebuild(&self.store.state(), tenant)?;
+        Ok(result)
+    }
+
+    /// Keeps a model the control plane already loaded (to check an upload), so the rebuild
+    /// that follows its commit does not load it again.
+    pub fn remember_model(
+        &self,
+        tenant: &str,
+        name: &str,
+        onnx_digest: &str,
+        config_digest: &str,
+        model: Arc<dyn Model>,
+    ) -> Result<()> {
+        let key = (
+            tenant.to_string(),
+            name.to_string(),
+            onnx_digest.to_string(),
+            config_digest.to_string(),
+        );
+        lock(&self.loaded_models)?.insert(key, model);
+        Ok(())
+    }
+
+    /// Holds the writer lock while `work` runs, for checks that must see no concurrent change.
+    pub fn exclusive<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _writer = lock(&self.writer)?;
+        work()
+    }
+
+    /// Rebuilds the scopes of one tenant (or all) from `state` and publishes a new view.
+    fn rebuild(&self, state: &State, only: Option<&str>) -> Result<()> {
+        let previous = self.current();
+        let mut tenants = HashMap::new();
+        for (name, tenant) in &state.tenants {
+            let scope = match (only, previous.tenants.get(name)) {
+                (Some(only), Some(scope)) if only != name => Arc::clone(scope),
+                _ => Arc::new(self.build_scope(tenant)?),
+            };
+            tenants.insert(name.clone(), scope);
+        }
+        let mut keys = HashMap::new();
+        for (name, tenant) in &state.tenants {
+            for key in tenant.api_keys.iter().filter(|key| !key.revoked) {
+                keys.insert(key.id.clone(), (name.clone(), key.hash.clone()));
+            }
+        }
+        // Forget what is no longer stored (deleted tenants, versions, replaced plugins), so a
+        // released version is freed once the last request holding it ends.
+        let mut live_models = std::collections::HashSet::new();
+        let mut live_plugins = std::collections::HashSet::new();
+        for (name, tenant) in &state.tenants {
+            for (model, versions) in &tenant.models {
+                for record in versions.values() {
+                    live_models.insert((
+                        name.clone(),
+                        model.clone(),
+                        record.onnx_digest.clone(),
+                        record.config_digest.clone(),
+                    ));
+                }
+            }
+            for (plugin, versions) in &tenant.plugins {
+                if let Some(record) = versions.last() {
+                    live_plugins.insert((name.clone(), plugin.clone(), record.digest.clone()));
+                }
+            }
+        }
+        lock(&self.gates)?.retain(|name, _| state.tenants.contains_key(name));
+        lock(&self.loaded_models)?.retain(|key, _| live_models.contains(key));
+        lock(&self.loaded_plugins)?.retain(|key, _| live_plugins.contains(key));
+        let view = Arc::new(View { tenants, keys });
+        match self.view.write() {
+            Ok(mut current) => *current = view,
+            Err(poisoned) => *poisoned.into_inner() = view,
+        }
+        Ok(())
+    }
+
+    fn gate(&self, tenant: &Tenant) -> Result<Arc<Gate>> {
+        let mut gates = lock(&self.gates)?;
+        if let Some((quotas, gate)) = gates.get(&tenant.name)
+            && *quotas == tenant.quotas
+        {
+            return Ok(Arc::clone(gate));
+        }
+        let gate = Arc::new(Gate::new(&tenant.quotas));
+        gates.insert(
+            tenant.name.clone(),
+            (tenant.quotas.clone(), Arc::clone(&gate)),
+        );
+        Ok(gate)
+    }
+
+    /// The per-call limits of a tenant's plugins: the runtime's, lowered to the tenant's quotas.
+    fn tenant_limits(&self, quotas: &Quotas) -> CallLimits {
+        let mut limits = self.runtime.config().limits.clone();
+        let ceiling = runtime_node_limits(&self.runtime);
+        let deadline_ms = quotas.plugin_deadline_ms.min(ceiling.deadline_ms);
+        limits.deadline = std::time::Duration::from_millis(deadline_ms);
+        let memory_mb = quotas.plugin_memory_mb.min(ceiling.memory_mb);
+        limits.memory_bytes = usize::try_from(memory_mb << 20).unwrap_or(usize::MAX);
+        limits
+    }
+
+    /// Builds one tenant's scope: its models (loaded or taken from the cache), the shared
+    /// repository names, its current plugins (signature verified again), and its graphs
+    /// (validated again). Anything that fails is served as UNAVAILABLE with the reason.
+    fn build_scope(&self, tenant: &Tenant) -> Result<TenantScope> {
+        let mut models = ModelRegistry::default();
+        for (name, versions) in &tenant.models {
+            for (version, record) in versions {
+                let state = match self.tenant_model(tenant, name, *version, record) {
+                    Ok(model) => ModelState::Ready(model),
+                    Err(error) => {
+                        tracing::error!(tenant = %tenant.name, model = %name, version, %error, "tenant model unavailable");
+                        ModelState::Unavailable(error.to_string())
+                    }
+                };
+                models.add_model_version(name, *version, state)?;
+            }
+        }
+        let shares_all = tenant.shared_models.iter().any(|name| name == "*");
+        let platform_names: Vec<String> = self.platform.names().map(str::to_owned).collect();
+        for name in platform_names {
+            if shares_all || tenant.shared_models.contains(&name) {
+                models.share_from(&self.platform, &name);
+            }
+        }
+        let mut plugins = HashMap::new();
+        let mut provenance = HashMap::new();
+        let mut plugin_labels = Vec::new();
+        for (name, versions) in &tenant.plugins {
+            let Some(record) = versions.last() else {
+                continue;
+            };
+            let plugin = self.tenant_plugin(tenant, name, record);
+            match &plugin {
+                Ok(loaded) => plugin_labels.push((
+                    format!("{}/{name}@{}", tenant.name, record.version),
+                    loaded.clone(),
+                )),
+                Err(error) => {
+                    tracing::error!(tenant = %tenant.name, plugin = %name, %error, "tenant plugin unavailable")
+                }
+            }
+            provenance.insert(
+                name.clone(),
+                serde_json::json!({
+                    "plugin": name,
+                    "version": record.version,
+                    "digest": format!("sha256:{}", record.digest),
+                    "key_id": record.key_id,
+                }),
+            );
+            plugins.insert(name.clone(), plugin);
+        }
+        let limits = self.tenant_limits(&tenant.quotas);
+        let models = Arc::new(models);
+        let runner = Arc::new(
+            RepositoryRunner::new(
+                Arc::clone(&models),
+                &plugins,
+                &self.runtime,
+                self.metrics.clone(),
+            )
+            .for_tenant(limits.clone(), provenance),
+        );
+        let mut scope = TenantScope {
+            name: tenant.name.clone(),
+            quotas: tenant.quotas.clone(),
+            registry: (*models).clone(),
+            models,
+            plugins,
+            gate: self.gate(tenant)?,
+            limits,
+            runner,
+            plugin_labels,
+        };
+        let mut registry = scope.registry.clone();
+        for (name, versions) in &tenant.graphs {
+            for (version, record) in versions {
+                let state = match self.tenant_graph(&scope, name, &record.toml_digest) {
+                    Ok(model) => ModelState::Ready(model),
+                    Err(error) => {
+                        tracing::error!(tenant = %tenant.name, graph = %name, version, %error, "tenant graph unavailable");
+                        ModelState::Unavailable(error.to_string())
+                    }
+                };
+                if let Err(error) = registry.add_graph(name, Some(*version), state) {
+                    tracing::error!(tenant = %tenant.name, graph = %name, %error, "tenant graph not served");
+                }
+            }
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.declare_models(&tenant.name, &registry);
+        }
+        scope.registry = registry;
+        Ok(scope)
+    }
+
+    fn tenant_model(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        version: u64,
+        record: &weft_store::ModelVersion,
+    ) -> Result<Arc<dyn Model>> {
+        let key = (
+            tenant.name.clone(),
+            name.to_string(),
+            record.onnx_digest.clone(),
+            record.config_digest.clone(),
+        );
+        if let Some(model) = lock(&self.loaded_models)?.get(&key) {
+            return Ok(Arc::clone(model));
+        }
+        let config_text = String::from_utf8(self.store.read_blob(&record.config_digest)?)
+            .map_err(|_| Error::invalid("the stored model.toml is not UTF-8"))?;
+        let config = ModelConfig::parse(&model_config_path(name), &config_text)?;
+        // Read (and so verify) the ONNX blob before handing its path to the backend.
+        self.store.read_blob(&record.onnx_digest)?;
+        let path = self.store.blob_path(&record.onnx_digest);
+        let model = ModelRegistry::load_version(&self.loader, name, version, &path, &config)?;
+        lock(&self.loaded_models)?.insert(key, Arc::clone(&model));
+        Ok(model)
+    }
+
+    /// A tenant's plugin version: its signature is checked against the tenant's current keys
+    /// every time (a revoked key stops it), and its bytes re-hashed whenever they are read.
+    fn tenant_plugin(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        record: &weft_store::PluginVersion,
+    ) -> Result<Plugin> {
+        let key = signing_key(tenant, &record.key_id)?;
+        key.verify(
+            &plugin_message(&record.digest, name, &record.version),
+            &record.signature,
+        )
+        .map_err(|error| {
+            error.context(format!(
+                "plugin '{name}' version {} no longer verifies",
+                record.version
+            ))
+        })?;
+        let cache_key = (tenant.name.clone(), name.to_string(), record.digest.clone());
+        if let Some(plugin) = lock(&self.loaded_plugins)?.get(&cache_key) {
+            return Ok(plugin.clone());
+        }
+        let bytes = self.store.read_blob(&record.digest)?;
+        let plugin = self.runtime.load(name, &bytes)?;
+        lock(&self.loaded_plugins)?.insert(cache_key, plugin.clone());
+        Ok(plugin)
+    }
+
+    fn tenant_graph(
+        &self,
+        scope: &TenantScope,
+        name: &str,
+        toml_digest: &str,
+    ) -> Result<Arc<dyn Model>> {
+        let text = String::from_utf8(self.store.read_blob(toml_digest)?)
+            .map_err(|_| Error::invalid("the stored graph is not UTF-8"))?;
+        // A node on a model or plugin that failed to load (a revoked signer, say) makes the
+        // graph unavailable with that reason, rather than "unknown".
+        let file = graph_path(name);
+        crate::graphs::check_nodes_ready(&GraphSpec::parse(&file, &text)?, &scope.catalog())?;
+        let plan = validate_graph(scope, &file, &text)?;
+        let mut graph = GraphModel::new(plan, Arc::clone(&scope.runner) as _);
+        if let Some(metrics) = &self.metrics {
+            graph = graph.with_observer(metrics.graph_observer());
+        }
+        Ok(Arc::new(graph))
+    }
+}
+
+/// Parses and validates graph text against a tenant's catalog, exactly as `weft graph check`
+/// does, with errors naming `file`.
+pub fn validate_graph(
+    scope: &TenantScope,
+    file: &std::path::Path,
+    text: &str,
+) -> Result<weft_engine::graph::GraphPlan> {
+    let spec = GraphSpec::parse(file, text)?;
+    validate(file, text, spec, &scope.catalog())
+}
+
+/// A fresh tenant record.
+pub fn new_tenant(name: &str, quotas: Quotas, shared_models: Vec<String>) -> Tenant {
+    let mut tenant = Tenant::new(name, unix_now(), quotas);
+    tenant.shared_models = shared_models;
+    tenant
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A tenant's registered, unrevoked signing key.
+pub fn signing_key(tenant: &Tenant, key_id: &str) -> Result<PublicKey> {
+    let record = tenant
+        .signing_keys
+        .iter()
+        .find(|key| key.id == key_id)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "unknown signing key '{key_id}': register its public key first \
+                 (POST /api/v1/signing-keys, or `weft key register`)"
+            ))
+        })?;
+    if record.revoked {
+        return Err(Error::invalid(format!("signing key '{key_id}' is revoked")));
+    }
+    PublicKey::from_base64(&record.public_key)
+}
+
+pub fn graph_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("graphs/{name}.toml"))
+}
+
+pub fn model_config_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("models/{name}/model.toml"))
+}
+
+/// The bearer token of `Authorization`, or 401 saying how to send one.
+fn bearer(headers: &HeaderMap) -> Result<&str> {
+    let missing = || {
+        Error::new(
+            ErrorKind::Unauthenticated,
+            "missing API key: send the header 'Authorization: Bearer <key>'",
+        )
+    };
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(missing)?
+        .to_str()
+        .map_err(|_| missing())?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or_else(missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(missing());
+    }
+    Ok(token.trim())
+}
+
+/// The model and plugin names a graph's nodes refer to, for refusing deletes still in use.
+pub fn graph_references(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    if let Ok(spec) = GraphSpec::parse(std::path::Path::new("graph.toml"), text) {
+        for node in &spec.nodes {
+            names.extend(node.model.iter().cloned());
+            names.extend(node.plugin.iter().cloned());
+            names.extend(node.models.iter().cloned());
+        }
+    }
+    names
+}
+
+pub fn check_model_config(name: &str, text: &str) -> Result<ModelConfig> {
+    ModelConfig::parse(&model_config_path(name), text)
+}

@@ -1,0 +1,1066 @@
+//! Multi-tenancy end to end: API keys, the isolation matrix (another tenant's names are 404
+//! exactly like unknown ones, on the data plane, the control plane and inside plugins), the
+//! signature matrix, quotas (429 with Retry-After, recovery; storage 403), durability across a
+//! restart and across SIGKILL during uploads, and hot swap under load with zero failures.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+use weft_store::signing::SecretKey;
+
+/// The operator's client.
+fn admin() -> reqwest::Client {
+    client_with_key(ADMIN_KEY)
+}
+
+async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+/// Creates a tenant and returns its first API key.
+async fn create_tenant(server: &Server, name: &str, body: Value) -> String {
+    let mut body = body;
+    body["name"] = json!(name);
+    let (status, created) = send(admin().post(server.url("/api/v1/tenants")).json(&body)).await;
+    assert_eq!(status, 201, "{created}");
+    created["api_key"]["key"].as_str().unwrap().to_string()
+}
+
+/// Generates a signing key and registers it for the tenant.
+async fn signing_key(server: &Server, key: &str) -> SecretKey {
+    let secret = SecretKey::generate().unwrap();
+    let (status, body) = send(
+        client_with_key(key)
+            .post(server.url("/api/v1/signing-keys"))
+            .json(&json!({ "public_key": secret.public().to_base64() })),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["id"], json!(secret.public().key_id()));
+    secret
+}
+
+fn guest(name: &str) -> Vec<u8> {
+    std::fs::read(guests().join(format!("{name}.wasm"))).unwrap()
+}
+
+/// PUTs a plugin with the given signature headers.
+async fn push_signed(
+    server: &Server,
+    key: &str,
+    name: &str,
+    version: &str,
+    bytes: Vec<u8>,
+    signature: Option<(&str, &str)>,
+) -> (u16, Value) {
+    let mut request = client_with_key(key)
+        .put(server.url(&format!("/api/v1/plugins/{name}/versions/{version}")))
+        .body(bytes);
+    if let Some((signature, key_id)) = signature {
+        request = request
+            .header("Weft-Signature", signature)
+            .header("Weft-Signing-Key", key_id);
+    }
+    send(request).await
+}
+
+async fn push_plugin(
+    server: &Server,
+    key: &str,
+    secret: &SecretKey,
+    name: &str,
+    version: &str,
+    bytes: Vec<u8>,
+) -> (u16, Value) {
+    let signature = secret.sign_plugin(&bytes, name, version);
+    push_signed(
+        server,
+        key,
+        name,
+        version,
+        bytes,
+        Some((&signature.signature, &signature.key_id)),
+    )
+    .await
+}
+
+async fn push_model(
+    server: &Server,
+    key: &str,
+    name: &str,
+    version: u64,
+    config: &str,
+    onnx: &[u8],
+) -> (u16, Value) {
+    let mut body = config.as_bytes().to_vec();
+    body.extend_from_slice(onnx);
+    send(
+        client_with_key(key)
+            .put(server.url(&format!("/api/v1/models/{name}/versions/{version}")))
+            .header("Weft-Config-Length", config.len().to_string())
+            .body(body),
+    )
+    .await
+}
+
+async fn apply_graph(server: &Server, key: &str, name: &str, toml: &str) -> (u16, Value) {
+    send(
+        client_with_key(key)
+            .put(server.url(&format!("/api/v1/graphs/{name}")))
+            .body(toml.to_string()),
+    )
+    .await
+}
+
+fn mlp_onnx() -> Vec<u8> {
+    std::fs::read(quickstart().join("models/mlp/1/model.onnx")).unwrap()
+}
+
+const MLP_CONFIG: &str = "platform = \"onnx\"\nmax_batch_size = 64\n";
+
+/// The classify example's graph with its model node pointing at `model`.
+fn classify_graph(name: &str, version: u64, model: &str) -> String {
+    let text = std::fs::read_to_string(example("classify").join("graphs/classify.toml")).unwrap();
+    text.replace("name = \"classify\"", &format!("name = \"{name}\""))
+        .replace("version = 1", &format!("version = {version}"))
+        .replace("model = \"mlp\"", &format!("model = \"{model}\""))
+}
+
+fn row() -> Value {
+    let x: Vec<f32> = (0..64).map(|i| i as f32 / 10.0).collect();
+    json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": x}]})
+}
+
+async fn infer(server: &Server, key: &str, model: &str) -> (u16, Value) {
+    send(
+        client_with_key(key)
+            .post(server.url(&format!("/v2/models/{model}/infer")))
+            .json(&row()),
+    )
+    .await
+}
+
+/// Tenant A with its own signed plugins, model and graph; tenant B with nothing shared.
+async fn two_tenants(server: &Server) -> (String, String) {
+    let a = create_tenant(server, "acme", json!({ "shared_models": ["mlp"] })).await;
+    let b = create_tenant(server, "bolt", json!({})).await;
+    let secret = signing_key(server, &a).await;
+    for plugin in ["normalize", "softmax"] {
+        let (status, body) = push_plugin(server, &a, &secret, plugin, "1.0.0", guest(plugin)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = push_model(server, &a, "secret-mlp", 1, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = apply_graph(
+        server,
+        &a,
+        "secret-graph",
+        &classify_graph("secret-graph", 1, "secret-mlp"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    (a, b)
+}
+
+fn platform_repo() -> Repo {
+    Repo::new().with_model(&quickstart(), "mlp")
+}
+
+#[tokio::test]
+async fn keys_select_the_tenant_and_missing_or_bad_keys_get_401() {
+    let repo = platform_repo();
+    let server = Server::start(repo.path());
+    let anonymous = reqwest::Client::new();
+    for path in [
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2",
+        "/metrics",
+        "/api/v1/openapi.json",
+    ] {
+        let status = anonymous
+            .get(server.url(path))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200, "{path} must stay open");
+    }
+    let (_, openapi) = send(anonymous.get(server.url("/api/v1/openapi.json"))).await;
+    for path in [
+        "/v2/models/{model}/infer",
+        "/api/v1/tenants",
+        "/api/v1/tenants/{tenant}/keys/{id}",
+        "/api/v1/signing-keys",
+        "/api/v1/plugins/{name}/versions/{version}",
+        "/api/v1/models/{name}/versions/{version}",
+        "/api/v1/graphs/{name}",
+    ] {
+        assert!(openapi["paths"].get(path).is_some(), "OpenAPI lacks {path}");
+    }
+    let (status, body) = send(anonymous.get(server.url("/v2/models/mlp"))).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("Authorization: Bearer")
+    );
+    let (status, _) =
+        send(client_with_key("weft_0123456789abcdef_nope").get(server.url("/v2/models/mlp"))).await;
+    assert_eq!(status, 401);
+    // The bootstrap tenant shares every repository model.
+    let (status, _) = infer(&server, TEST_KEY, "mlp").await;
+    assert_eq!(status, 200);
+    // The admin API wants the admin key, not a tenant key.
+    let (status, _) = send(client().get(server.url("/api/v1/tenants"))).await;
+    assert_eq!(status, 401);
+
+    let key = create_tenant(&server, "acme", json!({ "shared_models": ["mlp"] })).await;
+    let (status, whoami) = send(client_with_key(&key).get(server.url("/api/v1/tenant"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(whoami["name"], "acme");
+    assert!(
+        !whoami.to_string().contains(&key),
+        "a key is shown only once"
+    );
+    let (status, listed) = send(admin().get(server.url("/api/v1/tenants"))).await;
+    assert_eq!(status, 200);
+    assert!(!listed.to_string().contains(&key));
+    // A second key works; revoking the first stops it at once.
+    let (status, second) = send(admin().post(server.url("/api/v1/tenants/acme/keys"))).await;
+    assert_eq!(status, 201);
+    let second = second["key"].as_str().unwrap().to_string();
+    assert_eq!(infer(&server, &second, "mlp").await.0, 200);
+    let first_id = whoami["api_keys"][0]["id"].as_str().unwrap();
+    let (status, _) =
+        send(admin().delete(server.url(&format!("/api/v1/tenants/acme/keys/{first_id}")))).await;
+    assert_eq!(status, 200);
+    assert_eq!(infer(&server, &key, "mlp").await.0, 401);
+    assert_eq!(infer(&server, &second, "mlp").await.0, 200);
+    // Duplicate tenants and bad names are refused with reasons.
+    let (status, body) = send(
+        admin()
+            .post(server.url("/api/v1/tenants"))
+            .json(&json!({"name": "acme"})),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = send(
+        admin()
+            .post(server.url("/api/v1/tenants"))
+            .json(&json!({"name": "../etc"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test]
+async fn isolation_matrix_another_tenants_names_are_404_like_unknown_ones() {
+    let repo = platform_repo();
+    let server = Server::start(repo.path());
+    let (a, b) = two_tenants(&server).await;
+
+    // A can use everything it owns and the shared mlp.
+    for name in ["secret-mlp", "secret-graph", "mlp"] {
+        let (status, body) = infer(&server, &a, name).await;
+        assert_eq!(status, 200, "{name}: {body}");
+    }
+    let (_, graph) = infer(&server, &a, "secret-graph").await;
+    let provenance = graph["parameters"]["provenance"].as_array().unwrap();
+    assert_eq!(provenance.len(), 2, "{graph}");
+    assert!(
+        provenance
+            .iter()
+            .all(|p| p["digest"].as_str().unwrap().starts_with("sha256:"))
+    );
+
+    // B: A's names answer exactly as names that do not exist.
+    let unknown = |status: u16, body: &Value, what: &str| {
+        assert_eq!(status, 404, "{what}: {body}");
+        assert!(
+            !body.to_string().contains("acme"),
+            "{what} leaks the owner: {body}"
+        );
+    };
+    for name in ["secret-mlp", "secret-graph", "mlp", "no-such-name"] {
+        let (status, body) = infer(&server, &b, name).await;
+        unknown(status, &body, &format!("infer {name}"));
+        let (status, body) =
+            send(client_with_key(&b).get(server.url(&format!("/v2/models/{name}")))).await;
+        unknown(status, &body, &format!("metadata {name}"));
+        let (status, body) =
+            send(client_with_key(&b).get(server.url(&format!("/v2/models/{name}/ready")))).await;
+        unknown(status, &body, &format!("ready {name}"));
+        let (status, body) =
+            send(client_with_key(&b).get(server.url(&format!("/v2/models/{name}/stats")))).await;
+        unknown(status, &body, &format!("stats {name}"));
+    }
+    let (_, index) = send(client_with_key(&b).post(server.url("/v2/repository/index"))).await;
+    assert_eq!(index, json!([]), "B sees nothing");
+    for path in ["/api/v1/plugins", "/api/v1/models", "/api/v1/graphs"] {
+        let (status, listed) = send(client_with_key(&b).get(server.url(path))).await;
+        assert_eq!(status, 200);
+        assert!(
+            !listed.to_string().contains("secret") && !listed.to_string().contains("normalize"),
+            "{path}: {listed}"
+        );
+    }
+    for path in [
+        "/api/v1/plugins/normalize",
+        "/api/v1/models/secret-mlp",
+        "/api/v1/graphs/secret-graph",
+    ] {
+        let (status, body) = send(client_with_key(&b).get(server.url(path))).await;
+        unknown(status, &body, path);
+        let (status, body) = send(client_with_key(&b).delete(server.url(path))).await;
+        unknown(status, &body, path);
+    }
+    // B's pushes land in B's namespace and leave A's untouched.
+    let secret_b = signing_key(&server, &b).await;
+    let (status, body) = push_plugin(
+        &server,
+        &b,
+        &secret_b,
+        "normalize",
+        "1.0.0",
+        guest("softmax"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = push_model(&server, &b, "secret-mlp", 1, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 201, "{body}");
+    let (_, a_plugin) =
+        send(client_with_key(&a).get(server.url("/api/v1/plugins/normalize"))).await;
+    assert_eq!(
+        a_plugin["versions"][0]["digest"],
+        json!(format!(
+            "sha256:{}",
+            weft_store::signing::sha256_hex(&guest("normalize"))
+        ))
+    );
+    assert_eq!(infer(&server, &a, "secret-graph").await.0, 200);
+
+    // B cannot reach A's model from a graph or from inside a plugin (wasi:nn load-by-name).
+    let (status, body) = push_plugin(
+        &server,
+        &b,
+        &secret_b,
+        "call-model",
+        "1",
+        guest("runtime_call_model"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let granted = r#"
+name = "steal"
+version = 1
+[[input]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 64]
+[[output]]
+name = "y"
+datatype = "FP32"
+shape = [-1, 10]
+from = "call.y"
+[[node]]
+name = "call"
+kind = "transformer"
+plugin = "call-model"
+inputs = ["request"]
+models = ["GRANT"]
+params = { model = "TARGET" }
+"#;
+    let graph = granted.replace("GRANT", "mlp").replace("TARGET", "mlp");
+    let (status, body) = apply_graph(&server, &b, "steal", &graph).await;
+    assert_eq!(status, 400, "a grant of a model B cannot see: {body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown model 'mlp'"),
+        "{body}"
+    );
+    // Granting its own model but asking the sandbox for another name: refused inside the call.
+    let graph = granted
+        .replace("GRANT", "secret-mlp")
+        .replace("TARGET", "mlp");
+    let (status, body) = apply_graph(&server, &b, "steal", &graph).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = infer(&server, &b, "steal").await;
+    assert!(status >= 400, "{body}");
+    assert!(!body.to_string().contains("acme"), "{body}");
+    // And with the grant it owns, the same plugin works.
+    let graph = granted
+        .replace("GRANT", "secret-mlp")
+        .replace("TARGET", "secret-mlp")
+        .replace("version = 1", "version = 2");
+    let (status, body) = apply_graph(&server, &b, "steal", &graph).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = infer(&server, &b, "steal").await;
+    assert_eq!(status, 200, "{body}");
+    // The operator deleting A removes all of it; B is unaffected.
+    let (status, _) = send(admin().delete(server.url("/api/v1/tenants/acme"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(infer(&server, &a, "secret-graph").await.0, 401);
+    assert_eq!(infer(&server, &b, "steal").await.0, 200);
+}
+
+#[tokio::test]
+async fn signature_matrix_refuses_unsigned_tampered_wrong_and_revoked_and_stores_nothing() {
+    let repo = platform_repo();
+    let server = Server::start(repo.path());
+    let key = create_tenant(&server, "acme", json!({})).await;
+    let other_tenant = create_tenant(&server, "bolt", json!({})).await;
+    let secret = signing_key(&server, &key).await;
+    let bytes = guest("normalize");
+    let good = secret.sign_plugin(&bytes, "normalize", "1");
+    let unregistered = SecretKey::generate()
+        .unwrap()
+        .sign_plugin(&bytes, "normalize", "1");
+    let bolts = signing_key(&server, &other_tenant)
+        .await
+        .sign_plugin(&bytes, "normalize", "1");
+    let mut tampered = bytes.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    let for_other_name = secret.sign_plugin(&bytes, "softmax", "1");
+    let for_other_version = secret.sign_plugin(&bytes, "normalize", "2");
+
+    let refusals: Vec<(&str, Vec<u8>, Option<(&str, &str)>, &str)> = vec![
+        ("unsigned", bytes.clone(), None, "unsigned plugin"),
+        (
+            "tampered bytes",
+            tampered,
+            Some((&good.signature, &good.key_id)),
+            "does not verify",
+        ),
+        (
+            "signed for another name",
+            bytes.clone(),
+            Some((&for_other_name.signature, &for_other_name.key_id)),
+            "does not verify",
+        ),
+        (
+            "signed for another version",
+            bytes.clone(),
+            Some((&for_other_version.signature, &for_other_version.key_id)),
+            "does not verify",
+        ),
+        (
+            "unregistered key",
+            bytes.clone(),
+            Some((&unregistered.signature, &unregistered.key_id)),
+            "unknown signing key",
+        ),
+        (
+            "another tenant's key",
+            bytes.clone(),
+            Some((&bolts.signature, &bolts.key_id)),
+            "unknown signing key",
+        ),
+        (
+            "garbage signature",
+            bytes.clone(),
+            Some(("not base64!", &good.key_id)),
+            "signature",
+        ),
+        ("not a component", b"\0asm junk".to_vec(), None, "unsigned"),
+    ];
+    for (case, body, signature, expected) in refusals {
+        let (status, answer) = push_signed(&server, &key, "normalize", "1", body, signature).await;
+        assert_eq!(status, 400, "{case}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(expected), "{case}: {error}");
+        let (_, listed) = send(client_with_key(&key).get(server.url("/api/v1/plugins"))).await;
+        assert_eq!(listed, json!({"plugins": []}), "{case} stored something");
+    }
+    // A signed non-component is refused as not a plugin.
+    let junk = b"\0asm\x0d\0\x01\0".to_vec();
+    let (status, answer) = push_plugin(&server, &key, &secret, "junk", "1", junk).await;
+    assert_eq!(status, 400, "{answer}");
+
+    // The good one lands; the same version again is a conflict.
+    let (status, body) = push_signed(
+        &server,
+        &key,
+        "normalize",
+        "1",
+        bytes.clone(),
+        Some((&good.signature, &good.key_id)),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["key_id"], json!(good.key_id));
+    let (status, _) = push_signed(
+        &server,
+        &key,
+        "normalize",
+        "1",
+        bytes.clone(),
+        Some((&good.signature, &good.key_id)),
+    )
+    .await;
+    assert_eq!(status, 409);
+    let (status, body) =
+        push_plugin(&server, &key, &secret, "softmax", "1", guest("softmax")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = apply_graph(
+        &server,
+        &key,
+        "classify",
+        &classify_graph("classify", 1, "mlp"),
+    )
+    .await;
+    assert_eq!(status, 400, "mlp is not shared with acme: {body}");
+    let (status, body) = push_model(&server, &key, "mlp", 1, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = apply_graph(
+        &server,
+        &key,
+        "classify",
+        &classify_graph("classify", 1, "mlp"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(infer(&server, &key, "classify").await.0, 200);
+
+    // Revoking the key: its plugins stop loading, so the graph stops serving, and new pushes
+    // signed by it are refused.
+    let (status, _) = send(
+        client_with_key(&key).delete(server.url(&format!("/api/v1/signing-keys/{}", good.key_id))),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = infer(&server, &key, "classify").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
+    let again = secret.sign_plugin(&bytes, "normalize", "2");
+    let (status, body) = push_signed(
+        &server,
+        &key,
+        "normalize",
+        "2",
+        bytes,
+        Some((&again.signature, &again.key_id)),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn graph_apply_errors_match_graph_check_and_deletes_in_use_are_refused() {
+    let repo = platform_repo();
+    let server = Server::start(repo.path());
+    let key = create_tenant(&server, "acme", json!({ "shared_models": ["mlp"] })).await;
+    let secret = signing_key(&server, &key).await;
+    push_plugin(&server, &key, &secret, "normalize", "1", guest("normalize")).await;
+    push_plugin(&server, &key, &secret, "softmax", "1", guest("softmax")).await;
+    let broken = classify_graph("classify", 1, "no-such-model");
+    let (status, body) = send(
+        client_with_key(&key)
+            .put(server.url("/api/v1/graphs/classify"))
+            .header("Weft-File-Name", "mine.toml")
+            .body(broken),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let error = body["error"].as_str().unwrap();
+    assert!(error.starts_with("mine.toml:"), "{error}");
+    assert!(
+        error.contains("node 'mlp'") && error.contains("unknown model 'no-such-model'"),
+        "{error}"
+    );
+    let (status, body) = apply_graph(
+        &server,
+        &key,
+        "other",
+        &classify_graph("classify", 1, "mlp"),
+    )
+    .await;
+    assert_eq!(status, 400, "name mismatch: {body}");
+    let (status, body) = apply_graph(
+        &server,
+        &key,
+        "classify",
+        &classify_graph("classify", 1, "mlp"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) =
+        send(client_with_key(&key).delete(server.url("/api/v1/plugins/normalize"))).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("classify"));
+    let (status, body) =
+        send(client_with_key(&key).get(server.url("/api/v1/graphs/classify"))).await;
+    assert_eq!(status, 200);
+    assert!(
+        body["versions"][0]["toml"]
+            .as_str()
+            .unwrap()
+            .contains("normalize")
+    );
+    let (status, _) =
+        send(client_with_key(&key).delete(server.url("/api/v1/graphs/classify"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(infer(&server, &key, "classify").await.0, 404);
+    let (status, _) =
+        send(client_with_key(&key).delete(server.url("/api/v1/plugins/normalize"))).await;
+    assert_eq!(status, 200);
+    // A model that does not load stores nothing.
+    let (status, body) = push_model(&server, &key, "bad", 1, MLP_CONFIG, b"not onnx").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = push_model(
+        &server,
+        &key,
+        "bad",
+        1,
+        "platform = \"tensorflow\"\n",
+        &mlp_onnx(),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (_, listed) = send(client_with_key(&key).get(server.url("/api/v1/models"))).await;
+    assert_eq!(listed, json!({"models": []}));
+}
+
+#[tokio::test]
+async fn rate_and_concurrency_quotas_answer_429_with_retry_after_and_recover() {
+    let repo = platform_repo();
+    let server = Server::start(repo.path());
+    let key = create_tenant(
+        &server,
+        "small",
+        json!({ "shared_models": ["*"], "quotas": { "requests_per_second": 2.0, "burst": 3 } }),
+    )
+    .await;
+    let other = create_tenant(&server, "other", json!({ "shared_models": ["*"] })).await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..6 {
+        let response = client_with_key(&key)
+            .post(server.url("/v2/models/mlp/infer"))
+            .json(&row())
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 {
+            retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: Value = response.json().await.unwrap();
+            assert!(
+                body["error"].as_str().unwrap().contains("rate quota"),
+                "{body}"
+            );
+        }
+    }
+    assert_eq!(&statuses[..3], &[200, 200, 200], "{statuses:?}");
+    assert!(statuses[3..].contains(&429), "{statuses:?}");
+    let seconds: u64 = retry_after
+        .expect("429 without Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&seconds));
+    // Another tenant is not affected.
+    assert_eq!(infer(&server, &other, "mlp").await.0, 200);
+    // After the advertised wait the tenant is served again.
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    assert_eq!(infer(&server, &key, "mlp").await.0, 200);
+
+    // Concurrency: one slot, a slow request holds it.
+    let (status, _) = send(admin().patch(server.url("/api/v1/tenants/small")).json(&json!({
+        "quotas": { "requests_per_second": 1000.0, "burst": 1000, "max_concurrent_requests": 1 }
+    })))
+    .await;
+    assert_eq!(status, 200);
+    let big: Vec<f32> = vec![0.5; 64 * 64];
+    let big =
+        json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [64, 64], "data": big}]});
+    let mut refused = 0;
+    for _ in 0..5 {
+        let mut calls = Vec::new();
+        for _ in 0..8 {
+            let request = client_with_key(&key)
+                .post(server.url("/v2/models/mlp/infer"))
+                .json(&big);
+            calls.push(tokio::spawn(async move {
+                request.send().await.unwrap().status().as_u16()
+            }));
+        }
+        for call in calls {
+            let status = call.await.unwrap();
+            assert!(status == 200 || status == 429, "{status}");
+            refused += usize::from(status == 429);
+        }
+        if refused > 0 {
+            break;
+        }
+    }
+    assert!(refused > 0, "8 concurrent requests never hit a limit of 1");
+    assert_eq!(infer(&server, &key, "mlp").await.0, 200);
+
+    // Storage quota: 403 with the limit named, nothing stored.
+    let (status, _) = send(
+        admin()
+            .patch(server.url("/api/v1/tenants/small"))
+            .json(&json!({
+                "quotas": { "max_models": 1 }
+            })),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        push_model(&server, &key, "m", 1, MLP_CONFIG, &mlp_onnx())
+            .await
+            .0,
+        201
+    );
+    let (status, body) = push_model(&server, &key, "m", 2, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("quota of 1 model versions"),
+        "{body}"
+    );
+    // Request size quota.
+    let (status, _) = send(
+        admin()
+            .patch(server.url("/api/v1/tenants/small"))
+            .json(&json!({
+                "quotas": { "max_request_bytes": 100 }
+            })),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(infer(&server, &key, "mlp").await.0, 413);
+    let (status, body) = send(
+        admin()
+            .patch(server.url("/api/v1/tenants/small"))
+            .json(&json!({
+                "quotas": { "burst": 0 }
+            })),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+/// Everything a tenant pushed is back after a restart (and compiled plugins come from the
+/// compile cache); a stored blob altered on disk is refused at load, not served.
+#[tokio::test]
+async fn a_restart_restores_every_tenant_and_refuses_tampered_blobs() {
+    let repo = platform_repo();
+    let server = Server::start(repo.path());
+    let (a, b) = two_tenants(&server).await;
+    let (_, before) = infer(&server, &a, "secret-graph").await;
+    let data = server.crash();
+    let server = Server::try_start_in(repo.path(), &[], data).unwrap();
+    let (status, after) = infer(&server, &a, "secret-graph").await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(before["outputs"], after["outputs"]);
+    assert_eq!(infer(&server, &b, "secret-graph").await.0, 404);
+    // The plugins came back from the compile cache, not from a fresh compile.
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lookups = |result: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "weft_compile_cache_lookups_total{{result=\"{result}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit_once(' '))
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap_or(0.0)
+    };
+    assert!(lookups("hit") >= 2.0 && lookups("miss") == 0.0, "{metrics}");
+    assert!(
+        metrics.contains("weft_plugin_calls_total{plugin=\"acme/normalize@1.0.0\"} 1"),
+        "{metrics}"
+    );
+
+    // Tamper with the stored normalize component: after a restart the graph is unavailable
+    // with a reason, and nothing crashes.
+    let digest = weft_store::signing::sha256_hex(&guest("normalize"));
+    let blob = server.data_dir().join("store/blobs/sha256").join(&digest);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 0xff;
+    let data = server.crash();
+    std::fs::write(
+        data.path().join("data/store/blobs/sha256").join(&digest),
+        &bytes,
+    )
+    .unwrap();
+    let server = Server::try_start_in(repo.path(), &[], data).unwrap();
+    let (status, body) = infer(&server, &a, "secret-graph").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(infer(&server, &a, "secret-mlp").await.0, 200);
+}
+
+/// SIGKILL at random moments of a stream of uploads: after each restart every upload that was
+/// answered 201 is there and serves, and nothing half-written is visible.
+#[tokio::test]
+async fn sigkill_during_uploads_leaves_the_old_or_the_new_state_never_half() {
+    let repo = platform_repo();
+    let mut server = Server::start(repo.path());
+    let key = create_tenant(&server, "acme", json!({ "shared_models": ["mlp"] })).await;
+    let secret = signing_key(&server, &key).await;
+    let mut confirmed: Vec<u64> = Vec::new();
+    let onnx = mlp_onnx();
+    let plugin = guest("normalize");
+    let mut version = 0u64;
+    for round in 0..4u64 {
+        let address = server.address.clone();
+        let uploads = {
+            let key = key.clone();
+            let onnx = onnx.clone();
+            let plugin = plugin.clone();
+            let signature_key = SecretKey::from_file_text(&secret.to_file_text()).unwrap();
+            let first = version + 1;
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                for v in first.. {
+                    let mut body = MLP_CONFIG.as_bytes().to_vec();
+                    body.extend_from_slice(&onnx);
+                    let model = client_with_key(&key)
+                        .put(format!("http://{address}/api/v1/models/m/versions/{v}"))
+                        .header("Weft-Config-Length", MLP_CONFIG.len().to_string())
+                        .body(body)
+                        .send()
+                        .await;
+                    let signature = signature_key.sign_plugin(&plugin, "p", &v.to_string());
+                    let pushed = client_with_key(&key)
+                        .put(format!("http://{address}/api/v1/plugins/p/versions/{v}"))
+                        .header("Weft-Signature", signature.signature)
+                        .header("Weft-Signing-Key", signature.key_id)
+                        .body(plugin.clone())
+                        .send()
+                        .await;
+                    match (model, pushed) {
+                        (Ok(m), Ok(p)) if m.status() == 201 && p.status() == 201 => done.push(v),
+                        _ => return done,
+                    }
+                }
+                done
+            })
+        };
+        // Kill somewhere inside the stream: 150–900 ms in, varying per round.
+        let delay = 150 + (round * 613 + 97) % 750;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let data = server.crash();
+        let done = uploads.await.unwrap();
+        confirmed.extend(&done);
+        version = confirmed.iter().copied().max().unwrap_or(version) + 10;
+        server = Server::try_start_in(repo.path(), &[], data).unwrap();
+        let (status, models) =
+            send(client_with_key(&key).get(server.url("/api/v1/models/m"))).await;
+        let (_, plugins) = send(client_with_key(&key).get(server.url("/api/v1/plugins/p"))).await;
+        let listed = |value: &Value| -> Vec<u64> {
+            value["versions"]
+                .as_array()
+                .map(|versions| {
+                    versions
+                        .iter()
+                        .map(|v| v["version"].as_str().unwrap().parse().unwrap())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let models_listed = if status == 200 {
+            listed(&models)
+        } else {
+            Vec::new()
+        };
+        for v in &confirmed {
+            assert!(
+                models_listed.contains(v),
+                "round {round}: confirmed model version {v} lost: {models_listed:?}"
+            );
+            assert!(
+                listed(&plugins).contains(v),
+                "round {round}: confirmed plugin version {v} lost"
+            );
+        }
+        // Every listed version serves (no half-written blob behind a record).
+        for v in &models_listed {
+            let (status, body) = send(
+                client_with_key(&key)
+                    .post(server.url(&format!("/v2/models/m/versions/{v}/infer")))
+                    .json(&row()),
+            )
+            .await;
+            assert_eq!(
+                status, 200,
+                "round {round}: listed version {v} does not serve: {body}"
+            );
+        }
+        let store = server.data_dir().join("store");
+        let leftovers: Vec<_> = walk(&store)
+            .into_iter()
+            .filter(|p| p.file_name().unwrap().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "temp files survived a restart: {leftovers:?}"
+        );
+    }
+    assert!(
+        !confirmed.is_empty(),
+        "no upload completed before the kills; the test proved nothing"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(walk(&path));
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Replacing a model version, a plugin version and a graph version while a steady load runs:
+/// not one request fails, and new requests see the new versions.
+#[tokio::test]
+async fn hot_swap_under_load_fails_no_request() {
+    let repo = platform_repo();
+    let server = Server::start(repo.path());
+    let key = create_tenant(&server, "acme", json!({ "shared_models": ["mlp"] })).await;
+    let secret = signing_key(&server, &key).await;
+    push_plugin(&server, &key, &secret, "normalize", "1", guest("normalize")).await;
+    push_plugin(&server, &key, &secret, "softmax", "1", guest("softmax")).await;
+    assert_eq!(
+        push_model(&server, &key, "scorer", 1, MLP_CONFIG, &mlp_onnx())
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        apply_graph(
+            &server,
+            &key,
+            "classify",
+            &classify_graph("classify", 1, "scorer")
+        )
+        .await
+        .0,
+        201
+    );
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for worker in 0..4 {
+        let url = server.url(if worker % 2 == 0 {
+            "/v2/models/classify/infer"
+        } else {
+            "/v2/models/scorer/infer"
+        });
+        let key = key.clone();
+        let stop = std::sync::Arc::clone(&stop);
+        workers.push(tokio::spawn(async move {
+            let client = client_with_key(&key);
+            let (mut ok, mut failed, mut versions) =
+                (0u64, Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let response = client.post(&url).json(&row()).send().await.unwrap();
+                let status = response.status().as_u16();
+                let body: Value = response.json().await.unwrap();
+                if status == 200 {
+                    ok += 1;
+                    versions.insert(body["model_version"].as_str().unwrap().to_string());
+                } else {
+                    failed.push(format!("{status}: {body}"));
+                }
+            }
+            (ok, failed, versions)
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        push_model(&server, &key, "scorer", 2, MLP_CONFIG, &mlp_onnx())
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        push_plugin(&server, &key, &secret, "normalize", "2", guest("normalize"))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        apply_graph(
+            &server,
+            &key,
+            "classify",
+            &classify_graph("classify", 2, "scorer")
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(
+        send(client_with_key(&key).delete(server.url("/api/v1/models/scorer/versions/1")))
+            .await
+            .0,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    for worker in workers {
+        let (ok, failed, versions) = worker.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "requests failed during hot swap: {failed:?}"
+        );
+        total += ok;
+        seen.extend(versions);
+    }
+    assert!(
+        total > 20,
+        "only {total} requests in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        seen.contains("1") && seen.contains("2"),
+        "both versions served: {seen:?}"
+    );
+    let (_, after) = infer(&server, &key, "scorer").await;
+    assert_eq!(after["model_version"], "2");
+}
