@@ -84,6 +84,7 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
         .arg(&data_dir)
         .arg("--ort-library")
         .arg(&library)
+        .args(["--bootstrap-key", BENCH_KEY])
         .env("WEFT_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -185,12 +186,17 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// Runs `weft bench` and returns its result line (also printed).
+/// The API key of tenant `default` in the benchmark server (every request is authenticated,
+/// as in production).
+const BENCH_KEY: &str = "weft-bench-bootstrap-key";
+
 fn weft_bench(weft: &Path, root: &Path, args: &[&str]) -> Result<String> {
     let output = Command::new(weft)
         .current_dir(root)
         .arg("bench")
         .args(args)
         .env("WEFT_LOG", "warn")
+        .env("WEFT_API_KEY", BENCH_KEY)
         .output()
         .context("cannot run weft bench")?;
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -20,6 +20,8 @@ pub struct Cost {
     pub fuel: AtomicU64,
     /// Where the plugins that ran came from (digest, signer), one entry per distinct plugin.
     pub provenance: Mutex<Vec<serde_json::Value>>,
+    /// The tenant the request runs for; plugin calls use it to keep warm instances apart.
+    pub tenant: Option<Arc<str>>,
 }
 
 /// Which counter [`add`] adds to.
@@ -55,6 +57,11 @@ pub fn add(spent: Spent, duration: Duration) {
 /// Adds consumed fuel to the current request's account, if there is one.
 pub fn add_fuel(fuel: u64) {
     let _ = COST.try_with(|cost| cost.fuel.fetch_add(fuel, Ordering::Relaxed));
+}
+
+/// The tenant of the current request, if it runs inside a scope that names one.
+pub fn tenant() -> Option<Arc<str>> {
+    COST.try_with(|cost| cost.tenant.clone()).ok().flatten()
 }
 
 /// Notes that a plugin ran for the current request: `entry` describes it (name, version, digest,

@@ -449,6 +449,10 @@ pub struct CallContext {
     /// A host directory the plugin may read (never write) as `/assets`, when the graph grants
     /// one. Without it the plugin sees no filesystem at all.
     pub assets: Option<PathBuf>,
+    /// Whom the call runs for (the tenant). A warm instance is reused only for a call with the
+    /// same key, so one plugin shared by several tenants never carries one tenant's memory
+    /// into another's call.
+    pub isolation: Option<Arc<str>>,
 }
 
 /// A loaded plugin, ready to be called concurrently.
@@ -481,6 +485,8 @@ struct Warm {
     store: Store<PluginState>,
     instance: RoleInstance,
     calls: u32,
+    /// The isolation key of the calls this instance served (see [`CallContext::isolation`]).
+    isolation: Option<Arc<str>>,
 }
 
 enum RoleInstance {
@@ -653,7 +659,7 @@ impl Plugin {
         limits.memory_bytes = limits.memory_bytes.min(inner.config.max_memory_bytes);
         let reusable = inner.config.reuse_instances && context.assets.is_none();
         let (mut store, instance, calls) = match reusable
-            .then(|| self.take_warm(limits.memory_bytes))
+            .then(|| self.take_warm(limits.memory_bytes, context.isolation.as_ref()))
             .flatten()
         {
             Some(mut warm) => {
@@ -718,7 +724,7 @@ impl Plugin {
             Ok(Err(trap)) => Err(self.classify(&store, &limits, trap)),
             Ok(Ok((instance, Err(guest)))) => {
                 if reusable {
-                    self.keep_warm(store, instance, calls);
+                    self.keep_warm(store, instance, calls, context.isolation.clone());
                 }
                 let (kind, message) = match guest {
                     GuestError::InvalidInput(m) => {
@@ -746,18 +752,23 @@ impl Plugin {
                     }
                 }
                 if reusable {
-                    self.keep_warm(store, instance, calls);
+                    self.keep_warm(store, instance, calls, context.isolation.clone());
                 }
                 Ok(returned)
             }
         }
     }
 
-    /// A warm instance whose memory fits `memory_bytes`, if one is kept.
-    fn take_warm(&self, memory_bytes: usize) -> Option<Warm> {
+    /// A warm instance that served the same isolation key and whose memory fits
+    /// `memory_bytes`, if one is kept.
+    fn take_warm(&self, memory_bytes: usize, isolation: Option<&Arc<str>>) -> Option<Warm> {
         let inner = &self.runtime.inner;
         let mut warm = self.warm.instances.lock().ok()?;
-        while let Some(candidate) = warm.pop() {
+        while let Some(index) = warm
+            .iter()
+            .rposition(|candidate| candidate.isolation.as_ref() == isolation)
+        {
+            let candidate = warm.swap_remove(index);
             inner.warm_total.fetch_sub(1, Ordering::Relaxed);
             if candidate.store.data().limiter.peak <= memory_bytes {
                 return Some(candidate);
@@ -769,7 +780,13 @@ impl Plugin {
 
     /// Keeps an instance whose call ended cleanly, unless it has served its share, wrote
     /// output (its capture buffers are per instance), or the pool is full.
-    fn keep_warm(&self, store: Store<PluginState>, instance: RoleInstance, calls: u32) {
+    fn keep_warm(
+        &self,
+        store: Store<PluginState>,
+        instance: RoleInstance,
+        calls: u32,
+        isolation: Option<Arc<str>>,
+    ) {
         let inner = &self.runtime.inner;
         let calls = calls + 1;
         if calls >= MAX_CALLS_PER_INSTANCE || store.data().wrote_output() {
@@ -779,7 +796,12 @@ impl Plugin {
         let Ok(mut warm) = self.warm.instances.lock() else {
             return;
         };
-        if warm.len() >= MAX_WARM_PER_PLUGIN || inner.warm_total.load(Ordering::Relaxed) >= cap {
+        if warm.len() >= MAX_WARM_PER_PLUGIN {
+            // Full (perhaps of other tenants' instances): the oldest makes room.
+            warm.remove(0);
+            inner.warm_total.fetch_sub(1, Ordering::Relaxed);
+        }
+        if inner.warm_total.load(Ordering::Relaxed) >= cap {
             return;
         }
         inner.warm_total.fetch_add(1, Ordering::Relaxed);
@@ -787,6 +809,7 @@ impl Plugin {
             store,
             instance,
             calls,
+            isolation,
         });
     }
 

@@ -529,6 +529,38 @@ async fn clean_calls_reuse_a_warm_instance_and_failures_never_do() {
 }
 
 #[tokio::test]
+async fn warm_instances_are_reused_only_for_the_same_tenant() {
+    let runtime = runtime();
+    let copy = load(&runtime, "runtime_copy");
+    let call = |tenant: &str| {
+        let mut context = context(&[]);
+        context.isolation = Some(Arc::from(tenant));
+        context
+    };
+    let x = || NamedTensor::new("x", f32_tensor(vec![1, 2], &[1.0, 2.0]));
+    copy.transform(&call("acme"), vec![x()]).await.unwrap();
+    copy.transform(&call("acme"), vec![x()]).await.unwrap();
+    assert_eq!(
+        instantiations(&runtime),
+        1,
+        "acme's second call reused its instance"
+    );
+    copy.transform(&call("bolt"), vec![x()]).await.unwrap();
+    assert_eq!(
+        instantiations(&runtime),
+        2,
+        "bolt never gets the instance acme's call left warm"
+    );
+    copy.transform(&call("acme"), vec![x()]).await.unwrap();
+    copy.transform(&call("bolt"), vec![x()]).await.unwrap();
+    assert_eq!(
+        instantiations(&runtime),
+        2,
+        "each tenant keeps its own warm instance"
+    );
+}
+
+#[tokio::test]
 async fn reuse_can_be_turned_off() {
     let runtime = PluginRuntime::new(RuntimeConfig {
         reuse_instances: false,

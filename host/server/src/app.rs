@@ -99,6 +99,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::control::routes())
         .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
@@ -146,6 +147,17 @@ async fn server_metadata() -> Json<ServerMetadataResponse> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         extensions: vec!["binary_tensor_data".to_string(), "statistics".to_string()],
     })
+}
+
+async fn method_not_allowed(request: Request<Body>) -> Response {
+    let body = weft_protocol::ErrorResponse {
+        error: format!(
+            "method {} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
 async fn unknown_route(request: Request<Body>) -> ApiError {
@@ -227,7 +239,12 @@ async fn model_version_ready(
     ready_response(&scope, &model, Some(&version))
 }
 
-async fn repository_index(Caller(scope): Caller, body: Bytes) -> Result<Response, ApiError> {
+async fn repository_index(
+    Caller(scope): Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(1 << 20, &headers, body).await?;
     // Triton's optional body: {"ready": true} lists only ready models.
     let only_ready = if body.is_empty() {
         false
@@ -337,7 +354,10 @@ async fn run_infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let cost = Arc::new(Cost::default());
+    let cost = Arc::new(Cost {
+        tenant: Some(Arc::from(scope.name.as_str())),
+        ..Cost::default()
+    });
     let mut served = Served::default();
     let result = match scope.admit() {
         Ok(_permit) => {

@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// Request body encoding over HTTP.
     #[arg(long, value_enum, default_value_t = Encoding::Binary)]
     pub encoding: Encoding,
+    /// API key sent as `Authorization: Bearer <key>` over HTTP.
+    #[arg(long, env = "WEFT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -105,8 +108,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         };
         drive(&args, call).await
     } else {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = &args.api_key {
+            let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+                .context("--api-key is not a valid header value")?;
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(args.concurrency)
+            .default_headers(headers)
             .build()
             .context("cannot build the HTTP client")?;
         let metadata: serde_json::Value = client
@@ -339,6 +349,7 @@ pub async fn bench_plugins(args: BenchPluginsArgs) -> anyhow::Result<()> {
         warmup: 0.0,
         rows: 1,
         encoding: Encoding::Binary,
+        api_key: None,
     })
     .await?;
     let inputs = sample_inputs(&model.metadata().inputs, 1)?;

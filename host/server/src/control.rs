@@ -26,8 +26,8 @@ use weft_store::{Quotas, State as StoreState, Tenant, api_keys, check_name};
 use crate::app::{AppState, Caller, read_body};
 use crate::error::ApiError;
 use crate::tenants::{
-    Tenancy, check_model_config, graph_path, graph_references, new_tenant, signing_key, unix_now,
-    validate_graph,
+    Removal, Tenancy, check_model_config, graph_needs, graph_path, new_tenant, signing_key,
+    unix_now, validate_graph,
 };
 
 /// The OpenAPI description of every route, served at `/api/v1/openapi.json`.
@@ -103,6 +103,14 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(move || work(&tenancy))
         .await
         .map_err(|error| Error::internal(format!("control-plane task failed: {error}")))?
+}
+
+/// Largest JSON body of an admin or key request.
+const MAX_JSON_BODY: usize = 1 << 20;
+
+/// Reads a small JSON request body, with V2-style errors (413 past [`MAX_JSON_BODY`]).
+async fn json_body(headers: &HeaderMap, body: Body) -> Result<Bytes> {
+    read_body(MAX_JSON_BODY, headers, body).await
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
@@ -200,10 +208,10 @@ struct CreateTenant {
 async fn create_tenant(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> std::result::Result<Response, ApiError> {
     state.tenancy.authenticate_admin(&headers)?;
-    let request: CreateTenant = parse_json(&body)?;
+    let request: CreateTenant = parse_json(&json_body(&headers, body).await?)?;
     check_name("tenant", &request.name)?;
     request.quotas.validate()?;
     let (id, key) = api_keys::generate()?;
@@ -267,10 +275,10 @@ async fn update_tenant(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> std::result::Result<Response, ApiError> {
     state.tenancy.authenticate_admin(&headers)?;
-    let request: UpdateTenant = parse_json(&body)?;
+    let request: UpdateTenant = parse_json(&json_body(&headers, body).await?)?;
     let view = blocking(&state, move |tenancy| {
         tenancy.change(Some(&name), |store| {
             let tenant = tenant_mut(store, &name)?;
@@ -304,6 +312,7 @@ async fn delete_tenant(
         })
     })
     .await?;
+    state.stats.forget_tenant(&deleted);
     Ok(ok(json!({ "deleted": deleted })))
 }
 
@@ -363,7 +372,10 @@ async fn whoami(
     Caller(scope): Caller,
 ) -> std::result::Result<Response, ApiError> {
     let store = state.tenancy.store().state();
-    Ok(ok(tenant_view(tenant_of(&store, &scope.name)?)))
+    let mut view = tenant_view(tenant_of(&store, &scope.name)?);
+    // The store's revision: it grows by one with every committed change, of any tenant.
+    view["revision"] = store.revision.into();
+    Ok(ok(view))
 }
 
 #[derive(Deserialize)]
@@ -375,9 +387,10 @@ struct RegisterSigningKey {
 async fn register_signing_key(
     State(state): State<AppState>,
     Caller(scope): Caller,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> std::result::Result<Response, ApiError> {
-    let request: RegisterSigningKey = parse_json(&body)?;
+    let request: RegisterSigningKey = parse_json(&json_body(&headers, body).await?)?;
     let public = PublicKey::from_base64(request.public_key.trim())?;
     let id = public.key_id();
     let tenant = scope.name.clone();
@@ -471,6 +484,8 @@ async fn push_plugin(
     headers: HeaderMap,
     body: Body,
 ) -> std::result::Result<Response, ApiError> {
+    // Uploads count against the tenant's rate and concurrency quotas like inference does.
+    let _permit = scope.admit()?;
     let result = push_plugin_checked(&state, &scope.name, name, version, &headers, body).await;
     state.metrics.upload(
         "plugin",
@@ -507,7 +522,10 @@ async fn push_plugin_checked(
     let tenant = tenant.to_string();
     blocking(state, move |tenancy| {
         let digest = sha256_hex(&bytes);
-        let current = tenancy.store().state();
+        // Checks, blob write and commit under the one writer: nothing can change in between
+        // (a key revoked, the same version pushed).
+        let writer = tenancy.writer()?;
+        let current = writer.state();
         let record = tenant_of(&current, &tenant)?;
         if record
             .plugins
@@ -528,25 +546,29 @@ async fn push_plugin_checked(
             })?;
         let plugin = tenancy.runtime().load(&name, &bytes)?;
         let role = plugin.role().as_str();
-        tenancy.store().put_blob(&bytes)?;
         let size = bytes.len() as u64;
-        tenancy.change(Some(&tenant), |store| {
-            let record = tenant_mut(store, &tenant)?;
-            let versions = record.plugins.entry(name.clone()).or_default();
-            if versions.iter().any(|v| v.version == version) {
-                return Err(Error::conflict(format!(
-                    "plugin '{name}' version {version} already exists"
-                )));
-            }
-            versions.push(weft_store::PluginVersion {
-                version: version.clone(),
-                digest: digest.clone(),
-                size,
-                signature,
-                key_id: key_id.clone(),
-                created_unix: unix_now(),
-            });
-            check_storage(record)
+        let add = |record: &mut Tenant| {
+            record
+                .plugins
+                .entry(name.clone())
+                .or_default()
+                .push(weft_store::PluginVersion {
+                    version: version.clone(),
+                    digest: digest.clone(),
+                    size,
+                    signature: signature.clone(),
+                    key_id: key_id.clone(),
+                    created_unix: unix_now(),
+                });
+        };
+        // Within quota before anything is written.
+        let mut projected = record.clone();
+        add(&mut projected);
+        check_storage(&projected)?;
+        tenancy.store().put_blob(&bytes)?;
+        writer.commit(Some(&tenant), |store| {
+            add(tenant_mut(store, &tenant)?);
+            Ok(())
         })?;
         Ok(json!({
             "name": name, "version": version, "digest": format!("sha256:{digest}"),
@@ -594,19 +616,34 @@ async fn get_plugin(
     Ok(ok(plugin_view(&name, versions)))
 }
 
-/// The graphs of a tenant that name `what` (a model or plugin) in a node.
-fn graphs_using(tenancy: &Tenancy, tenant: &Tenant, what: &str) -> Result<Vec<String>> {
+/// Refuses (409) a delete that graphs of the tenant still need.
+fn refuse_if_needed(tenancy: &Tenancy, tenant: &Tenant, removal: Removal<'_>) -> Result<()> {
     let mut users = Vec::new();
     for (graph, versions) in &tenant.graphs {
         for (version, record) in versions {
             let text = String::from_utf8(tenancy.store().read_blob(&record.toml_digest)?)
                 .unwrap_or_default();
-            if graph_references(&text).contains(what) {
-                users.push(format!("{graph} version {version}"));
+            if graph_needs(&text, removal) {
+                users.push(format!("'{graph}' version {version}"));
             }
         }
     }
-    Ok(users)
+    if users.is_empty() {
+        return Ok(());
+    }
+    let what = match removal {
+        Removal::Plugin { name, .. } => format!("plugin '{name}'"),
+        Removal::Model {
+            name,
+            version: Some(version),
+            ..
+        } => format!("model '{name}' version {version}"),
+        Removal::Model { name, .. } => format!("model '{name}'"),
+    };
+    Err(Error::conflict(format!(
+        "{what} is used by graph {}; delete or change those first",
+        users.join(", ")
+    )))
 }
 
 async fn delete_plugin(
@@ -634,36 +671,26 @@ async fn remove_plugin(
     let tenant = scope.name.clone();
     let answer = json!({ "deleted": name, "version": version });
     blocking(&state, move |tenancy| {
-        tenancy.exclusive(|| {
-            let current = tenancy.store().state();
-            let record = tenant_of(&current, &tenant)?;
-            let versions = record
-                .plugins
-                .get(&name)
-                .ok_or_else(|| Error::not_found(format!("unknown plugin '{name}'")))?;
-            let last = match &version {
-                None => true,
-                Some(version) => {
-                    if !versions.iter().any(|v| &v.version == version) {
-                        return Err(Error::not_found(format!(
-                            "unknown version '{version}' of plugin '{name}'"
-                        )));
-                    }
-                    versions.len() == 1
-                }
-            };
-            if last {
-                let users = graphs_using(tenancy, record, &name)?;
-                if !users.is_empty() {
-                    return Err(Error::conflict(format!(
-                        "plugin '{name}' is used by graph {}; delete or change those first",
-                        users.join(", ")
+        let writer = tenancy.writer()?;
+        let current = writer.state();
+        let record = tenant_of(&current, &tenant)?;
+        let versions = record
+            .plugins
+            .get(&name)
+            .ok_or_else(|| Error::not_found(format!("unknown plugin '{name}'")))?;
+        let last = match &version {
+            None => true,
+            Some(version) => {
+                if !versions.iter().any(|v| &v.version == version) {
+                    return Err(Error::not_found(format!(
+                        "unknown version '{version}' of plugin '{name}'"
                     )));
                 }
+                versions.len() == 1
             }
-            Ok(())
-        })?;
-        tenancy.change(Some(&tenant), |store| {
+        };
+        refuse_if_needed(tenancy, record, Removal::Plugin { name: &name, last })?;
+        writer.commit(Some(&tenant), |store| {
             let record = tenant_mut(store, &tenant)?;
             match &version {
                 None => {
@@ -694,6 +721,8 @@ async fn push_model(
     headers: HeaderMap,
     body: Body,
 ) -> std::result::Result<Response, ApiError> {
+    // Uploads count against the tenant's rate and concurrency quotas like inference does.
+    let _permit = scope.admit()?;
     let result = push_model_checked(&state, &scope, name, version, &headers, body).await;
     state.metrics.upload(
         "model",
@@ -755,8 +784,14 @@ async fn push_model_checked(
     }
     let tenant = scope.name.clone();
     blocking(state, move |tenancy| {
-        let current = tenancy.store().state();
+        let writer = tenancy.writer()?;
+        let current = writer.state();
         let record = tenant_of(&current, &tenant)?;
+        if record.graphs.contains_key(&name) {
+            return Err(Error::conflict(format!(
+                "'{name}' is a graph; graphs and models share one namespace"
+            )));
+        }
         if record
             .models
             .get(&name)
@@ -777,34 +812,34 @@ async fn push_model_checked(
             ModelRegistry::load_version(tenancy.loader(), &name, number, scratch.path(), &config)
                 .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
         drop(scratch);
-        let onnx_digest = tenancy.store().put_blob(&onnx)?;
-        let config_digest = tenancy.store().put_blob(config_text.as_bytes())?;
-        tenancy.remember_model(&tenant, &name, &onnx_digest, &config_digest, model)?;
         let size = bytes.len() as u64;
-        tenancy.change(Some(&tenant), |store| {
-            let record = tenant_mut(store, &tenant)?;
-            if record.graphs.contains_key(&name) {
-                return Err(Error::conflict(format!(
-                    "'{name}' is a graph; graphs and models share one namespace"
-                )));
-            }
-            let versions = record.models.entry(name.clone()).or_default();
-            if versions.contains_key(&number) {
-                return Err(Error::conflict(format!(
-                    "model '{name}' version {number} already exists"
-                )));
-            }
-            versions.insert(
+        let onnx_digest = sha256_hex(&onnx);
+        let config_digest = sha256_hex(config_text.as_bytes());
+        let add = |record: &mut Tenant| {
+            record.models.entry(name.clone()).or_default().insert(
                 number,
                 weft_store::ModelVersion {
                     onnx_digest: onnx_digest.clone(),
-                    config_digest,
+                    config_digest: config_digest.clone(),
                     size,
                     created_unix: unix_now(),
                 },
             );
-            check_storage(record)
-        })?;
+        };
+        let mut projected = record.clone();
+        add(&mut projected);
+        check_storage(&projected)?;
+        tenancy.store().put_blob(&onnx)?;
+        tenancy.store().put_blob(config_text.as_bytes())?;
+        tenancy.remember_model(&tenant, &name, &onnx_digest, &config_digest, model)?;
+        let committed = writer.commit(Some(&tenant), |store| {
+            add(tenant_mut(store, &tenant)?);
+            Ok(())
+        });
+        if committed.is_err() {
+            tenancy.forget_model(&tenant, &name, &onnx_digest, &config_digest)?;
+        }
+        committed?;
         Ok(json!({
             "name": name, "version": number.to_string(),
             "onnx_digest": format!("sha256:{onnx_digest}"), "size": size,
@@ -880,32 +915,31 @@ async fn remove_model(
     let tenant = scope.name.clone();
     let answer = json!({ "deleted": name, "version": version.map(|v| v.to_string()) });
     blocking(&state, move |tenancy| {
-        tenancy.exclusive(|| {
-            let current = tenancy.store().state();
-            let record = tenant_of(&current, &tenant)?;
-            let versions = record
-                .models
-                .get(&name)
-                .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
-            if let Some(number) = version
-                && !versions.contains_key(&number)
-            {
-                return Err(Error::not_found(format!(
-                    "unknown version '{number}' of model '{name}'"
-                )));
-            }
-            if version.is_none() || versions.len() == 1 {
-                let users = graphs_using(tenancy, record, &name)?;
-                if !users.is_empty() {
-                    return Err(Error::conflict(format!(
-                        "model '{name}' is used by graph {}; delete or change those first",
-                        users.join(", ")
-                    )));
-                }
-            }
-            Ok(())
-        })?;
-        tenancy.change(Some(&tenant), |store| {
+        let writer = tenancy.writer()?;
+        let current = writer.state();
+        let record = tenant_of(&current, &tenant)?;
+        let versions = record
+            .models
+            .get(&name)
+            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+        if let Some(number) = version
+            && !versions.contains_key(&number)
+        {
+            return Err(Error::not_found(format!(
+                "unknown version '{number}' of model '{name}'"
+            )));
+        }
+        let last = version.is_none() || versions.len() == 1;
+        refuse_if_needed(
+            tenancy,
+            record,
+            Removal::Model {
+                name: &name,
+                version,
+                last,
+            },
+        )?;
+        writer.commit(Some(&tenant), |store| {
             let record = tenant_mut(store, &tenant)?;
             match version {
                 None => {
@@ -936,6 +970,8 @@ async fn apply_graph(
     headers: HeaderMap,
     body: Body,
 ) -> std::result::Result<Response, ApiError> {
+    // Uploads count against the tenant's rate and concurrency quotas like inference does.
+    let _permit = scope.admit()?;
     let result = apply_graph_checked(&state, &scope, name, &headers, body).await;
     state.metrics.upload(
         "graph",
@@ -963,9 +999,14 @@ async fn apply_graph_checked(
         .unwrap_or_else(|| graph_path(&name));
     let tenant = scope.name.clone();
     blocking(state, move |tenancy| {
-        let scope = tenancy
+        // Validation, blob write and commit under the one writer, so a delete cannot slip in
+        // between and leave the graph naming something gone.
+        let writer = tenancy.writer()?;
+        let scope = writer
             .scope(&tenant)
             .ok_or_else(|| Error::not_found(format!("unknown tenant '{tenant}'")))?;
+        let current = writer.state();
+        let record = tenant_of(&current, &tenant)?;
         let plan = validate_graph(&scope, &file, &text)?;
         if plan.spec.name != name {
             return Err(Error::invalid(format!(
@@ -975,29 +1016,42 @@ async fn apply_graph_checked(
             )));
         }
         let version = plan.spec.version;
-        if scope.models.versions(&name).is_some() && !scope.registry.is_graph(&name) {
+        // One namespace: the tenant's models and the names shared with it are taken.
+        if !record.graphs.contains_key(&name) && scope.registry.versions(&name).is_some() {
             return Err(Error::conflict(format!(
-                "'{name}' is a model; graphs and models share one namespace"
+                "'{name}' is already a model or shared name; graphs and models share one namespace"
             )));
         }
-        let digest = tenancy.store().put_blob(text.as_bytes())?;
-        let size = text.len() as u64;
-        tenancy.change(Some(&tenant), |store| {
-            let record = tenant_mut(store, &tenant)?;
-            if record.models.contains_key(&name) {
-                return Err(Error::conflict(format!(
-                    "'{name}' is a model; graphs and models share one namespace"
-                )));
+        let digest = sha256_hex(text.as_bytes());
+        if let Some(existing) = record.graphs.get(&name).and_then(|v| v.get(&version)) {
+            if existing.toml_digest == digest {
+                return Ok(
+                    json!({ "name": name, "version": version.to_string(), "unchanged": true }),
+                );
             }
+            return Err(Error::conflict(format!(
+                "graph '{name}' version {version} already exists with other content; versions \
+                 are immutable, apply it with a new version"
+            )));
+        }
+        let size = text.len() as u64;
+        let add = |record: &mut Tenant| {
             record.graphs.entry(name.clone()).or_default().insert(
                 version,
                 weft_store::GraphVersion {
-                    toml_digest: digest,
+                    toml_digest: digest.clone(),
                     size,
                     created_unix: unix_now(),
                 },
             );
-            check_storage(record)
+        };
+        let mut projected = record.clone();
+        add(&mut projected);
+        check_storage(&projected)?;
+        tenancy.store().put_blob(text.as_bytes())?;
+        writer.commit(Some(&tenant), |store| {
+            add(tenant_mut(store, &tenant)?);
+            Ok(())
         })?;
         Ok(json!({ "name": name, "version": version.to_string() }))
     })

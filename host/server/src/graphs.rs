@@ -96,6 +96,8 @@ pub struct RepositoryRunner {
     /// Per plugin name, where it came from (version, digest, signer), noted on each request
     /// that runs it; empty for repository plugins.
     provenance: HashMap<String, serde_json::Value>,
+    /// Per plugin name, its `/metrics` label when it is not the name (`tenant/name@version`).
+    metric_labels: HashMap<String, String>,
 }
 
 impl RepositoryRunner {
@@ -115,6 +117,7 @@ impl RepositoryRunner {
             defaults: runtime.config().limits.clone(),
             metrics,
             provenance: HashMap::new(),
+            metric_labels: HashMap::new(),
         }
     }
 
@@ -124,9 +127,11 @@ impl RepositoryRunner {
         mut self,
         limits: CallLimits,
         provenance: HashMap<String, serde_json::Value>,
+        metric_labels: HashMap<String, String>,
     ) -> Self {
         self.defaults = limits;
         self.provenance = provenance;
+        self.metric_labels = metric_labels;
         self
     }
 
@@ -156,6 +161,9 @@ impl RepositoryRunner {
             params: context.params.clone(),
             limits: Some(limits),
             assets: None,
+            // Repository plugins serve every tenant that shares their graph: warm instances
+            // stay with the tenant whose call left them.
+            isolation: accounting::tenant(),
         }
     }
 }
@@ -215,7 +223,8 @@ impl NodeRunner for RepositoryRunner {
             let elapsed = started.elapsed();
             accounting::add(Spent::Plugin, elapsed);
             if let Some(metrics) = &self.metrics {
-                metrics.plugin_call(name, elapsed);
+                let label = self.metric_labels.get(name).map_or(name, String::as_str);
+                metrics.plugin_call(label, elapsed);
             }
             reply.map_err(|failure| failure.error)
         })

@@ -84,6 +84,14 @@ pub struct StatsStore {
 }
 
 impl StatsStore {
+    /// Drops every statistic of a deleted tenant, so a tenant created later under the same
+    /// name starts from zero.
+    pub fn forget_tenant(&self, tenant: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|(owner, _, _), _| owner != tenant);
+        }
+    }
+
     pub fn record(&self, tenant: &str, model: &str, version: &str, outcome: &Outcome) {
         let Ok(mut entries) = self.entries.lock() else {
             return;

@@ -10,7 +10,7 @@
 //! Names resolve only inside the caller's scope, so another tenant's model, graph or plugin
 //! is "unknown" (404) exactly like a name that does not exist: nothing says it exists.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -191,10 +191,44 @@ pub struct TenancyConfig {
     pub bootstrap_key: Option<String>,
 }
 
+/// Locks, recovering from poisoning: every structure behind these locks is replaced whole, so
+/// one that a panic interrupted is still consistent, and one failure must not stop the
+/// control plane until a restart.
 fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
-    mutex
+    Ok(mutex
         .lock()
-        .map_err(|_| Error::internal("a tenancy lock was poisoned by an earlier failure"))
+        .unwrap_or_else(|poisoned| poisoned.into_inner()))
+}
+
+/// The control plane's single writer: while it is held no other change can commit, so checks
+/// made on [`Writer::state`] still hold when [`Writer::commit`] runs.
+pub struct Writer<'a> {
+    tenancy: &'a Tenancy,
+    _guard: std::sync::MutexGuard<'a, ()>,
+}
+
+impl Writer<'_> {
+    /// The committed state, which no one else can change while this writer lives.
+    pub fn state(&self) -> Arc<State> {
+        self.tenancy.store.state()
+    }
+
+    /// The current scope of a tenant.
+    pub fn scope(&self, tenant: &str) -> Option<Arc<TenantScope>> {
+        self.tenancy.scope(tenant)
+    }
+
+    /// Commits `change` (all or nothing, durable before it returns), then rebuilds and swaps in
+    /// the scopes of `tenant` (or all when `None`).
+    pub fn commit<T>(
+        &self,
+        tenant: Option<&str>,
+        change: impl FnOnce(&mut State) -> Result<T>,
+    ) -> Result<T> {
+        let result = self.tenancy.store.transact(change)?;
+        self.tenancy.rebuild(&self.tenancy.store.state(), tenant)?;
+        Ok(result)
+    }
 }
 
 impl Tenancy {
@@ -314,10 +348,34 @@ impl Tenancy {
         tenant: Option<&str>,
         change: impl FnOnce(&mut State) -> Result<T>,
     ) -> Result<T> {
-        let _writer = lock(&self.writer)?;
-        let result = self.store.transact(change)?;
-        self.rebuild(&self.store.state(), tenant)?;
-        Ok(result)
+        self.writer()?.commit(tenant, change)
+    }
+
+    /// Takes the control plane's writer lock, for a change whose checks must see no
+    /// concurrent change (check, write blobs, commit).
+    pub fn writer(&self) -> Result<Writer<'_>> {
+        Ok(Writer {
+            tenancy: self,
+            _guard: lock(&self.writer)?,
+        })
+    }
+
+    /// Forgets a model [`Tenancy::remember_model`] kept for an upload that did not commit.
+    pub fn forget_model(
+        &self,
+        tenant: &str,
+        name: &str,
+        onnx_digest: &str,
+        config_digest: &str,
+    ) -> Result<()> {
+        let key = (
+            tenant.to_string(),
+            name.to_string(),
+            onnx_digest.to_string(),
+            config_digest.to_string(),
+        );
+        lock(&self.loaded_models)?.remove(&key);
+        Ok(())
     }
 
     /// Keeps a model the control plane already loaded (to check an upload), so the rebuild
@@ -338,12 +396,6 @@ impl Tenancy {
         );
         lock(&self.loaded_models)?.insert(key, model);
         Ok(())
-    }
-
-    /// Holds the writer lock while `work` runs, for checks that must see no concurrent change.
-    pub fn exclusive<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
-        let _writer = lock(&self.writer)?;
-        work()
     }
 
     /// Rebuilds the scopes of one tenant (or all) from `state` and publishes a new view.
@@ -482,7 +534,14 @@ impl Tenancy {
                 &self.runtime,
                 self.metrics.clone(),
             )
-            .for_tenant(limits.clone(), provenance),
+            .for_tenant(
+                limits.clone(),
+                provenance,
+                plugin_labels
+                    .iter()
+                    .map(|(label, plugin)| (plugin.name().to_string(), label.clone()))
+                    .collect(),
+            ),
         );
         let mut scope = TenantScope {
             name: tenant.name.clone(),
@@ -665,19 +724,62 @@ fn bearer(headers: &HeaderMap) -> Result<&str> {
     Ok(token.trim())
 }
 
-/// The model and plugin names a graph's nodes refer to, for refusing deletes still in use.
-pub fn graph_references(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    if let Ok(spec) = GraphSpec::parse(std::path::Path::new("graph.toml"), text) {
-        for node in &spec.nodes {
-            names.extend(node.model.iter().cloned());
-            names.extend(node.plugin.iter().cloned());
-            names.extend(node.models.iter().cloned());
-        }
-    }
-    names
+/// What a delete would take away from graphs.
+#[derive(Clone, Copy, Debug)]
+pub enum Removal<'a> {
+    /// A plugin; `last` when no version would remain.
+    Plugin { name: &'a str, last: bool },
+    /// A model version (`None`: every version); `last` when no version would remain.
+    Model {
+        name: &'a str,
+        version: Option<u64>,
+        last: bool,
+    },
 }
 
+/// Whether a graph's nodes still need what `removal` takes away: a plugin, a model's last
+/// version (nodes without a version and `models` grants take the latest), or a model version a
+/// node pins.
+pub fn graph_needs(text: &str, removal: Removal<'_>) -> bool {
+    let Ok(spec) = GraphSpec::parse(std::path::Path::new("graph.toml"), text) else {
+        return false;
+    };
+    spec.nodes.iter().any(|node| match removal {
+        Removal::Plugin { name, last } => last && node.plugin.as_deref() == Some(name),
+        Removal::Model {
+            name,
+            version,
+            last,
+        } => {
+            let pinned = |v: &str| version.is_none_or(|version| v == version.to_string());
+            let model_node = node.model.as_deref() == Some(name)
+                && match node.version.as_deref() {
+                    Some(v) => last || pinned(v),
+                    None => last,
+                };
+            model_node || (last && node.models.iter().any(|granted| granted == name))
+        }
+    })
+}
+
+/// Parses a tenant's model.toml, refusing backend settings that would let one tenant take the
+/// machine (more sessions or threads than the cores allow).
 pub fn check_model_config(name: &str, text: &str) -> Result<ModelConfig> {
-    ModelConfig::parse(&model_config_path(name), text)
+    let path = model_config_path(name);
+    let config = ModelConfig::parse(&path, text)?;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let ceiling = cores.max(4);
+    for (key, value) in [
+        ("instance_count", config.ort.instance_count),
+        ("intra_op_threads", config.ort.intra_op_threads),
+        ("inter_op_threads", config.ort.inter_op_threads),
+    ] {
+        if value > ceiling {
+            return Err(Error::invalid(format!(
+                "{}: [ort] {key} = {value} is more than this server allows a tenant ({ceiling})",
+                path.display()
+            )));
+        }
+    }
+    Ok(config)
 }
