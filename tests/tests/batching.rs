@@ -160,49 +160,21 @@ async fn two_tenants_plugins_share_one_batched_model_and_get_their_own_answers()
         .with_file("models/batched/model.toml", BATCHED_MLP.as_bytes());
     std::os::unix::fs::symlink(&quickstart_mlp, repo.path().join("models/batched/1")).unwrap();
     let server = Server::start(repo.path());
-    let admin = client_with_key(ADMIN_KEY);
-    let plugin = std::fs::read(guests().join("runtime_call_model.wasm")).unwrap();
+    let plugin = tenants::guest("runtime_call_model");
+    let graph = VIA_PLUGIN.replace(
+        "name = \"via-plugin\"",
+        "name = \"via-plugin\"\nversion = 1",
+    );
     let mut keys = Vec::new();
     for tenant in ["acme", "bolt"] {
-        let created: Value = admin
-            .post(server.url("/api/v1/tenants"))
-            .json(&json!({"name": tenant, "shared_models": ["batched"]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let key = created["api_key"]["key"].as_str().unwrap().to_string();
-        let tenant_client = client_with_key(&key);
-        let secret = weft_store::signing::SecretKey::generate().unwrap();
-        let registered = tenant_client
-            .post(server.url("/api/v1/signing-keys"))
-            .json(&json!({"public_key": secret.public().to_base64()}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(registered.status(), 201);
-        let signature = secret.sign_plugin(&plugin, "call_model", "1");
-        let pushed = tenant_client
-            .put(server.url("/api/v1/plugins/call_model/versions/1"))
-            .header("Weft-Signature", &signature.signature)
-            .header("Weft-Signing-Key", &signature.key_id)
-            .body(plugin.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(pushed.status(), 201, "{}", pushed.text().await.unwrap());
-        let applied = tenant_client
-            .put(server.url("/api/v1/graphs/via-plugin"))
-            .body(VIA_PLUGIN.replace(
-                "name = \"via-plugin\"",
-                "name = \"via-plugin\"\nversion = 1",
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(applied.status(), 201, "{}", applied.text().await.unwrap());
+        let key =
+            tenants::create_tenant(&server, tenant, json!({"shared_models": ["batched"]})).await;
+        let secret = tenants::signing_key(&server, &key).await;
+        let (status, body) =
+            tenants::push_plugin(&server, &key, &secret, "call_model", "1", plugin.clone()).await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = tenants::apply_graph(&server, &key, "via-plugin", &graph).await;
+        assert_eq!(status, 201, "{body}");
         keys.push(key);
     }
     // References: the unbatched platform mlp, one request at a time (tenant `default`).

@@ -8,6 +8,8 @@ mod support;
 
 use std::process::Command;
 
+use serde_json::json;
+use support::tenants::*;
 use support::*;
 
 /// Runs one pytest module with `env`; fails with its output and the servers' logs.
@@ -16,8 +18,8 @@ fn pytest(module: &str, env: &[(&str, &std::ffi::OsStr)], servers: &[&Server]) {
     let output = Command::new(test_python())
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .arg(&script)
-        .envs(env.iter().copied())
         .env("WEFT_API_KEY", TEST_KEY)
+        .envs(env.iter().copied())
         .output()
         .expect("cannot run pytest from the test environment (run `cargo xtask setup`)");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -74,5 +76,40 @@ fn tritonclient_calls_graphs() {
             ("WEFT_EXAMPLES", examples.as_os_str()),
         ],
         &[&server, &ab_route],
+    );
+}
+
+/// The README's tenant walkthrough ends here: plugins the tenant signed and pushed and a graph it
+/// applied answer stock tritonclient, with provenance, and only for that tenant.
+#[tokio::test(flavor = "multi_thread")]
+async fn tritonclient_calls_a_tenants_signed_graph() {
+    let repo = Repo::new().with_model(&quickstart(), "mlp");
+    let server = Server::start(repo.path());
+    let key = create_tenant(&server, "acme", json!({ "shared_models": ["mlp"] })).await;
+    let other = create_tenant(&server, "bolt", json!({ "shared_models": ["mlp"] })).await;
+    let secret = signing_key(&server, &key).await;
+    for plugin in ["normalize", "softmax"] {
+        let (status, body) =
+            push_plugin(&server, &key, &secret, plugin, "1.0.0", guest(plugin)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = apply_graph(
+        &server,
+        &key,
+        "classify",
+        &classify_graph("classify", 1, "mlp"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let signer = secret.public().key_id();
+    pytest(
+        "test_tritonclient_tenant.py",
+        &[
+            ("WEFT_URL", server.address.as_ref()),
+            ("WEFT_API_KEY", key.as_ref()),
+            ("WEFT_OTHER_KEY", other.as_ref()),
+            ("WEFT_SIGNER", signer.as_ref()),
+        ],
+        &[&server],
     );
 }
