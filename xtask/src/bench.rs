@@ -71,6 +71,8 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
     let weft = root.join("target/release/weft");
     let library = crate::ort_library(root);
     let data_dir = root.join("target/bench-data");
+    // A fresh store each run: the benchmark's tenant starts with the bootstrap quotas.
+    let _ = std::fs::remove_dir_all(data_dir.join("store"));
     let mut child = Command::new(&weft)
         .current_dir(root)
         .args([
@@ -208,5 +210,9 @@ fn weft_bench(weft: &Path, root: &Path, args: &[&str]) -> Result<String> {
     }
     let line = stdout.lines().last().unwrap_or_default().to_string();
     println!("{line}");
+    // A run with failed requests measured something else (refusals): no figure from it.
+    if !line.contains(" 0 errors") {
+        bail!("weft bench {args:?} had failed requests: {line}");
+    }
     Ok(line)
 }

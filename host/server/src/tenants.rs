@@ -255,7 +255,7 @@ impl Tenancy {
             tenancy.store.transact(|state| {
                 state.tenants.insert(
                     BOOTSTRAP_TENANT.to_string(),
-                    new_tenant(BOOTSTRAP_TENANT, Quotas::default(), vec!["*".to_string()]),
+                    new_tenant(BOOTSTRAP_TENANT, bootstrap_quotas(), vec!["*".to_string()]),
                 );
                 Ok(())
             })?;
@@ -662,6 +662,18 @@ pub fn validate_graph(
 ) -> Result<weft_engine::graph::GraphPlan> {
     let spec = GraphSpec::parse(file, text)?;
     validate(file, text, spec, &scope.catalog())
+}
+
+/// The quotas the bootstrap tenant starts with: the operator's own tenant (quickstart,
+/// benchmarks) is not rate-limited; storage limits stay the defaults. The admin API can change
+/// them like any tenant's.
+pub fn bootstrap_quotas() -> Quotas {
+    Quotas {
+        requests_per_second: 1_000_000.0,
+        burst: 1_000_000,
+        max_concurrent_requests: 65_536,
+        ..Quotas::default()
+    }
 }
 
 /// A fresh tenant record.
