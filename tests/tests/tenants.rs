@@ -709,6 +709,26 @@ async fn a_restart_restores_every_tenant_and_refuses_tampered_blobs() {
     assert_eq!(status, 200, "{after}");
     assert_eq!(before["outputs"], after["outputs"]);
     assert_eq!(infer(&server, &b, "secret-graph").await.0, 404);
+
+    // A second server on the same --data-dir refuses to start (its start-up garbage collection
+    // would delete the first one's uncommitted blobs), and the first keeps serving.
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_weft-under-test"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--ort-library"])
+        .arg(ort_library())
+        .arg("--repository")
+        .arg(repo.path())
+        .arg("--data-dir")
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in use by another weft process"),
+        "{stderr}"
+    );
+    assert_eq!(infer(&server, &a, "secret-graph").await.0, 200);
+
     // The plugins came back from the compile cache, not from a fresh compile.
     let metrics = reqwest::get(server.url("/metrics"))
         .await
@@ -730,7 +750,7 @@ async fn a_restart_restores_every_tenant_and_refuses_tampered_blobs() {
     };
     assert!(lookups("hit") >= 2.0 && lookups("miss") == 0.0, "{metrics}");
     assert!(
-        metrics.contains("weft_plugin_calls_total{plugin=\"acme/normalize@1.0.0\"} 1"),
+        metrics.contains("weft_plugin_calls_total{plugin=\"acme/normalize@1.0.0\"} 2"),
         "{metrics}"
     );
 

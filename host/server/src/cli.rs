@@ -277,9 +277,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_key = args.admin_key.clone();
     let bootstrap_key = args.bootstrap_key.clone();
     let (loaded, tenancy) = tokio::task::spawn_blocking(move || {
-        let loaded = load_repository(&repository, &data_dir, &loading_metrics)?;
+        // The store first: it locks the data directory, so a second server on the same
+        // directory stops here, before it touches the compile cache.
         let store = weft_store::Store::open(&data_dir)
             .with_context(|| format!("cannot open the store under {}", data_dir.display()))?;
+        let loaded = load_repository(&repository, &data_dir, &loading_metrics)?;
         let tenancy = crate::tenants::Tenancy::new(crate::tenants::TenancyConfig {
             store: Arc::new(store),
             platform: loaded.registry.clone(),

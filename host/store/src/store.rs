@@ -9,7 +9,9 @@
 //! also only removed by the next open, never while serving, so a request that already read the
 //! state can still read the blob. [`Store::transact`] is the only way to change the state: one
 //! writer at a time, all or nothing; readers take a cheap [`Arc`] snapshot and never block on a
-//! writer's disk I/O.
+//! writer's disk I/O. One process at a time: `open` takes an exclusive lock on `store/lock` for the
+//! store's lifetime, because a second process's `open` would collect the first one's blobs that are
+//! written but not yet committed (and two writers would overwrite each other's `state.json`).
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -25,6 +27,9 @@ use crate::signing::{is_sha256_hex, sha256_hex};
 
 const STATE_FILE: &str = "state.json";
 const STATE_TEMP: &str = "state.json.tmp";
+/// Locked exclusively (advisory `flock`) while a [`Store`] is open; the kernel drops the lock
+/// when the process dies, so a SIGKILLed server never leaves a stale lock behind.
+const LOCK_FILE: &str = "lock";
 /// Prefix of temporary blob files; never a valid digest, so never mistaken for a blob.
 const BLOB_TEMP_PREFIX: &str = ".tmp-";
 /// Prefix of scratch files in [`Store::scratch_dir`] (a temp prefix, so `open` removes them).
@@ -38,6 +43,8 @@ pub struct Store {
     state: RwLock<Arc<State>>,
     writer: Mutex<()>,
     temp_counter: AtomicU64,
+    /// Holds the exclusive lock on `store/lock` until the store is dropped.
+    _lock: File,
 }
 
 impl Store {
@@ -53,6 +60,8 @@ impl Store {
         for parent in [data_dir, dir.as_path(), blob_dir.parent().unwrap_or(&dir)] {
             sync_dir(parent)?;
         }
+
+        let lock = lock_exclusively(&dir.join(LOCK_FILE))?;
 
         let state_path = dir.join(STATE_FILE);
         let state = match fs::read(&state_path) {
@@ -73,6 +82,7 @@ impl Store {
             state: RwLock::new(Arc::new(state)),
             writer: Mutex::new(()),
             temp_counter: AtomicU64::new(0),
+            _lock: lock,
         };
         store.collect_garbage()?;
         Ok(store)
@@ -279,6 +289,25 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+/// Opens `path` and takes an exclusive advisory lock on it, or explains who holds it.
+fn lock_exclusively(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| io_error("cannot open", path, &e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::conflict(format!(
+            "the store {} is in use by another weft process (one store serves one process): \
+             stop that process or give this one another --data-dir",
+            path.parent().unwrap_or(path).display()
+        ))),
+        Err(fs::TryLockError::Error(e)) => Err(io_error("cannot lock", path, &e)),
+    }
+}
+
 fn io_error(what: &str, path: &Path, err: &std::io::Error) -> Error {
     Error::internal(format!("{what} {}: {err}", path.display()))
 }
@@ -411,7 +440,9 @@ mod tests {
         fs::remove_dir(&temp).unwrap();
         add_tenant(&store, "beta").unwrap();
         assert_eq!(store.state().revision, 2);
-        assert_eq!(Store::open(dir.path()).unwrap().state(), store.state());
+        let committed = store.state();
+        drop(store);
+        assert_eq!(Store::open(dir.path()).unwrap().state(), committed);
     }
 
     #[test]
@@ -460,8 +491,28 @@ mod tests {
         });
         assert_eq!(store.state().revision, 40);
         assert_eq!(store.state().tenants.len(), 40);
-        let reopened = Store::open(dir.path()).unwrap();
-        assert_eq!(reopened.state(), store.state());
+        let committed = store.state();
+        drop(store);
+        assert_eq!(Store::open(dir.path()).unwrap().state(), committed);
+    }
+
+    #[test]
+    fn a_second_open_is_refused_while_the_first_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // An uncommitted blob the second open's garbage collection would otherwise delete.
+        let digest = store.put_blob(b"in flight").unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), weft_core::ErrorKind::Conflict);
+        assert!(
+            err.message().contains("in use by another weft process"),
+            "{err}"
+        );
+        assert!(store.has_blob(&digest));
+        drop(store);
+        // The lock goes with the store; the next open collects the orphan.
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.has_blob(&digest));
     }
 
     #[test]
