@@ -541,6 +541,42 @@ async fn graph_apply_errors_match_graph_check_and_deletes_in_use_are_refused() {
         body["error"].as_str().unwrap().contains("not allowed"),
         "{body}"
     );
+    // One version at a time: a graph's and a plugin's; the others keep serving.
+    let (status, body) = apply_graph(
+        &server,
+        &key,
+        "classify",
+        &classify_graph("classify", 2, "mlp"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) =
+        push_plugin(&server, &key, &secret, "softmax", "2", guest("softmax")).await;
+    assert_eq!(status, 201, "{body}");
+    for (path, expected) in [
+        ("/api/v1/graphs/classify/versions/1", 200),
+        ("/api/v1/graphs/classify/versions/1", 404),
+        ("/api/v1/graphs/classify/versions/zero", 400),
+        ("/api/v1/plugins/softmax/versions/1", 200),
+        ("/api/v1/plugins/softmax/versions/1", 404),
+    ] {
+        let (status, body) = send(client_with_key(&key).delete(server.url(path))).await;
+        assert_eq!(status, expected, "{path}: {body}");
+        if expected == 404 {
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("unknown version '1'"),
+                "{body}"
+            );
+        }
+    }
+    let (_, listed) = send(client_with_key(&key).get(server.url("/api/v1/graphs/classify"))).await;
+    assert_eq!(listed["versions"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["versions"][0]["version"], "2", "{listed}");
+    assert_eq!(infer(&server, &key, "classify").await.0, 200);
+
     let (status, _) =
         send(client_with_key(&key).delete(server.url("/api/v1/graphs/classify"))).await;
     assert_eq!(status, 200);

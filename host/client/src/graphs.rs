@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::cli::{GraphApplyArgs, GraphClientCommand, GraphDeleteArgs, TenantConnection};
-use crate::http::{Payload, Server, print_json};
+use crate::http::{Payload, Server, delete_as_tenant, list_as_tenant, print_json};
 
 pub async fn run(command: GraphClientCommand) -> Result<()> {
     match command {
@@ -75,24 +75,12 @@ async fn apply(args: GraphApplyArgs) -> Result<()> {
 }
 
 async fn list(connection: TenantConnection) -> Result<()> {
-    let server = Server::new(&connection.server, &connection.api_key)?;
-    let answer = server
-        .call(Method::GET, &["api", "v1", "graphs"], Payload::Empty)
-        .await?;
-    print_json(&answer)
+    list_as_tenant(&connection, "graphs").await
 }
 
 async fn delete(args: GraphDeleteArgs) -> Result<()> {
-    let server = Server::new(&args.connection.server, &args.connection.api_key)?;
     let version = args.version.map(|version| version.to_string());
-    let mut segments = vec!["api", "v1", "graphs", args.name.as_str()];
-    if let Some(version) = &version {
-        segments.extend(["versions", version.as_str()]);
-    }
-    let answer = server
-        .call(Method::DELETE, &segments, Payload::Empty)
-        .await?;
-    print_json(&answer)
+    delete_as_tenant(&args.connection, "graphs", &args.name, version.as_deref()).await
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
+use crate::cli::TenantConnection;
+
 /// Characters left as they are in a path segment (RFC 3986 "unreserved"); all else is %XX.
 fn is_unreserved(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
@@ -200,6 +202,37 @@ pub fn print_json(value: &Value) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{text}").context("cannot write to stdout")?;
     Ok(())
+}
+
+impl Server {
+    /// Sends `method` to `segments` without a body and prints the JSON answer.
+    pub async fn call_and_print(&self, method: Method, segments: &[&str]) -> Result<()> {
+        print_json(&self.call(method, segments, Payload::Empty).await?)
+    }
+}
+
+/// Lists `/api/v1/<collection>` as the tenant and prints the answer.
+pub async fn list_as_tenant(connection: &TenantConnection, collection: &str) -> Result<()> {
+    Server::new(&connection.server, &connection.api_key)?
+        .call_and_print(Method::GET, &["api", "v1", collection])
+        .await
+}
+
+/// Deletes `/api/v1/<collection>/<name>`, or only one version of it
+/// (`.../versions/<version>`), as the tenant and prints the answer.
+pub async fn delete_as_tenant(
+    connection: &TenantConnection,
+    collection: &str,
+    name: &str,
+    version: Option<&str>,
+) -> Result<()> {
+    let mut segments = vec!["api", "v1", collection, name];
+    if let Some(version) = version {
+        segments.extend(["versions", version]);
+    }
+    Server::new(&connection.server, &connection.api_key)?
+        .call_and_print(Method::DELETE, &segments)
+        .await
 }
 
 #[cfg(test)]

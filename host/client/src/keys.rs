@@ -16,7 +16,7 @@ use serde_json::json;
 use weft_store::signing::{PublicKey, SecretKey};
 
 use crate::cli::{KeyCommand, KeyGenArgs, KeyRegisterArgs, KeyRevokeArgs, TenantConnection};
-use crate::http::{Payload, Server, print_json};
+use crate::http::{Payload, Server, list_as_tenant, print_json};
 
 pub async fn run(command: KeyCommand) -> Result<()> {
     match command {
@@ -112,23 +112,13 @@ async fn register(args: KeyRegisterArgs) -> Result<()> {
 }
 
 async fn list(connection: TenantConnection) -> Result<()> {
-    let server = Server::new(&connection.server, &connection.api_key)?;
-    let answer = server
-        .call(Method::GET, &["api", "v1", "signing-keys"], Payload::Empty)
-        .await?;
-    print_json(&answer)
+    list_as_tenant(&connection, "signing-keys").await
 }
 
 async fn revoke(args: KeyRevokeArgs) -> Result<()> {
-    let server = Server::new(&args.connection.server, &args.connection.api_key)?;
-    let answer = server
-        .call(
-            Method::DELETE,
-            &["api", "v1", "signing-keys", &args.id],
-            Payload::Empty,
-        )
-        .await?;
-    print_json(&answer)
+    Server::new(&args.connection.server, &args.connection.api_key)?
+        .call_and_print(Method::DELETE, &["api", "v1", "signing-keys", &args.id])
+        .await
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use reqwest::Method;
 
 use crate::cli::{ModelCommand, ModelDeleteArgs, ModelPushArgs, TenantConnection};
-use crate::http::{Payload, Server, print_json};
+use crate::http::{Payload, Server, delete_as_tenant, list_as_tenant, print_json};
 
 pub async fn run(command: ModelCommand) -> Result<()> {
     match command {
@@ -59,24 +59,12 @@ async fn push(args: ModelPushArgs) -> Result<()> {
 }
 
 async fn list(connection: TenantConnection) -> Result<()> {
-    let server = Server::new(&connection.server, &connection.api_key)?;
-    let answer = server
-        .call(Method::GET, &["api", "v1", "models"], Payload::Empty)
-        .await?;
-    print_json(&answer)
+    list_as_tenant(&connection, "models").await
 }
 
 async fn delete(args: ModelDeleteArgs) -> Result<()> {
-    let server = Server::new(&args.connection.server, &args.connection.api_key)?;
     let version = args.version.map(|version| version.to_string());
-    let mut segments = vec!["api", "v1", "models", args.name.as_str()];
-    if let Some(version) = &version {
-        segments.extend(["versions", version.as_str()]);
-    }
-    let answer = server
-        .call(Method::DELETE, &segments, Payload::Empty)
-        .await?;
-    print_json(&answer)
+    delete_as_tenant(&args.connection, "models", &args.name, version.as_deref()).await
 }
 
 #[cfg(test)]

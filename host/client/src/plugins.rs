@@ -15,7 +15,7 @@ use weft_store::signing::{PluginSignature, SecretKey, sha256_hex};
 use crate::cli::{
     PluginCommand, PluginDeleteArgs, PluginPushArgs, PluginSignArgs, TenantConnection,
 };
-use crate::http::{Payload, Server, print_json};
+use crate::http::{Payload, Server, delete_as_tenant, list_as_tenant, print_json};
 use crate::keys::with_suffix;
 
 /// The first bytes of every WebAssembly module or component.
@@ -155,23 +155,17 @@ async fn push(args: PluginPushArgs) -> Result<()> {
 }
 
 async fn list(connection: TenantConnection) -> Result<()> {
-    let server = Server::new(&connection.server, &connection.api_key)?;
-    let answer = server
-        .call(Method::GET, &["api", "v1", "plugins"], Payload::Empty)
-        .await?;
-    print_json(&answer)
+    list_as_tenant(&connection, "plugins").await
 }
 
 async fn delete(args: PluginDeleteArgs) -> Result<()> {
-    let server = Server::new(&args.connection.server, &args.connection.api_key)?;
-    let mut segments = vec!["api", "v1", "plugins", args.name.as_str()];
-    if let Some(version) = &args.version {
-        segments.extend(["versions", version.as_str()]);
-    }
-    let answer = server
-        .call(Method::DELETE, &segments, Payload::Empty)
-        .await?;
-    print_json(&answer)
+    delete_as_tenant(
+        &args.connection,
+        "plugins",
+        &args.name,
+        args.version.as_deref(),
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -18,34 +18,20 @@ pub async fn run(command: TenantCommand) -> Result<()> {
     match command {
         TenantCommand::Create(args) => create(args).await,
         TenantCommand::List(connection) => {
-            let server = admin(&connection)?;
-            let answer = server
-                .call(Method::GET, &["api", "v1", "tenants"], Payload::Empty)
-                .await?;
-            print_json(&answer)
+            admin(&connection)?
+                .call_and_print(Method::GET, &["api", "v1", "tenants"])
+                .await
         }
         TenantCommand::Show(args) => {
-            let server = admin(&args.connection)?;
-            let answer = server
-                .call(
-                    Method::GET,
-                    &["api", "v1", "tenants", &args.name],
-                    Payload::Empty,
-                )
-                .await?;
-            print_json(&answer)
+            admin(&args.connection)?
+                .call_and_print(Method::GET, &["api", "v1", "tenants", &args.name])
+                .await
         }
         TenantCommand::Update(args) => update(args).await,
         TenantCommand::Delete(args) => {
-            let server = admin(&args.connection)?;
-            let answer = server
-                .call(
-                    Method::DELETE,
-                    &["api", "v1", "tenants", &args.name],
-                    Payload::Empty,
-                )
-                .await?;
-            print_json(&answer)
+            admin(&args.connection)?
+                .call_and_print(Method::DELETE, &["api", "v1", "tenants", &args.name])
+                .await
         }
         TenantCommand::Key(TenantKeyCommand::Create(args)) => create_key(args).await,
         TenantCommand::Key(TenantKeyCommand::Revoke(args)) => revoke_key(args).await,
@@ -146,15 +132,12 @@ async fn create_key(args: TenantNameArgs) -> Result<()> {
 }
 
 async fn revoke_key(args: TenantKeyRevokeArgs) -> Result<()> {
-    let server = admin(&args.connection)?;
-    let answer = server
-        .call(
+    admin(&args.connection)?
+        .call_and_print(
             Method::DELETE,
             &["api", "v1", "tenants", &args.name, "keys", &args.id],
-            Payload::Empty,
         )
-        .await?;
-    print_json(&answer)
+        .await
 }
 
 #[cfg(test)]

@@ -71,13 +71,13 @@ pub fn routes() -> Router<AppState> {
         )
         .route(
             "/api/v1/plugins/{name}/versions/{version}",
-            put(push_plugin).delete(delete_plugin_version),
+            put(push_plugin).delete(delete_plugin),
         )
         .route("/api/v1/models", get(list_models))
         .route("/api/v1/models/{name}", get(get_model).delete(delete_model))
         .route(
             "/api/v1/models/{name}/versions/{version}",
-            put(push_model).delete(delete_model_version),
+            put(push_model).delete(delete_model),
         )
         .route("/api/v1/graphs", get(list_graphs))
         .route(
@@ -86,7 +86,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route(
             "/api/v1/graphs/{name}/versions/{version}",
-            axum::routing::delete(delete_graph_version),
+            axum::routing::delete(delete_graph),
         )
 }
 
@@ -119,6 +119,20 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
             .map_err(|error| Error::invalid(format!("a JSON body is required: {error}")));
     }
     serde_json::from_slice(body).map_err(|error| Error::invalid(format!("malformed JSON: {error}")))
+}
+
+/// Counts an upload in `weft_uploads_total` by kind and status; answers 201 with its record or
+/// the error.
+fn answer_upload(
+    state: &AppState,
+    kind: &str,
+    result: Result<Value>,
+) -> std::result::Result<Response, ApiError> {
+    let status = result
+        .as_ref()
+        .map_or_else(|e| crate::error::status_of(e.kind()).as_u16(), |_| 201);
+    state.metrics.upload(kind, status);
+    Ok(created(result?))
 }
 
 fn created(value: Value) -> Response {
@@ -487,13 +501,7 @@ async fn push_plugin(
     // Uploads count against the tenant's rate and concurrency quotas like inference does.
     let _permit = scope.admit()?;
     let result = push_plugin_checked(&state, &scope.name, name, version, &headers, body).await;
-    state.metrics.upload(
-        "plugin",
-        result
-            .as_ref()
-            .map_or_else(|e| crate::error::status_of(e.kind()).as_u16(), |_| 201),
-    );
-    Ok(created(result?))
+    answer_upload(&state, "plugin", result)
 }
 
 async fn push_plugin_checked(
@@ -578,6 +586,43 @@ async fn push_plugin_checked(
     .await
 }
 
+/// One kind of the caller's records (plugins, models or graphs) by name.
+type Records<T> = std::collections::BTreeMap<String, T>;
+
+/// Lists one kind of the caller's records as `{"<kind>": [view, ...]}`.
+fn list_records<T>(
+    state: &AppState,
+    tenant: &str,
+    kind: &str,
+    records: impl Fn(&Tenant) -> &Records<T>,
+    view: impl Fn(&str, &T) -> Value,
+) -> std::result::Result<Response, ApiError> {
+    let store = state.tenancy.store().state();
+    let tenant = tenant_of(&store, tenant)?;
+    let views: Vec<Value> = records(tenant)
+        .iter()
+        .map(|(name, versions)| view(name, versions))
+        .collect();
+    Ok(ok(json!({ kind: views })))
+}
+
+/// One of the caller's records by name; 404 `unknown <what> '<name>'` otherwise.
+fn get_record<T>(
+    state: &AppState,
+    tenant: &str,
+    what: &str,
+    name: &str,
+    records: impl Fn(&Tenant) -> &Records<T>,
+    view: impl Fn(&str, &T) -> Value,
+) -> std::result::Result<Response, ApiError> {
+    let store = state.tenancy.store().state();
+    let tenant = tenant_of(&store, tenant)?;
+    let versions = records(tenant)
+        .get(name)
+        .ok_or_else(|| Error::not_found(format!("unknown {what} '{name}'")))?;
+    Ok(ok(view(name, versions)))
+}
+
 fn plugin_view(name: &str, versions: &[weft_store::PluginVersion]) -> Value {
     json!({
         "name": name,
@@ -592,14 +637,13 @@ async fn list_plugins(
     State(state): State<AppState>,
     Caller(scope): Caller,
 ) -> std::result::Result<Response, ApiError> {
-    let store = state.tenancy.store().state();
-    let tenant = tenant_of(&store, &scope.name)?;
-    let plugins: Vec<Value> = tenant
-        .plugins
-        .iter()
-        .map(|(name, versions)| plugin_view(name, versions))
-        .collect();
-    Ok(ok(json!({ "plugins": plugins })))
+    list_records(
+        &state,
+        &scope.name,
+        "plugins",
+        |t| &t.plugins,
+        |name, versions| plugin_view(name, versions),
+    )
 }
 
 async fn get_plugin(
@@ -607,13 +651,21 @@ async fn get_plugin(
     Caller(scope): Caller,
     Path(name): Path<String>,
 ) -> std::result::Result<Response, ApiError> {
-    let store = state.tenancy.store().state();
-    let tenant = tenant_of(&store, &scope.name)?;
-    let versions = tenant
-        .plugins
-        .get(&name)
-        .ok_or_else(|| Error::not_found(format!("unknown plugin '{name}'")))?;
-    Ok(ok(plugin_view(&name, versions)))
+    get_record(
+        &state,
+        &scope.name,
+        "plugin",
+        &name,
+        |t| &t.plugins,
+        |name, versions| plugin_view(name, versions),
+    )
+}
+
+/// The path of a delete: a name, and a version when only that version goes.
+#[derive(serde::Deserialize)]
+struct VersionedName {
+    name: String,
+    version: Option<String>,
 }
 
 /// Refuses (409) a delete that graphs of the tenant still need.
@@ -646,20 +698,13 @@ fn refuse_if_needed(tenancy: &Tenancy, tenant: &Tenant, removal: Removal<'_>) ->
     )))
 }
 
+/// `DELETE /plugins/{name}` (every version) and `.../versions/{version}` (one).
 async fn delete_plugin(
     state: State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    Path(VersionedName { name, version }): Path<VersionedName>,
 ) -> std::result::Result<Response, ApiError> {
-    remove_plugin(state, caller, name, None).await
-}
-
-async fn delete_plugin_version(
-    state: State<AppState>,
-    caller: Caller,
-    Path((name, version)): Path<(String, String)>,
-) -> std::result::Result<Response, ApiError> {
-    remove_plugin(state, caller, name, Some(version)).await
+    remove_plugin(state, caller, name, version).await
 }
 
 async fn remove_plugin(
@@ -724,13 +769,7 @@ async fn push_model(
     // Uploads count against the tenant's rate and concurrency quotas like inference does.
     let _permit = scope.admit()?;
     let result = push_model_checked(&state, &scope, name, version, &headers, body).await;
-    state.metrics.upload(
-        "model",
-        result
-            .as_ref()
-            .map_or_else(|e| crate::error::status_of(e.kind()).as_u16(), |_| 201),
-    );
-    Ok(created(result?))
+    answer_upload(&state, "model", result)
 }
 
 fn parse_version(text: &str, what: &str) -> Result<u64> {
@@ -865,14 +904,7 @@ async fn list_models(
     State(state): State<AppState>,
     Caller(scope): Caller,
 ) -> std::result::Result<Response, ApiError> {
-    let store = state.tenancy.store().state();
-    let tenant = tenant_of(&store, &scope.name)?;
-    let models: Vec<Value> = tenant
-        .models
-        .iter()
-        .map(|(name, versions)| model_view(name, versions))
-        .collect();
-    Ok(ok(json!({ "models": models })))
+    list_records(&state, &scope.name, "models", |t| &t.models, model_view)
 }
 
 async fn get_model(
@@ -880,30 +912,26 @@ async fn get_model(
     Caller(scope): Caller,
     Path(name): Path<String>,
 ) -> std::result::Result<Response, ApiError> {
-    let store = state.tenancy.store().state();
-    let tenant = tenant_of(&store, &scope.name)?;
-    let versions = tenant
-        .models
-        .get(&name)
-        .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
-    Ok(ok(model_view(&name, versions)))
+    get_record(
+        &state,
+        &scope.name,
+        "model",
+        &name,
+        |t| &t.models,
+        model_view,
+    )
 }
 
+/// `DELETE /models/{name}` (every version) and `.../versions/{version}` (one).
 async fn delete_model(
     state: State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    Path(VersionedName { name, version }): Path<VersionedName>,
 ) -> std::result::Result<Response, ApiError> {
-    remove_model(state, caller, name, None).await
-}
-
-async fn delete_model_version(
-    state: State<AppState>,
-    caller: Caller,
-    Path((name, version)): Path<(String, String)>,
-) -> std::result::Result<Response, ApiError> {
-    let number = parse_version(&version, "model")?;
-    remove_model(state, caller, name, Some(number)).await
+    let number = version
+        .map(|version| parse_version(&version, "model"))
+        .transpose()?;
+    remove_model(state, caller, name, number).await
 }
 
 async fn remove_model(
@@ -973,13 +1001,7 @@ async fn apply_graph(
     // Uploads count against the tenant's rate and concurrency quotas like inference does.
     let _permit = scope.admit()?;
     let result = apply_graph_checked(&state, &scope, name, &headers, body).await;
-    state.metrics.upload(
-        "graph",
-        result
-            .as_ref()
-            .map_or_else(|e| crate::error::status_of(e.kind()).as_u16(), |_| 201),
-    );
-    Ok(created(result?))
+    answer_upload(&state, "graph", result)
 }
 
 async fn apply_graph_checked(
@@ -1062,21 +1084,20 @@ async fn list_graphs(
     State(state): State<AppState>,
     Caller(scope): Caller,
 ) -> std::result::Result<Response, ApiError> {
-    let store = state.tenancy.store().state();
-    let tenant = tenant_of(&store, &scope.name)?;
-    let graphs: Vec<Value> = tenant
-        .graphs
-        .iter()
-        .map(|(name, versions)| {
+    list_records(
+        &state,
+        &scope.name,
+        "graphs",
+        |t| &t.graphs,
+        |name, versions| {
             json!({
                 "name": name,
                 "versions": versions.iter().map(|(v, g)| json!({
                     "version": v.to_string(), "size": g.size, "created_unix": g.created_unix,
                 })).collect::<Vec<_>>(),
             })
-        })
-        .collect();
-    Ok(ok(json!({ "graphs": graphs })))
+        },
+    )
 }
 
 async fn get_graph(
@@ -1106,21 +1127,16 @@ async fn get_graph(
     Ok(ok(view))
 }
 
+/// `DELETE /graphs/{name}` (every version) and `.../versions/{version}` (one).
 async fn delete_graph(
     state: State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    Path(VersionedName { name, version }): Path<VersionedName>,
 ) -> std::result::Result<Response, ApiError> {
-    remove_graph(state, caller, name, None).await
-}
-
-async fn delete_graph_version(
-    state: State<AppState>,
-    caller: Caller,
-    Path((name, version)): Path<(String, String)>,
-) -> std::result::Result<Response, ApiError> {
-    let number = parse_version(&version, "graph")?;
-    remove_graph(state, caller, name, Some(number)).await
+    let number = version
+        .map(|version| parse_version(&version, "graph"))
+        .transpose()?;
+    remove_graph(state, caller, name, number).await
 }
 
 async fn remove_graph(
