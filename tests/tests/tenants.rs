@@ -247,30 +247,59 @@ inputs = ["request"]
 models = ["GRANT"]
 params = { model = "TARGET" }
 "#;
-    let graph = granted.replace("GRANT", "mlp").replace("TARGET", "mlp");
-    let (status, body) = apply_graph(&server, &b, "steal", &graph).await;
-    assert_eq!(status, 400, "a grant of a model B cannot see: {body}");
-    assert!(
-        body["error"]
+    // A model only A owns (B has no model of that name), and the platform mlp shared with A
+    // but not with B: neither can be granted, named by a model node, or loaded by name.
+    let (status, body) = push_model(&server, &a, "acme-private", 1, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(infer(&server, &a, "acme-private").await.0, 200);
+    for target in ["acme-private", "mlp"] {
+        let graph = granted.replace("GRANT", target).replace("TARGET", target);
+        let (status, body) = apply_graph(&server, &b, "steal", &graph).await;
+        assert_eq!(
+            status, 400,
+            "a grant of {target}, which B cannot see: {body}"
+        );
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("unknown model '{target}'")),
+            "{body}"
+        );
+        let node = classify_graph("steal", 1, target);
+        let (status, body) = apply_graph(&server, &b, "steal", &node).await;
+        assert_eq!(status, 400, "a model node naming {target}: {body}");
+        assert!(!body.to_string().contains("acme\""), "{body}");
+    }
+    // Granting its own model but asking the sandbox for another tenant's name: refused inside
+    // the call exactly like a name that exists nowhere.
+    let mut refusals = Vec::new();
+    for (version, target) in [(1, "acme-private"), (2, "mlp"), (3, "no-such-model")] {
+        let graph = granted
+            .replace("GRANT", "secret-mlp")
+            .replace("TARGET", target)
+            .replace("version = 1", &format!("version = {version}"));
+        let (status, body) = apply_graph(&server, &b, "steal", &graph).await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = infer(&server, &b, "steal").await;
+        assert!(status >= 400, "{body}");
+        assert!(!body.to_string().contains("acme\""), "{body}");
+        let error = body["error"]
             .as_str()
             .unwrap()
-            .contains("unknown model 'mlp'"),
-        "{body}"
+            .replace(target, "<name>")
+            .replace(&format!("version {version}"), "version <v>");
+        refusals.push((status, error));
+    }
+    assert!(
+        refusals.windows(2).all(|pair| pair[0] == pair[1]),
+        "another tenant's model must look like a missing one: {refusals:?}"
     );
-    // Granting its own model but asking the sandbox for another name: refused inside the call.
-    let graph = granted
-        .replace("GRANT", "secret-mlp")
-        .replace("TARGET", "mlp");
-    let (status, body) = apply_graph(&server, &b, "steal", &graph).await;
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = infer(&server, &b, "steal").await;
-    assert!(status >= 400, "{body}");
-    assert!(!body.to_string().contains("acme"), "{body}");
     // And with the grant it owns, the same plugin works.
     let graph = granted
         .replace("GRANT", "secret-mlp")
         .replace("TARGET", "secret-mlp")
-        .replace("version = 1", "version = 2");
+        .replace("version = 1", "version = 4");
     let (status, body) = apply_graph(&server, &b, "steal", &graph).await;
     assert_eq!(status, 201, "{body}");
     let (status, body) = infer(&server, &b, "steal").await;
