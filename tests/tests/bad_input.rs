@@ -69,6 +69,14 @@ async fn bad_inputs_get_clear_4xx_errors_and_the_server_keeps_serving() {
             "unknown model 'nope'",
         ),
         (
+            "model name not UTF-8",
+            "/v2/models/%FF/infer",
+            None,
+            x(json!([1, 64]), "FP32", floats(64)),
+            400,
+            "bad request path",
+        ),
+        (
             "unknown version",
             "/v2/models/mlp/versions/3/infer",
             None,

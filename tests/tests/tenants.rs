@@ -570,6 +570,13 @@ async fn graph_apply_errors_match_graph_check_and_deletes_in_use_are_refused() {
         body["error"].as_str().unwrap().contains("not allowed"),
         "{body}"
     );
+    // A path that does not decode gets a JSON error as well.
+    let (status, body) = send(client_with_key(&key).get(server.url("/api/v1/plugins/%FF"))).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("bad request path"),
+        "{body}"
+    );
     // One version at a time: a graph's and a plugin's; the others keep serving.
     let (status, body) = apply_graph(
         &server,

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,7 +30,7 @@ use weft_protocol::{
     ResponseOutput, ServerMetadataResponse, decode_infer_request, encode_infer_response,
 };
 
-use crate::error::{ApiError, status_of};
+use crate::error::{ApiError, Path, status_of};
 use crate::metrics::{Metrics, ScrapeSources};
 use crate::stats::{Outcome, StatsStore};
 use crate::tenants::{Tenancy, TenantScope};

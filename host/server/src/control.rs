@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -24,7 +24,7 @@ use weft_store::signing::{PublicKey, plugin_message, sha256_hex};
 use weft_store::{Quotas, State as StoreState, Tenant, api_keys, check_name};
 
 use crate::app::{AppState, Caller, read_body};
-use crate::error::ApiError;
+use crate::error::{ApiError, Path};
 use crate::tenants::{
     Removal, Tenancy, check_model_config, graph_needs, graph_path, new_tenant, signing_key,
     unix_now, validate_graph,

@@ -1,6 +1,8 @@
 //! The one place where an error kind becomes an HTTP status and a V2 `{"error": "..."}` body.
 
 use axum::Json;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use weft_core::{Error, ErrorKind};
@@ -29,6 +31,29 @@ impl From<Error> for ApiError {
         ApiError {
             error,
             retry_after: None,
+        }
+    }
+}
+
+/// axum's `Path` extractor, except that a path that does not decode (invalid UTF-8 after
+/// percent-decoding, a segment of the wrong type) answers 400 with a V2 `{"error": ...}` body
+/// instead of axum's plain-text rejection.
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(rejection) => Err(ApiError::from(Error::invalid(format!(
+                "bad request path: {}",
+                rejection.body_text()
+            )))),
         }
     }
 }
