@@ -745,6 +745,22 @@ async fn rate_and_concurrency_quotas_answer_429_with_retry_after_and_recover() {
             .contains("quota of 1 model versions"),
         "{body}"
     );
+    // Deleting frees the quota and the disk at once (not at the next restart), so
+    // delete-and-push cannot grow the store past the quota.
+    let onnx_blob = server
+        .data_dir()
+        .join("store/blobs/sha256")
+        .join(weft_store::signing::sha256_hex(&mlp_onnx()));
+    assert!(onnx_blob.exists());
+    let (status, body) = send(client_with_key(&key).delete(server.url("/api/v1/models/m"))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !onnx_blob.exists(),
+        "the deleted version's bytes are still on disk"
+    );
+    let (status, body) = push_model(&server, &key, "m", 2, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(onnx_blob.exists());
     // Request size quota.
     let (status, _) = send(
         admin()

@@ -227,6 +227,13 @@ impl Writer<'_> {
     ) -> Result<T> {
         let result = self.tenancy.store.transact(change)?;
         self.tenancy.rebuild(&self.tenancy.store.state(), tenant)?;
+        // The new scopes are built from the committed state, so a deleted version's bytes are
+        // no longer needed: free them now (a tenant's storage quota counts only live versions,
+        // so waiting for a restart would let delete-and-push fill the disk). The change is
+        // already durable; a failure here only leaves garbage for the next start.
+        if let Err(error) = self.tenancy.store.collect_unreferenced_blobs() {
+            tracing::warn!(%error, "cannot remove the blobs of deleted versions yet");
+        }
         Ok(result)
     }
 }

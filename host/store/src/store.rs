@@ -6,8 +6,8 @@
 //! crash each file is either entirely old or entirely new. Writers put blobs first and commit
 //! metadata that references them second; a crash in between leaves an unreferenced blob, which the
 //! next [`Store::open`] deletes together with temporary leftovers. Blobs dropped by a delete are
-//! also only removed by the next open, never while serving, so a request that already read the
-//! state can still read the blob. [`Store::transact`] is the only way to change the state: one
+//! removed by the next open or, while serving, by [`Store::collect_unreferenced_blobs`], which
+//! the server's single writer calls after each commit. [`Store::transact`] is the only way to change the state: one
 //! writer at a time, all or nothing; readers take a cheap [`Arc`] snapshot and never block on a
 //! writer's disk I/O. One process at a time: `open` takes an exclusive lock on `store/lock` for the
 //! store's lifetime, because a second process's `open` would collect the first one's blobs that are
@@ -209,11 +209,25 @@ impl Store {
     /// Deletes temporary leftovers and blobs the state does not reference. Runs only in `open`,
     /// before anyone else can see the store.
     fn collect_garbage(&self) -> Result<()> {
+        remove_if_present(&self.dir.join(STATE_TEMP))?;
+        self.remove_blobs(true)?;
+        Ok(())
+    }
+
+    /// Removes the blobs the committed state no longer references (deleted versions), so that
+    /// deleting frees disk space at once rather than at the next [`Store::open`]; returns how
+    /// many. Temporary files are left alone. Call it only while no writer is between
+    /// [`Store::put_blob`] and the [`Store::transact`] that references the blob (the server
+    /// calls it under its single writer lock, right after a commit), and only once nothing
+    /// still needs to read a dropped version's bytes.
+    pub fn collect_unreferenced_blobs(&self) -> Result<usize> {
+        self.remove_blobs(false)
+    }
+
+    fn remove_blobs(&self, temps_too: bool) -> Result<usize> {
         let state = self.state();
         let referenced: BTreeSet<&str> = state.referenced_digests();
-
-        remove_if_present(&self.dir.join(STATE_TEMP))?;
-        let mut removed = false;
+        let mut removed = 0;
         let entries = fs::read_dir(&self.blob_dir)
             .map_err(|e| io_error("cannot list", &self.blob_dir, &e))?;
         for entry in entries {
@@ -221,17 +235,17 @@ impl Store {
             let name = entry.file_name();
             // Names we did not write (not UTF-8, not a digest or temp file) are left alone.
             let Some(name) = name.to_str() else { continue };
-            let garbage = name.starts_with(BLOB_TEMP_PREFIX)
+            let garbage = (temps_too && name.starts_with(BLOB_TEMP_PREFIX))
                 || (is_sha256_hex(name) && !referenced.contains(name));
             if garbage {
                 remove_if_present(&entry.path())?;
-                removed = true;
+                removed += 1;
             }
         }
-        if removed {
+        if removed > 0 {
             sync_dir(&self.blob_dir)?;
         }
-        Ok(())
+        Ok(removed)
     }
 }
 
@@ -494,6 +508,35 @@ mod tests {
         let committed = store.state();
         drop(store);
         assert_eq!(Store::open(dir.path()).unwrap().state(), committed);
+    }
+
+    #[test]
+    fn unreferenced_blobs_go_while_open_but_temps_and_live_blobs_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let kept = store.put_blob(b"kept").unwrap();
+        let dropped = store.put_blob(b"dropped").unwrap();
+        add_tenant(&store, "acme").unwrap();
+        store
+            .transact(|state| {
+                let t = state.tenants.get_mut("acme").unwrap();
+                t.plugins.insert("p".into(), vec![plugin(&kept, 4)]);
+                Ok(())
+            })
+            .unwrap();
+        let temp = dir
+            .path()
+            .join("store/blobs/sha256")
+            .join(format!("{BLOB_TEMP_PREFIX}in-flight"));
+        fs::write(&temp, b"partial").unwrap();
+        assert_eq!(store.collect_unreferenced_blobs().unwrap(), 1);
+        assert!(store.has_blob(&kept));
+        assert!(!store.has_blob(&dropped));
+        assert!(
+            temp.exists(),
+            "a temporary file of a writer in progress stays"
+        );
+        assert_eq!(store.collect_unreferenced_blobs().unwrap(), 0);
     }
 
     #[test]
