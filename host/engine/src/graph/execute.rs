@@ -153,6 +153,11 @@ async fn run(
             break;
         };
         let node: &NodeSpec = &nodes[index];
+        // A router pruned this node while it ran (validation makes routes wait for their
+        // router, so only a plan built without it gets here): its answer must not count.
+        if matches!(states[index], State::Skipped) {
+            continue;
+        }
         match result {
             Ok((outputs, route)) => {
                 if let Some(route) = &route {

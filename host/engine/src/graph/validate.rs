@@ -77,16 +77,30 @@ struct Checker<'a> {
     index: HashMap<&'a str, usize>,
 }
 
+/// The 1-based line of the `occurrence`-th (from 0) `name = "<name>"` inside a `[[node]]` table
+/// (sub-tables such as `[node.params]` included), or 0 when the text has none.
+fn node_line(text: &str, name: &str, occurrence: usize) -> usize {
+    let needle = format!("\"{name}\"");
+    let mut in_node = false;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| {
+            let line = line.trim_start();
+            if line.starts_with('[') {
+                in_node = line.starts_with("[[node]]") || line.starts_with("[node.");
+                return false;
+            }
+            in_node && line.starts_with("name") && line.contains(&needle)
+        })
+        .nth(occurrence)
+        .map_or(0, |(i, _)| i + 1)
+}
+
 impl Checker<'_> {
-    /// `file:line: node 'x': reason`, with the line of the node's `name = "x"`.
+    /// `file:line: node 'x': reason`, with the line of the node's `name = "x"` inside a
+    /// `[[node]]` table (an input or output of the same name does not count).
     fn node_error(&self, node: &NodeSpec, reason: impl std::fmt::Display) -> Error {
-        let needle = format!("\"{}\"", node.name);
-        let line = self
-            .text
-            .lines()
-            .position(|line| line.trim_start().starts_with("name") && line.contains(&needle))
-            .map(|i| i + 1)
-            .unwrap_or(0);
+        let line = node_line(self.text, &node.name, 0);
         Error::invalid(format!(
             "{}:{line}: node '{}': {reason}",
             self.path.display(),
@@ -141,15 +155,17 @@ pub fn validate(
     for (i, node) in checker_spec.nodes.iter().enumerate() {
         if node.name == "request" || node.name.contains('.') {
             return Err(Error::invalid(format!(
-                "{}: node '{}': names may not be 'request' or contain '.'",
+                "{}:{}: node '{}': names may not be 'request' or contain '.'",
                 path.display(),
+                node_line(text, &node.name, 0),
                 node.name
             )));
         }
         if index.insert(node.name.as_str(), i).is_some() {
             return Err(Error::invalid(format!(
-                "{}: duplicate node name '{}'",
+                "{}:{}: duplicate node name '{}'",
                 path.display(),
+                node_line(text, &node.name, 1),
                 node.name
             )));
         }
@@ -246,6 +262,7 @@ pub fn validate(
     if checker_spec.deadline_ms == Some(0) {
         return Err(checker.graph_error("`deadline_ms` must be above 0"));
     }
+    check_routes_follow_their_router(&checker, &deps)?;
     check_cycles(&checker, &deps)?;
     check_reachable(&checker, &deps, &outputs)?;
     check_model_types(&checker, &sources, &renames, catalog)?;
@@ -446,7 +463,32 @@ fn check_cycles(checker: &Checker<'_>, deps: &[Vec<usize>]) -> Result<()> {
                 .rev()
                 .map(|&i| checker.spec.nodes[i].name.as_str())
                 .collect();
-            return Err(checker.graph_error(format!("cycle: {}", names.join(" -> "))));
+            let first = &checker.spec.nodes[cycle[cycle.len() - 1]];
+            return Err(checker.node_error(first, format!("is in a cycle: {}", names.join(" -> "))));
+        }
+    }
+    Ok(())
+}
+
+/// Each route of a router reads from that router: otherwise it could start before the router
+/// chooses, and a route it did not choose could still run and answer.
+fn check_routes_follow_their_router(checker: &Checker<'_>, deps: &[Vec<usize>]) -> Result<()> {
+    for (router_index, router) in checker.spec.nodes.iter().enumerate() {
+        for route in &router.routes {
+            let Some(&route_index) = checker.index.get(route.as_str()) else {
+                continue;
+            };
+            if !deps[route_index].contains(&router_index) {
+                let node = &checker.spec.nodes[route_index];
+                return Err(checker.node_error(
+                    node,
+                    format!(
+                        "is a route of router '{}' but does not take its input from it \
+                         (add \"{}\" to its `inputs`)",
+                        router.name, router.name
+                    ),
+                ));
+            }
         }
     }
     Ok(())
