@@ -395,9 +395,16 @@ async fn run_batch(
     if let Some(observer) = observer {
         observer.batch(total_rows, requests, compute);
     }
+    // Each caller is charged its rows' share of the batch's compute, so a tenant's cost does
+    // not grow with the other requests it happened to be batched with.
+    let shares = rows
+        .iter()
+        .map(|&r| compute_share(compute, r, total_rows, requests));
     match outcome {
         Ok(parts) => {
-            for ((reply, part), queued) in replies.into_iter().zip(parts).zip(queued) {
+            for (((reply, part), queued), compute) in
+                replies.into_iter().zip(parts).zip(queued).zip(shares)
+            {
                 let _ = reply.send(Reply {
                     result: Ok(part),
                     queued,
@@ -406,7 +413,7 @@ async fn run_batch(
             }
         }
         Err(error) => {
-            for (reply, queued) in replies.into_iter().zip(queued) {
+            for ((reply, queued), compute) in replies.into_iter().zip(queued).zip(shares) {
                 let _ = reply.send(Reply {
                     result: Err(error.clone()),
                     queued,
@@ -415,6 +422,18 @@ async fn run_batch(
             }
         }
     }
+}
+
+/// `rows` of `total_rows` of a batch's `compute`; an equal share per request when the batch has
+/// no rows to weigh by.
+fn compute_share(compute: Duration, rows: usize, total_rows: usize, requests: usize) -> Duration {
+    let (part, whole) = if total_rows == 0 {
+        (1, requests.max(1))
+    } else {
+        (rows, total_rows)
+    };
+    let nanos = compute.as_nanos() * part as u128 / whole as u128;
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
 /// Concatenates same-signature requests along dimension 0, inputs in the first request's order.
@@ -504,4 +523,18 @@ fn row_offsets(tensor: &Tensor, per_row: usize, rows: usize) -> Result<Vec<usize
         ));
     }
     Ok(offsets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compute_is_charged_by_rows() {
+        let batch = Duration::from_micros(800);
+        assert_eq!(compute_share(batch, 1, 4, 2), Duration::from_micros(200));
+        assert_eq!(compute_share(batch, 3, 4, 2), Duration::from_micros(600));
+        assert_eq!(compute_share(batch, 0, 0, 4), Duration::from_micros(200));
+        assert_eq!(compute_share(batch, 5, 5, 1), batch);
+    }
 }

@@ -291,8 +291,8 @@ pub struct BenchPluginsArgs {
     #[command(flatten)]
     pub ort: OrtArgs,
     /// Calls per measurement (after as many warm-up calls).
-    #[arg(long, default_value_t = 20_000)]
-    pub iterations: usize,
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub iterations: u64,
 }
 
 /// Times `call` `iterations` times after as many warm-up calls; returns sorted latencies.
@@ -361,7 +361,8 @@ pub async fn bench_plugins(args: BenchPluginsArgs) -> anyhow::Result<()> {
         ..CallContext::default()
     };
     let empty = CallContext::default();
-    let n = args.iterations;
+    // At least 1 (clap refuses 0): the summary indexes the sorted latencies.
+    let n = usize::try_from(args.iterations).unwrap_or(usize::MAX);
     println!("plugin sandbox, {n} calls each, one at a time:");
     summary(
         "instantiate from pool (fresh Store)",
