@@ -191,7 +191,23 @@ async fn isolation_matrix_another_tenants_names_are_404_like_unknown_ones() {
         let (status, body) = send(client_with_key(&b).delete(server.url(path))).await;
         unknown(status, &body, path);
     }
-    // B's pushes land in B's namespace and leave A's untouched.
+    // B's pushes land in B's namespace and leave A's untouched (A's revision included: it
+    // counts A's own changes only, so B cannot watch A's activity through it).
+    let revision = |key: String| {
+        let server = &server;
+        async move {
+            let (status, body) =
+                send(client_with_key(&key).get(server.url("/api/v1/tenant"))).await;
+            assert_eq!(status, 200, "{body}");
+            body["revision"].as_u64().unwrap()
+        }
+    };
+    let a_revision = revision(a.clone()).await;
+    let b_revision = revision(b.clone()).await;
+    assert!(
+        a_revision >= 4,
+        "A registered a key, pushed 3 things: {a_revision}"
+    );
     let secret_b = signing_key(&server, &b).await;
     let (status, body) = push_plugin(
         &server,
@@ -215,6 +231,8 @@ async fn isolation_matrix_another_tenants_names_are_404_like_unknown_ones() {
         ))
     );
     assert_eq!(infer(&server, &a, "secret-graph").await.0, 200);
+    assert_eq!(revision(a.clone()).await, a_revision);
+    assert_eq!(revision(b.clone()).await, b_revision + 3);
 
     // B cannot reach A's model from a graph or from inside a plugin (wasi:nn load-by-name).
     let (status, body) = push_plugin(

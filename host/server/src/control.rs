@@ -172,6 +172,7 @@ fn tenant_view(tenant: &Tenant) -> Value {
             "plugins": plugins, "models": models, "graphs": graphs,
             "stored_bytes": tenant.stored_bytes(),
         },
+        "revision": tenant.revision,
     })
 }
 
@@ -386,10 +387,7 @@ async fn whoami(
     Caller(scope): Caller,
 ) -> std::result::Result<Response, ApiError> {
     let store = state.tenancy.store().state();
-    let mut view = tenant_view(tenant_of(&store, &scope.name)?);
-    // The store's revision: it grows by one with every committed change, of any tenant.
-    view["revision"] = store.revision.into();
-    Ok(ok(view))
+    Ok(ok(tenant_view(tenant_of(&store, &scope.name)?)))
 }
 
 #[derive(Deserialize)]

@@ -225,7 +225,13 @@ impl Writer<'_> {
         tenant: Option<&str>,
         change: impl FnOnce(&mut State) -> Result<T>,
     ) -> Result<T> {
-        let result = self.tenancy.store.transact(change)?;
+        let result = self.tenancy.store.transact(|state| {
+            let result = change(state)?;
+            if let Some(record) = tenant.and_then(|name| state.tenants.get_mut(name)) {
+                record.revision += 1;
+            }
+            Ok(result)
+        })?;
         self.tenancy.rebuild(&self.tenancy.store.state(), tenant)?;
         // The new scopes are built from the committed state, so a deleted version's bytes are
         // no longer needed: free them now (a tenant's storage quota counts only live versions,

@@ -197,6 +197,10 @@ pub struct Tenant {
     /// Graph versions by graph name.
     #[serde(default)]
     pub graphs: BTreeMap<String, BTreeMap<u64, GraphVersion>>,
+    /// Grows by one with every committed change to this tenant (its own count, so it says
+    /// nothing about other tenants' activity).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// A tenant's usage, as counted against [`Quotas`].
@@ -225,6 +229,7 @@ impl Tenant {
             plugins: BTreeMap::new(),
             models: BTreeMap::new(),
             graphs: BTreeMap::new(),
+            revision: 0,
         }
     }
 
