@@ -779,6 +779,31 @@ async fn rate_and_concurrency_quotas_answer_429_with_retry_after_and_recover() {
     let (status, body) = push_model(&server, &key, "m", 2, MLP_CONFIG, &mlp_onnx()).await;
     assert_eq!(status, 201, "{body}");
     assert!(onnx_blob.exists());
+    // An upload larger than what is left of the storage quota is refused while it streams
+    // (before the server holds it), with the quota named.
+    let stored = send(client_with_key(&key).get(server.url("/api/v1/tenant")))
+        .await
+        .1["usage"]["stored_bytes"]
+        .as_u64()
+        .unwrap();
+    let (status, body) = send(
+        admin()
+            .patch(server.url("/api/v1/tenants/small"))
+            .json(&json!({
+                "quotas": { "max_models": 10, "max_stored_bytes": stored + 100 }
+            })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = push_model(&server, &key, "m", 3, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("is larger than the 100 bytes left"),
+        "{body}"
+    );
     // Request size quota.
     let (status, _) = send(
         admin()

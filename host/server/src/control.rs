@@ -485,8 +485,38 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// Reads an upload body up to the server's upload limit.
-async fn upload_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes> {
-    read_body(state.max_upload_bytes, headers, body).await
+/// Reads an upload's body, no larger than `--max-upload-bytes` nor than what is left of the
+/// tenant's `max_stored_bytes` (everything uploaded is stored), so an upload that cannot fit is
+/// refused before the server holds it in memory.
+async fn upload_body(
+    state: &AppState,
+    tenant: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes> {
+    let (left, quota) = {
+        let store = state.tenancy.store().state();
+        let record = tenant_of(&store, tenant)?;
+        let quota = record.quotas.max_stored_bytes;
+        (quota.saturating_sub(record.stored_bytes()), quota)
+    };
+    let left = usize::try_from(left).unwrap_or(usize::MAX);
+    if left >= state.max_upload_bytes {
+        return read_body(state.max_upload_bytes, headers, body).await;
+    }
+    read_body(left, headers, body).await.map_err(|error| {
+        if error.kind() == ErrorKind::PayloadTooLarge {
+            Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "tenant '{tenant}' would exceed its quota of {quota} stored bytes: the upload \
+                     is larger than the {left} bytes left"
+                ),
+            )
+        } else {
+            error
+        }
+    })
 }
 
 async fn push_plugin(
@@ -524,7 +554,7 @@ async fn push_plugin_checked(
     let key_id = header_text(headers, SIGNING_KEY_HEADER)
         .ok_or_else(unsigned)?
         .to_string();
-    let bytes = upload_body(state, headers, body).await?;
+    let bytes = upload_body(state, tenant, headers, body).await?;
     let tenant = tenant.to_string();
     blocking(state, move |tenancy| {
         let digest = sha256_hex(&bytes);
@@ -796,7 +826,7 @@ async fn push_model_checked(
                  precedes the ONNX bytes in the body",
             )
         })?;
-    let bytes = upload_body(state, headers, body).await?;
+    let bytes = upload_body(state, &scope.name, headers, body).await?;
     if config_length > bytes.len() {
         return Err(Error::invalid(format!(
             "Weft-Config-Length {config_length} is longer than the body ({} bytes)",
@@ -1010,7 +1040,7 @@ async fn apply_graph_checked(
     body: Body,
 ) -> Result<Value> {
     check_name("graph", &name)?;
-    let bytes = upload_body(state, headers, body).await?;
+    let bytes = upload_body(state, &scope.name, headers, body).await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| Error::invalid("the graph is not UTF-8 text"))?
         .to_string();
