@@ -286,12 +286,38 @@ async fn every_response_says_what_the_request_cost() {
     let cost = &graph["parameters"];
     assert!(cost["compute_us"].as_u64().unwrap() > 0, "{cost}");
     assert!(cost["plugin_us"].as_u64().unwrap() > 0, "{cost}");
+    assert!(
+        cost.get("fuel").is_none(),
+        "fuel is metered only with --meter-fuel: {cost}"
+    );
 
     let (_, batched) = post_json(&server.url("/v2/models/batched/infer"), &x(1)).await;
     let cost = &batched["parameters"];
     // Alone, the request waits for the batch delay (20 ms) before it runs.
     assert!(cost["queue_us"].as_u64().unwrap() >= 15_000, "{cost}");
     assert!(cost["compute_us"].as_u64().unwrap() > 0, "{cost}");
+}
+
+#[tokio::test]
+async fn with_fuel_metering_responses_and_metrics_count_plugin_fuel() {
+    let repo = repository();
+    let server = Server::start_with(repo.path(), &["--meter-fuel"]);
+    let (status, graph) = post_json(&server.url("/v2/models/classify/infer"), &x(1)).await;
+    assert_eq!(status, 200, "{graph}");
+    let fuel = graph["parameters"]["fuel"].as_u64().unwrap_or(0);
+    assert!(
+        fuel > 1000,
+        "two plugin calls run thousands of instructions: {graph}"
+    );
+    let (_, again) = post_json(&server.url("/v2/models/classify/infer"), &x(1)).await;
+    let metrics = scrape(&server).await;
+    let total: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("weft_plugin_fuel_consumed_total{"))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    let both = fuel + again["parameters"]["fuel"].as_u64().unwrap();
+    assert_eq!(total as u64, both, "{metrics}");
 }
 
 #[tokio::test]

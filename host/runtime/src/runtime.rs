@@ -453,6 +453,9 @@ pub struct CallContext {
     /// same key, so one plugin shared by several tenants never carries one tenant's memory
     /// into another's call.
     pub isolation: Option<Arc<str>>,
+    /// Where the call adds the fuel it consumed, when the runtime meters fuel (per-request
+    /// accounting); nothing is added otherwise.
+    pub fuel_used: Option<Arc<AtomicU64>>,
 }
 
 /// A loaded plugin, ready to be called concurrently.
@@ -706,10 +709,13 @@ impl Plugin {
         if inner.config.meter_fuel
             && let Ok(left) = store.get_fuel()
         {
-            let given = limits.fuel.unwrap_or(u64::MAX);
+            let consumed = limits.fuel.unwrap_or(u64::MAX).saturating_sub(left);
             self.stats
                 .fuel_consumed
-                .fetch_add(given.saturating_sub(left), Ordering::Relaxed);
+                .fetch_add(consumed, Ordering::Relaxed);
+            if let Some(sink) = &context.fuel_used {
+                sink.fetch_add(consumed, Ordering::Relaxed);
+            }
         }
         let failure = |cause: FailureCause, kind: ErrorKind, message: String| PluginFailure {
             cause,

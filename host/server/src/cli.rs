@@ -125,6 +125,11 @@ pub struct ServeArgs {
     /// Largest control-plane upload (plugin, model, graph) in bytes; larger uploads get 413.
     #[arg(long, env = "WEFT_MAX_UPLOAD_BYTES", default_value_t = crate::app::DEFAULT_MAX_UPLOAD_BYTES)]
     pub max_upload_bytes: usize,
+    /// Meter WebAssembly fuel (about one unit per instruction) in every plugin call: responses
+    /// then carry `parameters.fuel` and `weft_plugin_fuel_consumed_total` counts it. Costs
+    /// some plugin speed (the compiled code counts as it runs), so it is off by default.
+    #[arg(long, env = "WEFT_METER_FUEL")]
+    pub meter_fuel: bool,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "WEFT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
@@ -212,6 +217,7 @@ fn load_repository(
     repository: &std::path::Path,
     data_dir: &std::path::Path,
     metrics: &Arc<Metrics>,
+    meter_fuel: bool,
 ) -> anyhow::Result<Loaded> {
     let loader = RepositoryLoader {
         metrics: Some(Arc::clone(metrics)),
@@ -220,6 +226,7 @@ fn load_repository(
     let models = Arc::new(weft_engine::ModelRegistry::load(repository, &loader)?);
     let runtime = weft_runtime::PluginRuntime::new(weft_runtime::RuntimeConfig {
         cache_dir: Some(data_dir.join("compile-cache")),
+        meter_fuel,
         ..weft_runtime::RuntimeConfig::default()
     })?;
     let plugins = crate::graphs::load_plugins(repository, &runtime)?;
@@ -276,12 +283,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let loading_metrics = Arc::clone(&metrics);
     let admin_key = args.admin_key.clone();
     let bootstrap_key = args.bootstrap_key.clone();
+    let meter_fuel = args.meter_fuel;
     let (loaded, tenancy) = tokio::task::spawn_blocking(move || {
         // The store first: it locks the data directory, so a second server on the same
         // directory stops here, before it touches the compile cache.
         let store = weft_store::Store::open(&data_dir)
             .with_context(|| format!("cannot open the store under {}", data_dir.display()))?;
-        let loaded = load_repository(&repository, &data_dir, &loading_metrics)?;
+        let loaded = load_repository(&repository, &data_dir, &loading_metrics, meter_fuel)?;
         let tenancy = crate::tenants::Tenancy::new(crate::tenants::TenancyConfig {
             store: Arc::new(store),
             platform: loaded.registry.clone(),

@@ -164,6 +164,7 @@ impl RepositoryRunner {
             // Repository plugins serve every tenant that shares their graph: warm instances
             // stay with the tenant whose call left them.
             isolation: accounting::tenant(),
+            fuel_used: None,
         }
     }
 }
@@ -201,7 +202,9 @@ impl NodeRunner for RepositoryRunner {
                 .plugins
                 .get(name)
                 .ok_or_else(|| Error::unavailable(format!("plugin '{name}' is not loaded")))?;
-            let call_context = self.call_context(context);
+            let mut call_context = self.call_context(context);
+            let fuel = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            call_context.fuel_used = Some(Arc::clone(&fuel));
             if let Some(entry) = self.provenance.get(name) {
                 accounting::note_plugin(entry);
             }
@@ -222,6 +225,10 @@ impl NodeRunner for RepositoryRunner {
             };
             let elapsed = started.elapsed();
             accounting::add(Spent::Plugin, elapsed);
+            let fuel = fuel.load(std::sync::atomic::Ordering::Relaxed);
+            if fuel > 0 {
+                accounting::add_fuel(fuel);
+            }
             if let Some(metrics) = &self.metrics {
                 let label = self.metric_labels.get(name).map_or(name, String::as_str);
                 metrics.plugin_call(label, elapsed);
