@@ -142,6 +142,20 @@ async fn isolation_matrix_another_tenants_names_are_404_like_unknown_ones() {
         assert_eq!(status, 200, "{name}: {body}");
     }
     let (_, graph) = infer(&server, &a, "secret-graph").await;
+    // A tenant's models and graphs have their own series, named `tenant/name`, never merged
+    // with a platform model or graph of the same name.
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "weft_compute_duration_seconds_count{model=\"acme/secret-mlp\"}",
+        "weft_graph_node_duration_seconds_count{graph=\"acme/secret-graph\",node=\"mlp\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
     let provenance = graph["parameters"]["provenance"].as_array().unwrap();
     assert_eq!(provenance.len(), 2, "{graph}");
     assert!(

@@ -19,7 +19,6 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind, Result};
-use weft_engine::ModelRegistry;
 use weft_store::signing::{PublicKey, plugin_message, sha256_hex};
 use weft_store::{Quotas, State as StoreState, Tenant, api_keys, check_name};
 
@@ -875,9 +874,9 @@ async fn push_model_checked(
             .map_err(|error| Error::internal(format!("cannot create a scratch file: {error}")))?;
         std::fs::write(scratch.path(), &onnx)
             .map_err(|error| Error::internal(format!("cannot write a scratch file: {error}")))?;
-        let model =
-            ModelRegistry::load_version(tenancy.loader(), &name, number, scratch.path(), &config)
-                .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
+        let model = tenancy
+            .load_model(&tenant, &name, number, scratch.path(), &config)
+            .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
         drop(scratch);
         let size = bytes.len() as u64;
         let onnx_digest = sha256_hex(&onnx);

@@ -275,6 +275,15 @@ impl Metrics {
         Arc::clone(self) as Arc<dyn GraphObserver>
     }
 
+    /// Like [`Metrics::graph_observer`] for a tenant's graph: its `graph` label is
+    /// `tenant/graph`, so it never shares series with the platform's graph of the same name.
+    pub fn tenant_graph_observer(self: &Arc<Self>, tenant: &str) -> Arc<dyn GraphObserver> {
+        Arc::new(TenantGraphObserver {
+            metrics: Arc::clone(self),
+            tenant: tenant.to_string(),
+        })
+    }
+
     /// Renders every metric, after refreshing those read from the runtime, the plugins (the
     /// repository's and `tenant_plugins`, labelled `tenant/name@version`) and the process.
     pub fn render(&self, sources: &ScrapeSources, tenant_plugins: &[(String, Plugin)]) -> String {
@@ -373,6 +382,24 @@ impl GraphObserver for Metrics {
 
     fn declare(&self, graph: &str, node: &str) {
         let _ = self.node_duration.with_label_values(&[graph, node]);
+    }
+}
+
+/// Reports a tenant's graph nodes under `tenant/graph`.
+struct TenantGraphObserver {
+    metrics: Arc<Metrics>,
+    tenant: String,
+}
+
+impl GraphObserver for TenantGraphObserver {
+    fn node(&self, graph: &str, node: &str, duration: Duration) {
+        self.metrics
+            .node(&format!("{}/{graph}", self.tenant), node, duration);
+    }
+
+    fn declare(&self, graph: &str, node: &str) {
+        self.metrics
+            .declare(&format!("{}/{graph}", self.tenant), node);
     }
 }
 

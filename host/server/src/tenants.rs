@@ -285,10 +285,6 @@ impl Tenancy {
         &self.runtime
     }
 
-    pub fn loader(&self) -> &RepositoryLoader {
-        &self.loader
-    }
-
     /// The repository's models and graphs.
     pub fn platform(&self) -> &ModelRegistry {
         &self.platform
@@ -589,6 +585,21 @@ impl Tenancy {
         Ok(scope)
     }
 
+    /// Loads one of `tenant`'s model versions from `path`. Metrics name it `tenant/name`, so a
+    /// tenant's model never shares series with the platform's (or another tenant's) model of
+    /// the same name.
+    pub fn load_model(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: u64,
+        path: &std::path::Path,
+        config: &ModelConfig,
+    ) -> Result<Arc<dyn Model>> {
+        let label = format!("{tenant}/{name}");
+        ModelRegistry::load_version(&self.loader, &label, version, path, config)
+    }
+
     fn tenant_model(
         &self,
         tenant: &Tenant,
@@ -611,7 +622,7 @@ impl Tenancy {
         // Read (and so verify) the ONNX blob before handing its path to the backend.
         self.store.read_blob(&record.onnx_digest)?;
         let path = self.store.blob_path(&record.onnx_digest);
-        let model = ModelRegistry::load_version(&self.loader, name, version, &path, &config)?;
+        let model = self.load_model(&tenant.name, name, version, &path, &config)?;
         lock(&self.loaded_models)?.insert(key, Arc::clone(&model));
         Ok(model)
     }
@@ -660,7 +671,7 @@ impl Tenancy {
         let plan = validate_graph(scope, &file, &text)?;
         let mut graph = GraphModel::new(plan, Arc::clone(&scope.runner) as _);
         if let Some(metrics) = &self.metrics {
-            graph = graph.with_observer(metrics.graph_observer());
+            graph = graph.with_observer(metrics.tenant_graph_observer(&scope.name));
         }
         Ok(Arc::new(graph))
     }
