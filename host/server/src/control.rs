@@ -557,30 +557,6 @@ async fn push_plugin_checked(
     let tenant = tenant.to_string();
     blocking(state, move |tenancy| {
         let digest = sha256_hex(&bytes);
-        // Checks, blob write and commit under the one writer: nothing can change in between
-        // (a key revoked, the same version pushed).
-        let writer = tenancy.writer()?;
-        let current = writer.state();
-        let record = tenant_of(&current, &tenant)?;
-        if record
-            .plugins
-            .get(&name)
-            .is_some_and(|versions| versions.iter().any(|v| v.version == version))
-        {
-            return Err(Error::conflict(format!(
-                "plugin '{name}' version {version} already exists; versions are immutable, \
-                 push a new version"
-            )));
-        }
-        signing_key(record, &key_id)?
-            .verify(&plugin_message(&digest, &name, &version), &signature)
-            .map_err(|error| {
-                error.context(format!(
-                    "plugin '{name}' version {version} (sha256 {digest}) refused"
-                ))
-            })?;
-        let plugin = tenancy.runtime().load(&name, &bytes)?;
-        let role = plugin.role().as_str();
         let size = bytes.len() as u64;
         let add = |record: &mut Tenant| {
             record
@@ -596,10 +572,39 @@ async fn push_plugin_checked(
                     created_unix: unix_now(),
                 });
         };
-        // Within quota before anything is written.
-        let mut projected = record.clone();
-        add(&mut projected);
-        check_storage(&projected)?;
+        // Version, signature and quota: checked before the (slow) compile, so a refused upload
+        // costs no compile, and again under the writer, since a key may have been revoked or
+        // the same version pushed meanwhile.
+        let check = |current: &StoreState| -> Result<()> {
+            let record = tenant_of(current, &tenant)?;
+            if record
+                .plugins
+                .get(&name)
+                .is_some_and(|versions| versions.iter().any(|v| v.version == version))
+            {
+                return Err(Error::conflict(format!(
+                    "plugin '{name}' version {version} already exists; versions are immutable, \
+                     push a new version"
+                )));
+            }
+            signing_key(record, &key_id)?
+                .verify(&plugin_message(&digest, &name, &version), &signature)
+                .map_err(|error| {
+                    error.context(format!(
+                        "plugin '{name}' version {version} (sha256 {digest}) refused"
+                    ))
+                })?;
+            let mut projected = record.clone();
+            add(&mut projected);
+            check_storage(&projected)
+        };
+        check(&tenancy.store().state())?;
+        // Compiled without holding the writer: other tenants' changes do not wait for it.
+        let plugin = tenancy.runtime().load(&name, &bytes)?;
+        let role = plugin.role().as_str();
+        // Checks, blob write and commit under the one writer: nothing can change in between.
+        let writer = tenancy.writer()?;
+        check(&writer.state())?;
         tenancy.store().put_blob(&bytes)?;
         writer.commit(Some(&tenant), |store| {
             add(tenant_mut(store, &tenant)?);
@@ -850,34 +855,6 @@ async fn push_model_checked(
     }
     let tenant = scope.name.clone();
     blocking(state, move |tenancy| {
-        let writer = tenancy.writer()?;
-        let current = writer.state();
-        let record = tenant_of(&current, &tenant)?;
-        if record.graphs.contains_key(&name) {
-            return Err(Error::conflict(format!(
-                "'{name}' is a graph; graphs and models share one namespace"
-            )));
-        }
-        if record
-            .models
-            .get(&name)
-            .is_some_and(|versions| versions.contains_key(&number))
-        {
-            return Err(Error::conflict(format!(
-                "model '{name}' version {number} already exists; versions are immutable"
-            )));
-        }
-        // Load it from a scratch file first: a model that cannot serve stores nothing.
-        let scratch = tempfile::Builder::new()
-            .prefix(weft_store::SCRATCH_PREFIX)
-            .tempfile_in(tenancy.store().scratch_dir())
-            .map_err(|error| Error::internal(format!("cannot create a scratch file: {error}")))?;
-        std::fs::write(scratch.path(), &onnx)
-            .map_err(|error| Error::internal(format!("cannot write a scratch file: {error}")))?;
-        let model = tenancy
-            .load_model(&tenant, &name, number, scratch.path(), &config)
-            .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
-        drop(scratch);
         let size = bytes.len() as u64;
         let onnx_digest = sha256_hex(&onnx);
         let config_digest = sha256_hex(config_text.as_bytes());
@@ -892,9 +869,43 @@ async fn push_model_checked(
                 },
             );
         };
-        let mut projected = record.clone();
-        add(&mut projected);
-        check_storage(&projected)?;
+        // Name, version and quota: checked before the (slow) load and again under the writer.
+        let check = |current: &StoreState| -> Result<()> {
+            let record = tenant_of(current, &tenant)?;
+            if record.graphs.contains_key(&name) {
+                return Err(Error::conflict(format!(
+                    "'{name}' is a graph; graphs and models share one namespace"
+                )));
+            }
+            if record
+                .models
+                .get(&name)
+                .is_some_and(|versions| versions.contains_key(&number))
+            {
+                return Err(Error::conflict(format!(
+                    "model '{name}' version {number} already exists; versions are immutable"
+                )));
+            }
+            let mut projected = record.clone();
+            add(&mut projected);
+            check_storage(&projected)
+        };
+        check(&tenancy.store().state())?;
+        // Load it from a scratch file first (a model that cannot serve stores nothing), without
+        // holding the writer: loading a large model takes seconds, and other tenants' changes
+        // do not wait for it.
+        let scratch = tempfile::Builder::new()
+            .prefix(weft_store::SCRATCH_PREFIX)
+            .tempfile_in(tenancy.store().scratch_dir())
+            .map_err(|error| Error::internal(format!("cannot create a scratch file: {error}")))?;
+        std::fs::write(scratch.path(), &onnx)
+            .map_err(|error| Error::internal(format!("cannot write a scratch file: {error}")))?;
+        let model = tenancy
+            .load_model(&tenant, &name, number, scratch.path(), &config)
+            .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
+        drop(scratch);
+        let writer = tenancy.writer()?;
+        check(&writer.state())?;
         tenancy.store().put_blob(&onnx)?;
         tenancy.store().put_blob(config_text.as_bytes())?;
         tenancy.remember_model(&tenant, &name, &onnx_digest, &config_digest, model)?;
