@@ -714,6 +714,21 @@ async fn rate_and_concurrency_quotas_answer_429_with_retry_after_and_recover() {
         .parse()
         .unwrap();
     assert!((1..=2).contains(&seconds));
+    // Metadata and control-plane reads pay the same quota.
+    // (The bucket refills at 2/s, so on a slow machine a call may find a fresh token: at most
+    // a few of ten back-to-back calls can pass.)
+    for path in ["/v2/models/mlp", "/api/v1/plugins"] {
+        let mut refused = 0;
+        for _ in 0..10 {
+            let (status, body) = send(client_with_key(&key).get(server.url(path))).await;
+            assert!(status == 200 || status == 429, "{path}: {body}");
+            refused += usize::from(status == 429);
+        }
+        assert!(
+            refused >= 5,
+            "{path}: only {refused} of 10 calls were over the quota"
+        );
+    }
     // Another tenant is not affected.
     assert_eq!(infer(&server, &other, "mlp").await.0, 200);
     // After the advertised wait the tenant is served again.

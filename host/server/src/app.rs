@@ -115,7 +115,8 @@ pub fn app(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
 
-/// The tenant whose API key a request carries; 401 without a valid one.
+/// The tenant whose API key a request carries; 401 without a valid one, 429 when the tenant is
+/// over its rate quota.
 pub struct Caller(pub Arc<TenantScope>);
 
 impl axum::extract::FromRequestParts<AppState> for Caller {
@@ -125,7 +126,11 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
         parts: &mut axum::http::request::Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        Ok(Caller(state.tenancy.authenticate(&parts.headers)?))
+        let scope = state.tenancy.authenticate(&parts.headers)?;
+        // Every authenticated request pays the tenant's rate quota: metadata, statistics and
+        // control-plane reads included, not only inference.
+        scope.charge()?;
+        Ok(Caller(scope))
     }
 }
 

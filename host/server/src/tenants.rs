@@ -63,10 +63,16 @@ impl TenantScope {
         }
     }
 
-    /// Admits one data-plane request: a token from the rate bucket and a concurrency slot,
-    /// or a 429 that says when to retry. The permit is held until the response is built.
+    /// Charges one request to the rate quota (every authenticated request, data or control
+    /// plane, pays one token), or a 429 that says when to retry.
+    pub fn charge(&self) -> std::result::Result<(), ApiError> {
+        self.gate.charge(&self.name)
+    }
+
+    /// Takes a concurrency slot for a request that does work (inference, uploads), or a 429.
+    /// The permit is held until the response is built.
     pub fn admit(&self) -> std::result::Result<OwnedSemaphorePermit, ApiError> {
-        self.gate.admit(&self.name)
+        self.gate.hold(&self.name)
     }
 }
 
@@ -101,7 +107,7 @@ impl Gate {
         }
     }
 
-    fn admit(&self, tenant: &str) -> std::result::Result<OwnedSemaphorePermit, ApiError> {
+    fn charge(&self, tenant: &str) -> std::result::Result<(), ApiError> {
         {
             let mut bucket = self
                 .bucket
@@ -126,6 +132,10 @@ impl Gate {
             }
             bucket.tokens -= 1.0;
         }
+        Ok(())
+    }
+
+    fn hold(&self, tenant: &str) -> std::result::Result<OwnedSemaphorePermit, ApiError> {
         Arc::clone(&self.in_flight)
             .try_acquire_owned()
             .map_err(|_| {
