@@ -80,17 +80,24 @@ struct Checker<'a> {
 /// The 1-based line of the `occurrence`-th (from 0) `name = "<name>"` inside a `[[node]]` table
 /// (sub-tables such as `[node.params]` included), or 0 when the text has none.
 fn node_line(text: &str, name: &str, occurrence: usize) -> usize {
+    table_line(text, "node", name, occurrence)
+}
+
+/// [`node_line`] for any array of tables (`[[node]]`, `[[output]]`, `[[input]]`).
+fn table_line(text: &str, table: &str, name: &str, occurrence: usize) -> usize {
     let needle = format!("\"{name}\"");
-    let mut in_node = false;
+    let header = format!("[[{table}]]");
+    let sub_table = format!("[{table}.");
+    let mut inside = false;
     text.lines()
         .enumerate()
         .filter(|(_, line)| {
             let line = line.trim_start();
             if line.starts_with('[') {
-                in_node = line.starts_with("[[node]]") || line.starts_with("[node.");
+                inside = line.starts_with(&header) || line.starts_with(&sub_table);
                 return false;
             }
-            in_node && line.starts_with("name") && line.contains(&needle)
+            inside && line.starts_with("name") && line.contains(&needle)
         })
         .nth(occurrence)
         .map_or(0, |(i, _)| i + 1)
@@ -105,6 +112,15 @@ impl Checker<'_> {
             "{}:{line}: node '{}': {reason}",
             self.path.display(),
             node.name
+        ))
+    }
+
+    /// `file:line: output 'x': reason`, with the line of the `[[output]]`'s `name = "x"`.
+    fn output_error(&self, output: &str, reason: impl std::fmt::Display) -> Error {
+        let line = table_line(self.text, "output", output, 0);
+        Error::invalid(format!(
+            "{}:{line}: output '{output}': {reason}",
+            self.path.display()
         ))
     }
 
@@ -266,6 +282,7 @@ pub fn validate(
     check_cycles(&checker, &deps)?;
     check_reachable(&checker, &deps, &outputs)?;
     check_model_types(&checker, &sources, &renames, catalog)?;
+    check_model_outputs(&checker, &sources, &renames, &outputs, catalog)?;
     Ok(GraphPlan {
         spec,
         sources,
@@ -524,6 +541,82 @@ fn check_reachable(
 
 /// Where datatypes are known (request inputs, model outputs), checks that a model node's inputs
 /// match its metadata by name, datatype and rank.
+/// Every `node.tensor` taken from a model node names one of that model's outputs, and every
+/// graph output taken from a model has the model output's datatype and rank — where the
+/// catalog knows the model's metadata. Without this a typo loads fine and fails every request.
+fn check_model_outputs(
+    checker: &Checker<'_>,
+    sources: &[Vec<Source>],
+    renames: &[Vec<(String, Source)>],
+    outputs: &[Vec<Source>],
+    catalog: &dyn Catalog,
+) -> Result<()> {
+    let spec = checker.spec;
+    // The metadata of the model node `dep` and the output `tensor`, or why it has none.
+    let output_of =
+        |dep: usize, tensor: &str| -> Option<std::result::Result<(DataType, usize), String>> {
+            let node = &spec.nodes[dep];
+            if node.kind != NodeKind::Model {
+                return None;
+            }
+            let model = node.model.as_deref()?;
+            let metadata = catalog.model(model, node.version.as_deref())?;
+            Some(
+                match metadata.outputs.iter().find(|output| output.name == tensor) {
+                    Some(output) => Ok((output.datatype, output.shape.len())),
+                    None => Err(format!(
+                        "'{}.{tensor}' names no output of model '{model}' (its outputs: {})",
+                        node.name,
+                        metadata
+                            .outputs
+                            .iter()
+                            .map(|output| output.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                },
+            )
+        };
+    for (index, node) in spec.nodes.iter().enumerate() {
+        let taken = sources[index]
+            .iter()
+            .chain(renames[index].iter().map(|(_, source)| source));
+        for source in taken {
+            if let Source::Node(dep, Some(tensor)) = source
+                && let Some(Err(reason)) = output_of(*dep, tensor)
+            {
+                return Err(checker.node_error(node, reason));
+            }
+        }
+    }
+    for (output, from) in spec.outputs.iter().zip(outputs) {
+        for source in from {
+            let Source::Node(dep, Some(tensor)) = source else {
+                continue;
+            };
+            match output_of(*dep, tensor) {
+                Some(Err(reason)) => {
+                    return Err(checker.output_error(&output.name, reason));
+                }
+                Some(Ok((datatype, rank)))
+                    if datatype != output.datatype || rank != output.shape.len() =>
+                {
+                    return Err(checker.output_error(
+                        &output.name,
+                        format!(
+                        "is declared {} of rank {} but '{}.{tensor}' is {datatype} of rank {rank}",
+                        output.datatype,
+                        output.shape.len(),
+                        spec.nodes[*dep].name
+                    )));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_model_types(
     checker: &Checker<'_>,
     sources: &[Vec<Source>],
