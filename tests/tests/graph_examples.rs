@@ -1,6 +1,7 @@
 //! The graph examples (examples/classify, ensemble, ab-route, text) served by a real `weft`
 //! process exactly as the README runs them, checked against the bare models they wrap; plus a
-//! graph whose plugin traps, next to graphs that keep serving.
+//! graph whose plugin traps, next to graphs that keep serving, and a router plugin choosing
+//! branches in two versions of one graph.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -404,4 +405,130 @@ inputs = ["request"]
         assert!(status >= 400);
     }
     infer_x(&server, "mlp", &x, json!({})).await;
+}
+
+/// A router *plugin* (param-router) picks a branch from a request parameter over HTTP: the
+/// other branch does not run, and two versions of one repository graph serve side by side.
+#[tokio::test]
+async fn a_router_plugin_picks_the_branch_and_graph_versions_serve_side_by_side() {
+    let routed = |version: u32, default: &str| {
+        format!(
+            r#"
+name = "routed"
+version = {version}
+[[input]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 64]
+[[output]]
+name = "y"
+datatype = "FP32"
+shape = [-1, 10]
+from = ["direct.y", "after_norm.y"]
+[[node]]
+name = "pick"
+kind = "router"
+plugin = "param-router"
+inputs = ["request"]
+routes = ["direct", "norm"]
+params = {{ key = "path", default = "{default}" }}
+[[node]]
+name = "direct"
+kind = "model"
+model = "mlp"
+inputs = ["pick"]
+[[node]]
+name = "norm"
+kind = "transformer"
+plugin = "normalize"
+inputs = ["pick"]
+[[node]]
+name = "after_norm"
+kind = "model"
+model = "mlp"
+inputs = ["norm"]
+"#
+        )
+    };
+    let repo = Repo::new()
+        .with_model(&example("classify"), "mlp")
+        .with_plugin("param_router", "param-router")
+        .with_plugin("normalize", "normalize")
+        .with_file("graphs/routed-1.toml", routed(1, "direct").as_bytes())
+        .with_file("graphs/routed-2.toml", routed(2, "norm").as_bytes());
+    let server = Server::start(repo.path());
+    let values = features(2);
+    let bare = floats(output(
+        &infer_x(&server, "mlp", &values, json!({})).await,
+        "y",
+    ));
+    let normalized = floats(output(
+        &infer_x(&server, "mlp", &zscore(&values, 64), json!({})).await,
+        "y",
+    ));
+    let ran = |response: &Value| -> (String, Vec<String>) {
+        let trace = response["parameters"]["trace"].as_array().unwrap();
+        let route = trace
+            .iter()
+            .find(|n| n["node"] == "pick")
+            .and_then(|n| n["route"].as_str())
+            .unwrap()
+            .to_string();
+        let nodes = trace
+            .iter()
+            .map(|n| n["node"].as_str().unwrap().to_string())
+            .collect();
+        (route, nodes)
+    };
+
+    let chosen = infer_x(
+        &server,
+        "routed",
+        &values,
+        json!({"path": "norm", "trace": true}),
+    )
+    .await;
+    assert_eq!(
+        ran(&chosen),
+        (
+            "norm".into(),
+            vec!["pick".into(), "norm".into(), "after_norm".into()]
+        )
+    );
+    assert_close(&floats(output(&chosen, "y")), &normalized);
+    let chosen = infer_x(
+        &server,
+        "routed",
+        &values,
+        json!({"path": "direct", "trace": true}),
+    )
+    .await;
+    assert_eq!(
+        ran(&chosen),
+        ("direct".into(), vec!["pick".into(), "direct".into()])
+    );
+    assert_close(&floats(output(&chosen, "y")), &bare);
+
+    // Versions: the latest (2, default "norm") unless the URL names one.
+    let latest = infer_x(&server, "routed", &values, json!({"trace": true})).await;
+    assert_eq!(latest["model_version"], "2");
+    assert_eq!(ran(&latest).0, "norm");
+    let url = server.url("/v2/models/routed/versions/1/infer");
+    let (status, first) = post_json(&url, &x_request(&values, json!({"trace": true}))).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["model_version"], "1");
+    assert_eq!(ran(&first).0, "direct");
+    let (status, metadata) = get_json(&server.url("/v2/models/routed/versions/1")).await;
+    assert_eq!(status, 200, "{metadata}");
+    assert_eq!(metadata["platform"], "weft_graph");
+
+    // A route the router does not have: the error names the node.
+    let url = server.url("/v2/models/routed/infer");
+    let (status, body) = post_json(&url, &x_request(&values, json!({"path": "sideways"}))).await;
+    assert!(status >= 400, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("node 'pick'") && error.contains("sideways"),
+        "{error}"
+    );
 }
