@@ -178,6 +178,21 @@ fn a_new_tenant_goes_from_key_gen_to_a_signed_plugin_in_a_graph() {
         graph.replace("model = \"mlp\"", "model = \"scorer\""),
     )
     .unwrap();
+    // --dry-run: the server's check against the tenant's own models and plugins, nothing stored.
+    let checked = ok(
+        &server,
+        &tenant,
+        &["graph", "apply", "--dry-run", path(&file)],
+    );
+    assert!(
+        checked.contains("\"checked\"") && checked.contains("\"dry_run\": true"),
+        "{checked}"
+    );
+    let listed = ok(&server, &tenant, &["graph", "list"]);
+    assert!(
+        !listed.contains("classify"),
+        "a dry run stored the graph: {listed}"
+    );
     ok(&server, &tenant, &["graph", "apply", path(&file)]);
 
     // Call it: JSON in, JSON out.

@@ -515,6 +515,23 @@ async fn graph_apply_errors_match_graph_check_and_deletes_in_use_are_refused() {
         error.contains("node 'mlp'") && error.contains("unknown model 'no-such-model'"),
         "{error}"
     );
+    // A dry run checks against the tenant's namespace exactly as an apply (same error text)
+    // and stores nothing.
+    let dry_run = |text: String| {
+        client_with_key(&key)
+            .put(server.url("/api/v1/graphs/classify"))
+            .header("Weft-File-Name", "mine.toml")
+            .header("Weft-Dry-Run", "true")
+            .body(text)
+    };
+    let (status, body) = send(dry_run(classify_graph("classify", 1, "no-such-model"))).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"].as_str().unwrap(), error);
+    let (status, body) = send(dry_run(classify_graph("classify", 1, "mlp"))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["dry_run"], true, "{body}");
+    let (status, _) = send(client_with_key(&key).get(server.url("/api/v1/graphs/classify"))).await;
+    assert_eq!(status, 404, "a dry run stores nothing");
     let (status, body) = apply_graph(
         &server,
         &key,

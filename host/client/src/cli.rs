@@ -233,6 +233,10 @@ pub enum GraphClientCommand {
 pub struct GraphApplyArgs {
     #[command(flatten)]
     pub connection: TenantConnection,
+    /// Only check the files against this tenant's plugins, models and shared names, exactly as
+    /// an apply would (same errors); store nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Graph TOML files.
     #[arg(required = true, value_name = "FILE.toml")]
     pub files: Vec<PathBuf>,

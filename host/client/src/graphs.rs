@@ -33,9 +33,14 @@ pub fn graph_name(text: &str) -> Result<String> {
     }
 }
 
-async fn apply_one(server: &Server, file: &Path) -> Result<Value> {
+async fn apply_one(server: &Server, file: &Path, dry_run: bool) -> Result<Value> {
     let text = std::fs::read_to_string(file).context("cannot read it")?;
     let name = graph_name(&text)?;
+    // So validation errors name this file, exactly as `weft graph check` does.
+    let mut headers = vec![("Weft-File-Name", file.display().to_string())];
+    if dry_run {
+        headers.push(("Weft-Dry-Run", "true".to_string()));
+    }
     server
         .call(
             Method::PUT,
@@ -43,8 +48,7 @@ async fn apply_one(server: &Server, file: &Path) -> Result<Value> {
             Payload::Bytes {
                 body: text.into(),
                 content_type: "application/toml",
-                // So validation errors name this file, exactly as `weft graph check` does.
-                headers: vec![("Weft-File-Name", file.display().to_string())],
+                headers,
                 progress: false,
             },
         )
@@ -57,7 +61,7 @@ async fn apply(args: GraphApplyArgs) -> Result<()> {
     let mut applied = Vec::new();
     let mut failed = 0usize;
     for file in &args.files {
-        match apply_one(&server, file).await {
+        match apply_one(&server, file, args.dry_run).await {
             Ok(answer) => applied.push(answer),
             Err(error) => {
                 failed += 1;
@@ -66,7 +70,8 @@ async fn apply(args: GraphApplyArgs) -> Result<()> {
         }
     }
     if !applied.is_empty() {
-        print_json(&json!({ "applied": applied }))?;
+        let key = if args.dry_run { "checked" } else { "applied" };
+        print_json(&json!({ key: applied }))?;
     }
     if failed > 0 {
         anyhow::bail!("{failed} of {} graph files failed", args.files.len());

@@ -40,6 +40,9 @@ pub const SIGNING_KEY_HEADER: &str = "weft-signing-key";
 pub const CONFIG_LENGTH_HEADER: &str = "weft-config-length";
 /// Optional header naming the client's file, so graph errors name it as `weft graph check` does.
 pub const FILE_NAME_HEADER: &str = "weft-file-name";
+/// `Weft-Dry-Run: true` on a graph apply: validate against the tenant's namespace exactly as an
+/// apply would, answer 200, store nothing.
+pub const DRY_RUN_HEADER: &str = "weft-dry-run";
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -1038,7 +1041,21 @@ async fn apply_graph(
 ) -> std::result::Result<Response, ApiError> {
     // Uploads count against the tenant's rate and concurrency quotas like inference does.
     let _permit = scope.admit()?;
-    let result = apply_graph_checked(&state, &scope, name, &headers, body).await;
+    let dry_run = match header_text(&headers, DRY_RUN_HEADER) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(Error::invalid(format!(
+                "Weft-Dry-Run must be true or false, not '{other}'"
+            ))
+            .into());
+        }
+    };
+    let result = apply_graph_checked(&state, &scope, name, &headers, body, dry_run).await;
+    if dry_run {
+        // Nothing was uploaded: 200 with what would have been applied, no upload counted.
+        return Ok(ok(result?));
+    }
     answer_upload(&state, "graph", result)
 }
 
@@ -1048,6 +1065,7 @@ async fn apply_graph_checked(
     name: String,
     headers: &HeaderMap,
     body: Body,
+    dry_run: bool,
 ) -> Result<Value> {
     check_name("graph", &name)?;
     let bytes = upload_body(state, &scope.name, headers, body).await?;
@@ -1108,6 +1126,9 @@ async fn apply_graph_checked(
         let mut projected = record.clone();
         add(&mut projected);
         check_storage(&projected)?;
+        if dry_run {
+            return Ok(json!({ "name": name, "version": version.to_string(), "dry_run": true }));
+        }
         tenancy.store().put_blob(text.as_bytes())?;
         writer.commit(Some(&tenant), |store| {
             add(tenant_mut(store, &tenant)?);
