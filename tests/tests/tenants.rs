@@ -961,7 +961,26 @@ async fn sigkill_during_uploads_leaves_the_old_or_the_new_state_never_half() {
     let onnx = mlp_onnx();
     let plugin = guest("normalize");
     let mut version = 0u64;
-    for round in 0..4u64 {
+    // Kill times are random per run (the seed is in every failure message, to replay a run).
+    let seed = std::env::var("WEFT_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+                | 1
+        });
+    let mut state = seed;
+    let mut next_delay = move || {
+        // xorshift64: 50–1200 ms into the stream of uploads.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        50 + state % 1150
+    };
+    for round in 0..6u64 {
         let address = server.address.clone();
         let uploads = {
             let key = key.clone();
@@ -996,8 +1015,7 @@ async fn sigkill_during_uploads_leaves_the_old_or_the_new_state_never_half() {
                 done
             })
         };
-        // Kill somewhere inside the stream: 150–900 ms in, varying per round.
-        let delay = 150 + (round * 613 + 97) % 750;
+        let delay = next_delay();
         tokio::time::sleep(Duration::from_millis(delay)).await;
         let data = server.crash();
         let done = uploads.await.unwrap();
@@ -1026,11 +1044,11 @@ async fn sigkill_during_uploads_leaves_the_old_or_the_new_state_never_half() {
         for v in &confirmed {
             assert!(
                 models_listed.contains(v),
-                "round {round}: confirmed model version {v} lost: {models_listed:?}"
+                "seed {seed} round {round}: confirmed model version {v} lost: {models_listed:?}"
             );
             assert!(
                 listed(&plugins).contains(v),
-                "round {round}: confirmed plugin version {v} lost"
+                "seed {seed} round {round}: confirmed plugin version {v} lost"
             );
         }
         // Every listed version serves (no half-written blob behind a record).
@@ -1043,7 +1061,21 @@ async fn sigkill_during_uploads_leaves_the_old_or_the_new_state_never_half() {
             .await;
             assert_eq!(
                 status, 200,
-                "round {round}: listed version {v} does not serve: {body}"
+                "seed {seed} round {round}: listed version {v} does not serve: {body}"
+            );
+        }
+        // Every listed plugin version's bytes are whole: the blob hashes to its digest.
+        for listed in plugins["versions"].as_array().into_iter().flatten() {
+            let digest = listed["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:");
+            let bytes = std::fs::read(server.data_dir().join("store/blobs/sha256").join(digest))
+                .unwrap_or_else(|e| panic!("seed {seed} round {round}: blob {digest}: {e}"));
+            assert_eq!(
+                weft_store::signing::sha256_hex(&bytes),
+                digest,
+                "seed {seed} round {round}: plugin {listed} has a torn blob"
             );
         }
         let store = server.data_dir().join("store");
@@ -1053,7 +1085,7 @@ async fn sigkill_during_uploads_leaves_the_old_or_the_new_state_never_half() {
             .collect();
         assert!(
             leftovers.is_empty(),
-            "temp files survived a restart: {leftovers:?}"
+            "seed {seed}: temp files survived a restart: {leftovers:?}"
         );
     }
     assert!(
