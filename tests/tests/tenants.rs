@@ -734,11 +734,23 @@ async fn rate_and_concurrency_quotas_answer_429_with_retry_after_and_recover() {
     // Metadata and control-plane reads pay the same quota.
     // (The bucket refills at 2/s, so on a slow machine a call may find a fresh token: at most
     // a few of ten back-to-back calls can pass.)
-    for path in ["/v2/models/mlp", "/api/v1/plugins"] {
+    for path in [
+        "/v2/models/mlp",
+        "/api/v1/plugins",
+        "/api/v1/models/m/versions/1",
+    ] {
         let mut refused = 0;
         for _ in 0..10 {
-            let (status, body) = send(client_with_key(&key).get(server.url(path))).await;
-            assert!(status == 200 || status == 429, "{path}: {body}");
+            let request = if path.contains("versions") {
+                // An upload, malformed so that one let through stores nothing (400).
+                client_with_key(&key)
+                    .put(server.url(path))
+                    .body("not a model")
+            } else {
+                client_with_key(&key).get(server.url(path))
+            };
+            let (status, body) = send(request).await;
+            assert!(matches!(status, 200 | 400 | 429), "{path}: {status} {body}");
             refused += usize::from(status == 429);
         }
         assert!(
@@ -769,12 +781,17 @@ async fn rate_and_concurrency_quotas_answer_429_with_retry_after_and_recover() {
                 .post(server.url("/v2/models/mlp/infer"))
                 .json(&big);
             calls.push(tokio::spawn(async move {
-                request.send().await.unwrap().status().as_u16()
+                let response = request.send().await.unwrap();
+                let retry_after = response.headers().get("retry-after").cloned();
+                (response.status().as_u16(), retry_after)
             }));
         }
         for call in calls {
-            let status = call.await.unwrap();
+            let (status, retry_after) = call.await.unwrap();
             assert!(status == 200 || status == 429, "{status}");
+            if status == 429 {
+                assert_eq!(retry_after.unwrap().to_str().unwrap(), "1");
+            }
             refused += usize::from(status == 429);
         }
         if refused > 0 {
