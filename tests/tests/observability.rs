@@ -1,5 +1,5 @@
 //! Observability against a real server: `/metrics` moves as expected after known requests
-//! (counts, a histogram bucket, a trap counter after a hostile plugin, batch sizes), the V2
+//! (counts, a histogram bucket, trap counters by cause after hostile plugins, batch sizes), the V2
 //! statistics extension matches the requests made, every response carries its cost, slow
 //! requests are logged, and the Grafana dashboard and alert rules name only exported metrics.
 
@@ -418,5 +418,82 @@ async fn dashboard_and_alert_rules_use_only_exported_metrics() {
             unknown.is_empty(),
             "{file} uses metrics weft does not export: {unknown:?}"
         );
+    }
+}
+
+/// One hostile plugin per cause: each stops only its own call, and `weft_plugin_traps_total`
+/// counts it under the right `cause` (deadline, memory, output; fuel is covered by the runtime's
+/// unit tests, since a fuel limit is not a graph setting).
+#[tokio::test]
+async fn each_trap_cause_is_counted_under_its_own_label() {
+    let hostile = |name: &str, plugin: &str, limits: &str, output: &str| {
+        format!(
+            r#"
+name = "{name}"
+[[input]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 64]
+[[output]]
+name = "y"
+datatype = "FP32"
+shape = [-1, 64]
+from = "hostile.{output}"
+[[node]]
+name = "hostile"
+kind = "transformer"
+plugin = "{plugin}"
+inputs = ["request"]
+{limits}
+"#
+        )
+    };
+    let repo = repository()
+        .with_plugin("runtime_spin", "spin")
+        .with_plugin("runtime_allocate", "allocate")
+        .with_plugin("runtime_huge_output", "huge-output")
+        .with_file(
+            "graphs/spin.toml",
+            hostile("spin", "spin", "deadline_ms = 100", "x").as_bytes(),
+        )
+        .with_file(
+            "graphs/allocate.toml",
+            hostile("allocate", "allocate", "memory_mb = 16", "x").as_bytes(),
+        )
+        .with_file(
+            "graphs/huge-output.toml",
+            hostile(
+                "huge-output",
+                "huge-output",
+                "params = { copies = \"5000\" }",
+                "copy0",
+            )
+            .as_bytes(),
+        );
+    let server = Server::start(repo.path());
+    for (graph, plugin, cause) in [
+        ("spin", "spin", "deadline"),
+        ("allocate", "allocate", "memory"),
+        ("huge-output", "huge-output", "output"),
+    ] {
+        let before = scrape(&server).await;
+        let (status, body) =
+            post_json(&server.url(&format!("/v2/models/{graph}/infer")), &x(64)).await;
+        assert!(status >= 400, "{graph}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("node 'hostile'"),
+            "{graph}: {body}"
+        );
+        let after = scrape(&server).await;
+        let labels = [("plugin", plugin), ("cause", cause)];
+        assert_eq!(
+            value(&after, "weft_plugin_traps_total", &labels)
+                - value(&before, "weft_plugin_traps_total", &labels),
+            1.0,
+            "{graph}: {body}\n{after}"
+        );
+        // The server keeps serving.
+        let (status, _) = post_json(&server.url("/v2/models/classify/infer"), &x(1)).await;
+        assert_eq!(status, 200);
     }
 }
