@@ -689,6 +689,24 @@ async fn graph_apply_errors_match_graph_check_and_deletes_in_use_are_refused() {
     assert_eq!(status, 400, "{body}");
     let (_, listed) = send(client_with_key(&key).get(server.url("/api/v1/models"))).await;
     assert!(!listed.to_string().contains("\"bad\""), "{listed}");
+    // Every upload is counted by kind and answer; dry runs are not uploads.
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (series, count) in [
+        ("weft_uploads_total{kind=\"plugin\",status=\"ok\"}", 3),
+        ("weft_uploads_total{kind=\"model\",status=\"400\"}", 3),
+        ("weft_uploads_total{kind=\"graph\",status=\"400\"}", 2),
+        ("weft_uploads_total{kind=\"graph\",status=\"409\"}", 2),
+    ] {
+        assert!(
+            metrics.contains(&format!("{series} {count}")),
+            "{series} {count} missing:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]
