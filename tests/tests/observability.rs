@@ -338,6 +338,36 @@ async fn slow_requests_get_a_log_line() {
     assert!(line.contains("duration_ms"), "{line}");
 }
 
+/// `--log-format json`: one JSON object per line, and a line logged inside a request carries the
+/// request id the client sent (and the response echoes it).
+#[tokio::test]
+async fn json_logs_carry_the_request_id() {
+    let repo = repository();
+    let server = Server::start_with(
+        repo.path(),
+        &["--slow-request-ms", "0", "--log-format", "json"],
+    );
+    let response = client()
+        .post(server.url("/v2/models/mlp/infer"))
+        .header("x-request-id", "trace-me-42")
+        .json(&x(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "trace-me-42");
+    let log = server.log();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    }
+    let slow = log
+        .lines()
+        .find(|l| l.contains("slow request"))
+        .unwrap_or_else(|| panic!("no slow-request line in:\n{log}"));
+    assert!(slow.contains("trace-me-42"), "{slow}");
+}
+
 /// `weft_*` names in a dashboard or rules file, with histogram suffixes folded into their family.
 fn referenced(text: &str, exported: &BTreeSet<String>) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
