@@ -1,7 +1,8 @@
 //! Dynamic batching over HTTP against the real ONNX mlp: many concurrent requests with mixed
 //! batch sizes, some straight to the batched model and some through a plugin's `wasi:nn`
-//! `compute` in a graph, each get exactly what unbatched inference gives for their own rows
-//! (MLServer #1306, #903, #1718: responses mixed up, shapes wrong, ids lost).
+//! `compute` in a graph, half in JSON and half in the binary extension with binary outputs, each
+//! get exactly what unbatched inference gives for their own rows, in their own encoding
+//! (MLServer #1306, #903, #1718: responses mixed up, shapes wrong, ids and parameters lost).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -57,6 +58,30 @@ async fn infer(server: &Server, model: &str, values: &[f32], id: &str) -> Value 
     body
 }
 
+/// The same request in the binary extension, asking for a binary output; the answer comes back
+/// in the JSON shape of [`infer`] (the raw output decoded into `data`), with the output's
+/// `binary_data_size` checked against its shape.
+async fn infer_binary(server: &Server, model: &str, values: &[f32], id: &str) -> Value {
+    let rows = values.len() / 64;
+    let header = json!({
+        "id": id,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 64],
+                    "parameters": {"binary_data_size": values.len() * 4}}],
+        "outputs": [{"name": "y", "parameters": {"binary_data": true}}],
+    });
+    let url = server.url(&format!("/v2/models/{model}/infer"));
+    let response = post_binary(&url, &header, &[&f32_bytes(values)]).await;
+    assert_eq!(response.status(), 200);
+    let (mut body, raw) = split_binary(response).await;
+    assert_eq!(
+        body["outputs"][0]["parameters"]["binary_data_size"],
+        rows * 10 * 4,
+        "{body}"
+    );
+    body["outputs"][0]["data"] = json!(f32s(&raw));
+    body
+}
+
 fn y(body: &Value) -> Vec<f32> {
     body["outputs"][0]["data"]
         .as_array()
@@ -96,7 +121,15 @@ async fn concurrent_mixed_requests_get_exactly_their_own_rows() {
         .enumerate()
         .map(|(i, (model, values))| {
             let server = std::sync::Arc::clone(&server);
-            tokio::spawn(async move { infer(&server, &model, &values, &format!("req-{i}")).await })
+            tokio::spawn(async move {
+                // JSON and binary-extension requests share batches; each gets its own encoding.
+                let id = format!("req-{i}");
+                if i % 2 == 0 {
+                    infer(&server, &model, &values, &id).await
+                } else {
+                    infer_binary(&server, &model, &values, &id).await
+                }
+            })
         })
         .collect();
     let mut batched_rows = 0;
