@@ -341,6 +341,22 @@ params = { model = "TARGET" }
     assert_eq!(status, 200);
     assert_eq!(infer(&server, &a, "secret-graph").await.0, 401);
     assert_eq!(infer(&server, &b, "steal").await.0, 200);
+    // Its metric series go with it (labels stay bounded by what exists); B's stay.
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("tenant=\"acme\"") && !metrics.contains("\"acme/"),
+        "series of deleted tenant acme remain:\n{metrics}"
+    );
+    assert!(metrics.contains("tenant=\"bolt\""), "{metrics}");
+    assert!(
+        metrics.contains("plugin=\"bolt/call-model@1\""),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

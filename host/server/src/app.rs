@@ -500,13 +500,21 @@ async fn infer_accounted(
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let tenant_plugins: Vec<_> = state
-        .tenancy
-        .scopes()
-        .iter()
-        .flat_map(|scope| scope.plugin_labels.clone())
-        .collect();
-    let text = state.metrics.render(&state.scrape, &tenant_plugins);
+    let scopes = state.tenancy.scopes();
+    let live = crate::metrics::Live {
+        plugins: scopes
+            .iter()
+            .flat_map(|scope| scope.plugin_labels.clone())
+            .collect(),
+        tenants: scopes
+            .iter()
+            .map(|scope| {
+                let names = scope.registry.names().map(str::to_owned).collect();
+                (scope.name.clone(), names)
+            })
+            .collect(),
+    };
+    let text = state.metrics.render(&state.scrape, &live);
     (
         [(
             header::CONTENT_TYPE,

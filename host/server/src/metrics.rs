@@ -6,11 +6,13 @@
 //! the graph observer. Counters the runtime keeps itself (plugin calls, failures by cause, fuel,
 //! peak memory, instantiations, compile-cache lookups) and process RSS are read at scrape time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::core::{AtomicU64 as PromAtomicU64, GenericCounter};
+use prometheus::core::{
+    AtomicU64 as PromAtomicU64, Collector, GenericCounter, MetricVec, MetricVecBuilder,
+};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -285,14 +287,51 @@ impl Metrics {
     }
 
     /// Renders every metric, after refreshing those read from the runtime, the plugins (the
-    /// repository's and `tenant_plugins`, labelled `tenant/name@version`) and the process.
-    pub fn render(&self, sources: &ScrapeSources, tenant_plugins: &[(String, Plugin)]) -> String {
-        self.refresh(sources, tenant_plugins);
+    /// repository's and the tenants' live ones, labelled `tenant/name@version`) and the process,
+    /// and dropping the series of what no longer exists (see [`Live`]).
+    pub fn render(&self, sources: &ScrapeSources, live: &Live) -> String {
+        self.refresh(sources, &live.plugins);
+        self.prune(live);
         let mut text = String::new();
         if let Err(error) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text) {
             tracing::error!(%error, "cannot encode metrics");
         }
         text
+    }
+
+    /// Drops the series of deleted tenants and of their deleted plugin versions, models and
+    /// graphs, so labels stay bounded by what exists. Repository (unprefixed) names stay.
+    fn prune(&self, live: &Live) {
+        let plugin_live = |labels: &HashMap<&str, &str>| {
+            let plugin = labels.get("plugin").copied().unwrap_or_default();
+            !plugin.contains('/') || live.plugins.iter().any(|(label, _)| label == plugin)
+        };
+        prune(&self.plugin_duration, plugin_live);
+        prune(&self.plugin_calls, plugin_live);
+        prune(&self.plugin_errors, plugin_live);
+        prune(&self.plugin_traps, plugin_live);
+        prune(&self.plugin_fuel, plugin_live);
+        prune(&self.plugin_memory_peak, plugin_live);
+        let owned_live = |key: &'static str| {
+            move |labels: &HashMap<&str, &str>| {
+                let value = labels.get(key).copied().unwrap_or_default();
+                value
+                    .split_once('/')
+                    .is_none_or(|(tenant, name)| live.sees(tenant, name))
+            }
+        };
+        prune(&self.batch_size, owned_live("model"));
+        prune(&self.compute_duration, owned_live("model"));
+        prune(&self.queue_duration, owned_live("model"));
+        prune(&self.queue_depth, owned_live("model"));
+        prune(&self.node_duration, owned_live("graph"));
+        let request_live = |labels: &HashMap<&str, &str>| {
+            let tenant = labels.get("tenant").copied().unwrap_or_default();
+            let model = labels.get("model").copied().unwrap_or_default();
+            tenant.is_empty() || model.is_empty() || live.sees(tenant, model)
+        };
+        prune(&self.requests, request_live);
+        prune(&self.request_duration, request_live);
     }
 
     fn refresh(&self, sources: &ScrapeSources, tenant_plugins: &[(String, Plugin)]) {
@@ -364,6 +403,41 @@ fn resident_memory_bytes() -> Option<i64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+/// What exists at scrape time: series of anything else (a deleted tenant, a replaced plugin
+/// version, a deleted model or graph) are dropped.
+#[derive(Default)]
+pub struct Live {
+    /// The tenants' current plugins by metric label (`tenant/name@version`).
+    pub plugins: Vec<(String, Plugin)>,
+    /// Each tenant and every name it can call (its own models and graphs, shared names).
+    pub tenants: HashMap<String, HashSet<String>>,
+}
+
+impl Live {
+    /// Whether `tenant` exists and can call `name`.
+    pub fn sees(&self, tenant: &str, name: &str) -> bool {
+        self.tenants
+            .get(tenant)
+            .is_some_and(|names| names.contains(name))
+    }
+}
+
+/// Removes the series of `family` whose labels `keep` refuses.
+fn prune<B: MetricVecBuilder>(family: &MetricVec<B>, keep: impl Fn(&HashMap<&str, &str>) -> bool) {
+    for gathered in family.collect() {
+        for metric in gathered.get_metric() {
+            let labels: HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|pair| (pair.name(), pair.value()))
+                .collect();
+            if !keep(&labels) {
+                let _ = family.remove(&labels);
+            }
+        }
+    }
 }
 
 /// What `/metrics` reads at scrape time.
