@@ -14,7 +14,7 @@
 //! queue timeout gets 504; a caller that went away is dropped from the queue without running.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,9 @@ struct Waiting {
     signature: Signature,
     enqueued: Instant,
     reply: oneshot::Sender<Reply>,
+    /// Set when the scheduler takes the request into a batch: from then on the caller waits
+    /// for the answer even past its queue timeout (the timeout is for queueing, not compute).
+    dispatched: Arc<AtomicBool>,
 }
 
 /// A model behind a dynamic batcher.
@@ -164,25 +167,47 @@ impl BatchedModel {
             )));
         }
         report_depth(&self.stats, self.observer.as_deref());
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut answer) = oneshot::channel();
+        let dispatched = Arc::new(AtomicBool::new(false));
         let waiting = Waiting {
             inputs,
             rows,
             signature,
             enqueued: Instant::now(),
             reply,
+            dispatched: Arc::clone(&dispatched),
         };
         if self.sender().send(waiting).is_err() {
             self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
             return Err(Error::unavailable("the model's batcher has stopped"));
         }
-        let reply = answer
-            .await
-            .map_err(|_| Error::internal("the model's batcher dropped the request"))?;
+        let answered = match self.config.queue_timeout {
+            None => answer.await,
+            Some(timeout) => match tokio::time::timeout(timeout, &mut answer).await {
+                Ok(answered) => answered,
+                // Still queued when its timeout passed: answer now, even while every instance
+                // is busy; the scheduler drops it when it gets there (its caller has left).
+                Err(_) if !dispatched.load(Ordering::SeqCst) => {
+                    self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                    accounting::add(Spent::Queue, timeout);
+                    return Err(queue_timeout_error(timeout));
+                }
+                Err(_) => answer.await,
+            },
+        };
+        let reply =
+            answered.map_err(|_| Error::internal("the model's batcher dropped the request"))?;
         accounting::add(Spent::Queue, reply.queued);
         accounting::add(Spent::Compute, reply.compute);
         reply.result
     }
+}
+
+fn queue_timeout_error(timeout: Duration) -> Error {
+    Error::new(
+        ErrorKind::DeadlineExceeded,
+        format!("the request waited in the model's batch queue longer than {timeout:?}"),
+    )
 }
 
 /// Rows of a successful result (dimension 0 of its first output), for metrics.
@@ -282,17 +307,13 @@ impl Scheduler {
             self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
             report_depth(&self.stats, self.observer.as_deref());
             let _ = waiting.reply.send(Reply {
-                result: Err(Error::new(
-                    ErrorKind::DeadlineExceeded,
-                    format!(
-                        "the request waited in the model's batch queue longer than {timeout:?}"
-                    ),
-                )),
+                result: Err(queue_timeout_error(timeout)),
                 queued: waiting.enqueued.elapsed(),
                 compute: Duration::ZERO,
             });
             return None;
         }
+        waiting.dispatched.store(true, Ordering::SeqCst);
         Some(waiting)
     }
 

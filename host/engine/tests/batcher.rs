@@ -248,7 +248,7 @@ async fn a_full_queue_refuses_with_unavailable() {
 
 #[tokio::test]
 async fn a_request_waiting_past_its_timeout_gets_deadline_exceeded() {
-    let fake = Doubler::new(Duration::from_millis(200));
+    let fake = Doubler::new(Duration::from_millis(500));
     let batched = Arc::new(BatchedModel::new(
         fake.clone(),
         BatchingConfig {
@@ -264,8 +264,29 @@ async fn a_request_waiting_past_its_timeout_gets_deadline_exceeded() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     let error = batched.infer(request(1, 2, 5.0)).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::DeadlineExceeded);
+    // Answered when its timeout passed, not when the only instance freed up.
+    assert!(
+        !first.is_finished(),
+        "the timed-out caller waited for the busy batch"
+    );
     first.await.unwrap().unwrap();
-    assert_eq!(fake.calls(), vec![1]);
+    assert_eq!(fake.calls(), vec![1], "the timed-out request never ran");
+    let stats = batched.stats();
+    assert_eq!(
+        stats.timed_out.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The scheduler drops it (its caller left) once it reaches it, after the busy batch.
+    for _ in 0..100 {
+        if stats.queue_depth.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        stats.queue_depth.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
 }
 
 #[tokio::test]
