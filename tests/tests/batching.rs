@@ -158,14 +158,7 @@ async fn concurrent_mixed_requests_get_exactly_their_own_rows() {
     }
 
     // Every row went through the one batcher, HTTP and wasi:nn alike, in fewer executions.
-    let metrics = client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&server).await;
     let series = |name: &str| -> f64 {
         metrics
             .lines()
@@ -251,14 +244,7 @@ async fn two_tenants_plugins_share_one_batched_model_and_get_their_own_answers()
             );
         }
     }
-    let metrics = client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&server).await;
     let executions: f64 = metrics
         .lines()
         .find(|l| l.starts_with("weft_batch_size_rows_count{model=\"batched\"}"))

@@ -62,17 +62,6 @@ fn x(rows: usize) -> Value {
     json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 64], "data": data}]})
 }
 
-async fn scrape(server: &Server) -> String {
-    let response = client().get(server.url("/metrics")).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert!(content_type.starts_with("text/plain"), "{content_type}");
-    response.text().await.unwrap()
-}
-
 /// The value of the series `name` whose labels include all of `labels` (0 if absent).
 fn value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metrics

@@ -144,12 +144,7 @@ async fn isolation_matrix_another_tenants_names_are_404_like_unknown_ones() {
     let (_, graph) = infer(&server, &a, "secret-graph").await;
     // A tenant's models and graphs have their own series, named `tenant/name`, never merged
     // with a platform model or graph of the same name.
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&server).await;
     for series in [
         "weft_compute_duration_seconds_count{model=\"acme/secret-mlp\"}",
         "weft_graph_node_duration_seconds_count{graph=\"acme/secret-graph\",node=\"mlp\"}",
@@ -342,12 +337,7 @@ params = { model = "TARGET" }
     assert_eq!(infer(&server, &a, "secret-graph").await.0, 401);
     assert_eq!(infer(&server, &b, "steal").await.0, 200);
     // Its metric series go with it (labels stay bounded by what exists); B's stay.
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&server).await;
     assert!(
         !metrics.contains("tenant=\"acme\"") && !metrics.contains("\"acme/"),
         "series of deleted tenant acme remain:\n{metrics}"
@@ -706,12 +696,7 @@ async fn graph_apply_errors_match_graph_check_and_deletes_in_use_are_refused() {
     let (_, listed) = send(client_with_key(&key).get(server.url("/api/v1/models"))).await;
     assert!(!listed.to_string().contains("\"bad\""), "{listed}");
     // Every upload is counted by kind and answer; dry runs are not uploads.
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&server).await;
     for (series, count) in [
         ("weft_uploads_total{kind=\"plugin\",status=\"ok\"}", 3),
         ("weft_uploads_total{kind=\"model\",status=\"400\"}", 3),
@@ -958,12 +943,7 @@ async fn a_restart_restores_every_tenant_and_refuses_tampered_blobs() {
     assert_eq!(infer(&server, &a, "secret-graph").await.0, 200);
 
     // The plugins came back from the compile cache, not from a fresh compile.
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&server).await;
     let lookups = |result: &str| -> f64 {
         metrics
             .lines()

@@ -317,6 +317,18 @@ pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
     (status, value)
 }
 
+/// `GET /metrics` without a key (it is open), checked to be Prometheus text.
+pub async fn scrape(server: &Server) -> String {
+    let response = reqwest::get(server.url("/metrics")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    response.text().await.unwrap()
+}
+
 /// A binary-extension request: the JSON header then the raw tensors.
 pub async fn post_binary(
     url: &str,
