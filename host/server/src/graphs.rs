@@ -98,6 +98,9 @@ pub struct RepositoryRunner {
     provenance: HashMap<String, serde_json::Value>,
     /// Per plugin name, its `/metrics` label when it is not the name (`tenant/name@version`).
     metric_labels: HashMap<String, String>,
+    /// Whether the runtime meters fuel (`--meter-fuel`): only then does a call carry a sink
+    /// for the request's `parameters.fuel`.
+    meters_fuel: bool,
 }
 
 impl RepositoryRunner {
@@ -118,6 +121,7 @@ impl RepositoryRunner {
             metrics,
             provenance: HashMap::new(),
             metric_labels: HashMap::new(),
+            meters_fuel: runtime.config().meter_fuel,
         }
     }
 
@@ -203,8 +207,10 @@ impl NodeRunner for RepositoryRunner {
                 .get(name)
                 .ok_or_else(|| Error::unavailable(format!("plugin '{name}' is not loaded")))?;
             let mut call_context = self.call_context(context);
-            let fuel = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            call_context.fuel_used = Some(Arc::clone(&fuel));
+            let fuel = self
+                .meters_fuel
+                .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
+            call_context.fuel_used = fuel.clone();
             if let Some(entry) = self.provenance.get(name) {
                 accounting::note_plugin(entry);
             }
@@ -225,9 +231,8 @@ impl NodeRunner for RepositoryRunner {
             };
             let elapsed = started.elapsed();
             accounting::add(Spent::Plugin, elapsed);
-            let fuel = fuel.load(std::sync::atomic::Ordering::Relaxed);
-            if fuel > 0 {
-                accounting::add_fuel(fuel);
+            if let Some(fuel) = fuel {
+                accounting::add_fuel(fuel.load(std::sync::atomic::Ordering::Relaxed));
             }
             if let Some(metrics) = &self.metrics {
                 let label = self.metric_labels.get(name).map_or(name, String::as_str);

@@ -552,30 +552,20 @@ fn check_model_outputs(
     catalog: &dyn Catalog,
 ) -> Result<()> {
     let spec = checker.spec;
-    // The metadata of the model node `dep` and the output `tensor`, or why it has none.
+    // The datatype and rank of output `tensor` of model node `dep`, or why it has none; `None`
+    // when the node is not a model the catalog knows.
     let output_of =
         |dep: usize, tensor: &str| -> Option<std::result::Result<(DataType, usize), String>> {
             let node = &spec.nodes[dep];
-            if node.kind != NodeKind::Model {
-                return None;
-            }
-            let model = node.model.as_deref()?;
-            let metadata = catalog.model(model, node.version.as_deref())?;
-            Some(
-                match metadata.outputs.iter().find(|output| output.name == tensor) {
-                    Some(output) => Ok((output.datatype, output.shape.len())),
-                    None => Err(format!(
-                        "'{}.{tensor}' names no output of model '{model}' (its outputs: {})",
-                        node.name,
-                        metadata
-                            .outputs
-                            .iter()
-                            .map(|output| output.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )),
-                },
-            )
+            let outputs = known_model_outputs(node, catalog)?;
+            Some(outputs.get(tensor).copied().ok_or_else(|| {
+                format!(
+                    "'{}.{tensor}' names no output of model '{}' (its outputs: {})",
+                    node.name,
+                    node.model.as_deref().unwrap_or_default(),
+                    outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            }))
         };
     for (index, node) in spec.nodes.iter().enumerate() {
         let taken = sources[index]
@@ -617,6 +607,25 @@ fn check_model_outputs(
     Ok(())
 }
 
+/// The outputs (name -> datatype and rank) of `node` when it is a model node whose metadata the
+/// catalog knows; `None` for plugins, routers and unknown models.
+fn known_model_outputs(
+    node: &NodeSpec,
+    catalog: &dyn Catalog,
+) -> Option<BTreeMap<String, (DataType, usize)>> {
+    if node.kind != NodeKind::Model {
+        return None;
+    }
+    let metadata = catalog.model(node.model.as_deref()?, node.version.as_deref())?;
+    Some(
+        metadata
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), (o.datatype, o.shape.len())))
+            .collect(),
+    )
+}
+
 fn check_model_types(
     checker: &Checker<'_>,
     sources: &[Vec<Source>],
@@ -629,16 +638,6 @@ fn check_model_types(
         .iter()
         .map(|i| (i.name.as_str(), (i.datatype, i.shape.len())))
         .collect();
-    let model_outputs = |node: &NodeSpec| -> Option<BTreeMap<String, (DataType, usize)>> {
-        let metadata = catalog.model(node.model.as_deref()?, node.version.as_deref())?;
-        Some(
-            metadata
-                .outputs
-                .iter()
-                .map(|o| (o.name.clone(), (o.datatype, o.shape.len())))
-                .collect(),
-        )
-    };
     for (index, node) in spec.nodes.iter().enumerate() {
         if node.kind != NodeKind::Model {
             continue;
@@ -664,9 +663,7 @@ fn check_model_types(
             }
             Source::Node(dep, tensor) => {
                 let dep_node = &spec.nodes[*dep];
-                let known = (dep_node.kind == NodeKind::Model)
-                    .then(|| model_outputs(dep_node))
-                    .flatten();
+                let known = known_model_outputs(dep_node, catalog);
                 match (tensor, known) {
                     (Some(name), known) => {
                         let ty = known.and_then(|k| k.get(name).copied());
