@@ -11,15 +11,11 @@ import pytest
 import tritonclient.http as httpclient
 from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException
-from weft_auth import authenticated_client
+from weft_auth import authenticated_client, required_env
 
 
 def env(name):
-    value = os.environ.get(name)
-    if not value:
-        pytest.fail(f"{name} is not set: this module is run by the Rust e2e test "
-                    "`tritonclient_calls_graphs` (cargo xtask test), which starts the servers")
-    return value
+    return required_env(name, "the Rust e2e test `tritonclient_calls_graphs`")
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,16 @@ Run by the Rust end-to-end test `tritonclient_calls_a_tenants_signed_graph`
 (tests/tests/tritonclient.rs), which creates the tenants, pushes everything and sets WEFT_URL,
 WEFT_API_KEY (the tenant's key), WEFT_OTHER_KEY (another tenant's) and WEFT_SIGNER (the key id
 that signed the plugins)."""
-import os
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
-from weft_auth import authenticated_client
+from weft_auth import authenticated_client, required_env
 
 
 def env(name):
-    value = os.environ.get(name)
-    if not value:
-        pytest.fail(f"{name} is not set: this module is run by the Rust e2e test "
-                    "`tritonclient_calls_a_tenants_signed_graph` (cargo xtask test)")
-    return value
+    return required_env(name, "the Rust e2e test `tritonclient_calls_a_tenants_signed_graph`")
 
 
 @pytest.fixture(scope="module")

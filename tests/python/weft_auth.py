@@ -18,12 +18,18 @@ class BearerAuth(InferenceServerClientPlugin):
         request.headers["Authorization"] = f"Bearer {self._key}"
 
 
-def api_key():
-    value = os.environ.get("WEFT_API_KEY")
+def required_env(name, runner="the Rust e2e tests"):
+    """The environment variable `name`; fails loudly when the Rust test that runs the module
+    (`runner`) did not set it."""
+    value = os.environ.get(name)
     if not value:
-        pytest.fail("WEFT_API_KEY is not set: these modules are run by the Rust e2e tests "
-                    "(cargo xtask test), which start the server with a key")
+        pytest.fail(f"{name} is not set: this module is run by {runner} (cargo xtask test), "
+                    "which starts the servers and sets it")
     return value
+
+
+def api_key():
+    return required_env("WEFT_API_KEY")
 
 
 def authenticated_client(url, key=None):

@@ -20,10 +20,7 @@ async fn two_tenants(server: &Server) -> (String, String) {
     let a = create_tenant(server, "acme", json!({ "shared_models": ["mlp"] })).await;
     let b = create_tenant(server, "bolt", json!({})).await;
     let secret = signing_key(server, &a).await;
-    for plugin in ["normalize", "softmax"] {
-        let (status, body) = push_plugin(server, &a, &secret, plugin, "1.0.0", guest(plugin)).await;
-        assert_eq!(status, 201, "{body}");
-    }
+    push_classify_plugins(server, &a, &secret, "1.0.0").await;
     let (status, body) = push_model(server, &a, "secret-mlp", 1, MLP_CONFIG, &mlp_onnx()).await;
     assert_eq!(status, 201, "{body}");
     let (status, body) = apply_graph(

@@ -88,11 +88,7 @@ async fn tritonclient_calls_a_tenants_signed_graph() {
     let key = create_tenant(&server, "acme", json!({ "shared_models": ["mlp"] })).await;
     let other = create_tenant(&server, "bolt", json!({ "shared_models": ["mlp"] })).await;
     let secret = signing_key(&server, &key).await;
-    for plugin in ["normalize", "softmax"] {
-        let (status, body) =
-            push_plugin(&server, &key, &secret, plugin, "1.0.0", guest(plugin)).await;
-        assert_eq!(status, 201, "{body}");
-    }
+    push_classify_plugins(&server, &key, &secret, "1.0.0").await;
     let (status, body) = apply_graph(
         &server,
         &key,

@@ -86,6 +86,15 @@ pub async fn push_plugin(
     .await
 }
 
+/// Signs and pushes the `normalize` and `softmax` plugins (what [`classify_graph`] calls) at
+/// `version`, asserting both are accepted.
+pub async fn push_classify_plugins(server: &Server, key: &str, secret: &SecretKey, version: &str) {
+    for plugin in ["normalize", "softmax"] {
+        let (status, body) = push_plugin(server, key, secret, plugin, version, guest(plugin)).await;
+        assert_eq!(status, 201, "{plugin}: {body}");
+    }
+}
+
 pub async fn push_model(
     server: &Server,
     key: &str,
