@@ -21,26 +21,6 @@ max_queue_delay_microseconds = 2000
 instance_count = 1
 "#;
 
-const VIA_PLUGIN: &str = r#"
-name = "via-plugin"
-[[input]]
-name = "x"
-datatype = "FP32"
-shape = [-1, 64]
-[[output]]
-name = "y"
-datatype = "FP32"
-shape = [-1, 10]
-from = "call.y"
-[[node]]
-name = "call"
-kind = "transformer"
-plugin = "call_model"
-inputs = ["request"]
-params = { model = "batched" }
-models = ["batched"]
-"#;
-
 fn rows_of(seed: usize, rows: usize) -> Vec<f32> {
     (0..rows * 64)
         .map(|i| (((seed * 7919 + i * 31) % 997) as f32) / 97.0 - 5.0)
@@ -98,7 +78,10 @@ async fn concurrent_mixed_requests_get_exactly_their_own_rows() {
         .with_model(&quickstart(), "mlp")
         .with_file("models/batched/model.toml", BATCHED_MLP.as_bytes())
         .with_plugin("runtime_call_model", "call_model")
-        .with_file("graphs/via-plugin.toml", VIA_PLUGIN.as_bytes());
+        .with_file(
+            "graphs/via-plugin.toml",
+            call_model_graph("via-plugin", 1, "call_model", "batched", "batched").as_bytes(),
+        );
     std::os::unix::fs::symlink(&quickstart_mlp, repo.path().join("models/batched/1")).unwrap();
     let server = Server::start(repo.path());
 
@@ -187,10 +170,7 @@ async fn two_tenants_plugins_share_one_batched_model_and_get_their_own_answers()
     std::os::unix::fs::symlink(&quickstart_mlp, repo.path().join("models/batched/1")).unwrap();
     let server = Server::start(repo.path());
     let plugin = tenants::guest("runtime_call_model");
-    let graph = VIA_PLUGIN.replace(
-        "name = \"via-plugin\"",
-        "name = \"via-plugin\"\nversion = 1",
-    );
+    let graph = call_model_graph("via-plugin", 1, "call_model", "batched", "batched");
     let mut keys = Vec::new();
     for tenant in ["acme", "bolt"] {
         let key =

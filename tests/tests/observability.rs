@@ -22,24 +22,6 @@ preferred_batch_size = [6]
 instance_count = 1
 "#;
 
-const TRAPPING: &str = r#"
-name = "trapping"
-[[input]]
-name = "x"
-datatype = "FP32"
-shape = [-1, 64]
-[[output]]
-name = "y"
-datatype = "FP32"
-shape = [-1, 64]
-from = "explode.x"
-[[node]]
-name = "explode"
-kind = "transformer"
-plugin = "trap"
-inputs = ["request"]
-"#;
-
 fn repository() -> Repo {
     let repo = Repo::new()
         .with_model(&quickstart(), "mlp")
@@ -48,7 +30,10 @@ fn repository() -> Repo {
         .with_plugin("normalize", "normalize")
         .with_plugin("softmax", "softmax")
         .with_plugin("runtime_trap", "trap")
-        .with_file("graphs/trapping.toml", TRAPPING.as_bytes());
+        .with_file(
+            "graphs/trapping.toml",
+            transformer_graph("trapping", 1, "explode", "trap", 64, "explode.x", "").as_bytes(),
+        );
     std::os::unix::fs::symlink(
         quickstart().join("models/mlp/1"),
         repo.path().join("models/batched/1"),
@@ -446,25 +431,14 @@ async fn dashboard_and_alert_rules_use_only_exported_metrics() {
 #[tokio::test]
 async fn each_trap_cause_is_counted_under_its_own_label() {
     let hostile = |name: &str, plugin: &str, limits: &str, output: &str| {
-        format!(
-            r#"
-name = "{name}"
-[[input]]
-name = "x"
-datatype = "FP32"
-shape = [-1, 64]
-[[output]]
-name = "y"
-datatype = "FP32"
-shape = [-1, 64]
-from = "hostile.{output}"
-[[node]]
-name = "hostile"
-kind = "transformer"
-plugin = "{plugin}"
-inputs = ["request"]
-{limits}
-"#
+        transformer_graph(
+            name,
+            1,
+            "hostile",
+            plugin,
+            64,
+            &format!("hostile.{output}"),
+            limits,
         )
     };
     let repo = repository()

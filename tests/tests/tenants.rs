@@ -251,33 +251,13 @@ async fn isolation_matrix_another_tenants_names_are_404_like_unknown_ones() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    let granted = r#"
-name = "steal"
-version = 1
-[[input]]
-name = "x"
-datatype = "FP32"
-shape = [-1, 64]
-[[output]]
-name = "y"
-datatype = "FP32"
-shape = [-1, 10]
-from = "call.y"
-[[node]]
-name = "call"
-kind = "transformer"
-plugin = "call-model"
-inputs = ["request"]
-models = ["GRANT"]
-params = { model = "TARGET" }
-"#;
     // A model only A owns (B has no model of that name), and the platform mlp shared with A
     // but not with B: neither can be granted, named by a model node, or loaded by name.
     let (status, body) = push_model(&server, &a, "acme-private", 1, MLP_CONFIG, &mlp_onnx()).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(infer(&server, &a, "acme-private").await.0, 200);
     for target in ["acme-private", "mlp"] {
-        let graph = granted.replace("GRANT", target).replace("TARGET", target);
+        let graph = call_model_graph("steal", 1, "call-model", target, target);
         let (status, body) = apply_graph(&server, &b, "steal", &graph).await;
         assert_eq!(
             status, 400,
@@ -299,10 +279,7 @@ params = { model = "TARGET" }
     // the call exactly like a name that exists nowhere.
     let mut refusals = Vec::new();
     for (version, target) in [(1, "acme-private"), (2, "mlp"), (3, "no-such-model")] {
-        let graph = granted
-            .replace("GRANT", "secret-mlp")
-            .replace("TARGET", target)
-            .replace("version = 1", &format!("version = {version}"));
+        let graph = call_model_graph("steal", version, "call-model", "secret-mlp", target);
         let (status, body) = apply_graph(&server, &b, "steal", &graph).await;
         assert_eq!(status, 201, "{body}");
         let (status, body) = infer(&server, &b, "steal").await;
@@ -320,10 +297,7 @@ params = { model = "TARGET" }
         "another tenant's model must look like a missing one: {refusals:?}"
     );
     // And with the grant it owns, the same plugin works.
-    let graph = granted
-        .replace("GRANT", "secret-mlp")
-        .replace("TARGET", "secret-mlp")
-        .replace("version = 1", "version = 4");
+    let graph = call_model_graph("steal", 4, "call-model", "secret-mlp", "secret-mlp");
     let (status, body) = apply_graph(&server, &b, "steal", &graph).await;
     assert_eq!(status, 201, "{body}");
     let (status, body) = infer(&server, &b, "steal").await;

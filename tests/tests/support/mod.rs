@@ -317,6 +317,61 @@ pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
     (status, value)
 }
 
+/// A graph `name` (version `version`) of one transformer node `node` running `plugin` on the
+/// request's FP32 `x` [-1, 64]; the graph's output `y` is FP32 [-1, `cols`] taken from `from`,
+/// and `node_extra` is TOML added to the node's table (params, grants, limits).
+pub fn transformer_graph(
+    name: &str,
+    version: u64,
+    node: &str,
+    plugin: &str,
+    cols: usize,
+    from: &str,
+    node_extra: &str,
+) -> String {
+    format!(
+        r#"
+name = "{name}"
+version = {version}
+[[input]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 64]
+[[output]]
+name = "y"
+datatype = "FP32"
+shape = [-1, {cols}]
+from = "{from}"
+[[node]]
+name = "{node}"
+kind = "transformer"
+plugin = "{plugin}"
+inputs = ["request"]
+{node_extra}
+"#
+    )
+}
+
+/// A graph whose one node runs `plugin` (the `runtime_call_model` guest), granted the model
+/// `grant` and asked to `load-by-name` the model `target` through `wasi:nn`.
+pub fn call_model_graph(
+    name: &str,
+    version: u64,
+    plugin: &str,
+    grant: &str,
+    target: &str,
+) -> String {
+    transformer_graph(
+        name,
+        version,
+        "call",
+        plugin,
+        10,
+        "call.y",
+        &format!("models = [\"{grant}\"]\nparams = {{ model = \"{target}\" }}"),
+    )
+}
+
 /// `GET /metrics` without a key (it is open), checked to be Prometheus text.
 pub async fn scrape(server: &Server) -> String {
     let response = reqwest::get(server.url("/metrics")).await.unwrap();
