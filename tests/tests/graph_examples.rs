@@ -481,33 +481,24 @@ inputs = ["norm"]
         (route, nodes)
     };
 
-    let chosen = infer_x(
-        &server,
-        "routed",
-        &values,
-        json!({"path": "norm", "trace": true}),
-    )
-    .await;
-    assert_eq!(
-        ran(&chosen),
-        (
-            "norm".into(),
-            vec!["pick".into(), "norm".into(), "after_norm".into()]
+    for (path, nodes, expected) in [
+        ("norm", vec!["pick", "norm", "after_norm"], &normalized),
+        ("direct", vec!["pick", "direct"], &bare),
+    ] {
+        let chosen = infer_x(
+            &server,
+            "routed",
+            &values,
+            json!({"path": path, "trace": true}),
         )
-    );
-    assert_close(&floats(output(&chosen, "y")), &normalized);
-    let chosen = infer_x(
-        &server,
-        "routed",
-        &values,
-        json!({"path": "direct", "trace": true}),
-    )
-    .await;
-    assert_eq!(
-        ran(&chosen),
-        ("direct".into(), vec!["pick".into(), "direct".into()])
-    );
-    assert_close(&floats(output(&chosen, "y")), &bare);
+        .await;
+        let (route, ran_nodes) = ran(&chosen);
+        assert_eq!(
+            (route.as_str(), ran_nodes),
+            (path, nodes.iter().map(|n| n.to_string()).collect())
+        );
+        assert_close(&floats(output(&chosen, "y")), expected);
+    }
 
     // Versions: the latest (2, default "norm") unless the URL names one.
     let latest = infer_x(&server, "routed", &values, json!({"trace": true})).await;
