@@ -108,6 +108,10 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
         ("mlp", "mlp-batched", "on"),
         ("wide", "wide", "off"),
         ("wide", "wide-batched", "on"),
+        ("mlp in a model worker", "mlp-worker", "off"),
+        ("mlp in a model worker", "mlp-worker-batched", "on"),
+        ("wide in a model worker", "wide-worker", "off"),
+        ("wide in a model worker", "wide-worker-batched", "on"),
         ("classify graph", "classify", "off"),
         ("classify graph", "classify-batched", "on"),
     ];
@@ -143,7 +147,7 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
         }
     }
     drop(server);
-    for model in ["mlp", "wide"] {
+    for model in ["mlp", "mlp-worker", "wide", "wide-worker"] {
         if options
             .only
             .as_deref()
@@ -151,7 +155,7 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
         {
             continue;
         }
-        for (batch, concurrency) in [("1", "1"), ("64", "1"), ("64", "2")] {
+        for (batch, concurrency) in [("1", "1"), ("1", "64"), ("64", "1"), ("64", "2")] {
             let line = weft_bench(
                 &weft,
                 root,
@@ -177,6 +181,41 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
                 format!("{model}, in-process, batch of {batch}, c={concurrency}"),
                 line,
             ));
+        }
+    }
+    // A model call from a plugin through wasi:nn, the model in process and in a worker.
+    for model in ["mlp", "mlp-worker"] {
+        if options
+            .only
+            .as_deref()
+            .is_some_and(|only| !model.contains(only))
+        {
+            continue;
+        }
+        let output = Command::new(&weft)
+            .current_dir(root)
+            .args([
+                "bench-plugins",
+                "--repository",
+                "bench/repository",
+                "--model",
+                model,
+            ])
+            .args(["--iterations", "5000", "--ort-library"])
+            .arg(&library)
+            .env("WEFT_LOG", "warn")
+            .output()
+            .context("cannot run weft bench-plugins")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "weft bench-plugins failed: {stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        for line in stdout.lines().filter(|line| line.contains(model)) {
+            println!("{line}");
+            rows.push((format!("bench-plugins {model}"), line.trim().to_string()));
         }
     }
     println!("\n| run | result |\n|---|---|");

@@ -116,46 +116,76 @@ struct SessionPool {
 }
 
 impl OnnxModel {
+    /// Loads the model at `path`, handing ONNX Runtime its bytes (never its path, so a model's
+    /// external-data references cannot resolve against the server's files).
     pub fn load(path: &Path, options: &OnnxOptions) -> Result<Self> {
-        let level = || match options.optimization_level {
-            GraphOptimization::Disable => GraphOptimizationLevel::Disable,
-            GraphOptimization::Basic => GraphOptimizationLevel::Level1,
-            GraphOptimization::Extended => GraphOptimizationLevel::Level2,
-            GraphOptimization::All => GraphOptimizationLevel::Level3,
-        };
         let bytes = std::fs::read(path)
             .map_err(|error| Error::invalid(format!("cannot read {}: {error}", path.display())))?;
-        let mut sessions = Vec::with_capacity(options.instance_count);
-        for _ in 0..options.instance_count.max(1) {
-            let session = Session::builder()
-                .and_then(|builder| builder.with_optimization_level(level()))
-                .and_then(|builder| builder.with_intra_threads(options.intra_op_threads.max(1)))
-                .and_then(|builder| builder.with_inter_threads(options.inter_op_threads.max(1)))
-                .and_then(|builder| builder.commit_from_memory(&bytes))
-                .map_err(|error| {
-                    Error::invalid(format!(
-                        "ONNX Runtime cannot load {}: {error}",
-                        path.display()
-                    ))
-                })?;
-            sessions.push(Mutex::new(session));
-        }
-        let metadata = {
-            let first = sessions
-                .first()
-                .ok_or_else(|| Error::internal("no session was created"))?;
-            let session = lock(first);
-            session_metadata(&session, options.max_batch_size)?
-        };
+        Self::from_bytes(&bytes, options)
+    }
+
+    /// Loads a model from its bytes.
+    pub fn from_bytes(bytes: &[u8], options: &OnnxOptions) -> Result<Self> {
+        let (sessions, metadata) = build_sessions(SessionSource::Bytes(bytes), options)?;
+        Ok(Self::from_sessions(sessions, metadata))
+    }
+
+    /// Loads the model by path so ONNX Runtime resolves its external-data files next to it.
+    /// Only for operator repository models whose `model.toml` sets `allow_external_data`.
+    pub fn load_with_external_data(path: &Path, options: &OnnxOptions) -> Result<Self> {
+        let (sessions, metadata) = build_sessions(SessionSource::File(path), options)?;
+        Ok(Self::from_sessions(sessions, metadata))
+    }
+
+    fn from_sessions(sessions: Vec<Session>, metadata: ModelMetadata) -> Self {
         let count = sessions.len();
-        Ok(OnnxModel {
+        OnnxModel {
             metadata,
             sessions: Arc::new(SessionPool {
-                sessions,
+                sessions: sessions.into_iter().map(Mutex::new).collect(),
                 free: Semaphore::new(count),
             }),
-        })
+        }
     }
+}
+
+/// Where ONNX Runtime reads a model from.
+pub enum SessionSource<'a> {
+    Bytes(&'a [u8]),
+    File(&'a Path),
+}
+
+/// Builds `options.instance_count` sessions of one model and reads its metadata from the first.
+pub fn build_sessions(
+    source: SessionSource<'_>,
+    options: &OnnxOptions,
+) -> Result<(Vec<Session>, ModelMetadata)> {
+    let level = || match options.optimization_level {
+        GraphOptimization::Disable => GraphOptimizationLevel::Disable,
+        GraphOptimization::Basic => GraphOptimizationLevel::Level1,
+        GraphOptimization::Extended => GraphOptimizationLevel::Level2,
+        GraphOptimization::All => GraphOptimizationLevel::Level3,
+    };
+    let mut sessions = Vec::with_capacity(options.instance_count.max(1));
+    for _ in 0..options.instance_count.max(1) {
+        let builder = Session::builder()
+            .and_then(|builder| builder.with_optimization_level(level()))
+            .and_then(|builder| builder.with_intra_threads(options.intra_op_threads.max(1)))
+            .and_then(|builder| builder.with_inter_threads(options.inter_op_threads.max(1)));
+        let session = match source {
+            SessionSource::Bytes(bytes) => {
+                builder.and_then(|builder| builder.commit_from_memory(bytes))
+            }
+            SessionSource::File(path) => builder.and_then(|builder| builder.commit_from_file(path)),
+        }
+        .map_err(|error| Error::invalid(format!("ONNX Runtime cannot load the model: {error}")))?;
+        sessions.push(session);
+    }
+    let first = sessions
+        .first()
+        .ok_or_else(|| Error::internal("no session was created"))?;
+    let metadata = session_metadata(first, options.max_batch_size)?;
+    Ok((sessions, metadata))
 }
 
 impl Model for OnnxModel {
@@ -210,23 +240,28 @@ impl SessionPool {
                     .ok_or_else(|| Error::internal("no session"))?,
             ),
         };
-        let values = inputs
-            .iter()
-            .map(|input| {
-                Ok((
-                    input.name.as_str(),
-                    to_ort_value(&input.name, &input.tensor)?,
-                ))
-            })
-            .collect::<Result<Vec<(&str, SessionInputValue<'_>)>>>()?;
-        let outputs = session.run(values).map_err(|error| {
-            Error::invalid(format!("ONNX Runtime rejected the inputs: {error}"))
-        })?;
-        outputs
-            .into_iter()
-            .map(|(name, value)| Ok(NamedTensor::new(name, from_ort_value(name, &value)?)))
-            .collect()
+        run_session(&mut session, inputs)
     }
+}
+
+/// Runs one session on validated inputs; returns its outputs copied out of ONNX Runtime.
+pub fn run_session(session: &mut Session, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>> {
+    let values = inputs
+        .iter()
+        .map(|input| {
+            Ok((
+                input.name.as_str(),
+                to_ort_value(&input.name, &input.tensor)?,
+            ))
+        })
+        .collect::<Result<Vec<(&str, SessionInputValue<'_>)>>>()?;
+    let outputs = session
+        .run(values)
+        .map_err(|error| Error::invalid(format!("ONNX Runtime rejected the inputs: {error}")))?;
+    outputs
+        .into_iter()
+        .map(|(name, value)| Ok(NamedTensor::new(name, from_ort_value(name, &value)?)))
+        .collect()
 }
 
 fn lock(session: &Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {

@@ -35,6 +35,12 @@ pub struct ModelMetadata {
 pub trait Model: Send + Sync {
     fn metadata(&self) -> &ModelMetadata;
 
+    /// Whether it can serve right now; `Err` carries the reason readiness reports (a model
+    /// worker that is restarting, say). In-process models are always healthy once loaded.
+    fn health(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
     /// Runs the model on inputs that [`ModelMetadata::validate_inputs`] accepted; returns every
     /// output the model declares, in declaration order.
     fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>>;

@@ -231,6 +231,10 @@ impl Model for BatchedModel {
         self.inner.metadata()
     }
 
+    fn health(&self) -> std::result::Result<(), String> {
+        self.inner.health()
+    }
+
     fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
         Box::pin(self.submit(inputs))
     }

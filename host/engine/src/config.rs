@@ -11,6 +11,10 @@
 //! max_queue_size = 1024            # waiting requests beyond this get 503
 //! default_timeout_microseconds = 0 # a request waiting longer gets 504; 0 = no limit
 //!
+//! isolation = "in_process"        # or "process": run it in a sandboxed model worker
+//! allow_external_data = false      # repository models only: let ONNX Runtime read the
+//!                                  # external-data files next to the model (trusted models)
+//!
 //! [ort]
 //! instance_count = 2               # sessions that run concurrently
 //! intra_op_threads = 1
@@ -41,6 +45,15 @@ pub struct ModelConfig {
     pub version_policy: VersionPolicy,
     #[serde(default)]
     pub ort: OrtOptions,
+    /// Where the model runs. Repository models default to `in_process`; tenant uploads always
+    /// run in a sandboxed model worker (`process`) and may not ask otherwise.
+    /// `None`: the default of whoever owns the model.
+    #[serde(default)]
+    pub isolation: Option<Isolation>,
+    /// Let ONNX Runtime follow the model's external-data references (files next to the model).
+    /// Off by default even for repository models; refused for tenant uploads.
+    #[serde(default)]
+    pub allow_external_data: bool,
     /// Merge concurrent requests into one backend call; off when absent.
     pub dynamic_batching: Option<DynamicBatching>,
     /// Declared inputs, checked against the model's own metadata at load.
@@ -49,6 +62,17 @@ pub struct ModelConfig {
     /// Declared outputs, checked likewise.
     #[serde(default, rename = "output")]
     pub outputs: Vec<DeclaredTensor>,
+}
+
+/// Where a model's ONNX Runtime sessions live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// In the server's own process: the fastest path, for trusted (operator) models.
+    #[default]
+    InProcess,
+    /// In a sandboxed model worker process (no filesystem, no network, memory-limited).
+    Process,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -322,6 +346,22 @@ dims = [10]
                 .unwrap_err()
                 .to_string();
         assert!(error.contains("unknown field `max_delay`"), "{error}");
+    }
+
+    #[test]
+    fn isolation_and_external_data_parse_and_default_closed() {
+        let config = parse("platform = \"onnx\"").unwrap();
+        assert_eq!(config.isolation, None);
+        assert!(!config.allow_external_data);
+        let config =
+            parse("platform = \"onnx\"\nisolation = \"process\"\nallow_external_data = true")
+                .unwrap();
+        assert_eq!(config.isolation, Some(Isolation::Process));
+        assert!(config.allow_external_data);
+        let error = parse("platform = \"onnx\"\nisolation = \"vm\"")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown variant `vm`"), "{error}");
     }
 
     #[test]

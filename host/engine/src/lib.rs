@@ -16,6 +16,6 @@ pub mod registry;
 pub mod repository;
 
 pub use batcher::{BatchObserver, BatchStats, BatchedModel, BatchingConfig};
-pub use config::{DynamicBatching, ModelConfig, OrtOptions, VersionPolicy};
-pub use registry::{ModelLoader, ModelRegistry, ModelState, ModelVersion};
+pub use config::{DynamicBatching, Isolation, ModelConfig, OrtOptions, VersionPolicy};
+pub use registry::{ModelLoader, ModelRegistry, ModelState, ModelVersion, check_declared};
 pub use repository::{DiscoveredModel, discover};

@@ -319,7 +319,7 @@ fn load_model(discovered: DiscoveredModel, loader: &dyn ModelLoader) -> ModelEnt
 }
 
 /// Checks the inputs and outputs declared in `model.toml` against what the model reports.
-fn check_declared(config: &ModelConfig, metadata: &ModelMetadata) -> Result<()> {
+pub fn check_declared(config: &ModelConfig, metadata: &ModelMetadata) -> Result<()> {
     let sides = [
         ("input", &config.inputs, &metadata.inputs),
         ("output", &config.outputs, &metadata.outputs),

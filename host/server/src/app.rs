@@ -226,7 +226,13 @@ fn ready_response(
     name: &str,
     version: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let (number, _) = scope.registry.resolve(name, version)?;
+    let (number, model) = scope.registry.resolve(name, version)?;
+    // A worker-backed model that is restarting is loaded but cannot serve: not ready.
+    model.health().map_err(|reason| {
+        Error::unavailable(format!(
+            "model '{name}' version {number} is not ready: {reason}"
+        ))
+    })?;
     Ok(Json(json!({ "name": name, "version": number.to_string(), "ready": true })).into_response())
 }
 

@@ -166,10 +166,14 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 async fn load_in_process(args: &BenchArgs) -> anyhow::Result<Arc<dyn Model>> {
     weft_backends::init_onnxruntime(&args.ort.library)?;
     let repository = args.repository.clone();
-    let registry = tokio::task::spawn_blocking(move || {
-        ModelRegistry::load(&repository, &RepositoryLoader::default())
-    })
-    .await??;
+    // Models with `isolation = "process"` run in a model worker of this process, as in
+    // `weft serve`, so the same call measures the process boundary.
+    let loader = RepositoryLoader {
+        workers: Some(crate::cli::bench_worker_pool(&args.ort.library)?),
+        ..RepositoryLoader::default()
+    };
+    let registry =
+        tokio::task::spawn_blocking(move || ModelRegistry::load(&repository, &loader)).await??;
     let (_, model) = registry.resolve(&args.model, None)?;
     Ok(model)
 }

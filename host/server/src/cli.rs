@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 
 use crate::app::{AppState, app};
-use crate::loader::RepositoryLoader;
+use crate::loader::{RepositoryLoader, WorkerPool, WorkerSettings};
 use crate::metrics::{Metrics, ScrapeSources};
 
 #[derive(Debug, Parser)]
@@ -47,6 +47,31 @@ pub enum Command {
     BenchPlugins(crate::bench::BenchPluginsArgs),
     #[command(flatten)]
     Client(weft_client::ClientCommand),
+    /// Internal: a sandboxed model worker, started and supervised by `weft serve`.
+    #[command(hide = true)]
+    Worker(WorkerCliArgs),
+}
+
+/// The model worker's command line (set by the server; `--probe-*` only for tests).
+#[derive(Debug, clap::Args)]
+pub struct WorkerCliArgs {
+    #[arg(long)]
+    pub ort_library: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub slots: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub slot_bytes: usize,
+    /// Address space the worker may add beyond its baseline.
+    #[arg(long)]
+    pub memory_limit_bytes: Option<u64>,
+    #[arg(long)]
+    pub allow_weak_model_sandbox: bool,
+    /// Probe mode: close the sandbox, then try to open this path (repeatable), report, exit.
+    #[arg(long)]
+    pub probe_open: Vec<PathBuf>,
+    /// Probe mode: try to connect to this TCP address (repeatable).
+    #[arg(long)]
+    pub probe_connect: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +155,24 @@ pub struct ServeArgs {
     /// some plugin speed (the compiled code counts as it runs), so it is off by default.
     #[arg(long, env = "WEFT_METER_FUEL")]
     pub meter_fuel: bool,
+    /// Calls in flight at once per model worker (each holds one slot of its shared arena).
+    #[arg(long, env = "WEFT_MODEL_WORKER_SLOTS", default_value_t = 64)]
+    pub model_worker_slots: usize,
+    /// KiB of one slot of a model worker's shared arena; tensors larger than what is left of
+    /// their call's slot cross inline through the socket instead (slower, still correct).
+    #[arg(long, env = "WEFT_MODEL_WORKER_SLOT_KIB", default_value_t = 1024)]
+    pub model_worker_slot_kib: usize,
+    /// A model call in a worker unanswered after this many seconds counts as a hang: the
+    /// worker is killed and restarted.
+    #[arg(long, env = "WEFT_MODEL_CALL_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub model_call_timeout_seconds: u64,
+    /// Longest a model worker start or one model load may take; a push over it is refused.
+    #[arg(long, env = "WEFT_MODEL_LOAD_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub model_load_timeout_seconds: u64,
+    /// Run model workers even on a kernel without Landlock (seccomp and rlimits only): a
+    /// tenant model could then read the files the server's user can read. Off by default.
+    #[arg(long, env = "WEFT_ALLOW_WEAK_MODEL_SANDBOX")]
+    pub allow_weak_model_sandbox: bool,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "WEFT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
@@ -139,6 +182,17 @@ pub struct ServeArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // A model worker must still have a single thread when it closes its sandbox: it runs
+    // before any async runtime exists.
+    if let Command::Worker(args) = &cli.command {
+        return match worker(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("weft worker: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -152,6 +206,7 @@ pub fn main() -> ExitCode {
             runtime.block_on(weft_client::run_graph(command))
         }
         Command::Client(command) => runtime.block_on(weft_client::run(command)),
+        Command::Worker(_) => Ok(()),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -218,9 +273,11 @@ fn load_repository(
     data_dir: &std::path::Path,
     metrics: &Arc<Metrics>,
     meter_fuel: bool,
+    workers: Arc<WorkerPool>,
 ) -> anyhow::Result<Loaded> {
     let loader = RepositoryLoader {
         metrics: Some(Arc::clone(metrics)),
+        workers: Some(workers),
         ..RepositoryLoader::default()
     };
     let models = Arc::new(weft_engine::ModelRegistry::load(repository, &loader)?);
@@ -262,6 +319,76 @@ fn load_repository(
     })
 }
 
+/// `weft worker`: serve the server's model calls, or probe the sandbox.
+fn worker(args: &WorkerCliArgs) -> weft_core::Result<()> {
+    let policy = weft_backends::worker::SandboxPolicy {
+        memory_limit: args.memory_limit_bytes,
+        allow_weak: args.allow_weak_model_sandbox,
+    };
+    if !args.probe_open.is_empty() || !args.probe_connect.is_empty() {
+        let report = weft_backends::worker::process::probe(
+            &args.ort_library,
+            &policy,
+            &args.probe_open,
+            &args.probe_connect,
+        )?;
+        println!(
+            "{}",
+            serde_json::to_string(&report)
+                .map_err(|e| weft_core::Error::internal(e.to_string()))?
+        );
+        return Ok(());
+    }
+    weft_backends::worker::process::run(weft_backends::worker::WorkerArgs {
+        ort_library: args.ort_library.clone(),
+        slots: args.slots,
+        slot_bytes: args.slot_bytes,
+        policy,
+    })
+}
+
+/// Worker settings: this binary in worker mode, the library by absolute path (workers run in
+/// `/`), and the serve defaults for the rest.
+fn worker_settings(ort_library: &std::path::Path) -> anyhow::Result<WorkerSettings> {
+    Ok(WorkerSettings {
+        program: std::env::current_exe().context("cannot find the server's own executable")?,
+        program_args: vec!["worker".into()],
+        ort_library: std::fs::canonicalize(ort_library)
+            .with_context(|| format!("cannot resolve {}", ort_library.display()))?,
+        slots: 64,
+        slot_bytes: 1 << 20,
+        call_timeout: Duration::from_secs(60),
+        load_timeout: Duration::from_secs(60),
+        allow_weak_sandbox: false,
+    })
+}
+
+/// The model workers of `weft bench --in-process` (serve's defaults, no metrics).
+pub fn bench_worker_pool(ort_library: &std::path::Path) -> anyhow::Result<Arc<WorkerPool>> {
+    Ok(Arc::new(WorkerPool::new(
+        worker_settings(ort_library)?,
+        None,
+    )))
+}
+
+/// The model workers `weft serve` starts: the server's own binary in worker mode.
+fn worker_pool(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<WorkerPool>> {
+    if args.model_worker_slots == 0 || args.model_worker_slot_kib == 0 {
+        bail!("--model-worker-slots and --model-worker-slot-kib must be at least 1");
+    }
+    Ok(Arc::new(WorkerPool::new(
+        WorkerSettings {
+            slots: args.model_worker_slots,
+            slot_bytes: args.model_worker_slot_kib.saturating_mul(1024),
+            call_timeout: Duration::from_secs(args.model_call_timeout_seconds.max(1)),
+            load_timeout: Duration::from_secs(args.model_load_timeout_seconds.max(1)),
+            allow_weak_sandbox: args.allow_weak_model_sandbox,
+            ..worker_settings(&args.ort.library)?
+        },
+        Some(Arc::clone(metrics) as Arc<dyn weft_backends::worker::WorkerObserver>),
+    )))
+}
+
 /// Loads the repository, binds, serves until SIGINT/SIGTERM, then drains in-flight requests.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
@@ -284,12 +411,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_key = args.admin_key.clone();
     let bootstrap_key = args.bootstrap_key.clone();
     let meter_fuel = args.meter_fuel;
+    let workers = worker_pool(&args, &metrics)?;
     let (loaded, tenancy) = tokio::task::spawn_blocking(move || {
         // The store first: it locks the data directory, so a second server on the same
         // directory stops here, before it touches the compile cache.
         let store = weft_store::Store::open(&data_dir)
             .with_context(|| format!("cannot open the store under {}", data_dir.display()))?;
-        let loaded = load_repository(&repository, &data_dir, &loading_metrics, meter_fuel)?;
+        let loaded = load_repository(
+            &repository,
+            &data_dir,
+            &loading_metrics,
+            meter_fuel,
+            workers,
+        )?;
         let tenancy = crate::tenants::Tenancy::new(crate::tenants::TenancyConfig {
             store: Arc::new(store),
             platform: loaded.registry.clone(),

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind, Result};
+use weft_engine::ModelConfig;
 use weft_store::signing::{PublicKey, plugin_message, sha256_hex};
 use weft_store::{Quotas, State as StoreState, Tenant, api_keys, check_name};
 
@@ -893,20 +894,45 @@ async fn push_model_checked(
             add(&mut projected);
             check_storage(&projected)
         };
-        check(&tenancy.store().state())?;
-        // Load it from a scratch file first (a model that cannot serve stores nothing), without
-        // holding the writer: loading a large model takes seconds, and other tenants' changes
-        // do not wait for it.
-        let scratch = tempfile::Builder::new()
-            .prefix(weft_store::SCRATCH_PREFIX)
-            .tempfile_in(tenancy.store().scratch_dir())
-            .map_err(|error| Error::internal(format!("cannot create a scratch file: {error}")))?;
-        std::fs::write(scratch.path(), &onnx)
-            .map_err(|error| Error::internal(format!("cannot write a scratch file: {error}")))?;
+        let current = tenancy.store().state();
+        check(&current)?;
+        // The model's memory: instance_count sessions of its size, against what the tenant's
+        // stored models already take of its model_memory_mb.
+        let quotas = tenant_of(&current, &tenant)?.quotas.clone();
+        let budget = crate::tenants::model_budget(&quotas);
+        let used = model_memory_used(tenancy, tenant_of(&current, &tenant)?)?;
+        let cost = tenancy.loader().instances(&config) * onnx.len() as u64;
+        if used + cost > budget.worker_memory {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "model '{name}' version {number} needs about {} MiB ({} instances of {} \
+                     bytes) but the tenant's model_memory_mb quota of {} MiB has {} MiB left",
+                    cost.div_ceil(1 << 20),
+                    tenancy.loader().instances(&config),
+                    onnx.len(),
+                    quotas.model_memory_mb,
+                    (budget.worker_memory - used) >> 20
+                ),
+            ));
+        }
+        // Prove it loads within what is left, in a worker of its own (a model that blows its
+        // memory or the load timeout costs the tenant's serving worker nothing), then load it
+        // into the tenant's worker; all before the writer, since loads take seconds.
+        let context = |error: Error| error.context(format!("model '{name}' version {number}"));
+        tenancy
+            .loader()
+            .trial_load_tenant_model(
+                &tenant,
+                onnx.clone(),
+                &config,
+                budget,
+                budget.worker_memory - used,
+            )
+            .map_err(context)?;
         let model = tenancy
-            .load_model(&tenant, &name, number, scratch.path(), &config)
-            .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
-        drop(scratch);
+            .load_model(&tenant, &quotas, &name, onnx.clone(), &config)
+            .map_err(context)?;
         let writer = tenancy.writer()?;
         check(&writer.state())?;
         tenancy.store().put_blob(&onnx)?;
@@ -926,6 +952,20 @@ async fn push_model_checked(
         }))
     })
     .await
+}
+
+/// What a tenant's stored model versions take of its model memory: instance_count × size each.
+fn model_memory_used(tenancy: &Tenancy, tenant: &Tenant) -> Result<u64> {
+    let mut used = 0u64;
+    for (name, versions) in &tenant.models {
+        for record in versions.values() {
+            let text = String::from_utf8(tenancy.store().read_blob(&record.config_digest)?)
+                .map_err(|_| Error::invalid("the stored model.toml is not UTF-8"))?;
+            let config = ModelConfig::parse(&crate::tenants::model_config_path(name), &text)?;
+            used = used.saturating_add(tenancy.loader().instances(&config) * record.size);
+        }
+    }
+    Ok(used)
 }
 
 fn model_view(

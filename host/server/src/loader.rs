@@ -1,26 +1,135 @@
-//! Wires the engine's repository to the backends: `model.toml` settings become backend options,
-//! and `[dynamic_batching]` puts the engine's batcher in front of the model.
+//! Wires models to the backends: `model.toml` settings become backend options, every ONNX
+//! model is checked ([`weft_onnx_check`]) before ONNX Runtime sees its bytes, `isolation`
+//! picks the server's process or a sandboxed model worker, and `[dynamic_batching]` puts the
+//! engine's batcher in front of the model.
 //!
-//! Kept in the server so that neither the engine nor the backends depend on each other.
+//! Repository models (the operator's) default to `in_process` and may opt out of the
+//! external-data check; tenant models always run in the tenant's own worker, under the
+//! tenant's model limits. Kept in the server so that neither the engine nor the backends
+//! depend on each other.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use weft_backends::worker::{ModelWorker, WireOptions, WorkerConfig, WorkerObserver};
 use weft_backends::{GraphOptimization, OnnxModel, OnnxOptions};
-use weft_core::{Model, Result};
+use weft_core::{Error, Model, ModelMetadata, Result};
+use weft_onnx_check::{ModelLimits, check_model};
 
 use crate::metrics::Metrics;
 use weft_engine::config::{OptimizationLevel, Platform};
-use weft_engine::{BatchedModel, BatchingConfig, ModelConfig, ModelLoader};
+use weft_engine::{BatchedModel, BatchingConfig, Isolation, ModelConfig, ModelLoader};
 
-/// Loads repository models with the backend their `platform` names.
+/// How model workers are started; one [`WorkerPool`] per server.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// The `weft` binary (the server's own executable) and the arguments of its worker mode.
+    pub program: PathBuf,
+    pub program_args: Vec<String>,
+    pub ort_library: PathBuf,
+    pub slots: usize,
+    pub slot_bytes: usize,
+    pub call_timeout: Duration,
+    pub load_timeout: Duration,
+    pub allow_weak_sandbox: bool,
+}
+
+/// The label of the worker that runs repository models with `isolation = "process"`.
+pub const REPOSITORY_WORKER: &str = "repository";
+
+/// The model workers of this server: one per tenant (and one for process-isolated repository
+/// models), started on first use and kept while a model loaded in them lives.
+pub struct WorkerPool {
+    settings: WorkerSettings,
+    observer: Option<Arc<dyn WorkerObserver>>,
+    workers: Mutex<HashMap<(String, Option<u64>), ModelWorker>>,
+}
+
+impl WorkerPool {
+    pub fn new(settings: WorkerSettings, observer: Option<Arc<dyn WorkerObserver>>) -> Self {
+        WorkerPool {
+            settings,
+            observer,
+            workers: Mutex::default(),
+        }
+    }
+
+    /// The start-up settings of a worker for `label` with this memory limit.
+    pub fn config(&self, label: &str, memory_limit: Option<u64>) -> WorkerConfig {
+        let settings = &self.settings;
+        WorkerConfig {
+            program: settings.program.clone(),
+            program_args: settings.program_args.clone(),
+            ort_library: settings.ort_library.clone(),
+            label: label.to_string(),
+            memory_limit,
+            allow_weak_sandbox: settings.allow_weak_sandbox,
+            slots: settings.slots,
+            slot_bytes: settings.slot_bytes,
+            call_timeout: settings.call_timeout,
+            load_timeout: settings.load_timeout,
+            restart: true,
+            observer: self.observer.clone(),
+        }
+    }
+
+    /// The worker of `label` with this memory limit, started if there is none. A changed limit
+    /// (the tenant's quota was changed) gets a worker of its own for models loaded from then on.
+    pub fn worker(&self, label: &str, memory_limit: Option<u64>) -> Result<ModelWorker> {
+        let mut workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let key = (label.to_string(), memory_limit);
+        if let Some(worker) = workers.get(&key) {
+            return Ok(worker.clone());
+        }
+        let worker = ModelWorker::start(self.config(label, memory_limit))?;
+        workers.insert(key, worker.clone());
+        Ok(worker)
+    }
+
+    /// The workers serving `label` now (tests and the probe use their process ids).
+    pub fn workers_of(&self, label: &str) -> Vec<ModelWorker> {
+        self.workers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .filter(|((owner, _), _)| owner == label)
+            .map(|(_, worker)| worker.clone())
+            .collect()
+    }
+}
+
+/// Runs an async worker operation from the synchronous loading code, which runs on blocking
+/// threads (start-up, control-plane changes): on a thread of its own, so it never blocks a
+/// thread of the async runtime from inside.
+fn block_on<T: Send>(future: impl std::future::Future<Output = Result<T>> + Send) -> Result<T> {
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|_| Error::internal("model workers need the server's async runtime"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| runtime.block_on(future))
+            .join()
+            .unwrap_or_else(|_| Err(Error::internal("a model load panicked")))
+    })
+}
+
+/// Loads models with the backend their `platform` names.
 #[derive(Clone)]
 pub struct RepositoryLoader {
     /// CPU cores that model instances share when `model.toml` leaves threads unset.
     pub cores: usize,
     /// Where loaded models report compute time, batches and queues; none in dry runs.
     pub metrics: Option<Arc<Metrics>>,
+    /// Model workers; `None` (offline tools) loads `isolation = "process"` models in process.
+    pub workers: Option<Arc<WorkerPool>>,
+    /// Limits a tenant's model is checked against (initializer bytes are further capped by the
+    /// tenant's `model_memory_mb`).
+    pub tenant_limits: ModelLimits,
 }
 
 impl Default for RepositoryLoader {
@@ -30,6 +139,147 @@ impl Default for RepositoryLoader {
                 .map(usize::from)
                 .unwrap_or(1),
             metrics: None,
+            workers: None,
+            tenant_limits: ModelLimits::default(),
+        }
+    }
+}
+
+/// What a tenant's model may cost, from its quotas.
+#[derive(Clone, Copy, Debug)]
+pub struct TenantModelBudget {
+    /// The tenant's `model_memory_mb`, in bytes: its worker's memory limit.
+    pub worker_memory: u64,
+}
+
+impl RepositoryLoader {
+    /// Session options for `config` on this machine.
+    fn onnx_options(&self, config: &ModelConfig) -> OnnxOptions {
+        let (instance_count, intra_op_threads) = config.ort.resolved_threads(self.cores);
+        OnnxOptions {
+            instance_count,
+            intra_op_threads,
+            inter_op_threads: config.ort.inter_op_threads,
+            optimization_level: match config.ort.optimization_level {
+                OptimizationLevel::Disable => GraphOptimization::Disable,
+                OptimizationLevel::Basic => GraphOptimization::Basic,
+                OptimizationLevel::Extended => GraphOptimization::Extended,
+                OptimizationLevel::All => GraphOptimization::All,
+            },
+            max_batch_size: config.max_batch_size,
+        }
+    }
+
+    fn wire_options(&self, config: &ModelConfig) -> WireOptions {
+        let options = self.onnx_options(config);
+        WireOptions {
+            instance_count: options.instance_count as u32,
+            intra_op_threads: options.intra_op_threads as u32,
+            inter_op_threads: options.inter_op_threads as u32,
+            optimization_level: match options.optimization_level {
+                GraphOptimization::Disable => 0,
+                GraphOptimization::Basic => 1,
+                GraphOptimization::Extended => 2,
+                GraphOptimization::All => 3,
+            },
+            max_batch_size: options.max_batch_size as u64,
+        }
+    }
+
+    /// Sessions a model version keeps: what its memory counts as (× its size).
+    pub fn instances(&self, config: &ModelConfig) -> u64 {
+        config.ort.resolved_threads(self.cores).0 as u64
+    }
+
+    /// The limits a tenant's model is checked against.
+    pub fn tenant_model_limits(&self, budget: TenantModelBudget) -> ModelLimits {
+        ModelLimits {
+            max_initializer_bytes: self
+                .tenant_limits
+                .max_initializer_bytes
+                .min(budget.worker_memory),
+            allow_external_data: false,
+            ..self.tenant_limits.clone()
+        }
+    }
+
+    /// Loads one of a tenant's model versions into the tenant's worker, after checking it.
+    /// Metrics name it `label` (`tenant/name`).
+    pub fn load_tenant_model(
+        &self,
+        tenant: &str,
+        label: &str,
+        onnx: Bytes,
+        config: &ModelConfig,
+        budget: TenantModelBudget,
+    ) -> Result<Arc<dyn Model>> {
+        check_model(&onnx, &self.tenant_model_limits(budget))?;
+        let workers = self
+            .workers
+            .as_ref()
+            .ok_or_else(|| Error::unavailable("this server runs no model workers"))?;
+        let worker = workers.worker(tenant, Some(budget.worker_memory))?;
+        let options = self.wire_options(config);
+        let max_batch_size = config.max_batch_size;
+        let model: Arc<dyn Model> = Arc::new(block_on(worker.load(onnx, options, max_batch_size))?);
+        weft_engine::check_declared(config, model.metadata())?;
+        Ok(self.serve(label, model, config))
+    }
+
+    /// Loads a tenant's model once in a worker of its own limited to `memory` bytes and
+    /// discards it: the push-time proof that it loads within the tenant's budget.
+    pub fn trial_load_tenant_model(
+        &self,
+        tenant: &str,
+        onnx: Bytes,
+        config: &ModelConfig,
+        budget: TenantModelBudget,
+        memory: u64,
+    ) -> Result<ModelMetadata> {
+        check_model(&onnx, &self.tenant_model_limits(budget))?;
+        let workers = self
+            .workers
+            .as_ref()
+            .ok_or_else(|| Error::unavailable("this server runs no model workers"))?;
+        let trial = workers.config(tenant, Some(memory));
+        let metadata = block_on(weft_backends::worker::trial_load(
+            trial,
+            onnx,
+            self.wire_options(config),
+            config.max_batch_size,
+        ))?;
+        weft_engine::check_declared(config, &metadata)?;
+        Ok(metadata)
+    }
+
+    /// Puts the batcher (or compute metering) in front of a loaded model.
+    fn serve(&self, name: &str, model: Arc<dyn Model>, config: &ModelConfig) -> Arc<dyn Model> {
+        let instance_count = self.onnx_options(config).instance_count;
+        match &config.dynamic_batching {
+            None => match &self.metrics {
+                Some(metrics) => metrics.metered(name, model),
+                None => model,
+            },
+            Some(batching) => {
+                let batched = BatchedModel::new(
+                    model,
+                    BatchingConfig {
+                        max_batch_size: config.max_batch_size,
+                        preferred_batch_sizes: batching.preferred_batch_size.clone(),
+                        max_queue_delay: Duration::from_micros(
+                            batching.max_queue_delay_microseconds,
+                        ),
+                        max_queue_size: batching.max_queue_size,
+                        queue_timeout: (batching.default_timeout_microseconds > 0)
+                            .then(|| Duration::from_micros(batching.default_timeout_microseconds)),
+                        instances: instance_count,
+                    },
+                );
+                Arc::new(match &self.metrics {
+                    Some(metrics) => batched.with_observer(metrics.batch_observer(name)),
+                    None => batched,
+                })
+            }
         }
     }
 }
@@ -44,47 +294,37 @@ impl ModelLoader for RepositoryLoader {
     ) -> Result<Arc<dyn Model>> {
         match config.platform {
             Platform::Onnx => {
-                let (instance_count, intra_op_threads) = config.ort.resolved_threads(self.cores);
-                let options = OnnxOptions {
-                    instance_count,
-                    intra_op_threads,
-                    inter_op_threads: config.ort.inter_op_threads,
-                    optimization_level: match config.ort.optimization_level {
-                        OptimizationLevel::Disable => GraphOptimization::Disable,
-                        OptimizationLevel::Basic => GraphOptimization::Basic,
-                        OptimizationLevel::Extended => GraphOptimization::Extended,
-                        OptimizationLevel::All => GraphOptimization::All,
-                    },
-                    max_batch_size: config.max_batch_size,
-                };
-                let model: Arc<dyn Model> = Arc::new(OnnxModel::load(path, &options)?);
-                Ok(match &config.dynamic_batching {
-                    None => match &self.metrics {
-                        Some(metrics) => metrics.metered(name, model),
-                        None => model,
-                    },
-                    Some(batching) => {
-                        let batched = BatchedModel::new(
-                            model,
-                            BatchingConfig {
-                                max_batch_size: config.max_batch_size,
-                                preferred_batch_sizes: batching.preferred_batch_size.clone(),
-                                max_queue_delay: Duration::from_micros(
-                                    batching.max_queue_delay_microseconds,
-                                ),
-                                max_queue_size: batching.max_queue_size,
-                                queue_timeout: (batching.default_timeout_microseconds > 0).then(
-                                    || Duration::from_micros(batching.default_timeout_microseconds),
-                                ),
-                                instances: instance_count,
-                            },
-                        );
-                        Arc::new(match &self.metrics {
-                            Some(metrics) => batched.with_observer(metrics.batch_observer(name)),
-                            None => batched,
-                        })
+                let bytes = Bytes::from(std::fs::read(path).map_err(|error| {
+                    Error::invalid(format!("cannot read {}: {error}", path.display()))
+                })?);
+                let isolation = config.isolation.unwrap_or(Isolation::InProcess);
+                if config.allow_external_data && isolation == Isolation::Process {
+                    return Err(Error::invalid(
+                        "allow_external_data needs isolation = \"in_process\": a model worker \
+                         reads no files",
+                    ));
+                }
+                if !config.allow_external_data {
+                    // The operator's models are trusted in all but this: they get the same
+                    // external-data check as tenant models unless model.toml opts out.
+                    check_model(&bytes, &ModelLimits::operator())?;
+                }
+                let options = self.onnx_options(config);
+                let model: Arc<dyn Model> = match (isolation, &self.workers) {
+                    (Isolation::Process, Some(workers)) => {
+                        let worker = workers.worker(REPOSITORY_WORKER, None)?;
+                        Arc::new(block_on(worker.load(
+                            bytes,
+                            self.wire_options(config),
+                            config.max_batch_size,
+                        ))?)
                     }
-                })
+                    _ if config.allow_external_data => {
+                        Arc::new(OnnxModel::load_with_external_data(path, &options)?)
+                    }
+                    _ => Arc::new(OnnxModel::from_bytes(&bytes, &options)?),
+                };
+                Ok(self.serve(name, model, config))
             }
         }
     }

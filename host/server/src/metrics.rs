@@ -50,6 +50,7 @@ pub struct Metrics {
     compile_cache: IntCounterVec,
     uploads: IntCounterVec,
     resident_memory: IntGauge,
+    worker_restarts: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -191,6 +192,13 @@ impl Metrics {
                 &["plugin"],
             ),
             plugin_instantiations,
+            worker_restarts: counter_vec(
+                &r,
+                "weft_model_worker_restarts_total",
+                "Model worker processes that ended and were restarted, by tenant and cause \
+                 (killed, crashed, exited, hang, load_timeout, protocol).",
+                &["tenant", "cause"],
+            ),
             compile_cache: counter_vec(
                 &r,
                 "weft_compile_cache_lookups_total",
@@ -500,6 +508,14 @@ impl BatchObserver for ModelMetrics {
     }
 }
 
+impl weft_backends::worker::WorkerObserver for Metrics {
+    fn restarted(&self, label: &str, cause: &str) {
+        self.worker_restarts
+            .with_label_values(&[label, cause])
+            .inc();
+    }
+}
+
 /// A model that does not batch, with its compute time measured for metrics and accounting.
 struct MeteredModel {
     inner: Arc<dyn Model>,
@@ -509,6 +525,10 @@ struct MeteredModel {
 impl Model for MeteredModel {
     fn metadata(&self) -> &ModelMetadata {
         self.inner.metadata()
+    }
+
+    fn health(&self) -> std::result::Result<(), String> {
+        self.inner.health()
     }
 
     fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {

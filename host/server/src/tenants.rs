@@ -499,7 +499,7 @@ impl Tenancy {
         let mut models = ModelRegistry::default();
         for (name, versions) in &tenant.models {
             for (version, record) in versions {
-                let state = match self.tenant_model(tenant, name, *version, record) {
+                let state = match self.tenant_model(tenant, name, record) {
                     Ok(model) => ModelState::Ready(model),
                     Err(error) => {
                         tracing::error!(tenant = %tenant.name, model = %name, version, %error, "tenant model unavailable");
@@ -595,26 +595,31 @@ impl Tenancy {
         Ok(scope)
     }
 
-    /// Loads one of `tenant`'s model versions from `path`. Metrics name it `tenant/name`, so a
-    /// tenant's model never shares series with the platform's (or another tenant's) model of
-    /// the same name.
+    /// Loads one of `tenant`'s model versions into the tenant's model worker, after checking
+    /// its bytes. Metrics name it `tenant/name`, so a tenant's model never shares series with
+    /// the platform's (or another tenant's) model of the same name.
     pub fn load_model(
         &self,
         tenant: &str,
+        quotas: &Quotas,
         name: &str,
-        version: u64,
-        path: &std::path::Path,
+        onnx: bytes::Bytes,
         config: &ModelConfig,
     ) -> Result<Arc<dyn Model>> {
         let label = format!("{tenant}/{name}");
-        ModelRegistry::load_version(&self.loader, &label, version, path, config)
+        self.loader
+            .load_tenant_model(tenant, &label, onnx, config, model_budget(quotas))
+    }
+
+    /// The loader of models (tenant and repository).
+    pub fn loader(&self) -> &RepositoryLoader {
+        &self.loader
     }
 
     fn tenant_model(
         &self,
         tenant: &Tenant,
         name: &str,
-        version: u64,
         record: &weft_store::ModelVersion,
     ) -> Result<Arc<dyn Model>> {
         let key = (
@@ -629,10 +634,10 @@ impl Tenancy {
         let config_text = String::from_utf8(self.store.read_blob(&record.config_digest)?)
             .map_err(|_| Error::invalid("the stored model.toml is not UTF-8"))?;
         let config = ModelConfig::parse(&model_config_path(name), &config_text)?;
-        // Read (and so verify) the ONNX blob before handing its path to the backend.
-        self.store.read_blob(&record.onnx_digest)?;
-        let path = self.store.blob_path(&record.onnx_digest);
-        let model = self.load_model(&tenant.name, name, version, &path, &config)?;
+        // Read (and so verify) the ONNX blob, and check it again: a model stored before a
+        // check existed, or a limit that tightened since, is refused at every load.
+        let onnx = bytes::Bytes::from(self.store.read_blob(&record.onnx_digest)?);
+        let model = self.load_model(&tenant.name, &tenant.quotas, name, onnx, &config)?;
         lock(&self.loaded_models)?.insert(key, Arc::clone(&model));
         Ok(model)
     }
@@ -684,6 +689,13 @@ impl Tenancy {
             graph = graph.with_observer(metrics.tenant_graph_observer(&scope.name));
         }
         Ok(Arc::new(graph))
+    }
+}
+
+/// A tenant's model budget from its quotas.
+pub fn model_budget(quotas: &Quotas) -> crate::loader::TenantModelBudget {
+    crate::loader::TenantModelBudget {
+        worker_memory: quotas.model_memory_mb.saturating_mul(1 << 20),
     }
 }
 
@@ -826,6 +838,21 @@ pub fn check_model_config(name: &str, text: &str) -> Result<ModelConfig> {
                 path.display()
             )));
         }
+    }
+    // A tenant's model always runs in its sandboxed worker, and never reads files.
+    if config.isolation == Some(weft_engine::Isolation::InProcess) {
+        return Err(Error::invalid(format!(
+            "{}: isolation = \"in_process\" is for the operator's repository models; a tenant's \
+             models always run in its sandboxed model worker (isolation = \"process\")",
+            path.display()
+        )));
+    }
+    if config.allow_external_data {
+        return Err(Error::invalid(format!(
+            "{}: allow_external_data is for the operator's repository models; a tenant's model \
+             must embed its weights",
+            path.display()
+        )));
     }
     Ok(config)
 }

@@ -65,6 +65,9 @@ pub struct Quotas {
     pub max_graphs: u32,
     /// Sum of the sizes of everything the tenant stored.
     pub max_stored_bytes: u64,
+    /// Memory of the tenant's model worker: its address-space limit, and the budget that
+    /// `instance_count` × model size of every stored model version counts against.
+    pub model_memory_mb: u64,
 }
 
 impl Default for Quotas {
@@ -80,6 +83,7 @@ impl Default for Quotas {
             max_models: 50,
             max_graphs: 100,
             max_stored_bytes: 4 << 30,
+            model_memory_mb: 2048,
         }
     }
 }
@@ -104,6 +108,7 @@ impl Quotas {
             ("plugin_memory_mb", self.plugin_memory_mb),
             ("plugin_deadline_ms", self.plugin_deadline_ms),
             ("max_request_bytes", self.max_request_bytes),
+            ("model_memory_mb", self.model_memory_mb),
         ] {
             if value == 0 {
                 return Err(Error::invalid(format!("quota {field} must be at least 1")));

@@ -246,6 +246,11 @@ impl Server {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The `--data-dir` this server uses.
     pub fn data_dir(&self) -> PathBuf {
         self.data.as_ref().unwrap().path().join("data")

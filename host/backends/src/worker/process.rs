@@ -1,0 +1,347 @@
+//! The model worker process itself (`weft worker`, started only by the server).
+//!
+//! Start-up order matters: receive the shared arena over the control socket (fd 0), load the
+//! ONNX Runtime library, map the arena, then close the sandbox ([`super::sandbox`]) while the
+//! process still has a single thread, and only then say `Ready` and read models. Each loaded
+//! model gets `instance_count` threads, each owning one ONNX Runtime session and taking calls
+//! from the model's queue, so calls run in parallel up to the instance count and an answer is
+//! written by the thread that computed it.
+//!
+//! The worker exits when the server closes the socket; a frame it cannot parse ends it too
+//! (the server treats that as a crash and restarts it).
+
+use std::collections::HashMap;
+use std::io::BufReader;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use ort::session::Session;
+use weft_core::{Error, NamedTensor, Result, Tensor};
+
+use super::sandbox::{self, SandboxPolicy};
+use super::shm::SharedArena;
+use super::wire::{
+    FromWorker, MAX_FRAME_TO_WORKER, Placement, ToWorker, WireError, WireMetadata, WireOptions,
+    WireSpec, WireTensor, aligned, decode, read_frame, write_frame,
+};
+use crate::onnx::{
+    GraphOptimization, OnnxOptions, SessionSource, build_sessions, init_onnxruntime, run_session,
+};
+
+/// What the server tells a worker on its command line.
+#[derive(Clone, Debug)]
+pub struct WorkerArgs {
+    pub ort_library: PathBuf,
+    pub slots: usize,
+    pub slot_bytes: usize,
+    pub policy: SandboxPolicy,
+}
+
+type Writer = Arc<Mutex<UnixStream>>;
+
+struct Job {
+    call: u64,
+    slot: u32,
+    inputs: Vec<WireTensor>,
+}
+
+/// Runs the worker until the server closes the control socket.
+pub fn run(args: WorkerArgs) -> Result<()> {
+    // A server that dies without closing the socket (SIGKILL) takes its workers with it.
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    let socket = control_socket()?;
+    let arena_fd = receive_fd(&socket)?;
+    init_onnxruntime(&args.ort_library)?;
+    let arena = Arc::new(SharedArena::open(arena_fd, args.slots, args.slot_bytes)?);
+    let writer: Writer = Arc::new(Mutex::new(socket.try_clone().map_err(io("clone"))?));
+    let sandbox = sandbox::apply(&args.policy)?;
+    send(&writer, &FromWorker::Ready { sandbox })?;
+    let models: Arc<RwLock<HashMap<u64, Sender<Job>>>> = Arc::default();
+    let mut reader = BufReader::with_capacity(64 << 10, socket);
+    loop {
+        let Some(body) = read_frame(&mut reader, MAX_FRAME_TO_WORKER).map_err(io("read"))? else {
+            return Ok(());
+        };
+        match decode::<ToWorker>(&body)? {
+            ToWorker::Load {
+                call,
+                handle,
+                onnx,
+                options,
+            } => {
+                drop(body);
+                let (load_writer, models, arena) =
+                    (Arc::clone(&writer), Arc::clone(&models), Arc::clone(&arena));
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("weft-load".into())
+                        .spawn(move || {
+                            let result =
+                                load(handle, &onnx, &options, &arena, &load_writer, &models);
+                            let _ = send(
+                                &load_writer,
+                                &FromWorker::Loaded {
+                                    call,
+                                    result: result.map_err(|error| WireError::from(&error)),
+                                },
+                            );
+                        });
+                if let Err(error) = spawned {
+                    let error = Error::unavailable(format!("cannot start a load: {error}"));
+                    send(
+                        &writer,
+                        &FromWorker::Loaded {
+                            call,
+                            result: Err(WireError::from(&error)),
+                        },
+                    )?;
+                }
+            }
+            ToWorker::Unload { handle } => {
+                // Dropping the queue's sender ends the instance threads once it drains.
+                write_lock(&models).remove(&handle);
+            }
+            ToWorker::Infer {
+                call,
+                handle,
+                slot,
+                inputs,
+            } => {
+                let queue = read_lock(&models).get(&handle).cloned();
+                let refused = match queue {
+                    Some(queue) => queue.send(Job { call, slot, inputs }).err().map(|_| ()),
+                    None => Some(()),
+                };
+                if refused.is_some() {
+                    let error = Error::unavailable("the model is not loaded in its worker");
+                    send(
+                        &writer,
+                        &FromWorker::Inferred {
+                            call,
+                            result: Err(WireError::from(&error)),
+                        },
+                    )?;
+                }
+            }
+        }
+    }
+}
+
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |error| Error::unavailable(format!("model worker control socket ({what}): {error}"))
+}
+
+fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn send(writer: &Writer, message: &FromWorker) -> Result<()> {
+    let mut stream = writer
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    write_frame(&mut *stream, message)
+}
+
+/// The control socket the server passed as standard input.
+fn control_socket() -> Result<UnixStream> {
+    let fd: OwnedFd = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(io("stdin"))?;
+    Ok(UnixStream::from(fd))
+}
+
+/// Receives the arena's memfd, the first thing the server sends (SCM_RIGHTS).
+fn receive_fd(socket: &UnixStream) -> Result<OwnedFd> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    recvmsg(
+        socket,
+        &mut [std::io::IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|error| Error::unavailable(format!("cannot receive the worker arena: {error}")))?;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = message
+            && let Some(fd) = fds.next()
+        {
+            return Ok(fd);
+        }
+    }
+    Err(Error::unavailable("the server sent no worker arena"))
+}
+
+fn load(
+    handle: u64,
+    onnx: &[u8],
+    options: &WireOptions,
+    arena: &Arc<SharedArena>,
+    writer: &Writer,
+    models: &Arc<RwLock<HashMap<u64, Sender<Job>>>>,
+) -> Result<WireMetadata> {
+    let options = OnnxOptions {
+        instance_count: options.instance_count.max(1) as usize,
+        intra_op_threads: options.intra_op_threads.max(1) as usize,
+        inter_op_threads: options.inter_op_threads.max(1) as usize,
+        optimization_level: match options.optimization_level {
+            0 => GraphOptimization::Disable,
+            1 => GraphOptimization::Basic,
+            2 => GraphOptimization::Extended,
+            _ => GraphOptimization::All,
+        },
+        max_batch_size: options.max_batch_size as usize,
+    };
+    let (sessions, metadata) = catch_unwind(AssertUnwindSafe(|| {
+        build_sessions(SessionSource::Bytes(onnx), &options)
+    }))
+    .map_err(|_| Error::internal("ONNX Runtime panicked while loading the model"))??;
+    let (queue, jobs) = crossbeam_channel::unbounded::<Job>();
+    for (index, session) in sessions.into_iter().enumerate() {
+        let (jobs, arena, writer) = (jobs.clone(), Arc::clone(arena), Arc::clone(writer));
+        std::thread::Builder::new()
+            .name(format!("weft-model-{handle}-{index}"))
+            .spawn(move || instance(session, &jobs, &arena, &writer))
+            .map_err(|error| Error::unavailable(format!("cannot start a model thread: {error}")))?;
+    }
+    write_lock(models).insert(handle, queue);
+    let spec = |spec: &weft_core::TensorSpec| WireSpec {
+        name: spec.name.clone(),
+        datatype: spec.datatype,
+        shape: spec.shape.clone(),
+    };
+    Ok(WireMetadata {
+        inputs: metadata.inputs.iter().map(spec).collect(),
+        outputs: metadata.outputs.iter().map(spec).collect(),
+    })
+}
+
+/// One session's thread: runs calls until the model is unloaded.
+fn instance(mut session: Session, jobs: &Receiver<Job>, arena: &Arc<SharedArena>, writer: &Writer) {
+    while let Ok(job) = jobs.recv() {
+        let call = job.call;
+        let result = catch_unwind(AssertUnwindSafe(|| run_job(&mut session, arena, job)))
+            .unwrap_or_else(|_| Err(Error::internal("ONNX Runtime panicked during inference")));
+        let message = FromWorker::Inferred {
+            call,
+            result: result.map_err(|error| WireError::from(&error)),
+        };
+        if send(writer, &message).is_err() {
+            return;
+        }
+    }
+}
+
+fn run_job(session: &mut Session, arena: &Arc<SharedArena>, job: Job) -> Result<Vec<WireTensor>> {
+    let slot = job.slot;
+    let inputs = job
+        .inputs
+        .into_iter()
+        .map(|input| {
+            let bytes = match input.data {
+                Placement::Slot { offset, len } => arena.view(slot, offset, len)?,
+                Placement::Inline(data) => Bytes::from(data),
+            };
+            let shape = input.shape.iter().map(|&dim| dim as usize).collect();
+            Ok(NamedTensor::new(
+                input.name,
+                Tensor::new(input.datatype, shape, bytes)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let outputs = run_session(session, &inputs)?;
+    // The inputs' views of the slot are gone before the outputs overwrite it.
+    drop(inputs);
+    let mut used = 0usize;
+    outputs
+        .into_iter()
+        .map(|output| {
+            let data = output.tensor.data();
+            let start = aligned(used);
+            let placement = if start + data.len() <= arena.slot_bytes() {
+                arena.write(slot, start as u64, data)?;
+                used = start + data.len();
+                Placement::Slot {
+                    offset: start as u64,
+                    len: data.len() as u64,
+                }
+            } else {
+                Placement::Inline(data.to_vec())
+            };
+            Ok(WireTensor {
+                name: output.name,
+                datatype: output.tensor.datatype(),
+                shape: output.tensor.shape().iter().map(|&d| d as u64).collect(),
+                data: placement,
+            })
+        })
+        .collect()
+}
+
+/// What a probe found: each attempt and whether the sandbox stopped it.
+#[derive(Debug, serde::Serialize)]
+pub struct ProbeReport {
+    pub sandbox: String,
+    pub attempts: Vec<ProbeAttempt>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ProbeAttempt {
+    pub what: String,
+    pub allowed: bool,
+    pub detail: String,
+}
+
+/// Test-only probe mode: closes exactly the sandbox a worker closes, then tries to open each
+/// path and connect to each TCP address, and reports what got through.
+pub fn probe(
+    ort_library: &std::path::Path,
+    policy: &SandboxPolicy,
+    paths: &[PathBuf],
+    connect: &[std::net::SocketAddr],
+) -> Result<ProbeReport> {
+    init_onnxruntime(ort_library)?;
+    let sandbox = sandbox::apply(policy)?;
+    let mut attempts = Vec::new();
+    for path in paths {
+        let outcome = std::fs::File::open(path);
+        attempts.push(ProbeAttempt {
+            what: format!("open {}", path.display()),
+            allowed: outcome.is_ok(),
+            detail: outcome.err().map(|e| e.to_string()).unwrap_or_default(),
+        });
+        let listing = std::fs::read_dir(path.parent().unwrap_or(path));
+        attempts.push(ProbeAttempt {
+            what: format!("list the folder of {}", path.display()),
+            allowed: listing.is_ok(),
+            detail: listing.err().map(|e| e.to_string()).unwrap_or_default(),
+        });
+    }
+    for address in connect {
+        let outcome = std::net::TcpStream::connect(address);
+        attempts.push(ProbeAttempt {
+            what: format!("connect {address}"),
+            allowed: outcome.is_ok(),
+            detail: outcome.err().map(|e| e.to_string()).unwrap_or_default(),
+        });
+    }
+    let exec = std::process::Command::new("/bin/true").status();
+    attempts.push(ProbeAttempt {
+        what: "run /bin/true".into(),
+        allowed: exec.is_ok(),
+        detail: exec.err().map(|e| e.to_string()).unwrap_or_default(),
+    });
+    Ok(ProbeReport { sandbox, attempts })
+}

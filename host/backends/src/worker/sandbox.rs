@@ -1,0 +1,179 @@
+//! The model worker's sandbox, applied by the worker to itself after ONNX Runtime is loaded and
+//! the shared arena mapped, and before it reads a single byte of a tenant's model.
+//!
+//! Layers, each enough on its own for what it covers:
+//! - **Landlock** (Linux 5.13+): every filesystem access right is handled and none granted, so
+//!   no path can be opened, listed, written or executed; from ABI 4 TCP bind/connect are denied
+//!   too, and from ABI 6 abstract Unix sockets and signals outside the sandbox.
+//! - **seccomp** (a deny list, so ONNX Runtime's own syscalls keep working): no new sockets, no
+//!   exec, no ptrace or cross-process memory access, no mounts, namespaces, BPF, keyrings,
+//!   io_uring, kernel modules or `open_by_handle_at`. Denied calls fail with `EPERM`.
+//! - **rlimits**: address space (the tenant's `model_memory_mb` above the worker's baseline),
+//!   no core dumps, no file growth, few descriptors; plus `no_new_privs` and a lower CPU
+//!   priority than the server's own threads.
+//!
+//! The environment is empty and the working directory `/` (set by the server when spawning).
+//!
+//! Landlock is required: a kernel without it gets an error that says so, unless the operator
+//! starts the server with `--allow-weak-model-sandbox` (then seccomp and rlimits still apply).
+
+use std::collections::BTreeMap;
+
+use landlock::{ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetStatus, Scope};
+use rustix::process::{Resource, Rlimit};
+use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+use weft_core::{Error, Result};
+
+/// What the sandbox may be, set by the server.
+#[derive(Clone, Debug)]
+pub struct SandboxPolicy {
+    /// Bytes of address space the worker may add to what it has when the sandbox closes.
+    pub memory_limit: Option<u64>,
+    /// Accept a kernel without Landlock (seccomp and rlimits only).
+    pub allow_weak: bool,
+}
+
+/// Applies the sandbox to the calling process; returns a one-line description of what holds.
+pub fn apply(policy: &SandboxPolicy) -> Result<String> {
+    // Landlock binds the calling thread and the threads it starts later, so no other thread
+    // may exist yet (one started before would stay outside the sandbox).
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        let count = tasks.count();
+        if count > 1 {
+            return Err(Error::internal(format!(
+                "the model worker has {count} threads before its sandbox closes; it must have one"
+            )));
+        }
+    }
+    let mut holds = Vec::new();
+    rustix::thread::set_no_new_privs(true)
+        .map_err(|error| Error::internal(format!("cannot set no_new_privs: {error}")))?;
+    limits(policy, &mut holds)?;
+    landlock(policy, &mut holds)?;
+    seccomp(&mut holds)?;
+    Ok(holds.join(", "))
+}
+
+fn set(resource: Resource, value: u64) -> Result<()> {
+    rustix::process::setrlimit(
+        resource,
+        Rlimit {
+            current: Some(value),
+            maximum: Some(value),
+        },
+    )
+    .map_err(|error| Error::internal(format!("cannot set {resource:?} limit: {error}")))
+}
+
+fn limits(policy: &SandboxPolicy, holds: &mut Vec<String>) -> Result<()> {
+    set(Resource::Core, 0)?;
+    set(Resource::Fsize, 0)?;
+    set(Resource::Nofile, 64)?;
+    if let Some(limit) = policy.memory_limit {
+        let baseline = address_space_now().unwrap_or(0);
+        set(Resource::As, baseline.saturating_add(limit))?;
+        holds.push(format!("address space {} MiB above baseline", limit >> 20));
+    }
+    // Lower priority than the server: a tenant's model cannot starve request handling.
+    let _ = rustix::process::setpriority_process(None, 10);
+    holds.push("rlimits".into());
+    Ok(())
+}
+
+/// The process's current virtual size (first field of /proc/self/statm, in pages).
+fn address_space_now() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
+}
+
+fn landlock(policy: &SandboxPolicy, holds: &mut Vec<String>) -> Result<()> {
+    let abi = ABI::V6;
+    let refused = |error: landlock::RulesetError| {
+        Error::unavailable(format!("cannot build the Landlock sandbox: {error}"))
+    };
+    // Best effort: network (ABI 4) and scopes (ABI 6) are taken where the kernel has them
+    // (seccomp denies new sockets regardless); filesystem rights exist from ABI 1 on, so any
+    // enforcement at all covers the filesystem.
+    let status = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(refused)?
+        .handle_access(AccessNet::from_all(abi))
+        .map_err(refused)?
+        .scope(Scope::from_all(abi))
+        .map_err(refused)?
+        .create()
+        .map_err(refused)?
+        .restrict_self()
+        .map_err(refused)?;
+    match status.ruleset {
+        RulesetStatus::FullyEnforced => holds.push("landlock (filesystem, network, scopes)".into()),
+        RulesetStatus::PartiallyEnforced => holds.push("landlock (filesystem)".into()),
+        RulesetStatus::NotEnforced if policy.allow_weak => {
+            holds.push("NO landlock (kernel lacks it; --allow-weak-model-sandbox)".into())
+        }
+        RulesetStatus::NotEnforced => {
+            return Err(Error::unavailable(
+                "this kernel does not enforce Landlock, so a tenant model's worker could read \
+                 the server's files; use Linux 5.13 or newer with Landlock enabled, or start \
+                 the server with --allow-weak-model-sandbox to accept seccomp and rlimits only",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn seccomp(holds: &mut Vec<String>) -> Result<()> {
+    let denied: &[i64] = &[
+        libc::SYS_socket,
+        libc::SYS_socketpair,
+        libc::SYS_connect,
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_accept,
+        libc::SYS_accept4,
+        libc::SYS_execve,
+        libc::SYS_execveat,
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_chroot,
+        libc::SYS_unshare,
+        libc::SYS_setns,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_kexec_load,
+        libc::SYS_userfaultfd,
+        libc::SYS_io_uring_setup,
+        libc::SYS_open_by_handle_at,
+        libc::SYS_name_to_handle_at,
+        libc::SYS_memfd_create,
+    ];
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        denied.iter().map(|&call| (call, Vec::new())).collect();
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|error| Error::unavailable(format!("no seccomp filter for this CPU: {error}")))?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|error| Error::internal(format!("cannot build the seccomp filter: {error}")))?;
+    let program: seccompiler::BpfProgram = filter
+        .try_into()
+        .map_err(|error| Error::internal(format!("cannot compile the seccomp filter: {error}")))?;
+    seccompiler::apply_filter_all_threads(&program)
+        .map_err(|error| Error::internal(format!("cannot apply the seccomp filter: {error}")))?;
+    holds.push("seccomp".into());
+    Ok(())
+}
