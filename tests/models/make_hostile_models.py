@@ -98,13 +98,13 @@ def custom_domain():
     return model([node], "custom_domain", extra_opsets=[("com.evil.customops", 1)])
 
 
-def big_initializer():
-    big = numpy_helper.from_array(np.zeros(96 * 2**20 // 4, dtype=np.float32), "big")
+def big_initializer(mib=96, name="big_initializer"):
+    big = numpy_helper.from_array(np.zeros(mib * 2**20 // 4, dtype=np.float32), "big")
     nodes = [
         helper.make_node("ReduceMean", ["big"], ["m"], name="mean0", keepdims=0),  # scalar
         helper.make_node("Add", ["x", "m"], ["y"], name="add0"),
     ]
-    return model(nodes, "big_initializer", [big])
+    return model(nodes, name, [big])
 
 
 def load_bomb():
@@ -149,6 +149,8 @@ def main():
         "external_constant": external_constant(),
         "custom_domain": custom_domain(),
         "big_initializer": big_initializer(),
+        # Fits a 64 MiB budget once, not as four instances.
+        "medium_initializer": big_initializer(20, "medium_initializer"),
         "load_bomb": load_bomb(),
         "slow_matmul": slow_matmul(),
     }

@@ -900,41 +900,47 @@ async fn push_model_checked(
         // stored models already take of its model_memory_mb.
         let quotas = tenant_of(&current, &tenant)?.quotas.clone();
         let budget = crate::tenants::model_budget(&quotas);
-        let used = model_memory_used(tenancy, tenant_of(&current, &tenant)?)?;
+        // What the model is, before what it costs: a hostile model is refused as such.
+        tenancy
+            .loader()
+            .check_tenant_model(&onnx, budget)
+            .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
         let cost = tenancy.loader().instances(&config) * onnx.len() as u64;
-        if used + cost > budget.worker_memory {
-            return Err(Error::new(
-                ErrorKind::PermissionDenied,
-                format!(
-                    "model '{name}' version {number} needs about {} MiB ({} instances of {} \
-                     bytes) but the tenant's model_memory_mb quota of {} MiB has {} MiB left",
-                    cost.div_ceil(1 << 20),
-                    tenancy.loader().instances(&config),
-                    onnx.len(),
-                    quotas.model_memory_mb,
-                    (budget.worker_memory - used) >> 20
-                ),
-            ));
-        }
+        // Checked before the loads and again under the writer, so concurrent pushes cannot
+        // overcommit the budget between them. Returns what is left for this model.
+        let fits = |current: &StoreState| -> Result<u64> {
+            let used = model_memory_used(tenancy, tenant_of(current, &tenant)?)?;
+            if used.saturating_add(cost) > budget.worker_memory {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "model '{name}' version {number} needs about {} MiB ({} instances of {} \
+                         bytes) but the tenant's model_memory_mb quota of {} MiB has {} MiB left",
+                        cost.div_ceil(1 << 20),
+                        tenancy.loader().instances(&config),
+                        onnx.len(),
+                        quotas.model_memory_mb,
+                        budget.worker_memory.saturating_sub(used) >> 20
+                    ),
+                ));
+            }
+            Ok(budget.worker_memory.saturating_sub(used))
+        };
+        let left = fits(&current)?;
         // Prove it loads within what is left, in a worker of its own (a model that blows its
         // memory or the load timeout costs the tenant's serving worker nothing), then load it
         // into the tenant's worker; all before the writer, since loads take seconds.
         let context = |error: Error| error.context(format!("model '{name}' version {number}"));
         tenancy
             .loader()
-            .trial_load_tenant_model(
-                &tenant,
-                onnx.clone(),
-                &config,
-                budget,
-                budget.worker_memory - used,
-            )
+            .trial_load_tenant_model(&tenant, onnx.clone(), &config, budget, left)
             .map_err(context)?;
         let model = tenancy
             .load_model(&tenant, &quotas, &name, onnx.clone(), &config)
             .map_err(context)?;
         let writer = tenancy.writer()?;
         check(&writer.state())?;
+        fits(&writer.state())?;
         tenancy.store().put_blob(&onnx)?;
         tenancy.store().put_blob(config_text.as_bytes())?;
         tenancy.remember_model(&tenant, &name, &onnx_digest, &config_digest, model)?;

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use weft_backends::worker::{ModelWorker, WireOptions, WorkerConfig, WorkerObserver};
+use weft_backends::worker::{
+    ModelWorker, WeakModelWorker, WireOptions, WorkerConfig, WorkerObserver,
+};
 use weft_backends::{GraphOptimization, OnnxModel, OnnxOptions};
 use weft_core::{Error, Model, ModelMetadata, Result};
 use weft_onnx_check::{ModelLimits, check_model};
@@ -41,11 +43,12 @@ pub struct WorkerSettings {
 pub const REPOSITORY_WORKER: &str = "repository";
 
 /// The model workers of this server: one per tenant (and one for process-isolated repository
-/// models), started on first use and kept while a model loaded in them lives.
+/// models), started on first use and kept while a model loaded in them lives: the pool holds
+/// them weakly, so a tenant whose models are all gone has no process left.
 pub struct WorkerPool {
     settings: WorkerSettings,
     observer: Option<Arc<dyn WorkerObserver>>,
-    workers: Mutex<HashMap<(String, Option<u64>), ModelWorker>>,
+    workers: Mutex<HashMap<(String, Option<u64>), WeakModelWorker>>,
 }
 
 impl WorkerPool {
@@ -83,12 +86,13 @@ impl WorkerPool {
             .workers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        workers.retain(|_, worker| worker.upgrade().is_some());
         let key = (label.to_string(), memory_limit);
-        if let Some(worker) = workers.get(&key) {
-            return Ok(worker.clone());
+        if let Some(worker) = workers.get(&key).and_then(WeakModelWorker::upgrade) {
+            return Ok(worker);
         }
         let worker = ModelWorker::start(self.config(label, memory_limit))?;
-        workers.insert(key, worker.clone());
+        workers.insert(key, worker.downgrade());
         Ok(worker)
     }
 
@@ -99,7 +103,7 @@ impl WorkerPool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .iter()
             .filter(|((owner, _), _)| owner == label)
-            .map(|(_, worker)| worker.clone())
+            .filter_map(|(_, worker)| worker.upgrade())
             .collect()
     }
 }
@@ -201,6 +205,12 @@ impl RepositoryLoader {
             allow_external_data: false,
             ..self.tenant_limits.clone()
         }
+    }
+
+    /// Checks a tenant's model bytes (external data, domains, sizes) against its limits.
+    pub fn check_tenant_model(&self, onnx: &Bytes, budget: TenantModelBudget) -> Result<()> {
+        check_model(onnx, &self.tenant_model_limits(budget))?;
+        Ok(())
     }
 
     /// Loads one of a tenant's model versions into the tenant's worker, after checking it.

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use weft_core::{
@@ -36,7 +36,7 @@ use super::wire::{
 };
 
 /// Largest frame the server accepts from a worker (outputs too large for a slot come inline).
-const MAX_FRAME_FROM_WORKER: usize = 1 << 30;
+const MAX_FRAME_FROM_WORKER: usize = 256 << 20;
 
 /// Told when a worker generation ends, for `/metrics`.
 pub trait WorkerObserver: Send + Sync {
@@ -117,6 +117,23 @@ pub struct ModelWorker {
     _guard: Arc<ShutdownGuard>,
 }
 
+/// A [`ModelWorker`] that does not keep it running: it upgrades while a model loaded in it
+/// (or another handle) lives.
+#[derive(Clone)]
+pub struct WeakModelWorker {
+    shared: std::sync::Weak<Shared>,
+    guard: std::sync::Weak<ShutdownGuard>,
+}
+
+impl WeakModelWorker {
+    pub fn upgrade(&self) -> Option<ModelWorker> {
+        Some(ModelWorker {
+            shared: self.shared.upgrade()?,
+            _guard: self.guard.upgrade()?,
+        })
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -143,6 +160,13 @@ impl ModelWorker {
             shared,
             _guard: Arc::new(ShutdownGuard { _stop: stop }),
         })
+    }
+
+    pub fn downgrade(&self) -> WeakModelWorker {
+        WeakModelWorker {
+            shared: Arc::downgrade(&self.shared),
+            guard: Arc::downgrade(&self._guard),
+        }
     }
 
     pub fn label(&self) -> &str {
@@ -173,6 +197,7 @@ impl ModelWorker {
         max_batch_size: usize,
     ) -> Result<WorkerModel> {
         let handle = self.shared.next_handle.fetch_add(1, Ordering::Relaxed);
+        let sessions = options.instance_count.max(1) as usize;
         lock(&self.shared.models).insert(
             handle,
             Registered {
@@ -208,6 +233,7 @@ impl ModelWorker {
                 Ok(WorkerModel {
                     worker: self.clone(),
                     handle,
+                    admitted: Arc::new(Semaphore::new(sessions)),
                     metadata: ModelMetadata {
                         platform: "onnxruntime_onnx".into(),
                         inputs: metadata.inputs.iter().map(spec).collect(),
@@ -270,6 +296,9 @@ pub struct WorkerModel {
     worker: ModelWorker,
     handle: u64,
     metadata: ModelMetadata,
+    /// One permit per session in the worker: calls beyond them wait here, so the call timeout
+    /// measures a call the worker is running, not one queued behind others.
+    admitted: Arc<Semaphore>,
 }
 
 impl WorkerModel {
@@ -308,6 +337,11 @@ impl Model for WorkerModel {
             {
                 return Err(Error::unavailable(reason));
             }
+            let _admitted = self
+                .admitted
+                .acquire()
+                .await
+                .map_err(|_| Error::unavailable("the model is shutting down"))?;
             let connection = self.worker.connection().await?;
             connection
                 .infer(&self.worker.shared, self.handle, inputs, &self.metadata)
@@ -369,7 +403,9 @@ struct PendingCall {
 struct Connection {
     pid: rustix::process::Pid,
     sandbox: String,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// Frames to the worker, written in order by the connection's writer task: queueing is
+    /// synchronous, so a caller that gives up never leaves half a frame on the socket.
+    writer: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     arena: SharedArena,
     slots: Arc<SlotPool>,
     calls: Mutex<Calls>,
@@ -387,11 +423,13 @@ struct Calls {
 
 impl Connection {
     async fn send(&self, message: &ToWorker) -> Result<()> {
+        self.queue(message)
+    }
+
+    fn queue(&self, message: &ToWorker) -> Result<()> {
         let frame = encode_frame(message)?;
-        let mut writer = self.writer.lock().await;
-        writer
-            .write_all(&frame)
-            .await
+        self.writer
+            .send(frame)
             .map_err(|_| Error::unavailable("the model worker's connection is closed"))
     }
 
@@ -407,6 +445,15 @@ impl Connection {
         for (_, call) in calls.infer.drain() {
             let _ = call.reply.send(Err(Error::unavailable(reason)));
         }
+        for (_, load) in calls.load.drain() {
+            let _ = load.send(Err(Error::unavailable(reason)));
+        }
+    }
+
+    /// Fails the loads in flight; later loads on this generation fail at once.
+    fn fail_loads(&self, reason: &str) {
+        let mut calls = lock(&self.calls);
+        calls.dead.get_or_insert_with(|| reason.to_string());
         for (_, load) in calls.load.drain() {
             let _ = load.send(Err(Error::unavailable(reason)));
         }
@@ -435,7 +482,7 @@ impl Connection {
             onnx: onnx.to_vec(),
             options,
         };
-        if let Err(error) = self.send(&message).await {
+        if let Err(error) = self.queue(&message) {
             lock(&self.calls).load.remove(&call);
             return Err(error);
         }
@@ -463,7 +510,15 @@ impl Connection {
         inputs: Vec<NamedTensor>,
         metadata: &ModelMetadata,
     ) -> Result<Vec<NamedTensor>> {
-        let lease = self.slots.acquire().await?;
+        let timeout = shared.config.call_timeout;
+        let lease = tokio::time::timeout(timeout, self.slots.acquire())
+            .await
+            .map_err(|_| {
+                Error::unavailable(format!(
+                    "the model worker had no free call slot for {} s",
+                    timeout.as_secs()
+                ))
+            })??;
         let slot = lease.slot;
         let mut used = 0usize;
         let mut wire = Vec::with_capacity(inputs.len());
@@ -510,11 +565,12 @@ impl Connection {
             slot,
             inputs: wire,
         };
-        if let Err(error) = self.send(&message).await {
+        // Queued with no await since the insert: a caller dropped from here on leaves its
+        // pending call (and slot) to be released by the worker's answer or death.
+        if let Err(error) = self.queue(&message) {
             lock(&self.calls).infer.remove(&call);
             return Err(error);
         }
-        let timeout = shared.config.call_timeout;
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::unavailable(
@@ -627,6 +683,9 @@ async fn read_loop(connection: Arc<Connection>, mut reader: BufReader<OwnedReadH
             break;
         }
     }
+    // A load waiting on a dead worker learns it now (the supervisor may be reloading, not
+    // watching); calls get the cause once the supervisor has the exit status.
+    connection.fail_loads("the model worker stopped while loading the model");
     connection.died.notify_one();
 }
 
@@ -673,7 +732,7 @@ async fn spawn_generation(
     }
     command
         .env_clear()
-        .env("MALLOC_ARENA_MAX", "2")
+        .env("MALLOC_ARENA_MAX", "1")
         .current_dir("/")
         .stdin(Stdio::from(OwnedFd::from(theirs)))
         .stdout(Stdio::null())
@@ -682,6 +741,9 @@ async fn spawn_generation(
     let mut child = command
         .spawn()
         .map_err(|error| Error::unavailable(format!("cannot start a model worker: {error}")))?;
+    // The command holds the child's end of the socket: close ours, so the worker's death is
+    // an end of file here.
+    drop(command);
     let pid = child
         .id()
         .and_then(|id| rustix::process::Pid::from_raw(id as i32))
@@ -723,10 +785,19 @@ async fn spawn_generation(
             ));
         }
     };
+    let (frames, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let mut write: OwnedWriteHalf = write;
+        while let Some(frame) = outgoing.recv().await {
+            if write.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
     let connection = Arc::new(Connection {
         pid,
         sandbox,
-        writer: tokio::sync::Mutex::new(write),
+        writer: frames,
         slots: SlotPool::new(config.slots),
         arena,
         calls: Mutex::default(),
@@ -740,10 +811,13 @@ async fn spawn_generation(
 /// Forwards the worker's stderr to the server log, bounded: lines cut at 1 KiB, at most 100
 /// lines per minute (the rest counted in one line), so a model cannot flood the log.
 async fn forward_logs(label: String, stderr: tokio::process::ChildStderr) {
-    let mut lines = BufReader::new(stderr).split(b'\n');
+    let mut stderr = stderr;
+    let mut chunk = vec![0u8; 4096];
+    // The line being collected (at most 1 KiB kept; the rest of a long line is skipped).
+    let mut line = Vec::with_capacity(1024);
     let mut window = Instant::now();
     let (mut logged, mut dropped) = (0u32, 0u64);
-    while let Ok(Some(line)) = lines.next_segment().await {
+    let mut emit = |line: &[u8]| {
         if window.elapsed() > Duration::from_secs(60) {
             if dropped > 0 {
                 tracing::warn!(tenant = %label, dropped, "model worker log lines dropped");
@@ -753,13 +827,27 @@ async fn forward_logs(label: String, stderr: tokio::process::ChildStderr) {
         }
         if logged >= 100 {
             dropped += 1;
-            continue;
+            return;
         }
         logged += 1;
-        let text = String::from_utf8_lossy(&line[..line.len().min(1024)])
-            .escape_debug()
-            .to_string();
+        let text = String::from_utf8_lossy(line).escape_debug().to_string();
         tracing::warn!(tenant = %label, line = %text, "model worker");
+    };
+    while let Ok(read) = stderr.read(&mut chunk).await {
+        if read == 0 {
+            break;
+        }
+        for &byte in &chunk[..read] {
+            if byte == b'\n' {
+                emit(&line);
+                line.clear();
+            } else if line.len() < 1024 {
+                line.push(byte);
+            }
+        }
+    }
+    if !line.is_empty() {
+        emit(&line);
     }
 }
 
@@ -889,6 +977,10 @@ async fn reload(shared: &Shared, connection: &Connection) -> bool {
         let result = connection
             .load(shared, handle, onnx, options, shared.config.load_timeout)
             .await;
+        if result.is_ok() && !lock(&shared.models).contains_key(&handle) {
+            // Its model was dropped while this generation was loading it.
+            let _ = connection.queue(&ToWorker::Unload { handle });
+        }
         if let Err(error) = result {
             let dead = lock(&connection.calls).dead.is_some();
             let reason = if dead || error.kind() == ErrorKind::Unavailable {
@@ -932,10 +1024,17 @@ pub async fn trial_load(
     let loaded = worker.load(onnx, options, max_batch_size).await;
     match loaded {
         Ok(model) => Ok(model.metadata.clone()),
-        Err(error) if error.kind() == ErrorKind::Unavailable => Err(Error::invalid(format!(
-            "the model cannot be loaded within the tenant's limits ({limits}): {}",
-            error.message()
-        ))),
+        Err(error)
+            if error.kind() == ErrorKind::Unavailable
+                || ["bad_alloc", "allocate", "memory"]
+                    .iter()
+                    .any(|word| error.message().contains(word)) =>
+        {
+            Err(Error::invalid(format!(
+                "the model cannot be loaded within the tenant's limits ({limits}): {}",
+                error.message()
+            )))
+        }
         Err(error) => Err(error),
     }
 }

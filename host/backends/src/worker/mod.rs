@@ -17,7 +17,9 @@ pub mod sandbox;
 pub mod shm;
 pub mod wire;
 
-pub use client::{ModelWorker, WorkerConfig, WorkerModel, WorkerObserver, trial_load};
+pub use client::{
+    ModelWorker, WeakModelWorker, WorkerConfig, WorkerModel, WorkerObserver, trial_load,
+};
 pub use process::{ProbeReport, WorkerArgs};
 pub use sandbox::SandboxPolicy;
 pub use wire::WireOptions;

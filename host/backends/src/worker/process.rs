@@ -337,6 +337,16 @@ pub fn probe(
             detail: outcome.err().map(|e| e.to_string()).unwrap_or_default(),
         });
     }
+    let parent = rustix::process::getppid();
+    let signal = parent.map(rustix::process::test_kill_process);
+    attempts.push(ProbeAttempt {
+        what: "signal the parent process".into(),
+        allowed: matches!(signal, Some(Ok(()))),
+        detail: match signal {
+            Some(Err(error)) => error.to_string(),
+            _ => String::new(),
+        },
+    });
     let exec = std::process::Command::new("/bin/true").status();
     attempts.push(ProbeAttempt {
         what: "run /bin/true".into(),

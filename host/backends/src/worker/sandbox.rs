@@ -6,8 +6,11 @@
 //!   no path can be opened, listed, written or executed; from ABI 4 TCP bind/connect are denied
 //!   too, and from ABI 6 abstract Unix sockets and signals outside the sandbox.
 //! - **seccomp** (a deny list, so ONNX Runtime's own syscalls keep working): no new sockets, no
-//!   exec, no ptrace or cross-process memory access, no mounts, namespaces, BPF, keyrings,
-//!   io_uring, kernel modules or `open_by_handle_at`. Denied calls fail with `EPERM`.
+//!   exec, no child processes (threads only), no ptrace, pidfds or cross-process memory access,
+//!   no signals, rlimits, priorities or CPU affinity aimed at another process (the server runs
+//!   as the same user), no mounts, namespaces, BPF, keyrings, io_uring, kernel modules or
+//!   `open_by_handle_at`, no x32 calls. Denied calls fail with `EPERM` (`ENOSYS` for clone3
+//!   and x32).
 //! - **rlimits**: address space (the tenant's `model_memory_mb` above the worker's baseline),
 //!   no core dumps, no file growth, few descriptors; plus `no_new_privs` and a lower CPU
 //!   priority than the server's own threads.
@@ -124,7 +127,22 @@ fn landlock(policy: &SandboxPolicy, holds: &mut Vec<String>) -> Result<()> {
 }
 
 fn seccomp(holds: &mut Vec<String>) -> Result<()> {
-    let denied: &[i64] = &[
+    use seccompiler::{SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition, SeccompRule};
+    let pid = u64::from(
+        rustix::process::getpid()
+            .as_raw_nonzero()
+            .get()
+            .unsigned_abs(),
+    );
+    let condition = |arg: u8, len: Len, op: Op, value: u64| {
+        SeccompCondition::new(arg, len, op, value)
+            .map_err(|error| Error::internal(format!("seccomp condition: {error}")))
+    };
+    let rule = |conditions: Vec<SeccompCondition>| {
+        SeccompRule::new(conditions)
+            .map_err(|error| Error::internal(format!("seccomp rule: {error}")))
+    };
+    let always: &[i64] = &[
         libc::SYS_socket,
         libc::SYS_socketpair,
         libc::SYS_connect,
@@ -134,9 +152,17 @@ fn seccomp(holds: &mut Vec<String>) -> Result<()> {
         libc::SYS_accept4,
         libc::SYS_execve,
         libc::SYS_execveat,
+        libc::SYS_fork,
+        libc::SYS_vfork,
         libc::SYS_ptrace,
         libc::SYS_process_vm_readv,
         libc::SYS_process_vm_writev,
+        libc::SYS_process_madvise,
+        libc::SYS_kcmp,
+        libc::SYS_pidfd_open,
+        libc::SYS_pidfd_send_signal,
+        libc::SYS_pidfd_getfd,
+        libc::SYS_tkill,
         libc::SYS_mount,
         libc::SYS_umount2,
         libc::SYS_pivot_root,
@@ -158,14 +184,65 @@ fn seccomp(holds: &mut Vec<String>) -> Result<()> {
         libc::SYS_name_to_handle_at,
         libc::SYS_memfd_create,
     ];
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        denied.iter().map(|&call| (call, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        always.iter().map(|&call| (call, Vec::new())).collect();
+    // Calls that may only aim at the worker itself (pid 0 or its own pid): the server runs
+    // as the same user, so these would otherwise reach it.
+    let not_self = |arg: u8| -> Result<Vec<SeccompCondition>> {
+        Ok(vec![
+            condition(arg, Len::Dword, Op::Ne, 0)?,
+            condition(arg, Len::Dword, Op::Ne, pid)?,
+        ])
+    };
+    // kill(0) and kill(-1) reach the process group and every process: only its own pid.
+    rules.insert(
+        libc::SYS_kill,
+        vec![rule(vec![condition(0, Len::Dword, Op::Ne, pid)?])?],
+    );
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![rule(vec![condition(0, Len::Dword, Op::Ne, pid)?])?],
+    );
+    rules.insert(libc::SYS_prlimit64, vec![rule(not_self(0)?)?]);
+    rules.insert(libc::SYS_setpriority, vec![rule(not_self(1)?)?]);
+    for call in [
+        libc::SYS_sched_setaffinity,
+        libc::SYS_sched_setscheduler,
+        libc::SYS_sched_setparam,
+        libc::SYS_sched_setattr,
+    ] {
+        rules.insert(call, vec![rule(not_self(0)?)?]);
+    }
+    // Threads only: a child process would escape the address-space limit (it is per process)
+    // and the parent-death signal.
+    rules.insert(
+        libc::SYS_clone,
+        vec![rule(vec![condition(
+            0,
+            Len::Qword,
+            Op::MaskedEq(libc::CLONE_THREAD as u64),
+            0,
+        )?])?],
+    );
+    apply_filter(rules, libc::EPERM)?;
+    // clone3 cannot be inspected (its flags are in memory): ENOSYS makes glibc fall back to
+    // clone, which the filter above does inspect.
+    apply_filter(
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        libc::ENOSYS,
+    )?;
+    refuse_x32()?;
+    holds.push("seccomp".into());
+    Ok(())
+}
+
+fn apply_filter(rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>>, errno: i32) -> Result<()> {
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|error| Error::unavailable(format!("no seccomp filter for this CPU: {error}")))?;
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Errno(errno as u32),
         arch,
     )
     .map_err(|error| Error::internal(format!("cannot build the seccomp filter: {error}")))?;
@@ -173,7 +250,48 @@ fn seccomp(holds: &mut Vec<String>) -> Result<()> {
         .try_into()
         .map_err(|error| Error::internal(format!("cannot compile the seccomp filter: {error}")))?;
     seccompiler::apply_filter_all_threads(&program)
-        .map_err(|error| Error::internal(format!("cannot apply the seccomp filter: {error}")))?;
-    holds.push("seccomp".into());
+        .map_err(|error| Error::internal(format!("cannot apply the seccomp filter: {error}")))
+}
+
+/// x32 system calls (numbers with bit 30 set) share x86_64's architecture tag, so a deny list
+/// keyed by number would not see them: refuse every one of them (ENOSYS).
+#[cfg(target_arch = "x86_64")]
+fn refuse_x32() -> Result<()> {
+    use seccompiler::sock_filter;
+    const LOAD_NR: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS, offset 0: seccomp_data.nr
+    const JUMP_IF_GE: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    const RETURN: u16 = 0x06; // BPF_RET | BPF_K
+    let program = vec![
+        sock_filter {
+            code: LOAD_NR,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        sock_filter {
+            code: JUMP_IF_GE,
+            jt: 0,
+            jf: 1,
+            k: 0x4000_0000,
+        },
+        sock_filter {
+            code: RETURN,
+            jt: 0,
+            jf: 0,
+            k: 0x0005_0000 | libc::ENOSYS as u32, // SECCOMP_RET_ERRNO
+        },
+        sock_filter {
+            code: RETURN,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000, // SECCOMP_RET_ALLOW
+        },
+    ];
+    seccompiler::apply_filter_all_threads(&program)
+        .map_err(|error| Error::internal(format!("cannot apply the x32 seccomp filter: {error}")))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn refuse_x32() -> Result<()> {
     Ok(())
 }
