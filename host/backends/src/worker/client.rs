@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use weft_core::{
@@ -399,13 +399,88 @@ struct PendingCall {
     outputs: Vec<TensorSpec>,
 }
 
+/// The sending side of a worker's socket. A frame goes straight into the socket when nothing
+/// is waiting before it (the common case: one non-blocking write, no task hop); what the
+/// socket does not take joins a backlog that a flusher task writes out in order.
+struct Outgoing {
+    half: OwnedWriteHalf,
+    backlog: Mutex<Vec<u8>>,
+    flush: Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Outgoing {
+    fn queue(&self, frame: &[u8]) -> Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(Error::unavailable(
+                "the model worker's connection is closed",
+            ));
+        }
+        let mut backlog = lock(&self.backlog);
+        if backlog.is_empty() {
+            match self.half.try_write(frame) {
+                Ok(written) if written == frame.len() => return Ok(()),
+                Ok(written) => backlog.extend_from_slice(&frame[written..]),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    backlog.extend_from_slice(frame)
+                }
+                Err(_) => {
+                    self.closed.store(true, Ordering::Relaxed);
+                    return Err(Error::unavailable(
+                        "the model worker's connection is closed",
+                    ));
+                }
+            }
+        } else {
+            backlog.extend_from_slice(frame);
+        }
+        drop(backlog);
+        self.flush.notify_one();
+        Ok(())
+    }
+
+    /// Writes the backlog out whenever there is one, until the socket fails or the connection
+    /// is gone.
+    async fn flush_backlog(self: Arc<Self>) {
+        loop {
+            self.flush.notified().await;
+            if Arc::strong_count(&self) == 1 {
+                return;
+            }
+            loop {
+                if self.half.writable().await.is_err() {
+                    self.closed.store(true, Ordering::Relaxed);
+                    return;
+                }
+                let mut backlog = lock(&self.backlog);
+                if backlog.is_empty() {
+                    break;
+                }
+                match self.half.try_write(&backlog) {
+                    Ok(written) => {
+                        backlog.drain(..written);
+                        if backlog.is_empty() {
+                            break;
+                        }
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        self.closed.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One generation: the process, its socket and its arena.
 struct Connection {
     pid: rustix::process::Pid,
     sandbox: String,
-    /// Frames to the worker, written in order by the connection's writer task: queueing is
-    /// synchronous, so a caller that gives up never leaves half a frame on the socket.
-    writer: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    /// Frames to the worker. Queueing is synchronous, so a caller that gives up never leaves
+    /// half a frame on the socket.
+    writer: Arc<Outgoing>,
     arena: SharedArena,
     slots: Arc<SlotPool>,
     calls: Mutex<Calls>,
@@ -421,16 +496,20 @@ struct Calls {
     load: HashMap<u64, oneshot::Sender<Result<WireMetadata>>>,
 }
 
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Lets the flusher see it is the last holder and end.
+        self.writer.flush.notify_one();
+    }
+}
+
 impl Connection {
     async fn send(&self, message: &ToWorker) -> Result<()> {
         self.queue(message)
     }
 
     fn queue(&self, message: &ToWorker) -> Result<()> {
-        let frame = encode_frame(message)?;
-        self.writer
-            .send(frame)
-            .map_err(|_| Error::unavailable("the model worker's connection is closed"))
+        self.writer.queue(&encode_frame(message)?)
     }
 
     fn kill(&self, cause: &'static str) {
@@ -785,15 +864,13 @@ async fn spawn_generation(
             ));
         }
     };
-    let (frames, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    tokio::spawn(async move {
-        let mut write: OwnedWriteHalf = write;
-        while let Some(frame) = outgoing.recv().await {
-            if write.write_all(&frame).await.is_err() {
-                break;
-            }
-        }
+    let frames = Arc::new(Outgoing {
+        half: write,
+        backlog: Mutex::default(),
+        flush: Notify::new(),
+        closed: std::sync::atomic::AtomicBool::new(false),
     });
+    tokio::spawn(Arc::clone(&frames).flush_backlog());
     let connection = Arc::new(Connection {
         pid,
         sandbox,

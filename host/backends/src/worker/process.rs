@@ -2,10 +2,10 @@
 //!
 //! Start-up order matters: receive the shared arena over the control socket (fd 0), load the
 //! ONNX Runtime library, map the arena, then close the sandbox ([`super::sandbox`]) while the
-//! process still has a single thread, and only then say `Ready` and read models. Each loaded
-//! model gets `instance_count` threads, each owning one ONNX Runtime session and taking calls
-//! from the model's queue, so calls run in parallel up to the instance count and an answer is
-//! written by the thread that computed it.
+//! process still has a single thread, and only then say `Ready` and read models. A pool of
+//! threads (two, plus one per loaded session) takes turns reading the socket: the thread that
+//! reads a call runs it on a free session of its model and writes the answer, so a call costs
+//! no hand-off between threads; while it computes, another thread reads the next frame.
 //!
 //! The worker exits when the server closes the socket; a frame it cannot parse ends it too
 //! (the server treats that as a crash and restarts it).
@@ -19,7 +19,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender};
 use ort::session::Session;
 use weft_core::{Error, NamedTensor, Result, Tensor};
 
@@ -44,11 +43,47 @@ pub struct WorkerArgs {
 
 type Writer = Arc<Mutex<UnixStream>>;
 
-struct Job {
-    call: u64,
-    slot: u32,
-    inputs: Vec<WireTensor>,
+/// One loaded model: its sessions, each used by one call at a time.
+struct Sessions {
+    sessions: Vec<Mutex<Session>>,
 }
+
+/// What every thread of the worker shares.
+struct Worker {
+    /// Held by the one thread reading the next frame (leader/follower): the thread that reads a
+    /// call runs it, so a call costs no hand-off between threads.
+    reader: Mutex<BufReader<SpinningReader>>,
+    writer: Writer,
+    models: RwLock<HashMap<u64, Arc<Sessions>>>,
+    arena: Arc<SharedArena>,
+}
+
+/// How long the reading thread polls the socket before it sleeps in `read`. A call that
+/// arrives within it is seen without a wake-up (tens of microseconds on a VM); an idle worker
+/// spins this long once, then blocks.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// The control socket, read with a short spin before blocking.
+struct SpinningReader(UnixStream);
+
+impl std::io::Read for SpinningReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use rustix::net::{RecvFlags, recv};
+        let started = std::time::Instant::now();
+        while started.elapsed() < SPIN {
+            match recv(&self.0, &mut *buf, RecvFlags::DONTWAIT) {
+                Ok((_, received)) => return Ok(received),
+                Err(rustix::io::Errno::AGAIN) => std::hint::spin_loop(),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        self.0.read(buf)
+    }
+}
+
+/// Threads beyond the sessions, so a frame is read while every session computes.
+const SPARE_THREADS: usize = 2;
 
 /// Runs the worker until the server closes the control socket.
 pub fn run(args: WorkerArgs) -> Result<()> {
@@ -61,11 +96,45 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let writer: Writer = Arc::new(Mutex::new(socket.try_clone().map_err(io("clone"))?));
     let sandbox = sandbox::apply(&args.policy)?;
     send(&writer, &FromWorker::Ready { sandbox })?;
-    let models: Arc<RwLock<HashMap<u64, Sender<Job>>>> = Arc::default();
-    let mut reader = BufReader::with_capacity(64 << 10, socket);
+    let worker = Arc::new(Worker {
+        reader: Mutex::new(BufReader::with_capacity(64 << 10, SpinningReader(socket))),
+        writer,
+        models: RwLock::default(),
+        arena,
+    });
+    for _ in 0..SPARE_THREADS {
+        spawn_thread(&worker)?;
+    }
+    serve(&worker)
+}
+
+fn spawn_thread(worker: &Arc<Worker>) -> Result<()> {
+    let worker = Arc::clone(worker);
+    std::thread::Builder::new()
+        .name("weft-worker".into())
+        .spawn(move || {
+            if let Err(error) = serve(&worker) {
+                eprintln!("weft worker: {error}");
+                std::process::exit(1);
+            }
+        })
+        .map(drop)
+        .map_err(|error| Error::unavailable(format!("cannot start a worker thread: {error}")))
+}
+
+/// One thread's loop: take the reader, read a frame, let the next thread read, handle it.
+/// The end of the socket (the server is gone) ends the whole process.
+fn serve(worker: &Arc<Worker>) -> Result<()> {
     loop {
-        let Some(body) = read_frame(&mut reader, MAX_FRAME_TO_WORKER).map_err(io("read"))? else {
-            return Ok(());
+        let frame = {
+            let mut reader = worker
+                .reader
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            read_frame(&mut *reader, MAX_FRAME_TO_WORKER).map_err(io("read"))?
+        };
+        let Some(body) = frame else {
+            std::process::exit(0);
         };
         match decode::<ToWorker>(&body)? {
             ToWorker::Load {
@@ -75,36 +144,18 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 options,
             } => {
                 drop(body);
-                let (load_writer, models, arena) =
-                    (Arc::clone(&writer), Arc::clone(&models), Arc::clone(&arena));
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("weft-load".into())
-                        .spawn(move || {
-                            let result =
-                                load(handle, &onnx, &options, &arena, &load_writer, &models);
-                            let _ = send(
-                                &load_writer,
-                                &FromWorker::Loaded {
-                                    call,
-                                    result: result.map_err(|error| WireError::from(&error)),
-                                },
-                            );
-                        });
-                if let Err(error) = spawned {
-                    let error = Error::unavailable(format!("cannot start a load: {error}"));
-                    send(
-                        &writer,
-                        &FromWorker::Loaded {
-                            call,
-                            result: Err(WireError::from(&error)),
-                        },
-                    )?;
-                }
+                let result = load(handle, &onnx, &options, worker);
+                drop(onnx);
+                send(
+                    &worker.writer,
+                    &FromWorker::Loaded {
+                        call,
+                        result: result.map_err(|error| WireError::from(&error)),
+                    },
+                )?;
             }
             ToWorker::Unload { handle } => {
-                // Dropping the queue's sender ends the instance threads once it drains.
-                write_lock(&models).remove(&handle);
+                write_lock(&worker.models).remove(&handle);
             }
             ToWorker::Infer {
                 call,
@@ -112,24 +163,48 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 slot,
                 inputs,
             } => {
-                let queue = read_lock(&models).get(&handle).cloned();
-                let refused = match queue {
-                    Some(queue) => queue.send(Job { call, slot, inputs }).err().map(|_| ()),
-                    None => Some(()),
+                let sessions = read_lock(&worker.models).get(&handle).cloned();
+                let result = match sessions {
+                    Some(sessions) => infer(&sessions, &worker.arena, slot, inputs),
+                    None => Err(Error::unavailable("the model is not loaded in its worker")),
                 };
-                if refused.is_some() {
-                    let error = Error::unavailable("the model is not loaded in its worker");
-                    send(
-                        &writer,
-                        &FromWorker::Inferred {
-                            call,
-                            result: Err(WireError::from(&error)),
-                        },
-                    )?;
-                }
+                send(
+                    &worker.writer,
+                    &FromWorker::Inferred {
+                        call,
+                        result: result.map_err(|error| WireError::from(&error)),
+                    },
+                )?;
             }
         }
     }
+}
+
+/// Runs one call on a free session of the model (the server admits at most one call per
+/// session, so one is free but for a moment's race) and releases it before answering.
+fn infer(
+    sessions: &Sessions,
+    arena: &Arc<SharedArena>,
+    slot: u32,
+    inputs: Vec<WireTensor>,
+) -> Result<Vec<WireTensor>> {
+    let free = sessions
+        .sessions
+        .iter()
+        .find_map(|session| session.try_lock().ok());
+    let mut session = match free {
+        Some(session) => session,
+        None => sessions
+            .sessions
+            .first()
+            .ok_or_else(|| Error::internal("a model without sessions"))?
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    };
+    catch_unwind(AssertUnwindSafe(|| {
+        run_job(&mut session, arena, slot, inputs)
+    }))
+    .unwrap_or_else(|_| Err(Error::internal("ONNX Runtime panicked during inference")))
 }
 
 fn io(what: &'static str) -> impl Fn(std::io::Error) -> Error {
@@ -188,9 +263,7 @@ fn load(
     handle: u64,
     onnx: &[u8],
     options: &WireOptions,
-    arena: &Arc<SharedArena>,
-    writer: &Writer,
-    models: &Arc<RwLock<HashMap<u64, Sender<Job>>>>,
+    worker: &Arc<Worker>,
 ) -> Result<WireMetadata> {
     let options = OnnxOptions {
         instance_count: options.instance_count.max(1) as usize,
@@ -208,15 +281,16 @@ fn load(
         build_sessions(SessionSource::Bytes(onnx), &options)
     }))
     .map_err(|_| Error::internal("ONNX Runtime panicked while loading the model"))??;
-    let (queue, jobs) = crossbeam_channel::unbounded::<Job>();
-    for (index, session) in sessions.into_iter().enumerate() {
-        let (jobs, arena, writer) = (jobs.clone(), Arc::clone(arena), Arc::clone(writer));
-        std::thread::Builder::new()
-            .name(format!("weft-model-{handle}-{index}"))
-            .spawn(move || instance(session, &jobs, &arena, &writer))
-            .map_err(|error| Error::unavailable(format!("cannot start a model thread: {error}")))?;
+    // One more thread per session, so every session can compute while a frame is read.
+    for _ in 0..sessions.len() {
+        spawn_thread(worker)?;
     }
-    write_lock(models).insert(handle, queue);
+    write_lock(&worker.models).insert(
+        handle,
+        Arc::new(Sessions {
+            sessions: sessions.into_iter().map(Mutex::new).collect(),
+        }),
+    );
     let spec = |spec: &weft_core::TensorSpec| WireSpec {
         name: spec.name.clone(),
         datatype: spec.datatype,
@@ -228,26 +302,13 @@ fn load(
     })
 }
 
-/// One session's thread: runs calls until the model is unloaded.
-fn instance(mut session: Session, jobs: &Receiver<Job>, arena: &Arc<SharedArena>, writer: &Writer) {
-    while let Ok(job) = jobs.recv() {
-        let call = job.call;
-        let result = catch_unwind(AssertUnwindSafe(|| run_job(&mut session, arena, job)))
-            .unwrap_or_else(|_| Err(Error::internal("ONNX Runtime panicked during inference")));
-        let message = FromWorker::Inferred {
-            call,
-            result: result.map_err(|error| WireError::from(&error)),
-        };
-        if send(writer, &message).is_err() {
-            return;
-        }
-    }
-}
-
-fn run_job(session: &mut Session, arena: &Arc<SharedArena>, job: Job) -> Result<Vec<WireTensor>> {
-    let slot = job.slot;
-    let inputs = job
-        .inputs
+fn run_job(
+    session: &mut Session,
+    arena: &Arc<SharedArena>,
+    slot: u32,
+    inputs: Vec<WireTensor>,
+) -> Result<Vec<WireTensor>> {
+    let inputs = inputs
         .into_iter()
         .map(|input| {
             let bytes = match input.data {
