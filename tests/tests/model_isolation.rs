@@ -395,3 +395,123 @@ fn the_worker_sandbox_denies_the_data_directory_the_network_and_exec() {
     // The same open works outside the sandbox: the probe measured the sandbox, not the file.
     assert!(std::fs::File::open(&secret).is_ok());
 }
+
+#[tokio::test]
+async fn repository_models_get_the_external_data_check_unless_they_opt_out() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = hostile_models(scratch.path(), Path::new("/etc/hostname"));
+    // The model's weight tensor lives in `state.json` next to it: 16 bytes, four FP32.
+    let weights = f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
+    let onnx = read(&dir, "external_relative.onnx");
+    let repo = Repo::new()
+        .with_file("models/untrusted/model.toml", b"platform = \"onnx\"\n")
+        .with_file("models/untrusted/1/model.onnx", &onnx)
+        .with_file("models/untrusted/1/state.json", &weights)
+        .with_file(
+            "models/trusted/model.toml",
+            b"platform = \"onnx\"\nallow_external_data = true\n",
+        )
+        .with_file("models/trusted/1/model.onnx", &onnx)
+        .with_file("models/trusted/1/state.json", &weights);
+    let server = Server::start(repo.path());
+
+    let (status, body) = get_json(&server.url("/v2/models/untrusted/ready")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("external data"),
+        "{body}"
+    );
+
+    let (status, body) = post_json(
+        &server.url("/v2/models/trusted/infer"),
+        &json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
+                             "data": [0.5, 0.5, 0.5, 0.5]}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outputs"][0]["data"], json!([1.5, 2.5, 3.5, 4.5]));
+}
+
+#[tokio::test]
+async fn a_worker_model_batches_and_answers_exactly_like_the_in_process_one() {
+    let repo = Repo::standard();
+    let server = Server::start(repo.path());
+    let key = create_tenant(&server, "batcher", json!({})).await;
+    let config = "platform = \"onnx\"\nmax_batch_size = 64\n[dynamic_batching]\n\
+                  max_queue_delay_microseconds = 2000\n";
+    let (status, body) = push_model(&server, &key, "mine", 1, config, &mlp_onnx()).await;
+    assert_eq!(status, 201, "{body}");
+    let request = |i: usize| {
+        let x: Vec<f32> = (0..64).map(|j| ((i * 64 + j) % 17) as f32 / 7.0).collect();
+        json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": x}]})
+    };
+    let calls = (0..32).map(|i| {
+        let (worker, local) = (
+            client_with_key(&key)
+                .post(server.url("/v2/models/mine/infer"))
+                .json(&request(i)),
+            client()
+                .post(server.url("/v2/models/mlp/infer"))
+                .json(&request(i)),
+        );
+        async move { (send(worker).await, send(local).await) }
+    });
+    for ((status, worker), (local_status, local)) in futures_util::future::join_all(calls).await {
+        assert_eq!((status, local_status), (200, 200), "{worker} {local}");
+        assert_eq!(worker["outputs"][0]["data"], local["outputs"][0]["data"]);
+    }
+    let metrics = scrape(&server).await;
+    let batches = metrics
+        .lines()
+        .find(|line| line.starts_with("weft_batch_size_rows_count{model=\"batcher/mine\"}"))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|count| count.parse::<f64>().ok())
+        .unwrap_or_default();
+    assert!(
+        batches > 0.0 && batches < 32.0,
+        "32 concurrent calls should merge into fewer batches: {batches}"
+    );
+}
+
+#[tokio::test]
+async fn a_call_past_the_call_timeout_restarts_the_worker_as_a_hang() {
+    let repo = Repo::new();
+    let server = Server::start_with(repo.path(), &["--model-call-timeout-seconds", "1"]);
+    let key = create_tenant(&server, "sloth", json!({})).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = hostile_models(scratch.path(), Path::new("/etc/hostname"));
+    let slow_config = "platform = \"onnx\"\n[ort]\ninstance_count = 1\nintra_op_threads = 1\n";
+    let (status, body) = push_model(
+        &server,
+        &key,
+        "slow",
+        1,
+        slow_config,
+        &read(&dir, "slow_matmul.onnx"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = push_model(&server, &key, "mlp", 1, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = infer_slow(&server, &key).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("call timeout of 1 s"),
+        "{body}"
+    );
+    let (status, body) = infer(&server, &key, "mlp").await;
+    assert_eq!(status, 200, "{body}");
+    let metrics = scrape(&server).await;
+    assert!(
+        metrics.contains("weft_model_worker_restarts_total{cause=\"hang\",tenant=\"sloth\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("worker"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -66,6 +66,8 @@ pub struct WorkerCliArgs {
     pub memory_limit_bytes: Option<u64>,
     #[arg(long)]
     pub allow_weak_model_sandbox: bool,
+    #[arg(long, default_value_t = 0)]
+    pub nice: i32,
     /// Probe mode: close the sandbox, then try to open this path (repeatable), report, exit.
     #[arg(long)]
     pub probe_open: Vec<PathBuf>,
@@ -169,6 +171,11 @@ pub struct ServeArgs {
     /// Longest a model worker start or one model load may take; a push over it is refused.
     #[arg(long, env = "WEFT_MODEL_LOAD_TIMEOUT_SECONDS", default_value_t = 60)]
     pub model_load_timeout_seconds: u64,
+    /// Nice value of model workers (0-19): above 0, tenants' models yield the CPU to the
+    /// server's own request handling when the machine is saturated.
+    #[arg(long, env = "WEFT_MODEL_WORKER_NICE", default_value_t = 0,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub model_worker_nice: i32,
     /// Run model workers even on a kernel without Landlock (seccomp and rlimits only): a
     /// tenant model could then read the files the server's user can read. Off by default.
     #[arg(long, env = "WEFT_ALLOW_WEAK_MODEL_SANDBOX")]
@@ -324,6 +331,7 @@ fn worker(args: &WorkerCliArgs) -> weft_core::Result<()> {
     let policy = weft_backends::worker::SandboxPolicy {
         memory_limit: args.memory_limit_bytes,
         allow_weak: args.allow_weak_model_sandbox,
+        nice: args.nice,
     };
     if !args.probe_open.is_empty() || !args.probe_connect.is_empty() {
         let report = weft_backends::worker::process::probe(
@@ -360,6 +368,7 @@ fn worker_settings(ort_library: &std::path::Path) -> anyhow::Result<WorkerSettin
         call_timeout: Duration::from_secs(60),
         load_timeout: Duration::from_secs(60),
         allow_weak_sandbox: false,
+        nice: 0,
     })
 }
 
@@ -383,6 +392,7 @@ fn worker_pool(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<W
             call_timeout: Duration::from_secs(args.model_call_timeout_seconds.max(1)),
             load_timeout: Duration::from_secs(args.model_load_timeout_seconds.max(1)),
             allow_weak_sandbox: args.allow_weak_model_sandbox,
+            nice: args.model_worker_nice,
             ..worker_settings(&args.ort.library)?
         },
         Some(Arc::clone(metrics) as Arc<dyn weft_backends::worker::WorkerObserver>),

@@ -37,6 +37,7 @@ pub struct WorkerSettings {
     pub call_timeout: Duration,
     pub load_timeout: Duration,
     pub allow_weak_sandbox: bool,
+    pub nice: i32,
 }
 
 /// The label of the worker that runs repository models with `isolation = "process"`.
@@ -70,6 +71,7 @@ impl WorkerPool {
             label: label.to_string(),
             memory_limit,
             allow_weak_sandbox: settings.allow_weak_sandbox,
+            nice: settings.nice,
             slots: settings.slots,
             slot_bytes: settings.slot_bytes,
             call_timeout: settings.call_timeout,

@@ -56,6 +56,8 @@ pub struct WorkerConfig {
     /// Address space the worker may use beyond its baseline; `None`: no limit.
     pub memory_limit: Option<u64>,
     pub allow_weak_sandbox: bool,
+    /// Nice value of the worker process (0..=19).
+    pub nice: i32,
     /// Calls in flight at once, and the bytes of each call's slot in the shared arena.
     pub slots: usize,
     pub slot_bytes: usize,
@@ -254,7 +256,12 @@ impl ModelWorker {
         let mut status = self.shared.status.subscribe();
         let waited = tokio::time::timeout(
             self.shared.config.load_timeout,
-            status.wait_for(|status| !matches!(status, Status::Starting)),
+            // A generation already dying is skipped: calls wait for the next one.
+            status.wait_for(|status| match status {
+                Status::Starting => false,
+                Status::Ready(connection) => !connection.is_dead(),
+                Status::Down(_) => true,
+            }),
         )
         .await;
         let label = &self.shared.config.label;
@@ -512,8 +519,17 @@ impl Connection {
         self.writer.queue(&encode_frame(message)?)
     }
 
+    /// Whether this generation takes no more calls (it is being killed or has ended).
+    fn is_dead(&self) -> bool {
+        lock(&self.calls).dead.is_some()
+    }
+
     fn kill(&self, cause: &'static str) {
         lock(&self.kill_cause).get_or_insert(cause);
+        // New calls wait for the next generation instead of joining this one.
+        lock(&self.calls)
+            .dead
+            .get_or_insert_with(|| "the model worker is being restarted".to_string());
         let _ = rustix::process::kill_process(self.pid, rustix::process::Signal::KILL);
     }
 
@@ -808,6 +824,9 @@ async fn spawn_generation(
     }
     if config.allow_weak_sandbox {
         command.arg("--allow-weak-model-sandbox");
+    }
+    if config.nice != 0 {
+        command.arg("--nice").arg(config.nice.to_string());
     }
     command
         .env_clear()

@@ -58,27 +58,36 @@ struct Worker {
     arena: Arc<SharedArena>,
 }
 
-/// How long the reading thread polls the socket before it sleeps in `read`. A call that
-/// arrives within it is seen without a wake-up (tens of microseconds on a VM); an idle worker
-/// spins this long once, then blocks.
+/// How long the reading thread polls the socket before it sleeps in `read`, when the last
+/// frame came within that time: back-to-back calls are then seen without a wake-up (tens of
+/// microseconds on a VM), while calls spaced further apart (an HTTP client at concurrency 1,
+/// an idle worker) never pay for a spin that would only take a core from the server.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
-/// The control socket, read with a short spin before blocking.
-struct SpinningReader(UnixStream);
+/// The control socket, read with a short adaptive spin before blocking.
+struct SpinningReader {
+    socket: UnixStream,
+    /// Whether the last frame arrived within [`SPIN`] of the read that waited for it.
+    spin: bool,
+}
 
 impl std::io::Read for SpinningReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use rustix::net::{RecvFlags, recv};
         let started = std::time::Instant::now();
-        while started.elapsed() < SPIN {
-            match recv(&self.0, &mut *buf, RecvFlags::DONTWAIT) {
-                Ok((_, received)) => return Ok(received),
-                Err(rustix::io::Errno::AGAIN) => std::hint::spin_loop(),
-                Err(rustix::io::Errno::INTR) => {}
-                Err(error) => return Err(error.into()),
+        if self.spin {
+            while started.elapsed() < SPIN {
+                match recv(&self.socket, &mut *buf, RecvFlags::DONTWAIT) {
+                    Ok((_, received)) => return Ok(received),
+                    Err(rustix::io::Errno::AGAIN) => std::hint::spin_loop(),
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(error) => return Err(error.into()),
+                }
             }
         }
-        self.0.read(buf)
+        let received = std::io::Read::read(&mut self.socket, buf)?;
+        self.spin = started.elapsed() < SPIN;
+        Ok(received)
     }
 }
 
@@ -97,7 +106,10 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let sandbox = sandbox::apply(&args.policy)?;
     send(&writer, &FromWorker::Ready { sandbox })?;
     let worker = Arc::new(Worker {
-        reader: Mutex::new(BufReader::with_capacity(64 << 10, SpinningReader(socket))),
+        reader: Mutex::new(BufReader::with_capacity(
+            64 << 10,
+            SpinningReader { socket, spin: true },
+        )),
         writer,
         models: RwLock::default(),
         arena,

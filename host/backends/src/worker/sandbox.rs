@@ -34,6 +34,9 @@ pub struct SandboxPolicy {
     pub memory_limit: Option<u64>,
     /// Accept a kernel without Landlock (seccomp and rlimits only).
     pub allow_weak: bool,
+    /// Nice value of the worker (0 = the server's own priority; higher yields the CPU to the
+    /// server's request handling under contention).
+    pub nice: i32,
 }
 
 /// Applies the sandbox to the calling process; returns a one-line description of what holds.
@@ -77,8 +80,10 @@ fn limits(policy: &SandboxPolicy, holds: &mut Vec<String>) -> Result<()> {
         set(Resource::As, baseline.saturating_add(limit))?;
         holds.push(format!("address space {} MiB above baseline", limit >> 20));
     }
-    // Lower priority than the server: a tenant's model cannot starve request handling.
-    let _ = rustix::process::setpriority_process(None, 10);
+    if policy.nice != 0 {
+        let _ = rustix::process::setpriority_process(None, policy.nice.clamp(0, 19));
+        holds.push(format!("nice {}", policy.nice.clamp(0, 19)));
+    }
     holds.push("rlimits".into());
     Ok(())
 }
