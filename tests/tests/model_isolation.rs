@@ -206,6 +206,23 @@ fn workers_with(server: &Server, marker: &str) -> Vec<i32> {
     pids
 }
 
+/// Pushes `slow_matmul` (seconds of compute per call, one session, one thread) as `slow`.
+async fn push_slow_model(server: &Server, key: &str) {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = hostile_models(scratch.path(), Path::new("/etc/hostname"));
+    let config = "platform = \"onnx\"\n[ort]\ninstance_count = 1\nintra_op_threads = 1\n";
+    let (status, body) = push_model(
+        server,
+        key,
+        "slow",
+        1,
+        config,
+        &read(&dir, "slow_matmul.onnx"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}
+
 /// User plus system CPU time of a process, in clock ticks (fields 14 and 15 of its stat).
 fn cpu_ticks(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -253,19 +270,7 @@ async fn a_killed_worker_fails_only_its_own_calls_and_is_restarted() {
         json!({ "quotas": { "model_memory_mb": 1502 } }),
     )
     .await;
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = hostile_models(scratch.path(), Path::new("/etc/hostname"));
-    let slow_config = "platform = \"onnx\"\n[ort]\ninstance_count = 1\nintra_op_threads = 1\n";
-    let (status, body) = push_model(
-        &server,
-        &victim,
-        "slow",
-        1,
-        slow_config,
-        &read(&dir, "slow_matmul.onnx"),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
+    push_slow_model(&server, &victim).await;
     for key in [&victim, &bystander] {
         let (status, body) = push_model(&server, key, "mlp", 1, MLP_CONFIG, &mlp_onnx()).await;
         assert_eq!(status, 201, "{body}");
@@ -478,19 +483,7 @@ async fn a_call_past_the_call_timeout_restarts_the_worker_as_a_hang() {
     let repo = Repo::new();
     let server = Server::start_with(repo.path(), &["--model-call-timeout-seconds", "1"]);
     let key = create_tenant(&server, "sloth", json!({})).await;
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = hostile_models(scratch.path(), Path::new("/etc/hostname"));
-    let slow_config = "platform = \"onnx\"\n[ort]\ninstance_count = 1\nintra_op_threads = 1\n";
-    let (status, body) = push_model(
-        &server,
-        &key,
-        "slow",
-        1,
-        slow_config,
-        &read(&dir, "slow_matmul.onnx"),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
+    push_slow_model(&server, &key).await;
     let (status, body) = push_model(&server, &key, "mlp", 1, MLP_CONFIG, &mlp_onnx()).await;
     assert_eq!(status, 201, "{body}");
     let (status, body) = infer_slow(&server, &key).await;

@@ -31,8 +31,8 @@ use weft_core::{
 
 use super::shm::SharedArena;
 use super::wire::{
-    FromWorker, Placement, ToWorker, WireMetadata, WireOptions, WireTensor, aligned, decode,
-    encode_frame,
+    FromWorker, Placement, ToWorker, WireMetadata, WireOptions, WireTensor, decode, encode_frame,
+    frame_len, place,
 };
 
 /// Largest frame the server accepts from a worker (outputs too large for a slot come inline).
@@ -618,18 +618,7 @@ impl Connection {
         let mut used = 0usize;
         let mut wire = Vec::with_capacity(inputs.len());
         for input in &inputs {
-            let data = input.tensor.data();
-            let start = aligned(used);
-            let placement = if start + data.len() <= self.arena.slot_bytes() {
-                self.arena.write(slot, start as u64, data)?;
-                used = start + data.len();
-                Placement::Slot {
-                    offset: start as u64,
-                    len: data.len() as u64,
-                }
-            } else {
-                Placement::Inline(data.to_vec())
-            };
+            let placement = place(&self.arena, slot, &mut used, input.tensor.data())?;
             wire.push(WireTensor {
                 name: input.name.clone(),
                 datatype: input.tensor.datatype(),
@@ -758,13 +747,7 @@ async fn read_frame(reader: &mut BufReader<OwnedReadHalf>) -> std::io::Result<Op
         Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(error) => return Err(error),
     }
-    let len = u32::from_le_bytes(header) as usize;
-    if len > MAX_FRAME_FROM_WORKER {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "frame over the limit",
-        ));
-    }
+    let len = frame_len(header, MAX_FRAME_FROM_WORKER)?;
     let mut body = vec![0u8; len];
     reader.read_exact(&mut body).await?;
     Ok(Some(body))

@@ -26,7 +26,7 @@ use super::sandbox::{self, SandboxPolicy};
 use super::shm::SharedArena;
 use super::wire::{
     FromWorker, MAX_FRAME_TO_WORKER, Placement, ToWorker, WireError, WireMetadata, WireOptions,
-    WireSpec, WireTensor, aligned, decode, read_frame, write_frame,
+    WireSpec, WireTensor, decode, place, read_frame, write_frame,
 };
 use crate::onnx::{
     GraphOptimization, OnnxOptions, SessionSource, build_sessions, init_onnxruntime, run_session,
@@ -341,18 +341,7 @@ fn run_job(
     outputs
         .into_iter()
         .map(|output| {
-            let data = output.tensor.data();
-            let start = aligned(used);
-            let placement = if start + data.len() <= arena.slot_bytes() {
-                arena.write(slot, start as u64, data)?;
-                used = start + data.len();
-                Placement::Slot {
-                    offset: start as u64,
-                    len: data.len() as u64,
-                }
-            } else {
-                Placement::Inline(data.to_vec())
-            };
+            let placement = place(arena, slot, &mut used, output.tensor.data())?;
             Ok(WireTensor {
                 name: output.name,
                 datatype: output.tensor.datatype(),

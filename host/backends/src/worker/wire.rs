@@ -152,6 +152,38 @@ impl From<WireError> for Error {
     }
 }
 
+/// Puts `data` into `slot` after the `used` bytes already there (aligned), or inline when it
+/// does not fit; advances `used`.
+pub fn place(
+    arena: &super::shm::SharedArena,
+    slot: u32,
+    used: &mut usize,
+    data: &[u8],
+) -> Result<Placement> {
+    let start = aligned(*used);
+    if start + data.len() > arena.slot_bytes() {
+        return Ok(Placement::Inline(data.to_vec()));
+    }
+    arena.write(slot, start as u64, data)?;
+    *used = start + data.len();
+    Ok(Placement::Slot {
+        offset: start as u64,
+        len: data.len() as u64,
+    })
+}
+
+/// The body length a frame header announces, refused over `max`.
+pub fn frame_len(header: [u8; 4], max: usize) -> std::io::Result<usize> {
+    let len = u32::from_le_bytes(header) as usize;
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the limit of {max}"),
+        ));
+    }
+    Ok(len)
+}
+
 /// Encodes `message` as one frame: a 4-byte little-endian length, then the postcard bytes.
 pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>> {
     let mut frame = vec![0u8; 4];
@@ -178,13 +210,7 @@ pub fn read_frame(reader: &mut impl Read, max: usize) -> std::io::Result<Option<
         Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(error) => return Err(error),
     }
-    let len = u32::from_le_bytes(header) as usize;
-    if len > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes is over the limit of {max}"),
-        ));
-    }
+    let len = frame_len(header, max)?;
     let mut body = vec![0u8; len];
     reader.read_exact(&mut body)?;
     Ok(Some(body))
