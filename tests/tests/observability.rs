@@ -395,6 +395,7 @@ async fn dashboard_and_alert_rules_use_only_exported_metrics() {
         "weft_compile_cache_lookups_total",
         "weft_uploads_total",
         "weft_process_resident_memory_bytes",
+        "weft_model_worker_restarts_total",
     ] {
         assert!(
             exported.contains(wanted),

@@ -110,7 +110,7 @@ impl Metrics {
         )
         .unwrap_or_else(|error| unreachable!("well-formed: {error}"));
         register(&r, Box::new(resident_memory.clone()));
-        Metrics {
+        let metrics = Metrics {
             requests: counter_vec(
                 &r,
                 "weft_requests_total",
@@ -213,7 +213,11 @@ impl Metrics {
             ),
             resident_memory,
             registry: r,
-        }
+        };
+        // The repository's worker series exist from the start (at zero), so the family is
+        // exported and alerts on it evaluate before any worker has restarted.
+        weft_backends::worker::WorkerObserver::started(&metrics, crate::loader::REPOSITORY_WORKER);
+        metrics
     }
 
     /// Records one finished inference request.
@@ -333,6 +337,11 @@ impl Metrics {
         prune(&self.queue_duration, owned_live("model"));
         prune(&self.queue_depth, owned_live("model"));
         prune(&self.node_duration, owned_live("graph"));
+        // A deleted tenant's worker restarts go with it (the repository's worker stays).
+        prune(&self.worker_restarts, |labels| {
+            let tenant = labels.get("tenant").copied().unwrap_or_default();
+            tenant == crate::loader::REPOSITORY_WORKER || live.tenants.contains_key(tenant)
+        });
         let request_live = |labels: &HashMap<&str, &str>| {
             let tenant = labels.get("tenant").copied().unwrap_or_default();
             let model = labels.get("model").copied().unwrap_or_default();
@@ -509,6 +518,12 @@ impl BatchObserver for ModelMetrics {
 }
 
 impl weft_backends::worker::WorkerObserver for Metrics {
+    fn started(&self, label: &str) {
+        for cause in weft_backends::worker::client::RESTART_CAUSES {
+            self.worker_restarts.with_label_values(&[label, cause]);
+        }
+    }
+
     fn restarted(&self, label: &str, cause: &str) {
         self.worker_restarts
             .with_label_values(&[label, cause])

@@ -40,9 +40,24 @@ const MAX_FRAME_FROM_WORKER: usize = 256 << 20;
 
 /// Told when a worker generation ends, for `/metrics`.
 pub trait WorkerObserver: Send + Sync {
-    /// `cause` is one of `killed`, `crashed`, `exited`, `hang`, `load_timeout`, `protocol`.
+    /// A worker for `label` starts (its restart series can start at zero).
+    fn started(&self, label: &str) {
+        let _ = label;
+    }
+
+    /// `cause` is one of [`RESTART_CAUSES`].
     fn restarted(&self, label: &str, cause: &str);
 }
+
+/// Why a worker generation ended, as `weft_model_worker_restarts_total` labels it.
+pub const RESTART_CAUSES: [&str; 6] = [
+    "killed",
+    "crashed",
+    "exited",
+    "hang",
+    "load_timeout",
+    "protocol",
+];
 
 /// How to start and bound one worker.
 #[derive(Clone)]
@@ -156,6 +171,9 @@ impl ModelWorker {
             next_call: AtomicU64::new(1),
             runtime: runtime.clone(),
         });
+        if let Some(observer) = &shared.config.observer {
+            observer.started(&shared.config.label);
+        }
         let (stop, stopped) = watch::channel(());
         runtime.spawn(supervise(Arc::clone(&shared), stopped));
         Ok(ModelWorker {
