@@ -71,8 +71,9 @@ pub fn init_onnxruntime(path: &Path) -> Result<String> {
     }
 }
 
-/// How to build one ONNX model version's sessions (the server maps `model.toml` onto this).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How to build one ONNX model version's sessions (the server maps `model.toml` onto this;
+/// a model worker receives it as it is).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OnnxOptions {
     /// Sessions in the pool: how many requests run at once.
     pub instance_count: usize,
@@ -84,7 +85,7 @@ pub struct OnnxOptions {
 }
 
 /// ONNX Runtime's graph optimization levels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GraphOptimization {
     Disable,
     Basic,

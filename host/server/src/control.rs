@@ -933,10 +933,17 @@ async fn push_model_checked(
         let context = |error: Error| error.context(format!("model '{name}' version {number}"));
         tenancy
             .loader()
-            .trial_load_tenant_model(&tenant, onnx.clone(), &config, budget, left)
+            .trial_load_tenant_model(&tenant, onnx.clone(), &config, left)
             .map_err(context)?;
         let model = tenancy
-            .load_model(&tenant, &quotas, &name, onnx.clone(), &config)
+            .loader()
+            .load_checked_tenant_model(
+                &tenant,
+                &crate::tenants::model_label(&tenant, &name),
+                onnx.clone(),
+                &config,
+                budget,
+            )
             .map_err(context)?;
         let writer = tenancy.writer()?;
         check(&writer.state())?;

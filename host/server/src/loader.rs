@@ -14,9 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use weft_backends::worker::{
-    ModelWorker, WeakModelWorker, WireOptions, WorkerConfig, WorkerObserver,
-};
+use weft_backends::worker::{ModelWorker, WeakModelWorker, WorkerConfig, WorkerObserver};
 use weft_backends::{GraphOptimization, OnnxModel, OnnxOptions};
 use weft_core::{Error, Model, ModelMetadata, Result};
 use weft_onnx_check::{ModelLimits, check_model};
@@ -97,17 +95,6 @@ impl WorkerPool {
         workers.insert(key, worker.downgrade());
         Ok(worker)
     }
-
-    /// The workers serving `label` now (tests and the probe use their process ids).
-    pub fn workers_of(&self, label: &str) -> Vec<ModelWorker> {
-        self.workers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .iter()
-            .filter(|((owner, _), _)| owner == label)
-            .filter_map(|(_, worker)| worker.upgrade())
-            .collect()
-    }
 }
 
 /// Runs an async worker operation from the synchronous loading code, which runs on blocking
@@ -176,22 +163,6 @@ impl RepositoryLoader {
         }
     }
 
-    fn wire_options(&self, config: &ModelConfig) -> WireOptions {
-        let options = self.onnx_options(config);
-        WireOptions {
-            instance_count: options.instance_count as u32,
-            intra_op_threads: options.intra_op_threads as u32,
-            inter_op_threads: options.inter_op_threads as u32,
-            optimization_level: match options.optimization_level {
-                GraphOptimization::Disable => 0,
-                GraphOptimization::Basic => 1,
-                GraphOptimization::Extended => 2,
-                GraphOptimization::All => 3,
-            },
-            max_batch_size: options.max_batch_size as u64,
-        }
-    }
-
     /// Sessions a model version keeps: what its memory counts as (× its size).
     pub fn instances(&self, config: &ModelConfig) -> u64 {
         config.ort.resolved_threads(self.cores).0 as u64
@@ -225,30 +196,42 @@ impl RepositoryLoader {
         config: &ModelConfig,
         budget: TenantModelBudget,
     ) -> Result<Arc<dyn Model>> {
-        check_model(&onnx, &self.tenant_model_limits(budget))?;
+        self.check_tenant_model(&onnx, budget)?;
+        self.load_checked_tenant_model(tenant, label, onnx, config, budget)
+    }
+
+    /// [`RepositoryLoader::load_tenant_model`] for bytes [`RepositoryLoader::check_tenant_model`]
+    /// already accepted (a push checks once, then trial-loads and loads).
+    pub fn load_checked_tenant_model(
+        &self,
+        tenant: &str,
+        label: &str,
+        onnx: Bytes,
+        config: &ModelConfig,
+        budget: TenantModelBudget,
+    ) -> Result<Arc<dyn Model>> {
         let workers = self
             .workers
             .as_ref()
             .ok_or_else(|| Error::unavailable("this server runs no model workers"))?;
         let worker = workers.worker(tenant, Some(budget.worker_memory))?;
-        let options = self.wire_options(config);
+        let options = self.onnx_options(config);
         let max_batch_size = config.max_batch_size;
         let model: Arc<dyn Model> = Arc::new(block_on(worker.load(onnx, options, max_batch_size))?);
         weft_engine::check_declared(config, model.metadata())?;
         Ok(self.serve(label, model, config))
     }
 
-    /// Loads a tenant's model once in a worker of its own limited to `memory` bytes and
-    /// discards it: the push-time proof that it loads within the tenant's budget.
+    /// Loads a tenant's model (bytes [`RepositoryLoader::check_tenant_model`] accepted) once
+    /// in a worker of its own limited to `memory` bytes and discards it: the push-time proof
+    /// that it loads within the tenant's budget.
     pub fn trial_load_tenant_model(
         &self,
         tenant: &str,
         onnx: Bytes,
         config: &ModelConfig,
-        budget: TenantModelBudget,
         memory: u64,
     ) -> Result<ModelMetadata> {
-        check_model(&onnx, &self.tenant_model_limits(budget))?;
         let workers = self
             .workers
             .as_ref()
@@ -257,7 +240,7 @@ impl RepositoryLoader {
         let metadata = block_on(weft_backends::worker::trial_load(
             trial,
             onnx,
-            self.wire_options(config),
+            self.onnx_options(config),
             config.max_batch_size,
         ))?;
         weft_engine::check_declared(config, &metadata)?;
@@ -327,7 +310,7 @@ impl ModelLoader for RepositoryLoader {
                         let worker = workers.worker(REPOSITORY_WORKER, None)?;
                         Arc::new(block_on(worker.load(
                             bytes,
-                            self.wire_options(config),
+                            self.onnx_options(config),
                             config.max_batch_size,
                         ))?)
                     }

@@ -606,9 +606,13 @@ impl Tenancy {
         onnx: bytes::Bytes,
         config: &ModelConfig,
     ) -> Result<Arc<dyn Model>> {
-        let label = format!("{tenant}/{name}");
-        self.loader
-            .load_tenant_model(tenant, &label, onnx, config, model_budget(quotas))
+        self.loader.load_tenant_model(
+            tenant,
+            &model_label(tenant, name),
+            onnx,
+            config,
+            model_budget(quotas),
+        )
     }
 
     /// The loader of models (tenant and repository).
@@ -690,6 +694,11 @@ impl Tenancy {
         }
         Ok(Arc::new(graph))
     }
+}
+
+/// How metrics name a tenant's model: `tenant/name`.
+pub fn model_label(tenant: &str, name: &str) -> String {
+    format!("{tenant}/{name}")
 }
 
 /// A tenant's model budget from its quotas.

@@ -31,9 +31,10 @@ use weft_core::{
 
 use super::shm::SharedArena;
 use super::wire::{
-    FromWorker, Placement, ToWorker, WireMetadata, WireOptions, WireTensor, decode, encode_frame,
-    frame_len, place,
+    FromWorker, Placement, ToWorker, WireMetadata, WireTensor, decode, encode_frame, frame_len,
+    place,
 };
+use crate::onnx::OnnxOptions;
 
 /// Largest frame the server accepts from a worker (outputs too large for a slot come inline).
 const MAX_FRAME_FROM_WORKER: usize = 256 << 20;
@@ -106,11 +107,12 @@ enum Status {
 
 struct Registered {
     onnx: Bytes,
-    options: WireOptions,
+    options: OnnxOptions,
     /// Loaded at least once: reloaded into every new generation.
     loaded: bool,
-    /// Why it can no longer be served (it crashed its worker while reloading).
-    broken: Option<String>,
+    /// Why it can no longer be served (it crashed its worker while reloading); shared with
+    /// the [`WorkerModel`], which reads it on every call without a lock.
+    broken: Arc<std::sync::OnceLock<String>>,
 }
 
 struct Shared {
@@ -189,42 +191,23 @@ impl ModelWorker {
         }
     }
 
-    pub fn label(&self) -> &str {
-        &self.shared.config.label
-    }
-
-    /// What the sandbox of the current generation enforces, once it is up.
-    pub fn sandbox(&self) -> Option<String> {
-        match &*self.shared.status.borrow() {
-            Status::Ready(connection) => Some(connection.sandbox.clone()),
-            _ => None,
-        }
-    }
-
-    /// The OS process id of the current generation (tests kill it to check recovery).
-    pub fn pid(&self) -> Option<u32> {
-        match &*self.shared.status.borrow() {
-            Status::Ready(connection) => Some(connection.pid.as_raw_nonzero().get() as u32),
-            _ => None,
-        }
-    }
-
     /// Loads a model into the worker; it is reloaded into every later generation.
     pub async fn load(
         &self,
         onnx: Bytes,
-        options: WireOptions,
+        options: OnnxOptions,
         max_batch_size: usize,
     ) -> Result<WorkerModel> {
         let handle = self.shared.next_handle.fetch_add(1, Ordering::Relaxed);
-        let sessions = options.instance_count.max(1) as usize;
+        let sessions = options.instance_count.max(1);
+        let broken: Arc<std::sync::OnceLock<String>> = Arc::default();
         lock(&self.shared.models).insert(
             handle,
             Registered {
                 onnx: onnx.clone(),
                 options: options.clone(),
                 loaded: false,
-                broken: None,
+                broken: Arc::clone(&broken),
             },
         );
         let loaded = async {
@@ -245,19 +228,16 @@ impl ModelWorker {
                 if let Some(registered) = lock(&self.shared.models).get_mut(&handle) {
                     registered.loaded = true;
                 }
-                let spec = |spec: &super::wire::WireSpec| TensorSpec {
-                    name: spec.name.clone(),
-                    datatype: spec.datatype,
-                    shape: spec.shape.clone(),
-                };
                 Ok(WorkerModel {
                     worker: self.clone(),
                     handle,
                     admitted: Arc::new(Semaphore::new(sessions)),
+                    broken,
+                    outputs: metadata.outputs.clone().into(),
                     metadata: ModelMetadata {
                         platform: "onnxruntime_onnx".into(),
-                        inputs: metadata.inputs.iter().map(spec).collect(),
-                        outputs: metadata.outputs.iter().map(spec).collect(),
+                        inputs: metadata.inputs,
+                        outputs: metadata.outputs,
                         max_batch_size,
                     },
                 })
@@ -297,12 +277,9 @@ impl ModelWorker {
         }
     }
 
-    fn health(&self, handle: u64) -> std::result::Result<(), String> {
-        if let Some(reason) = lock(&self.shared.models)
-            .get(&handle)
-            .and_then(|registered| registered.broken.clone())
-        {
-            return Err(reason);
+    fn health(&self, broken: &std::sync::OnceLock<String>) -> std::result::Result<(), String> {
+        if let Some(reason) = broken.get() {
+            return Err(reason.clone());
         }
         match &*self.shared.status.borrow() {
             Status::Ready(_) => Ok(()),
@@ -324,12 +301,9 @@ pub struct WorkerModel {
     /// One permit per session in the worker: calls beyond them wait here, so the call timeout
     /// measures a call the worker is running, not one queued behind others.
     admitted: Arc<Semaphore>,
-}
-
-impl WorkerModel {
-    pub fn worker(&self) -> &ModelWorker {
-        &self.worker
-    }
+    broken: Arc<std::sync::OnceLock<String>>,
+    /// The declared outputs, shared with each pending call that checks its answer.
+    outputs: Arc<[TensorSpec]>,
 }
 
 impl Drop for WorkerModel {
@@ -339,7 +313,7 @@ impl Drop for WorkerModel {
             let connection = Arc::clone(connection);
             let handle = self.handle;
             self.worker.shared.runtime.spawn(async move {
-                let _ = connection.send(&ToWorker::Unload { handle }).await;
+                let _ = connection.queue(&ToWorker::Unload { handle });
             });
         }
     }
@@ -351,16 +325,13 @@ impl Model for WorkerModel {
     }
 
     fn health(&self) -> std::result::Result<(), String> {
-        self.worker.health(self.handle)
+        self.worker.health(&self.broken)
     }
 
     fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
         Box::pin(async move {
-            if let Some(reason) = lock(&self.worker.shared.models)
-                .get(&self.handle)
-                .and_then(|registered| registered.broken.clone())
-            {
-                return Err(Error::unavailable(reason));
+            if let Some(reason) = self.broken.get() {
+                return Err(Error::unavailable(reason.clone()));
             }
             let _admitted = self
                 .admitted
@@ -369,7 +340,7 @@ impl Model for WorkerModel {
                 .map_err(|_| Error::unavailable("the model is shutting down"))?;
             let connection = self.worker.connection().await?;
             connection
-                .infer(&self.worker.shared, self.handle, inputs, &self.metadata)
+                .infer(&self.worker.shared, self.handle, inputs, &self.outputs)
                 .await
         })
     }
@@ -421,7 +392,7 @@ impl SlotPool {
 struct PendingCall {
     reply: oneshot::Sender<Result<Vec<NamedTensor>>>,
     lease: SlotLease,
-    outputs: Vec<TensorSpec>,
+    outputs: Arc<[TensorSpec]>,
 }
 
 /// The sending side of a worker's socket. A frame goes straight into the socket when nothing
@@ -502,7 +473,6 @@ impl Outgoing {
 /// One generation: the process, its socket and its arena.
 struct Connection {
     pid: rustix::process::Pid,
-    sandbox: String,
     /// Frames to the worker. Queueing is synchronous, so a caller that gives up never leaves
     /// half a frame on the socket.
     writer: Arc<Outgoing>,
@@ -529,10 +499,6 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    async fn send(&self, message: &ToWorker) -> Result<()> {
-        self.queue(message)
-    }
-
     fn queue(&self, message: &ToWorker) -> Result<()> {
         self.writer.queue(&encode_frame(message)?)
     }
@@ -577,7 +543,7 @@ impl Connection {
         shared: &Shared,
         handle: u64,
         onnx: Bytes,
-        options: WireOptions,
+        options: OnnxOptions,
         timeout: Duration,
     ) -> Result<WireMetadata> {
         let call = shared.next_call.fetch_add(1, Ordering::Relaxed);
@@ -621,7 +587,7 @@ impl Connection {
         shared: &Shared,
         handle: u64,
         inputs: Vec<NamedTensor>,
-        metadata: &ModelMetadata,
+        outputs: &Arc<[TensorSpec]>,
     ) -> Result<Vec<NamedTensor>> {
         let timeout = shared.config.call_timeout;
         let lease = tokio::time::timeout(timeout, self.slots.acquire())
@@ -657,7 +623,7 @@ impl Connection {
                 PendingCall {
                     reply,
                     lease,
-                    outputs: metadata.outputs.clone(),
+                    outputs: Arc::clone(outputs),
                 },
             );
         }
@@ -891,9 +857,9 @@ async fn spawn_generation(
         closed: std::sync::atomic::AtomicBool::new(false),
     });
     tokio::spawn(Arc::clone(&frames).flush_backlog());
+    tracing::info!(tenant = %config.label, pid = pid.as_raw_nonzero().get(), %sandbox, "model worker ready");
     let connection = Arc::new(Connection {
         pid,
-        sandbox,
         writer: frames,
         slots: SlotPool::new(config.slots),
         arena,
@@ -1065,9 +1031,9 @@ async fn backoff(failures: &mut u32, started: Instant, stop: &mut watch::Receive
 /// the worker is marked broken (it would crash every generation) and not loaded again.
 /// Returns whether the generation survived.
 async fn reload(shared: &Shared, connection: &Connection) -> bool {
-    let models: Vec<(u64, Bytes, WireOptions)> = lock(&shared.models)
+    let models: Vec<(u64, Bytes, OnnxOptions)> = lock(&shared.models)
         .iter()
-        .filter(|(_, registered)| registered.loaded && registered.broken.is_none())
+        .filter(|(_, registered)| registered.loaded && registered.broken.get().is_none())
         .map(|(handle, registered)| (*handle, registered.onnx.clone(), registered.options.clone()))
         .collect();
     for (handle, onnx, options) in models {
@@ -1086,7 +1052,7 @@ async fn reload(shared: &Shared, connection: &Connection) -> bool {
                 format!("the model no longer loads: {error}")
             };
             if let Some(registered) = lock(&shared.models).get_mut(&handle) {
-                registered.broken = Some(reason);
+                let _ = registered.broken.set(reason);
             }
             if dead {
                 return false;
@@ -1102,7 +1068,7 @@ async fn reload(shared: &Shared, connection: &Connection) -> bool {
 pub async fn trial_load(
     mut config: WorkerConfig,
     onnx: Bytes,
-    options: WireOptions,
+    options: OnnxOptions,
     max_batch_size: usize,
 ) -> Result<ModelMetadata> {
     config.restart = false;

@@ -22,4 +22,3 @@ pub use client::{
 };
 pub use process::{ProbeReport, WorkerArgs};
 pub use sandbox::SandboxPolicy;
-pub use wire::WireOptions;

@@ -25,12 +25,10 @@ use weft_core::{Error, NamedTensor, Result, Tensor};
 use super::sandbox::{self, SandboxPolicy};
 use super::shm::SharedArena;
 use super::wire::{
-    FromWorker, MAX_FRAME_TO_WORKER, Placement, ToWorker, WireError, WireMetadata, WireOptions,
-    WireSpec, WireTensor, decode, place, read_frame, write_frame,
+    FromWorker, MAX_FRAME_TO_WORKER, Placement, ToWorker, WireError, WireMetadata, WireTensor,
+    decode, place, read_frame, write_frame,
 };
-use crate::onnx::{
-    GraphOptimization, OnnxOptions, SessionSource, build_sessions, init_onnxruntime, run_session,
-};
+use crate::onnx::{OnnxOptions, SessionSource, build_sessions, init_onnxruntime, run_session};
 
 /// What the server tells a worker on its command line.
 #[derive(Clone, Debug)]
@@ -274,23 +272,11 @@ fn receive_fd(socket: &UnixStream) -> Result<OwnedFd> {
 fn load(
     handle: u64,
     onnx: &[u8],
-    options: &WireOptions,
+    options: &OnnxOptions,
     worker: &Arc<Worker>,
 ) -> Result<WireMetadata> {
-    let options = OnnxOptions {
-        instance_count: options.instance_count.max(1) as usize,
-        intra_op_threads: options.intra_op_threads.max(1) as usize,
-        inter_op_threads: options.inter_op_threads.max(1) as usize,
-        optimization_level: match options.optimization_level {
-            0 => GraphOptimization::Disable,
-            1 => GraphOptimization::Basic,
-            2 => GraphOptimization::Extended,
-            _ => GraphOptimization::All,
-        },
-        max_batch_size: options.max_batch_size as usize,
-    };
     let (sessions, metadata) = catch_unwind(AssertUnwindSafe(|| {
-        build_sessions(SessionSource::Bytes(onnx), &options)
+        build_sessions(SessionSource::Bytes(onnx), options)
     }))
     .map_err(|_| Error::internal("ONNX Runtime panicked while loading the model"))??;
     // One more thread per session, so every session can compute while a frame is read.
@@ -303,14 +289,9 @@ fn load(
             sessions: sessions.into_iter().map(Mutex::new).collect(),
         }),
     );
-    let spec = |spec: &weft_core::TensorSpec| WireSpec {
-        name: spec.name.clone(),
-        datatype: spec.datatype,
-        shape: spec.shape.clone(),
-    };
     Ok(WireMetadata {
-        inputs: metadata.inputs.iter().map(spec).collect(),
-        outputs: metadata.outputs.iter().map(spec).collect(),
+        inputs: metadata.inputs,
+        outputs: metadata.outputs,
     })
 }
 

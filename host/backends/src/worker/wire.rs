@@ -37,8 +37,9 @@ pub enum ToWorker {
     Load {
         call: u64,
         handle: u64,
+        #[serde(with = "serde_bytes")]
         onnx: Vec<u8>,
-        options: WireOptions,
+        options: crate::onnx::OnnxOptions,
     },
     /// Free a model's sessions; no answer.
     Unload { handle: u64 },
@@ -66,17 +67,6 @@ pub enum FromWorker {
     },
 }
 
-/// ONNX Runtime session options, as the worker builds them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireOptions {
-    pub instance_count: u32,
-    pub intra_op_threads: u32,
-    pub inter_op_threads: u32,
-    /// 0 disable, 1 basic, 2 extended, 3 all.
-    pub optimization_level: u8,
-    pub max_batch_size: u64,
-}
-
 /// A tensor's descriptor; its bytes are in the call's slot or inline.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WireTensor {
@@ -92,21 +82,14 @@ pub enum Placement {
     /// `len` bytes at `offset` within the call's slot.
     Slot { offset: u64, len: u64 },
     /// In the frame itself (did not fit the slot).
-    Inline(Vec<u8>),
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// A model's metadata as the worker reports it after loading.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WireMetadata {
-    pub inputs: Vec<WireSpec>,
-    pub outputs: Vec<WireSpec>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct WireSpec {
-    pub name: String,
-    pub datatype: DataType,
-    pub shape: Vec<i64>,
+    pub inputs: Vec<weft_core::TensorSpec>,
+    pub outputs: Vec<weft_core::TensorSpec>,
 }
 
 /// An error with its kind, so a model's "invalid input" stays a 400 across the process boundary.
