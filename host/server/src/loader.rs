@@ -48,14 +48,19 @@ pub struct WorkerPool {
     settings: WorkerSettings,
     observer: Option<Arc<dyn WorkerObserver>>,
     workers: Mutex<HashMap<(String, Option<u64>), WeakModelWorker>>,
+    /// Trial loads (a throwaway worker each) running at once, server-wide: pushes in parallel
+    /// wait for a turn instead of starting a process each.
+    trials: Arc<tokio::sync::Semaphore>,
 }
 
 impl WorkerPool {
     pub fn new(settings: WorkerSettings, observer: Option<Arc<dyn WorkerObserver>>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         WorkerPool {
             settings,
             observer,
             workers: Mutex::default(),
+            trials: Arc::new(tokio::sync::Semaphore::new(cores)),
         }
     }
 
@@ -237,12 +242,15 @@ impl RepositoryLoader {
             .as_ref()
             .ok_or_else(|| Error::unavailable("this server runs no model workers"))?;
         let trial = workers.config(tenant, Some(memory));
-        let metadata = block_on(weft_backends::worker::trial_load(
-            trial,
-            onnx,
-            self.onnx_options(config),
-            config.max_batch_size,
-        ))?;
+        let trials = Arc::clone(&workers.trials);
+        let options = self.onnx_options(config);
+        let metadata = block_on(async move {
+            let _turn = trials
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::unavailable("the server is shutting down"))?;
+            weft_backends::worker::trial_load(trial, onnx, options, config.max_batch_size).await
+        })?;
         weft_engine::check_declared(config, &metadata)?;
         Ok(metadata)
     }
