@@ -17,4 +17,4 @@ pub use records::{
     ApiKey, GraphVersion, MAX_NAME_LEN, ModelVersion, PluginVersion, Quotas, SigningKey, State,
     Tenant, Usage, check_name, unix_now,
 };
-pub use store::{SCRATCH_PREFIX, Store};
+pub use store::{BlobWriter, SCRATCH_PREFIX, StagedBlob, Store};

@@ -12,6 +12,12 @@
 //! writer's disk I/O. One process at a time: `open` takes an exclusive lock on `store/lock` for the
 //! store's lifetime, because a second process's `open` would collect the first one's blobs that are
 //! written but not yet committed (and two writers would overwrite each other's `state.json`).
+//!
+//! Uploads are not buffered whole: [`Store::blob_writer`] streams bytes into a fresh file under
+//! `store/tmp/` (created with `create_new`, hashed as it is written, removed when dropped), and
+//! [`Store::put_staged`] moves the finished, fsynced file into `blobs/sha256/` by rename followed
+//! by a directory fsync — the same crash-safety as [`Store::put_blob`]. `open` empties
+//! `store/tmp/` of what a crash left there.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -20,10 +26,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use sha2::{Digest as _, Sha256};
 use weft_core::{Error, Result};
 
 use crate::records::State;
-use crate::signing::{is_sha256_hex, sha256_hex};
+use crate::signing::{hex, is_sha256_hex, sha256_hex};
 
 const STATE_FILE: &str = "state.json";
 const STATE_TEMP: &str = "state.json.tmp";
@@ -34,12 +41,18 @@ const LOCK_FILE: &str = "lock";
 const BLOB_TEMP_PREFIX: &str = ".tmp-";
 /// Prefix of scratch files in [`Store::scratch_dir`] (a temp prefix, so `open` removes them).
 pub const SCRATCH_PREFIX: &str = ".tmp-scratch-";
+/// Directory (under `store/`) of uploads being received; emptied by [`Store::open`].
+const UPLOAD_DIR: &str = "tmp";
+/// Prefix of an upload's temporary file in [`UPLOAD_DIR`].
+const UPLOAD_PREFIX: &str = ".tmp-upload-";
 
 /// Durable tenant state and blobs under `<data-dir>/store/`.
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
     blob_dir: PathBuf,
+    /// `store/tmp/`: uploads being received ([`Store::blob_writer`]).
+    upload_dir: PathBuf,
     state: RwLock<Arc<State>>,
     writer: Mutex<()>,
     temp_counter: AtomicU64,
@@ -54,8 +67,11 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<Store> {
         let dir = data_dir.join("store");
         let blob_dir = dir.join("blobs").join("sha256");
-        fs::create_dir_all(&blob_dir)
-            .map_err(|e| io_error("cannot create directory", &blob_dir, &e))?;
+        let upload_dir = dir.join(UPLOAD_DIR);
+        for created in [&blob_dir, &upload_dir] {
+            fs::create_dir_all(created)
+                .map_err(|e| io_error("cannot create directory", created, &e))?;
+        }
         // Make the (possibly just created) directory entries themselves durable.
         for parent in [data_dir, dir.as_path(), blob_dir.parent().unwrap_or(&dir)] {
             sync_dir(parent)?;
@@ -79,6 +95,7 @@ impl Store {
         let store = Store {
             dir,
             blob_dir,
+            upload_dir,
             state: RwLock::new(Arc::new(state)),
             writer: Mutex::new(()),
             temp_counter: AtomicU64::new(0),
@@ -116,6 +133,57 @@ impl Store {
             std::process::id()
         ));
         write_durably(&temp, &path, &self.blob_dir, bytes)?;
+        Ok(digest)
+    }
+
+    /// Starts receiving a blob whose size is not known yet (an upload): a new file, created with
+    /// `create_new` under a unique name in `store/tmp/`, that the bytes are written to and
+    /// hashed as they come. Dropping the writer (or the [`StagedBlob`] it finishes into) removes
+    /// the file; [`Store::put_staged`] stores it. Blocking (file I/O): call it off async threads.
+    pub fn blob_writer(&self) -> Result<BlobWriter> {
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random)
+            .map_err(|e| Error::internal(format!("cannot name an upload's temporary file: {e}")))?;
+        let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.upload_dir.join(format!(
+            "{UPLOAD_PREFIX}{}-{n}-{}",
+            std::process::id(),
+            hex(&random)
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| upload_error("create", &e))?;
+        Ok(BlobWriter {
+            file,
+            temp: TempFile { path, armed: true },
+            hasher: Sha256::new(),
+            len: 0,
+        })
+    }
+
+    /// Stores a finished upload under its digest: renamed into `blobs/sha256/` (it was fsynced
+    /// by [`BlobWriter::finish`]), then the directory is fsynced, so after a crash the blob is
+    /// either whole or absent. A blob already stored with that digest and length is kept and the
+    /// upload's file removed. Returns the digest. Blocking.
+    pub fn put_staged(&self, staged: StagedBlob) -> Result<String> {
+        let StagedBlob {
+            mut temp,
+            digest,
+            len,
+        } = staged;
+        let path = self.blob_dir.join(&digest);
+        match fs::metadata(&path) {
+            // As in put_blob: same name and length, the same bytes (read_blob detects damage).
+            Ok(meta) if meta.is_file() && meta.len() == len => return Ok(digest),
+            _ => {}
+        }
+        fs::rename(&temp.path, &path).map_err(|e| upload_error("store", &e))?;
+        temp.armed = false;
+        sync_dir_io(&self.blob_dir)
+            .map_err(|e| Error::internal(format!("cannot make a stored upload durable: {e}")))?;
         Ok(digest)
     }
 
@@ -211,6 +279,29 @@ impl Store {
     fn collect_garbage(&self) -> Result<()> {
         remove_if_present(&self.dir.join(STATE_TEMP))?;
         self.remove_blobs(true)?;
+        self.remove_uploads()?;
+        Ok(())
+    }
+
+    /// Removes what uploads in progress at a crash left in `store/tmp/` (only names we write).
+    fn remove_uploads(&self) -> Result<()> {
+        let entries = fs::read_dir(&self.upload_dir)
+            .map_err(|e| io_error("cannot list", &self.upload_dir, &e))?;
+        let mut removed = false;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("cannot list", &self.upload_dir, &e))?;
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name.starts_with(UPLOAD_PREFIX))
+            {
+                remove_if_present(&entry.path())?;
+                removed = true;
+            }
+        }
+        if removed {
+            sync_dir(&self.upload_dir)?;
+        }
         Ok(())
     }
 
@@ -249,6 +340,117 @@ impl Store {
     }
 }
 
+/// A file that is removed when dropped, unless disarmed (stored).
+#[derive(Debug)]
+struct TempFile {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.armed {
+            // Best effort: what this misses, the next open removes.
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// An upload being received into `store/tmp/` ([`Store::blob_writer`]): written and hashed
+/// chunk by chunk. Dropped unfinished, its file is removed.
+#[derive(Debug)]
+pub struct BlobWriter {
+    file: File,
+    temp: TempFile,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl BlobWriter {
+    /// Appends `bytes` to the file and the hash. Blocking.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_all(bytes)
+            .map_err(|e| upload_error("write", &e))?;
+        self.hasher.update(bytes);
+        self.len = self.len.saturating_add(bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Fsyncs the file and returns it as a [`StagedBlob`] with its sha256 digest. Blocking.
+    pub fn finish(self) -> Result<StagedBlob> {
+        let BlobWriter {
+            file,
+            temp,
+            hasher,
+            len,
+        } = self;
+        file.sync_all().map_err(|e| upload_error("sync", &e))?;
+        drop(file);
+        Ok(StagedBlob {
+            temp,
+            digest: hex(&hasher.finalize()),
+            len,
+        })
+    }
+}
+
+/// A received upload, durable in `store/tmp/` but not stored yet: checks read it with
+/// [`StagedBlob::read`], then [`Store::put_staged`] stores it. Dropped, its file is removed.
+#[derive(Debug)]
+pub struct StagedBlob {
+    temp: TempFile,
+    digest: String,
+    len: u64,
+}
+
+impl StagedBlob {
+    /// The sha256 hex digest of the bytes, computed while they were received.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads the bytes back into memory (for checks that need them whole: a component to
+    /// compile, an ONNX model to inspect), refusing a file whose length changed. Blocking.
+    pub fn read(&self) -> Result<Vec<u8>> {
+        let bytes = fs::read(&self.temp.path).map_err(|e| upload_error("read", &e))?;
+        if bytes.len() as u64 != self.len {
+            return Err(Error::internal(format!(
+                "an upload's temporary file changed size: {} bytes received, {} bytes read back",
+                self.len,
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
+/// An I/O error on an upload's temporary file. The message names no server path: it may reach
+/// the tenant that sent the upload.
+fn upload_error(what: &str, err: &std::io::Error) -> Error {
+    Error::internal(format!("cannot {what} an upload's temporary file: {err}"))
+}
+
 /// Writes `bytes` to `temp`, fsyncs it, renames it to `path` and fsyncs `dir` (their parent).
 /// On failure the temporary file is removed (best effort) and `path` is untouched.
 fn write_durably(temp: &Path, path: &Path, dir: &Path, bytes: &[u8]) -> Result<()> {
@@ -281,11 +483,13 @@ fn write_durably(temp: &Path, path: &Path, dir: &Path, bytes: &[u8]) -> Result<(
 
 /// Makes renames and deletions in `dir` durable.
 fn sync_dir(dir: &Path) -> Result<()> {
+    sync_dir_io(dir).map_err(|e| io_error("cannot sync directory", dir, &e))
+}
+
+fn sync_dir_io(dir: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_error("cannot sync directory", dir, &e))
+        File::open(dir).and_then(|d| d.sync_all())
     }
     #[cfg(not(unix))]
     {
@@ -685,6 +889,89 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert!(!store.has_blob(&kept));
         assert!(store.has_blob(&graph));
+    }
+
+    fn upload_names(store: &Store) -> Vec<String> {
+        let mut names: Vec<_> = fs::read_dir(&store.upload_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_streamed_blob_is_hashed_as_written_and_stored_by_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut writer = store.blob_writer().unwrap();
+        writer.write(b"hello ").unwrap();
+        writer.write(b"world").unwrap();
+        assert_eq!(writer.len(), 11);
+        assert_eq!(upload_names(&store).len(), 1);
+        let staged = writer.finish().unwrap();
+        assert_eq!(staged.digest(), sha256_hex(b"hello world"));
+        assert_eq!(staged.read().unwrap(), b"hello world");
+        let digest = store.put_staged(staged).unwrap();
+        assert_eq!(store.read_blob(&digest).unwrap(), b"hello world");
+        assert!(upload_names(&store).is_empty(), "the upload file was moved");
+        // The same bytes again: the stored blob stays, the new upload's file goes.
+        let mut again = store.blob_writer().unwrap();
+        again.write(b"hello world").unwrap();
+        assert_eq!(store.put_staged(again.finish().unwrap()).unwrap(), digest);
+        assert!(upload_names(&store).is_empty());
+        assert_eq!(blob_names(&store), [digest]);
+    }
+
+    #[test]
+    fn dropped_uploads_leave_no_file_and_names_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut a = store.blob_writer().unwrap();
+        let b = store.blob_writer().unwrap();
+        a.write(b"partial").unwrap();
+        assert_eq!(upload_names(&store).len(), 2);
+        drop(a);
+        let staged = b.finish().unwrap();
+        assert_eq!(upload_names(&store).len(), 1);
+        drop(staged);
+        assert!(upload_names(&store).is_empty());
+        assert!(blob_names(&store).is_empty());
+    }
+
+    #[test]
+    fn open_removes_uploads_a_crash_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut writer = store.blob_writer().unwrap();
+            writer.write(b"half an upload").unwrap();
+            // A crash: the writer never runs its drop.
+            std::mem::forget(writer);
+            assert_eq!(upload_names(&store).len(), 1);
+        }
+        let tmp = dir.path().join("store/tmp");
+        fs::write(tmp.join("not-ours"), b"x").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(upload_names(&store), ["not-ours"]);
+    }
+
+    #[test]
+    fn upload_errors_name_no_server_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let writer = store.blob_writer().unwrap();
+        let staged = writer.finish().unwrap();
+        // The blob's final name is taken by a directory: the rename fails.
+        fs::create_dir(store.blob_dir.join(staged.digest())).unwrap();
+        let err = store.put_staged(staged).unwrap_err();
+        let root = dir.path().to_string_lossy().to_string();
+        assert!(!err.message().contains(&root), "{err}");
+        assert!(err.message().contains("upload"), "{err}");
+        assert!(
+            upload_names(&store).is_empty(),
+            "a failed store removes the upload"
+        );
     }
 
     #[test]
