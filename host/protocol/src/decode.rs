@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use weft_core::{DataType, Error, NamedTensor, Result, Tensor, element_count};
 
 use crate::Parameters;
@@ -52,26 +53,31 @@ fn nullable<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
+/// The request as serde_json reads it in one pass. Tensor `data` is only borrowed as raw text
+/// (checked for syntax, nothing allocated), because its datatype and shape may come after it in
+/// the object; it is decoded once the whole input is known, straight into bytes.
 #[derive(Deserialize)]
-struct WireRequest {
+struct WireRequest<'a> {
     #[serde(default)]
     id: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
     parameters: Parameters,
-    inputs: Vec<WireInput>,
+    #[serde(borrow)]
+    inputs: Vec<WireInput<'a>>,
     #[serde(default, deserialize_with = "nullable")]
     outputs: Vec<WireOutput>,
 }
 
 #[derive(Deserialize)]
-struct WireInput {
+struct WireInput<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
     #[serde(default, deserialize_with = "nullable")]
     parameters: Parameters,
-    #[serde(default)]
-    data: Option<Value>,
+    /// `null` reads as absent.
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +121,7 @@ pub fn decode_infer_request(body: Bytes, header_length: Option<usize>) -> Result
         inputs.push(decode_input(
             input,
             &body,
+            json,
             header_length.is_some(),
             &mut binary_offset,
         )?);
@@ -157,8 +164,9 @@ pub fn decode_infer_request(body: Bytes, header_length: Option<usize>) -> Result
 }
 
 fn decode_input(
-    input: WireInput,
+    input: WireInput<'_>,
     body: &Bytes,
+    json: &[u8],
     has_binary: bool,
     offset: &mut usize,
 ) -> Result<RequestInput> {
@@ -188,7 +196,7 @@ fn decode_input(
         })?),
     };
     let data =
-        match (binary_size, &input.data) {
+        match (binary_size, input.data) {
             (Some(_), Some(_)) => {
                 return Err(Error::invalid(format!(
                     "input '{name}' has both data and binary_data_size; send one"
@@ -220,7 +228,7 @@ fn decode_input(
             (None, Some(data)) => {
                 let count = element_count(&shape)
                     .map_err(|error| error.context(format!("input '{name}'")))?;
-                Bytes::from(json_data::parse(&name, datatype, data, count)?)
+                Bytes::from(json_data::parse(&name, datatype, data, json, count)?)
             }
         };
     let tensor = Tensor::new(datatype, shape, data)

@@ -638,3 +638,239 @@ fn a_huge_claimed_shape_with_little_data_is_an_error_not_an_allocation() {
     let overflow = json!({"inputs": [{"name": "t", "shape": [i64::MAX, i64::MAX], "datatype": "FP64", "data": [1.0]}]});
     assert!(error_of(decode_json(overflow)).contains("input 't'"));
 }
+
+/// Decodes one input whose JSON object is given as text, so key order and odd nesting are exact.
+fn decode_input_text(input: &str) -> weft_core::Result<InferRequest> {
+    let body = format!(r#"{{"inputs": [{input}]}}"#);
+    decode_infer_request(Bytes::from(body), None)
+}
+
+fn nested(depth: usize, leaf: &str) -> String {
+    format!("{}{leaf}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+#[test]
+fn arbitrarily_nested_and_ragged_data_flattens_row_major() {
+    let flat = decode_json(json!({"inputs": [{"name": "t", "shape": [2, 2, 2], "datatype": "INT16", "data": [1, 2, 3, 4, 5, 6, 7, 8]}]})).unwrap();
+    for data in [
+        json!([[[1, 2], [3, 4]], [[5, 6], [7, 8]]]),
+        json!([[1, [2]], 3, [[[4, 5]]], [], [6, [7, [8]]]]),
+    ] {
+        let request = decode_json(json!({"inputs": [{"name": "t", "shape": [2, 2, 2], "datatype": "INT16", "data": data}]})).unwrap();
+        assert_eq!(request.inputs[0].tensor, flat.inputs[0].tensor, "{data}");
+    }
+    // A scalar tensor may send its one element bare.
+    let scalar = decode_json(
+        json!({"inputs": [{"name": "t", "shape": [], "datatype": "FP64", "data": 2.5}]}),
+    )
+    .unwrap();
+    assert_eq!(
+        &scalar.inputs[0].tensor.tensor.data()[..],
+        &2.5f64.to_le_bytes()
+    );
+}
+
+#[test]
+fn data_may_come_before_or_after_datatype_and_shape() {
+    let expected: Vec<u8> = [1.5f32, -2.0, 3.25]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    for input in [
+        r#"{"data": [[1.5], [-2], [3.25]], "name": "t", "datatype": "FP32", "shape": [3, 1]}"#,
+        r#"{"name": "t", "data": [[1.5], [-2], [3.25]], "shape": [3, 1], "datatype": "FP32"}"#,
+        r#"{"shape": [3, 1], "datatype": "FP32", "name": "t", "data": [[1.5], [-2], [3.25]]}"#,
+    ] {
+        let request = decode_input_text(input).unwrap();
+        let tensor = &request.inputs[0].tensor;
+        assert_eq!(tensor.name, "t");
+        assert_eq!(tensor.tensor.shape(), &[3, 1]);
+        assert_eq!(&tensor.tensor.data()[..], &expected[..], "{input}");
+    }
+    let message = error_of(decode_input_text(
+        r#"{"data": [1, 2, 3], "name": "t", "datatype": "UINT8", "shape": [2]}"#,
+    ));
+    assert_eq!(
+        message,
+        "input 't': shape needs 2 elements but data has more"
+    );
+}
+
+#[test]
+fn too_many_elements_stop_the_decode_at_the_first_extra_one() {
+    // Had the decode gone on, element 3 would be refused for its type; it stops at element 2.
+    let message = error_of(decode_json(
+        json!({"inputs": [{"name": "t", "shape": [2], "datatype": "UINT8", "data": [1, 2, 3, "x"]}]}),
+    ));
+    assert_eq!(
+        message,
+        "input 't': shape needs 2 elements but data has more"
+    );
+    let message = error_of(decode_json(
+        json!({"inputs": [{"name": "t", "shape": [1, 2], "datatype": "FP32", "data": [[1, 2], [3]]}]}),
+    ));
+    assert_eq!(
+        message,
+        "input 't': shape needs 2 elements but data has more"
+    );
+    let many = format!("[{}0]", "0,".repeat(1_000_000));
+    let message = error_of(decode_input_text(&format!(
+        r#"{{"name": "t", "shape": [1], "datatype": "FP64", "data": {many}}}"#
+    )));
+    assert_eq!(
+        message,
+        "input 't': shape needs 1 elements but data has more"
+    );
+}
+
+#[test]
+fn data_nested_deeper_than_serde_json_allows_is_invalid_argument() {
+    let limit = crate::json_data::MAX_NESTING;
+    let ok = decode_input_text(&format!(
+        r#"{{"name": "t", "shape": [1], "datatype": "INT8", "data": {}}}"#,
+        nested(limit, "7")
+    ))
+    .unwrap();
+    assert_eq!(&ok.inputs[0].tensor.tensor.data()[..], &[7]);
+    for depth in [limit + 1, 1_000, 200_000] {
+        for input in [
+            format!(
+                r#"{{"name": "t", "shape": [1], "datatype": "INT8", "data": {}}}"#,
+                nested(depth, "7")
+            ),
+            // Before the datatype is known, and unbalanced: still no crash.
+            format!(
+                r#"{{"data": {}, "name": "t", "shape": [1], "datatype": "INT8"}}"#,
+                nested(depth, "7")
+            ),
+        ] {
+            let error = decode_input_text(&input).err().unwrap();
+            assert_eq!(error.kind(), weft_core::ErrorKind::InvalidArgument);
+            assert_eq!(
+                error.message(),
+                format!("input 't': data nests arrays more than {limit} levels deep")
+            );
+        }
+        let unbalanced = format!(r#"{{"name": "t", "data": {}"#, "[".repeat(depth));
+        let error = decode_input_text(&unbalanced).err().unwrap();
+        assert_eq!(error.kind(), weft_core::ErrorKind::InvalidArgument);
+        assert!(
+            error.message().starts_with("malformed JSON in request"),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn each_element_must_have_its_datatypes_json_type() {
+    let cases = [
+        (
+            "FP32",
+            r#"[1, "1.0"]"#,
+            r#"element 1 ("1.0") is not a valid FP32 value"#,
+        ),
+        (
+            "FP64",
+            "[null]",
+            "element 0 (null) is not a valid FP64 value",
+        ),
+        (
+            "INT64",
+            "[true]",
+            "element 0 (true) is not a valid INT64 value",
+        ),
+        (
+            "INT32",
+            "[1, 2.0]",
+            "element 1 (2.0) is not a valid INT32 value",
+        ),
+        (
+            "UINT64",
+            "[-5]",
+            "element 0 (-5) is not a valid UINT64 value",
+        ),
+        (
+            "BOOL",
+            "[true, 0]",
+            "element 1 (0) is not a valid BOOL value",
+        ),
+        (
+            "BOOL",
+            r#"["true"]"#,
+            r#"element 0 ("true") is not a valid BOOL value"#,
+        ),
+        (
+            "BYTES",
+            r#"["a", 5]"#,
+            "element 1 (5) is not a valid BYTES value",
+        ),
+        (
+            "BYTES",
+            r#"[["a"], [{"b": 1}]]"#,
+            "element 1 (an object) is not a valid BYTES value",
+        ),
+        (
+            "FP16",
+            r#"[{}]"#,
+            "element 0 (an object) is not a valid FP16 value",
+        ),
+    ];
+    for (datatype, data, needle) in cases {
+        let message = error_of(decode_input_text(&format!(
+            r#"{{"name": "t", "shape": [2], "datatype": "{datatype}", "data": {data}}}"#
+        )));
+        assert_eq!(message, format!("input 't': {needle}"), "{datatype} {data}");
+    }
+    // A long string is quoted back cut short.
+    let long = "x".repeat(10_000);
+    let message = error_of(decode_input_text(&format!(
+        r#"{{"name": "t", "shape": [1], "datatype": "FP32", "data": ["{long}"]}}"#
+    )));
+    assert!(message.len() < 200, "{message}");
+    assert!(
+        message.contains(r#"("xxxx"#) && message.contains(r#"x..."#),
+        "{message}"
+    );
+}
+
+#[test]
+fn bytes_elements_decode_from_nested_and_escaped_strings() {
+    let request = decode_input_text(
+        r#"{"data": [["caf\u00e9", ""], ["tab\tq\"", "🦀"]], "datatype": "BYTES", "shape": [2, 2], "name": "s"}"#,
+    )
+    .unwrap();
+    let tensor = &request.inputs[0].tensor.tensor;
+    let elements: Vec<&[u8]> = weft_core::bytes_elements(tensor.data()).unwrap().collect();
+    assert_eq!(
+        elements,
+        [
+            "café".as_bytes(),
+            b"",
+            "tab\tq\"".as_bytes(),
+            "🦀".as_bytes()
+        ]
+    );
+    assert_eq!(
+        error_of(decode_input_text(
+            r#"{"name": "s", "shape": [3], "datatype": "BYTES", "data": ["a", "b"]}"#
+        )),
+        "input 's': shape needs 3 elements but data has 2"
+    );
+}
+
+#[test]
+fn numbers_out_of_range_are_malformed_json_placed_in_the_request() {
+    let body = "{\"inputs\": [\n  {\"name\": \"t\", \"shape\": [2], \"datatype\": \"FP64\",\n   \"data\": [1, 1e400]}]}";
+    let error = decode_infer_request(Bytes::from(body), None).err().unwrap();
+    assert_eq!(error.kind(), weft_core::ErrorKind::InvalidArgument);
+    // The same place serde_json gives when it reads the whole body as a value.
+    let whole = serde_json::from_str::<Value>(body).err().unwrap();
+    assert_eq!(
+        error.message(),
+        format!(
+            "malformed JSON in request: input 't' data: number out of range at line {} column {}",
+            whole.line(),
+            whole.column()
+        )
+    );
+}
