@@ -8,6 +8,8 @@
 //! - `load` of raw model bytes is refused with `security`: plugins use the host's models only.
 //! - `compute` awaits the model's async `infer`, so it never blocks a tokio worker.
 //! - Every malformed tensor or failed call is a wasi-nn error with a message, never a trap.
+//! - Every tensor, graph, context and error is charged to the call's host budget and deleted
+//!   when the call ends: a warm instance keeps no handle (and no model grant) across calls.
 
 use std::sync::Arc;
 
@@ -19,7 +21,7 @@ use crate::bindings::wasi::nn::errors::{self, ErrorCode};
 use crate::bindings::wasi::nn::graph::{self, ExecutionTarget, GraphEncoding};
 use crate::bindings::wasi::nn::inference;
 use crate::bindings::wasi::nn::tensor::{self, TensorType};
-use crate::state::PluginState;
+use crate::state::{Owned, PluginState};
 
 /// A wasi-nn tensor: bytes in the host, typed with wasi-nn's small set of types.
 #[derive(Debug)]
@@ -79,11 +81,15 @@ impl PluginState {
         code: ErrorCode,
         message: impl Into<String>,
     ) -> wasmtime::Result<Result<T, Resource<NnError>>> {
-        let error = NnError {
-            code,
-            message: message.into(),
-        };
-        Ok(Err(self.table.push(error)?))
+        let message = message.into();
+        let bytes = message.len();
+        let error = NnError { code, message };
+        Ok(Err(self.push_owned(
+            error,
+            Owned::NnError,
+            bytes,
+            "a wasi-nn error",
+        )?))
     }
 
     /// Turns the guest's named wasi-nn tensors into core tensors, checking byte lengths.
@@ -93,7 +99,7 @@ impl PluginState {
     ) -> wasmtime::Result<Result<Vec<NamedTensor>, String>> {
         let mut converted = Vec::with_capacity(inputs.len());
         for (name, handle) in inputs {
-            let tensor = self.table.delete(handle)?;
+            let tensor = self.delete_owned(handle)?;
             let shape = tensor.dimensions.iter().map(|&d| d as usize).collect();
             match Tensor::new(datatype_of(tensor.ty), shape, tensor.data) {
                 Ok(core) => converted.push(NamedTensor::new(name, core)),
@@ -116,7 +122,7 @@ impl errors::HostError for PluginState {
     }
 
     async fn drop(&mut self, error: Resource<NnError>) -> wasmtime::Result<()> {
-        self.table.delete(error)?;
+        self.delete_owned(error)?;
         Ok(())
     }
 }
@@ -131,11 +137,13 @@ impl tensor::HostTensor for PluginState {
         data: Vec<u8>,
     ) -> wasmtime::Result<Resource<NnTensor>> {
         // Byte length is checked at `compute`, where a mismatch can be reported as an error.
-        Ok(self.table.push(NnTensor {
+        let bytes = data.len().saturating_add(dimensions.len() * 4);
+        let tensor = NnTensor {
             dimensions,
             ty,
             data: Bytes::from(data),
-        })?)
+        };
+        self.push_owned(tensor, Owned::NnTensor, bytes, "wasi-nn tensor")
     }
 
     async fn dimensions(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<Vec<u32>> {
@@ -151,7 +159,7 @@ impl tensor::HostTensor for PluginState {
     }
 
     async fn drop(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<()> {
-        self.table.delete(tensor)?;
+        self.delete_owned(tensor)?;
         Ok(())
     }
 }
@@ -178,7 +186,14 @@ impl graph::Host for PluginState {
             let message = format!("model '{name}' is not granted to this plugin");
             return self.nn_error(ErrorCode::NotFound, message);
         };
-        Ok(Ok(self.table.push(NnGraph { name, model })?))
+        let bytes = name.len();
+        let graph = NnGraph { name, model };
+        Ok(Ok(self.push_owned(
+            graph,
+            Owned::NnGraph,
+            bytes,
+            "a wasi-nn graph",
+        )?))
     }
 }
 
@@ -192,11 +207,17 @@ impl graph::HostGraph for PluginState {
             name: graph.name.clone(),
             model: Arc::clone(&graph.model),
         };
-        Ok(Ok(self.table.push(context)?))
+        let bytes = context.name.len();
+        Ok(Ok(self.push_owned(
+            context,
+            Owned::NnContext,
+            bytes,
+            "a wasi-nn execution context",
+        )?))
     }
 
     async fn drop(&mut self, graph: Resource<NnGraph>) -> wasmtime::Result<()> {
-        self.table.delete(graph)?;
+        self.delete_owned(graph)?;
         Ok(())
     }
 }
@@ -228,7 +249,17 @@ impl inference::HostGraphExecutionContext for PluginState {
                 format!("model '{name}': {error}"),
             );
         }
-        let outputs = match model.infer(inputs).await {
+        // The model call waits on the model, not on plugin code: give the CPU turn to others
+        // for its duration.
+        let turn = self.cpu.clone();
+        if let Some(turn) = &turn {
+            turn.release();
+        }
+        let outputs = model.infer(inputs).await;
+        if let Some(turn) = &turn {
+            turn.take().await;
+        }
+        let outputs = match outputs {
             Ok(outputs) => outputs,
             Err(error) => {
                 return self.nn_error(ErrorCode::RuntimeError, format!("model '{name}': {error}"));
@@ -245,18 +276,20 @@ impl inference::HostGraphExecutionContext for PluginState {
                 return self.nn_error(ErrorCode::UnsupportedOperation, message);
             };
             let dimensions = output.tensor.shape().iter().map(|&d| d as u32).collect();
-            let handle = self.table.push(NnTensor {
+            let bytes = output.tensor.data().len();
+            let tensor = NnTensor {
                 dimensions,
                 ty,
                 data: output.tensor.data().clone(),
-            })?;
+            };
+            let handle = self.push_owned(tensor, Owned::NnTensor, bytes, "a model output")?;
             converted.push((output.name, handle));
         }
         Ok(Ok(converted))
     }
 
     async fn drop(&mut self, context: Resource<NnContext>) -> wasmtime::Result<()> {
-        self.table.delete(context)?;
+        self.delete_owned(context)?;
         Ok(())
     }
 }

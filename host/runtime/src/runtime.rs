@@ -7,19 +7,30 @@
 //! instance whose call ended cleanly is kept warm for the next call of the same plugin, which
 //! skips instantiation and the page faults of a fresh memory; it is replaced after
 //! `MAX_CALLS_PER_INSTANCE` calls. Warm instances belong to one plugin, and plugins to one
-//! tenant, so nothing crosses tenants; a plugin's own memory may persist between its calls.
+//! tenant, so nothing crosses tenants; a plugin's own memory may persist between its calls, but
+//! no resource handle does (see `state.rs`).
+//!
+//! Tenants share the machine fairly ([`crate::fair`]): a call first takes a slot of the instance
+//! pool within its tenant's share (`tenant_instances`), waiting within its deadline when the
+//! pool is busy instead of failing; the pool's per-component limits guarantee an admitted call
+//! always finds its memories, tables and core instances. Plugin code then runs in CPU turns
+//! (one per core), given up at each epoch tick when another call waits, fewest-held tenant
+//! first. Warm instances are capped per tenant and in all, and dropped after `warm_idle`.
+//! Components are compiled one core each on a bounded pool, within a size and a time limit.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, Resource, types::ComponentItem};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreContextMut,
+    Trap, UpdateDeadline,
+};
 use weft_core::{Error, ErrorKind, Model, NamedTensor};
 
 use crate::bindings::Imports;
@@ -32,7 +43,8 @@ use crate::bindings::weft::plugin::types::{
 
 /// Node parameters as the plugin receives them: key/value strings.
 pub type Params = Vec<(String, String)>;
-use crate::state::PluginState;
+use crate::fair::{FairGate, ShareKey};
+use crate::state::{CallLog, CpuTurn, LogRate, Owned, PluginState};
 use crate::tensors::HostTensor;
 
 /// Limits of one plugin call. Graph nodes and tenants may lower them.
@@ -79,6 +91,21 @@ pub struct RuntimeConfig {
     pub epoch_tick: Duration,
     /// Keep instances whose call ended cleanly for the plugin's next call (see the module doc).
     pub reuse_instances: bool,
+    /// Instances one tenant may have in flight at once; its further calls wait for one of its
+    /// own to end (within their deadline).
+    pub tenant_instances: u32,
+    /// Warm instances one tenant may keep, over all its plugins.
+    pub tenant_warm_instances: u32,
+    /// How long a warm instance may sit unused before it is dropped.
+    pub warm_idle: Duration,
+    /// Plugin code running at once (CPU turns, one per core by default), shared fairly.
+    pub cpu_turns: usize,
+    /// Largest component accepted, in bytes.
+    pub max_component_bytes: usize,
+    /// Longest a component may take to compile; a slower one is refused.
+    pub compile_timeout: Duration,
+    /// Components compiled at once, each on one core.
+    pub compile_slots: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -91,8 +118,20 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             epoch_tick: Duration::from_millis(5),
             reuse_instances: true,
+            tenant_instances: 96,
+            tenant_warm_instances: 32,
+            warm_idle: Duration::from_secs(30),
+            cpu_turns: cores(),
+            max_component_bytes: 64 << 20,
+            compile_timeout: Duration::from_secs(60),
+            compile_slots: cores().div_ceil(2),
         }
     }
+}
+
+/// The cores this process may use.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 /// Which role a plugin's component exports.
@@ -132,16 +171,20 @@ pub enum FailureCause {
     Trap,
     /// The plugin returned its own error.
     Guest,
+    /// The call held more host-side bytes (tensors, wasi-nn tensors, outputs, logs) than its
+    /// budget.
+    HostMemory,
 }
 
 impl FailureCause {
-    pub const ALL: [FailureCause; 6] = [
+    pub const ALL: [FailureCause; 7] = [
         FailureCause::Deadline,
         FailureCause::Memory,
         FailureCause::Fuel,
         FailureCause::OutputTooLarge,
         FailureCause::Trap,
         FailureCause::Guest,
+        FailureCause::HostMemory,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -152,6 +195,7 @@ impl FailureCause {
             FailureCause::OutputTooLarge => "output",
             FailureCause::Trap => "trap",
             FailureCause::Guest => "guest",
+            FailureCause::HostMemory => "host_memory",
         }
     }
 }
@@ -175,11 +219,13 @@ pub struct PluginStats {
     /// Calls made.
     pub calls: AtomicU64,
     /// Failed calls by cause, indexed like [`FailureCause::ALL`].
-    pub failures: [AtomicU64; 6],
+    pub failures: [AtomicU64; 7],
     /// Fuel consumed, when fuel metering is on.
     pub fuel_consumed: AtomicU64,
     /// The largest linear memory any call grew to, in bytes.
     pub peak_memory_bytes: AtomicU64,
+    /// The most host-side bytes any call held, in bytes.
+    pub peak_host_bytes: AtomicU64,
 }
 
 impl PluginStats {
@@ -219,10 +265,99 @@ struct RuntimeInner {
     linker: Linker<PluginState>,
     config: RuntimeConfig,
     stats: RuntimeStats,
-    /// Warm instances held across all plugins; capped so calls always find a free pool slot.
-    warm_total: Arc<AtomicUsize>,
+    /// Slots of the instance pool for calls in flight (the pool less the warm cap).
+    instances: FairGate,
+    /// CPU turns of plugin code.
+    cpu: FairGate,
+    /// Warm instances held across all plugins, in all and per tenant.
+    warm: Arc<Mutex<WarmLedger>>,
+    /// Every plugin's warm pool, swept for idle instances by the epoch thread.
+    warm_pools: Arc<Mutex<Vec<Weak<WarmPool>>>>,
+    /// Warm instances kept at most, in all and per tenant.
+    warm_cap: usize,
+    tenant_warm: usize,
+    compiles: Arc<CompileSlots>,
     _ticker: EpochTicker,
 }
+
+/// How many warm instances are held, in all and by tenant.
+#[derive(Debug, Default)]
+struct WarmLedger {
+    total: usize,
+    per_key: HashMap<ShareKey, usize>,
+}
+
+impl WarmLedger {
+    fn add(&mut self, key: &ShareKey) {
+        self.total += 1;
+        *self.per_key.entry(key.clone()).or_insert(0) += 1;
+    }
+
+    fn remove(&mut self, key: &ShareKey) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(held) = self.per_key.get_mut(key) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.per_key.remove(key);
+            }
+        }
+    }
+
+    fn held_by(&self, key: &ShareKey) -> usize {
+        self.per_key.get(key).copied().unwrap_or(0)
+    }
+}
+
+fn lock_ledger(ledger: &Mutex<WarmLedger>) -> std::sync::MutexGuard<'_, WarmLedger> {
+    ledger
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A bounded number of compile slots; a blocking wait (compiles run on blocking threads).
+#[derive(Debug)]
+struct CompileSlots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// One compile slot, given back when the compile (even one the caller gave up on) ends.
+struct CompileSlot(Arc<CompileSlots>);
+
+impl CompileSlots {
+    fn acquire(self: &Arc<Self>, wait: Duration) -> Option<CompileSlot> {
+        let free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut free, _) = self
+            .freed
+            .wait_timeout_while(free, wait, |free| *free == 0)
+            .unwrap_or_else(|p| p.into_inner());
+        if *free == 0 {
+            return None;
+        }
+        *free -= 1;
+        Some(CompileSlot(Arc::clone(self)))
+    }
+}
+
+impl Drop for CompileSlot {
+    fn drop(&mut self) {
+        let mut free = self.0.free.lock().unwrap_or_else(|p| p.into_inner());
+        *free += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Core instances, memories and tables one component may have: far more than a component
+/// built with wit-bindgen and the WASI adapter uses (about 4, 2 and 3), small enough that the
+/// pool, sized at these times its component slots, always has room for an admitted call.
+const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+const MAX_MEMORIES_PER_COMPONENT: u32 = 2;
+const MAX_TABLES_PER_COMPONENT: u32 = 8;
+/// Elements of one table.
+const MAX_TABLE_ELEMENTS: usize = 20_000;
+
+/// Epoch ticks between sweeps of idle warm instances.
+const SWEEP_EVERY_TICKS: u32 = 200;
 
 /// The plugin sandbox: one wasmtime engine shared by every plugin.
 #[derive(Clone)]
@@ -233,11 +368,16 @@ pub struct PluginRuntime {
 impl PluginRuntime {
     pub fn new(config: RuntimeConfig) -> Result<Self, Error> {
         let mut pooling = PoolingAllocationConfig::default();
+        let slots = config.max_instances.max(1);
         pooling
-            .total_component_instances(config.max_instances)
-            .total_core_instances(config.max_instances * 4)
-            .total_memories(config.max_instances * 2)
-            .total_tables(config.max_instances * 4)
+            .total_component_instances(slots)
+            .total_core_instances(slots * MAX_CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(slots * MAX_MEMORIES_PER_COMPONENT)
+            .total_tables(slots * MAX_TABLES_PER_COMPONENT)
+            .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+            .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+            .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
+            .table_elements(MAX_TABLE_ELEMENTS)
             .max_memory_size(config.max_memory_bytes);
         // Returning a slot to the pool decommits its memory (madvise), and each madvise costs a
         // TLB shootdown across cores; batching them was worth ~10% of classify-graph throughput
@@ -248,6 +388,9 @@ impl PluginRuntime {
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
             .consume_fuel(config.meter_fuel)
+            // One core per compile: the compile pool, not the compiler, decides how many cores
+            // compiling takes.
+            .parallel_compilation(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
         let engine = Engine::new(&wasm)
             .map_err(|e| Error::internal(format!("cannot create the wasm engine: {e:#}")))?;
@@ -263,22 +406,45 @@ impl PluginRuntime {
         let ticker_engine = engine.clone();
         let ticker_stop = Arc::clone(&stop);
         let tick = config.epoch_tick;
+        let warm_pools: Arc<Mutex<Vec<Weak<WarmPool>>>> = Arc::default();
+        let swept_pools = Arc::clone(&warm_pools);
+        let warm_idle = config.warm_idle;
         let thread = std::thread::Builder::new()
             .name("weft-epoch".into())
             .spawn(move || {
+                let mut ticks = 0u32;
                 while !ticker_stop.load(Ordering::Relaxed) {
                     std::thread::sleep(tick);
                     ticker_engine.increment_epoch();
+                    ticks = ticks.wrapping_add(1);
+                    if ticks.is_multiple_of(SWEEP_EVERY_TICKS) {
+                        sweep_warm(&swept_pools, warm_idle);
+                    }
                 }
             })
             .map_err(|e| Error::internal(format!("cannot start the epoch thread: {e}")))?;
+        let warm_cap = (slots / 4) as usize;
+        let in_flight = (slots as usize).saturating_sub(warm_cap).max(1);
+        let tenant_warm = (config.tenant_warm_instances as usize).min(warm_cap);
+        let instances = FairGate::new(in_flight, config.tenant_instances as usize);
+        let cpu = FairGate::new(config.cpu_turns.max(1), config.cpu_turns.max(1));
+        let compiles = Arc::new(CompileSlots {
+            free: Mutex::new(config.compile_slots.max(1)),
+            freed: Condvar::new(),
+        });
         Ok(PluginRuntime {
             inner: Arc::new(RuntimeInner {
                 engine,
                 linker,
                 config,
                 stats: RuntimeStats::default(),
-                warm_total: Arc::default(),
+                instances,
+                cpu,
+                warm: Arc::default(),
+                warm_pools,
+                warm_cap,
+                tenant_warm,
+                compiles,
                 _ticker: EpochTicker {
                     stop,
                     thread: Some(thread),
@@ -295,9 +461,30 @@ impl PluginRuntime {
         &self.inner.config
     }
 
+    /// Instance slots in flight: (in use, the most one tenant holds).
+    pub fn instances_in_use(&self) -> (usize, usize) {
+        self.inner.instances.usage()
+    }
+
+    /// Warm instances held: (in all, by the tenant holding most).
+    pub fn warm_instances(&self) -> (usize, usize) {
+        let ledger = lock_ledger(&self.inner.warm);
+        (
+            ledger.total,
+            ledger.per_key.values().copied().max().unwrap_or(0),
+        )
+    }
+
     /// Compiles (or fetches from the compile cache) a component, detects its role and prepares
     /// its instantiation. Blocking: call from a blocking thread or at start-up.
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<Plugin, Error> {
+        let limit = self.inner.config.max_component_bytes;
+        if bytes.len() > limit {
+            return Err(Error::invalid(format!(
+                "plugin '{name}' is {} bytes; the largest component accepted is {limit} bytes",
+                bytes.len()
+            )));
+        }
         let digest = hex(&Sha256::digest(bytes));
         let component = self
             .compile(&digest, bytes)
@@ -329,6 +516,14 @@ impl PluginRuntime {
             }
             Role::Router => RolePre::Router(RouterPre::new(instance_pre).map_err(export_error)?),
         };
+        let warm = Arc::new(WarmPool {
+            instances: Mutex::default(),
+            ledger: Arc::clone(&self.inner.warm),
+        });
+        if let Ok(mut pools) = self.inner.warm_pools.lock() {
+            pools.retain(|pool| pool.strong_count() > 0);
+            pools.push(Arc::downgrade(&warm));
+        }
         Ok(Plugin {
             name: Arc::from(name),
             digest,
@@ -336,10 +531,8 @@ impl PluginRuntime {
             pre: Arc::new(pre),
             runtime: self.clone(),
             stats: Arc::default(),
-            warm: Arc::new(WarmPool {
-                instances: Mutex::default(),
-                total: Arc::clone(&self.inner.warm_total),
-            }),
+            warm,
+            log_rate: Arc::default(),
         })
     }
 
@@ -366,14 +559,65 @@ impl PluginRuntime {
             .stats
             .cache_misses
             .fetch_add(1, Ordering::Relaxed);
-        let component = Component::new(engine, bytes)
-            .map_err(|e| Error::invalid(format!("not a valid WebAssembly component: {e:#}")))?;
+        let component = self.compile_bounded(bytes)?;
         if let Some(Err((path, error))) =
             cached.map(|path| write_cache(&component, &path).map_err(|e| (path, e)))
         {
             tracing::warn!(path = %path.display(), %error, "cannot write compile cache entry");
         }
         Ok(component)
+    }
+}
+
+impl PluginRuntime {
+    /// Compiles on a slot of the compile pool, on its own thread, within the compile-time
+    /// limit. A compile that runs over is refused; its thread keeps the slot until it ends, so
+    /// abandoned compiles still count against the pool.
+    fn compile_bounded(&self, bytes: &[u8]) -> Result<Component, Error> {
+        let config = &self.inner.config;
+        let Some(slot) = self.inner.compiles.acquire(config.compile_timeout) else {
+            return Err(Error::unavailable(format!(
+                "every compile slot ({}) stayed busy for {:?}; try again later",
+                config.compile_slots, config.compile_timeout
+            )));
+        };
+        let engine = self.inner.engine.clone();
+        let bytes = bytes.to_vec();
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("weft-compile".into())
+            .spawn(move || {
+                let compiled = Component::new(&engine, &bytes);
+                let _ = done.send(compiled);
+                drop(slot);
+            })
+            .map_err(|e| Error::internal(format!("cannot start a compile thread: {e}")))?;
+        match result.recv_timeout(config.compile_timeout) {
+            Ok(compiled) => compiled
+                .map_err(|e| Error::invalid(format!("not a valid WebAssembly component: {e:#}"))),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Error::invalid(format!(
+                "the component did not compile within the compile-time limit of {:?}",
+                config.compile_timeout
+            ))),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(Error::internal("the compile thread ended without a result"))
+            }
+        }
+    }
+}
+
+/// Drops warm instances idle for longer than `idle`, in every plugin's pool.
+fn sweep_warm(pools: &Mutex<Vec<Weak<WarmPool>>>, idle: Duration) {
+    let live: Vec<Arc<WarmPool>> = match pools.lock() {
+        Ok(mut pools) => {
+            pools.retain(|pool| pool.strong_count() > 0);
+            pools.iter().filter_map(Weak::upgrade).collect()
+        }
+        Err(_) => return,
+    };
+    let now = Instant::now();
+    for pool in live {
+        pool.expire(now, idle);
     }
 }
 
@@ -395,9 +639,33 @@ fn write_cache(component: &Component, path: &Path) -> Result<(), Error> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&temporary, bytes).map_err(io)?;
-    std::fs::rename(&temporary, path).map_err(io)
+    // A name no other writer (thread or process) uses, written in full and synced before the
+    // rename, so a reader sees either no entry or a whole one.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let unique = format!(
+        "tmp-{}-{}",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    );
+    let temporary = path.with_extension(unique);
+    let written = (|| {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temporary)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written.map_err(io)
 }
 
 fn detect_role(engine: &Engine, component: &Component) -> Result<Role, Error> {
@@ -431,6 +699,17 @@ enum RolePre {
     Transformer(TransformerPre<PluginState>),
     Combiner(CombinerPre<PluginState>),
     Router(RouterPre<PluginState>),
+}
+
+/// At each epoch tick: yield to the executor, and give the CPU turn up when another call waits
+/// for one (see [`CpuTurn`]).
+fn yield_cpu_turn(context: StoreContextMut<'_, PluginState>) -> wasmtime::Result<UpdateDeadline> {
+    match context.data().cpu.clone() {
+        Some(turn) if turn.contended() => {
+            Ok(UpdateDeadline::YieldCustom(1, Box::pin(turn.requeue())))
+        }
+        _ => Ok(UpdateDeadline::Yield(1)),
+    }
 }
 
 /// Pool slots whose memory is decommitted together (see `PluginRuntime::new`).
@@ -468,18 +747,45 @@ pub struct Plugin {
     runtime: PluginRuntime,
     stats: Arc<PluginStats>,
     warm: Arc<WarmPool>,
+    /// The log-line rate limit shared by this plugin's calls.
+    log_rate: Arc<LogRate>,
 }
 
-/// A plugin's warm instances; gives their count back to the runtime's total when dropped.
+/// A plugin's warm instances; gives their count back to the runtime's ledger when they go.
 struct WarmPool {
     instances: Mutex<Vec<Warm>>,
-    total: Arc<AtomicUsize>,
+    ledger: Arc<Mutex<WarmLedger>>,
+}
+
+impl WarmPool {
+    /// Drops the instances unused since before `now - idle`.
+    fn expire(&self, now: Instant, idle: Duration) {
+        let expired: Vec<Warm> = {
+            let Ok(mut warm) = self.instances.lock() else {
+                return;
+            };
+            let (keep, expired) = std::mem::take(&mut *warm)
+                .into_iter()
+                .partition(|w| now.saturating_duration_since(w.idle_since) < idle);
+            *warm = keep;
+            expired
+        };
+        let mut ledger = lock_ledger(&self.ledger);
+        for instance in &expired {
+            ledger.remove(&instance.isolation);
+        }
+    }
 }
 
 impl Drop for WarmPool {
     fn drop(&mut self) {
-        let held = self.instances.get_mut().map(|v| v.len()).unwrap_or(0);
-        self.total.fetch_sub(held, Ordering::Relaxed);
+        let Ok(warm) = self.instances.get_mut() else {
+            return;
+        };
+        let mut ledger = lock_ledger(&self.ledger);
+        for instance in warm.iter() {
+            ledger.remove(&instance.isolation);
+        }
     }
 }
 
@@ -490,6 +796,8 @@ struct Warm {
     calls: u32,
     /// The isolation key of the calls this instance served (see [`CallContext::isolation`]).
     isolation: Option<Arc<str>>,
+    /// When its last call ended.
+    idle_since: Instant,
 }
 
 enum RoleInstance {
@@ -660,16 +968,41 @@ impl Plugin {
             .clone()
             .unwrap_or_else(|| inner.config.limits.clone());
         limits.memory_bytes = limits.memory_bytes.min(inner.config.max_memory_bytes);
+        let deadline = tokio::time::Instant::now() + limits.deadline;
+        let key = context.isolation.clone();
+        let failure = |cause: FailureCause, kind: ErrorKind, message: String| PluginFailure {
+            cause,
+            error: Error::new(kind, format!("plugin '{}': {message}", self.name)),
+        };
+        // A slot of the instance pool within the tenant's share, held until the instance is
+        // dropped or kept warm (declared first, so it is released after the Store).
+        let Ok(_slot) =
+            tokio::time::timeout_at(deadline, inner.instances.acquire(key.clone())).await
+        else {
+            return Err(failure(
+                FailureCause::Deadline,
+                ErrorKind::DeadlineExceeded,
+                format!(
+                    "deadline of {:?} exceeded waiting for a plugin instance (this tenant has \
+                     {} in flight, its share is {})",
+                    limits.deadline,
+                    inner.instances.held_by(&key),
+                    inner.config.tenant_instances
+                ),
+            ));
+        };
         let reusable = inner.config.reuse_instances && context.assets.is_none();
+        let log = CallLog::new(limits.log_bytes, Arc::clone(&self.log_rate));
         let (mut store, instance, calls) = match reusable
-            .then(|| self.take_warm(limits.memory_bytes, context.isolation.as_ref()))
+            .then(|| self.take_warm(limits.memory_bytes, &key))
             .flatten()
         {
             Some(mut warm) => {
-                let state = warm.store.data_mut();
-                state.grants = Arc::clone(&context.grants);
-                state.limiter.memory_bytes = limits.memory_bytes;
-                state.limiter.refused = None;
+                warm.store.data_mut().begin_call(
+                    Arc::clone(&context.grants),
+                    limits.memory_bytes,
+                    log,
+                );
                 (warm.store, Some(warm.instance), warm.calls)
             }
             None => {
@@ -679,6 +1012,7 @@ impl Plugin {
                     limits.memory_bytes,
                     limits.log_bytes,
                 );
+                state.log = log;
                 if let Some(assets) = &context.assets {
                     state.grant_assets(assets).map_err(|error| PluginFailure {
                         cause: FailureCause::Guest,
@@ -687,25 +1021,34 @@ impl Plugin {
                 }
                 let mut store = Store::new(&inner.engine, state);
                 store.limiter(|state| &mut state.limiter);
+                store.epoch_deadline_callback(yield_cpu_turn);
                 (store, None, 0)
             }
         };
-        store.epoch_deadline_async_yield_and_update(1);
+        store.set_epoch_deadline(1);
+        let turn = CpuTurn::new(inner.cpu.clone(), key.clone());
+        store.data_mut().cpu = Some(turn.clone());
         if inner.config.meter_fuel {
             let fuel = limits.fuel.unwrap_or(u64::MAX);
             store
                 .set_fuel(fuel)
                 .map_err(|e| self.internal(&format!("cannot set fuel: {e}")))?;
         }
-        let outcome = tokio::time::timeout(
-            limits.deadline,
-            self.invoke(&mut store, instance, arguments, &context.params),
-        )
+        let outcome = tokio::time::timeout_at(deadline, async {
+            turn.take().await;
+            self.invoke(&mut store, instance, arguments, &context.params)
+                .await
+        })
         .await;
-        store.data().flush_output();
+        turn.release();
+        store.data_mut().end_call();
+        store.data_mut().flush_output();
         self.stats
             .peak_memory_bytes
             .fetch_max(store.data().limiter.peak as u64, Ordering::Relaxed);
+        self.stats
+            .peak_host_bytes
+            .fetch_max(store.data().host.peak as u64, Ordering::Relaxed);
         if inner.config.meter_fuel
             && let Ok(left) = store.get_fuel()
         {
@@ -717,10 +1060,6 @@ impl Plugin {
                 sink.fetch_add(consumed, Ordering::Relaxed);
             }
         }
-        let failure = |cause: FailureCause, kind: ErrorKind, message: String| PluginFailure {
-            cause,
-            error: Error::new(kind, format!("plugin '{}': {message}", self.name)),
-        };
         match outcome {
             Err(_) => Err(failure(
                 FailureCause::Deadline,
@@ -730,7 +1069,7 @@ impl Plugin {
             Ok(Err(trap)) => Err(self.classify(&store, &limits, trap)),
             Ok(Ok((instance, Err(guest)))) => {
                 if reusable {
-                    self.keep_warm(store, instance, calls, context.isolation.clone());
+                    self.keep_warm(store, instance, calls, key);
                 }
                 let (kind, message) = match guest {
                     GuestError::InvalidInput(m) => {
@@ -758,7 +1097,7 @@ impl Plugin {
                     }
                 }
                 if reusable {
-                    self.keep_warm(store, instance, calls, context.isolation.clone());
+                    self.keep_warm(store, instance, calls, key);
                 }
                 Ok(returned)
             }
@@ -767,55 +1106,57 @@ impl Plugin {
 
     /// A warm instance that served the same isolation key and whose memory fits
     /// `memory_bytes`, if one is kept.
-    fn take_warm(&self, memory_bytes: usize, isolation: Option<&Arc<str>>) -> Option<Warm> {
-        let inner = &self.runtime.inner;
+    fn take_warm(&self, memory_bytes: usize, isolation: &ShareKey) -> Option<Warm> {
         let mut warm = self.warm.instances.lock().ok()?;
         while let Some(index) = warm
             .iter()
-            .rposition(|candidate| candidate.isolation.as_ref() == isolation)
+            .rposition(|candidate| &candidate.isolation == isolation)
         {
             let candidate = warm.swap_remove(index);
-            inner.warm_total.fetch_sub(1, Ordering::Relaxed);
-            if candidate.store.data().limiter.peak <= memory_bytes {
+            lock_ledger(&self.warm.ledger).remove(isolation);
+            let fresh = candidate.idle_since.elapsed() < self.runtime.inner.config.warm_idle;
+            if fresh && candidate.store.data().limiter.peak <= memory_bytes {
                 return Some(candidate);
             }
-            // Grown past this call's limit: let it go, a fresh instance starts small.
+            // Idle too long, or grown past this call's limit: let it go.
         }
         None
     }
 
     /// Keeps an instance whose call ended cleanly, unless it has served its share, wrote
-    /// output (its capture buffers are per instance), or the pool is full.
+    /// output (its capture buffers are per instance), or the warm caps (in all, for its tenant)
+    /// are reached.
     fn keep_warm(
         &self,
         store: Store<PluginState>,
         instance: RoleInstance,
         calls: u32,
-        isolation: Option<Arc<str>>,
+        isolation: ShareKey,
     ) {
         let inner = &self.runtime.inner;
         let calls = calls + 1;
         if calls >= MAX_CALLS_PER_INSTANCE || store.data().wrote_output() {
             return;
         }
-        let cap = (inner.config.max_instances as usize) / 4;
         let Ok(mut warm) = self.warm.instances.lock() else {
             return;
         };
+        let mut ledger = lock_ledger(&self.warm.ledger);
         if warm.len() >= MAX_WARM_PER_PLUGIN {
             // Full (perhaps of other tenants' instances): the oldest makes room.
-            warm.remove(0);
-            inner.warm_total.fetch_sub(1, Ordering::Relaxed);
+            let oldest = warm.remove(0);
+            ledger.remove(&oldest.isolation);
         }
-        if inner.warm_total.load(Ordering::Relaxed) >= cap {
+        if ledger.total >= inner.warm_cap || ledger.held_by(&isolation) >= inner.tenant_warm {
             return;
         }
-        inner.warm_total.fetch_add(1, Ordering::Relaxed);
+        ledger.add(&isolation);
         warm.push(Warm {
             store,
             instance,
             calls,
             isolation,
+            idle_since: Instant::now(),
         });
     }
 
@@ -826,7 +1167,9 @@ impl Plugin {
         trap: wasmtime::Error,
     ) -> PluginFailure {
         let state = store.data();
-        let (cause, message) = if let Some(asked) = state.limiter.refused {
+        let (cause, message) = if let Some(message) = &state.host.exceeded {
+            (FailureCause::HostMemory, message.clone())
+        } else if let Some(asked) = state.limiter.refused {
             (
                 FailureCause::Memory,
                 format!(
@@ -939,8 +1282,14 @@ fn push_tensors(
     tensors
         .into_iter()
         .map(|named| {
-            let handle: Resource<HostTensor> =
-                store.data_mut().table.push(HostTensor(named.tensor))?;
+            // Inputs are charged nothing (the request that brought them was admitted), but are
+            // owned by the call: deleted at its end if the plugin keeps them.
+            let handle: Resource<HostTensor> = store.data_mut().push_owned(
+                HostTensor(named.tensor),
+                Owned::Tensor,
+                0,
+                "an input tensor",
+            )?;
             Ok(WitNamedTensor {
                 name: named.name,
                 tensor: handle,
@@ -956,7 +1305,7 @@ fn take_tensors(
     tensors
         .into_iter()
         .map(|named| {
-            let tensor = store.data_mut().table.delete(named.tensor)?;
+            let tensor = store.data_mut().delete_owned(named.tensor)?;
             Ok(NamedTensor::new(named.name, tensor.0))
         })
         .collect()

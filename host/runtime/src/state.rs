@@ -1,9 +1,17 @@
 //! What one plugin call's Store holds: its resource table, a locked-down WASI context, the
-//! memory limiter that remembers whether it refused a grow, and the models granted to the call.
+//! memory limiter that remembers whether it refused a grow, the models granted to the call,
+//! the call's host-side byte budget, its log budget, and its CPU turn.
+//!
+//! Host-side bytes (tensors a plugin creates through `weft:plugin/types` or `wasi:nn`, model
+//! outputs it holds, error messages, log lines) are charged to [`HostBudget`], whose limit is
+//! the call's `memory_bytes`: a call can hold at most its linear memory again in the host. Every
+//! resource the host creates for the call is remembered and deleted when the call ends, so a
+//! warm instance never keeps a tensor, a `wasi:nn` graph or context (and the model grant behind
+//! it) from one call to the next.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
@@ -12,6 +20,20 @@ use wasmtime_wasi::{
     HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
 };
 use weft_core::Model;
+
+use crate::fair::{FairGate, FairPermit, ShareKey};
+use crate::nn::{NnContext, NnError, NnGraph, NnTensor};
+use crate::tensors::HostTensor;
+
+/// Bytes charged for each resource besides its payload (table slot, headers, shape).
+pub(crate) const RESOURCE_OVERHEAD: usize = 64;
+
+/// Log lines a plugin call may write (host log calls and stdout/stderr lines together).
+pub const MAX_LOG_LINES_PER_CALL: u32 = 100;
+/// Bytes kept of one log line.
+pub const MAX_LOG_LINE_BYTES: usize = 4096;
+/// Log lines per second one plugin may write across all its calls (burst: twice as many).
+pub const LOG_LINES_PER_SECOND: f64 = 100.0;
 
 /// Store data of one call.
 pub struct PluginState {
@@ -23,6 +45,32 @@ pub struct PluginState {
     pub(crate) plugin: Arc<str>,
     pub(crate) stdout: MemoryOutputPipe,
     pub(crate) stderr: MemoryOutputPipe,
+    pub(crate) host: HostBudget,
+    /// Resources the host created for this call, by handle, deleted when the call ends.
+    pub(crate) owned: HashMap<u32, (Owned, usize)>,
+    pub(crate) log: CallLog,
+    /// The CPU turn this call runs in, given up at epoch ticks when others wait.
+    pub(crate) cpu: Option<CpuTurn>,
+}
+
+/// The kind of a resource the host created for a call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Owned {
+    Tensor,
+    NnTensor,
+    NnGraph,
+    NnContext,
+    NnError,
+}
+
+/// Host-side bytes one call holds, against its limit.
+#[derive(Debug)]
+pub(crate) struct HostBudget {
+    pub(crate) limit: usize,
+    pub(crate) used: usize,
+    pub(crate) peak: usize,
+    /// What the call was doing when it went over, for its error.
+    pub(crate) exceeded: Option<String>,
 }
 
 impl WasiView for PluginState {
@@ -54,7 +102,131 @@ impl PluginState {
             plugin,
             stdout,
             stderr,
+            host: HostBudget {
+                limit: memory_bytes,
+                used: 0,
+                peak: 0,
+                exceeded: None,
+            },
+            owned: HashMap::new(),
+            log: CallLog::new(log_bytes, Arc::default()),
+            cpu: None,
         }
+    }
+
+    /// Charges `bytes` of host memory to the call; over the limit the call traps (and the
+    /// failure names the host memory limit).
+    pub(crate) fn charge(&mut self, bytes: usize, what: &str) -> wasmtime::Result<()> {
+        let used = self.host.used.saturating_add(bytes);
+        if used > self.host.limit {
+            let message = format!(
+                "host memory limit of {} bytes for this call exceeded: {what} needed {bytes} \
+                 bytes with {} already held (tensors, wasi-nn tensors, outputs and logs count)",
+                self.host.limit, self.host.used
+            );
+            self.host.exceeded = Some(message.clone());
+            return Err(wasmtime::Error::msg(message));
+        }
+        self.host.used = used;
+        self.host.peak = self.host.peak.max(used);
+        Ok(())
+    }
+
+    /// Charges and pushes a resource the host creates for the guest; it is deleted when the
+    /// call ends unless the guest drops it first.
+    pub(crate) fn push_owned<T: Send + 'static>(
+        &mut self,
+        value: T,
+        kind: Owned,
+        bytes: usize,
+        what: &str,
+    ) -> wasmtime::Result<wasmtime::component::Resource<T>> {
+        let bytes = bytes.saturating_add(RESOURCE_OVERHEAD);
+        self.charge(bytes, what)?;
+        let handle = self.table.push(value)?;
+        self.owned.insert(handle.rep(), (kind, bytes));
+        Ok(handle)
+    }
+
+    /// Deletes a resource the guest dropped (or the host consumed) and gives its bytes back.
+    pub(crate) fn delete_owned<T: 'static>(
+        &mut self,
+        handle: wasmtime::component::Resource<T>,
+    ) -> wasmtime::Result<T> {
+        let rep = handle.rep();
+        let value = self.table.delete(handle)?;
+        if let Some((_, bytes)) = self.owned.remove(&rep) {
+            self.host.used = self.host.used.saturating_sub(bytes);
+        }
+        Ok(value)
+    }
+
+    /// Prepares a (possibly warm) state for a new call: its grants, limits and log budget.
+    pub(crate) fn begin_call(
+        &mut self,
+        grants: Arc<HashMap<String, Arc<dyn Model>>>,
+        memory_bytes: usize,
+        log: CallLog,
+    ) {
+        self.grants = grants;
+        self.limiter.memory_bytes = memory_bytes;
+        self.limiter.refused = None;
+        self.host.limit = memory_bytes;
+        self.host.used = 0;
+        self.host.exceeded = None;
+        self.log = log;
+    }
+
+    /// Deletes every resource the host made for the call that the guest still holds, so
+    /// nothing (a tensor, a `wasi:nn` graph and its model grant) outlives the call.
+    pub(crate) fn end_call(&mut self) {
+        for (rep, (kind, _)) in std::mem::take(&mut self.owned) {
+            use wasmtime::component::Resource;
+            let _ = match kind {
+                Owned::Tensor => self
+                    .table
+                    .delete(Resource::<HostTensor>::new_own(rep))
+                    .map(drop),
+                Owned::NnTensor => self
+                    .table
+                    .delete(Resource::<NnTensor>::new_own(rep))
+                    .map(drop),
+                Owned::NnGraph => self
+                    .table
+                    .delete(Resource::<NnGraph>::new_own(rep))
+                    .map(drop),
+                Owned::NnContext => self
+                    .table
+                    .delete(Resource::<NnContext>::new_own(rep))
+                    .map(drop),
+                Owned::NnError => self
+                    .table
+                    .delete(Resource::<NnError>::new_own(rep))
+                    .map(drop),
+            };
+        }
+        self.host.used = 0;
+        self.cpu = None;
+    }
+
+    /// Writes one line the plugin logged, within the call's and the plugin's log budget,
+    /// escaped so it cannot forge other log lines.
+    pub(crate) fn log_line(&mut self, level: tracing::Level, line: &str) -> wasmtime::Result<()> {
+        let line = truncate(line, MAX_LOG_LINE_BYTES);
+        if !self.log.admit(line.len()) {
+            return Ok(());
+        }
+        self.charge(line.len(), "a log line")?;
+        let plugin = &*self.plugin;
+        let text = escape_log(line);
+        match level {
+            tracing::Level::TRACE => tracing::trace!(plugin, "{text}"),
+            tracing::Level::DEBUG => tracing::debug!(plugin, "{text}"),
+            tracing::Level::INFO => tracing::info!(plugin, "{text}"),
+            tracing::Level::WARN => tracing::warn!(plugin, "{text}"),
+            tracing::Level::ERROR => tracing::error!(plugin, "{text}"),
+        }
+        Ok(())
     }
 
     /// Lets the plugin read `dir` as `/assets` (read-only, through cap-std: no path can escape it).
@@ -72,14 +244,34 @@ impl PluginState {
         Ok(())
     }
 
-    /// Writes whatever the plugin printed to the host log, once the call is over.
-    pub(crate) fn flush_output(&self) {
-        for (stream, pipe) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+    /// Writes whatever the plugin printed to the host log, once the call is over, line by
+    /// line within the call's log budget, then one line saying what was cut.
+    pub(crate) fn flush_output(&mut self) {
+        for (stream, pipe) in [
+            ("stdout", self.stdout.clone()),
+            ("stderr", self.stderr.clone()),
+        ] {
             let bytes = pipe.contents();
-            if !bytes.is_empty() {
-                let text = String::from_utf8_lossy(&bytes);
-                tracing::info!(plugin = &*self.plugin, stream, "{}", text.trim_end());
+            let text = String::from_utf8_lossy(&bytes);
+            for line in text.trim_end().lines() {
+                let line = truncate(line, MAX_LOG_LINE_BYTES);
+                if self.log.admit(line.len()) {
+                    let text = escape_log(line);
+                    tracing::info!(plugin = &*self.plugin, stream, "{text}");
+                }
             }
+        }
+        if self.log.dropped > 0 {
+            tracing::warn!(
+                plugin = &*self.plugin,
+                "plugin log truncated: {} more lines were dropped (limits: {} lines and {} bytes \
+                 per call, {} lines per second per plugin)",
+                self.log.dropped,
+                MAX_LOG_LINES_PER_CALL,
+                self.log.max_bytes,
+                LOG_LINES_PER_SECOND
+            );
+            self.log.dropped = 0;
         }
     }
 
@@ -99,6 +291,145 @@ impl PluginState {
             .find(|&i| text.is_char_boundary(i))
             .unwrap_or(0);
         text[start..].to_string()
+    }
+}
+
+/// The log budget of one call, and the rate limit of its plugin.
+#[derive(Debug)]
+pub(crate) struct CallLog {
+    lines: u32,
+    bytes: usize,
+    max_bytes: usize,
+    /// Lines refused since the last "truncated" line.
+    dropped: u64,
+    rate: Arc<LogRate>,
+}
+
+impl CallLog {
+    pub(crate) fn new(max_bytes: usize, rate: Arc<LogRate>) -> Self {
+        CallLog {
+            lines: 0,
+            bytes: 0,
+            max_bytes,
+            dropped: 0,
+            rate,
+        }
+    }
+
+    /// Whether a line of `len` bytes may be written; counts it either way.
+    fn admit(&mut self, len: usize) -> bool {
+        let fits = self.lines < MAX_LOG_LINES_PER_CALL
+            && self.bytes.saturating_add(len) <= self.max_bytes
+            && self.rate.take();
+        if fits {
+            self.lines += 1;
+            self.bytes += len;
+        } else {
+            self.dropped += 1;
+        }
+        fits
+    }
+}
+
+/// A token bucket of log lines shared by every call of one plugin.
+#[derive(Debug)]
+pub struct LogRate {
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl Default for LogRate {
+    fn default() -> Self {
+        LogRate {
+            bucket: Mutex::new((2.0 * LOG_LINES_PER_SECOND, Instant::now())),
+        }
+    }
+}
+
+impl LogRate {
+    fn take(&self) -> bool {
+        let Ok(mut bucket) = self.bucket.lock() else {
+            return false;
+        };
+        let (tokens, last) = &mut *bucket;
+        let now = Instant::now();
+        let refill = now.duration_since(*last).as_secs_f64() * LOG_LINES_PER_SECOND;
+        *tokens = (*tokens + refill).min(2.0 * LOG_LINES_PER_SECOND);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Escapes control characters (newlines, carriage returns, ANSI escapes, NEL) and the Unicode
+/// line separators, so one plugin log call is exactly one host log line.
+pub(crate) fn escape_log(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    if !text.chars().any(needs) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The CPU turn a call runs plugin code in: a permit of the runtime's CPU gate (one per core,
+/// shared fairly between tenants). At each epoch tick a call whose gate has waiters gives its
+/// turn up and queues again, so a tenant's spinning plugins cannot keep the cores from the
+/// others; a call waiting on a model gives it up for the wait.
+#[derive(Clone)]
+pub(crate) struct CpuTurn {
+    gate: FairGate,
+    key: ShareKey,
+    held: Arc<Mutex<Option<FairPermit>>>,
+}
+
+impl CpuTurn {
+    pub(crate) fn new(gate: FairGate, key: ShareKey) -> Self {
+        CpuTurn {
+            gate,
+            key,
+            held: Arc::default(),
+        }
+    }
+
+    /// Waits for a turn (if not holding one).
+    pub(crate) async fn take(&self) {
+        if self.held.lock().map(|held| held.is_some()).unwrap_or(true) {
+            return;
+        }
+        let permit = self.gate.acquire(self.key.clone()).await;
+        if let Ok(mut held) = self.held.lock() {
+            *held = Some(permit);
+        }
+    }
+
+    /// Gives the turn up.
+    pub(crate) fn release(&self) {
+        let permit = self.held.lock().ok().and_then(|mut held| held.take());
+        drop(permit);
+    }
+
+    /// Whether another call waits for a turn.
+    pub(crate) fn contended(&self) -> bool {
+        self.gate.contended()
+    }
+
+    /// Gives the turn up and queues for the next one.
+    pub(crate) async fn requeue(self) {
+        self.release();
+        self.take().await;
     }
 }
 

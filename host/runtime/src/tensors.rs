@@ -1,5 +1,6 @@
 //! The host side of `weft:plugin/types` and `weft:plugin/host`: tensors that stay in the host
-//! until a plugin asks for their bytes, and the plugin's log line.
+//! until a plugin asks for their bytes (each one charged to the call's host budget), and the
+//! plugin's log line (capped and escaped, see `state.rs`).
 
 use bytes::Bytes;
 use wasmtime::component::Resource;
@@ -7,7 +8,7 @@ use weft_core::{DataType, Tensor};
 
 use crate::bindings::weft::plugin::host::{self, Level};
 use crate::bindings::weft::plugin::types::{self, Datatype, Error as GuestError};
-use crate::state::PluginState;
+use crate::state::{Owned, PluginState};
 
 /// A tensor a plugin holds a handle to. Cloning shares the bytes.
 #[derive(Clone, Debug)]
@@ -67,8 +68,14 @@ impl types::HostTensor for PluginState {
         data: Vec<u8>,
     ) -> wasmtime::Result<Result<Resource<HostTensor>, GuestError>> {
         let shape = shape.into_iter().map(|d| d as usize).collect();
+        let bytes = data.len();
         match Tensor::new(from_wit(datatype), shape, Bytes::from(data)) {
-            Ok(tensor) => Ok(Ok(self.table.push(HostTensor(tensor))?)),
+            Ok(tensor) => Ok(Ok(self.push_owned(
+                HostTensor(tensor),
+                Owned::Tensor,
+                bytes,
+                "tensor.create",
+            )?)),
             Err(error) => Ok(Err(GuestError::InvalidInput(error.to_string()))),
         }
     }
@@ -94,22 +101,20 @@ impl types::HostTensor for PluginState {
     }
 
     async fn drop(&mut self, handle: Resource<HostTensor>) -> wasmtime::Result<()> {
-        self.table.delete(handle)?;
+        self.delete_owned(handle)?;
         Ok(())
     }
 }
 
 impl host::Host for PluginState {
     async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
-        let plugin = &*self.plugin;
-        let message = crate::state::truncate(&message, 4096);
-        match level {
-            Level::Trace => tracing::trace!(plugin, "{message}"),
-            Level::Debug => tracing::debug!(plugin, "{message}"),
-            Level::Info => tracing::info!(plugin, "{message}"),
-            Level::Warn => tracing::warn!(plugin, "{message}"),
-            Level::Error => tracing::error!(plugin, "{message}"),
-        }
-        Ok(())
+        let level = match level {
+            Level::Trace => tracing::Level::TRACE,
+            Level::Debug => tracing::Level::DEBUG,
+            Level::Info => tracing::Level::INFO,
+            Level::Warn => tracing::Level::WARN,
+            Level::Error => tracing::Level::ERROR,
+        };
+        self.log_line(level, &message)
     }
 }
