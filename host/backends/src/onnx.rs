@@ -197,22 +197,36 @@ impl Model for OnnxModel {
     fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
         Box::pin(async move {
             let pool = Arc::clone(&self.sessions);
-            let permit = self
-                .sessions
+            self.sessions
                 .free
                 .acquire()
                 .await
-                .map_err(|_| Error::unavailable("model is shutting down"))?;
+                .map_err(|_| Error::unavailable("model is shutting down"))?
+                .forget();
+            // The session's permit travels with the blocking work: a caller that goes away
+            // (a client disconnect, a plugin deadline) does not free the session while ONNX
+            // Runtime still runs on it.
+            let session = SessionTurn(Arc::clone(&pool));
             let outputs = tokio::task::spawn_blocking(move || {
                 let result = pool.run(&inputs);
                 drop(inputs);
+                drop(session);
                 result
             })
             .await
             .map_err(|error| Error::internal(format!("ONNX Runtime inference failed: {error}")))?;
-            drop(permit);
             outputs
         })
+    }
+}
+
+/// A session's permit, given back to the pool when the blocking work that holds it ends (or
+/// is dropped unrun).
+struct SessionTurn(Arc<SessionPool>);
+
+impl Drop for SessionTurn {
+    fn drop(&mut self) {
+        self.0.free.add_permits(1);
     }
 }
 

@@ -333,14 +333,21 @@ impl Model for WorkerModel {
             if let Some(reason) = self.broken.get() {
                 return Err(Error::unavailable(reason.clone()));
             }
-            let _admitted = self
-                .admitted
-                .acquire()
+            // The session permit travels with the call to the worker and is released by the
+            // worker's answer (or death), not by a caller that went away while it computes.
+            let admitted = Arc::clone(&self.admitted)
+                .acquire_owned()
                 .await
                 .map_err(|_| Error::unavailable("the model is shutting down"))?;
             let connection = self.worker.connection().await?;
             connection
-                .infer(&self.worker.shared, self.handle, inputs, &self.outputs)
+                .infer(
+                    &self.worker.shared,
+                    self.handle,
+                    inputs,
+                    &self.outputs,
+                    admitted,
+                )
                 .await
         })
     }
@@ -393,6 +400,8 @@ struct PendingCall {
     reply: oneshot::Sender<Result<Vec<NamedTensor>>>,
     lease: SlotLease,
     outputs: Arc<[TensorSpec]>,
+    /// The model session's permit, held until the worker answers.
+    _admitted: OwnedSemaphorePermit,
 }
 
 /// The sending side of a worker's socket. A frame goes straight into the socket when nothing
@@ -588,6 +597,7 @@ impl Connection {
         handle: u64,
         inputs: Vec<NamedTensor>,
         outputs: &Arc<[TensorSpec]>,
+        admitted: OwnedSemaphorePermit,
     ) -> Result<Vec<NamedTensor>> {
         let timeout = shared.config.call_timeout;
         let lease = tokio::time::timeout(timeout, self.slots.acquire())
@@ -624,6 +634,7 @@ impl Connection {
                     reply,
                     lease,
                     outputs: Arc::clone(outputs),
+                    _admitted: admitted,
                 },
             );
         }
