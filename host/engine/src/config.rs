@@ -236,16 +236,150 @@ impl ModelConfig {
     }
 }
 
-/// Deserializes TOML content, prefixing any error with `path`; toml's own message already names
-/// the line, column and key. Shared by every TOML file Weft reads.
+/// What [`parse_toml_within`] checks before the TOML parser sees a byte: the size of the text
+/// and how deeply its arrays and inline tables nest. The `toml` crate (1.x) refuses nesting
+/// past 80 itself unless some crate in the build turns on its `unbounded` feature; this bound
+/// does not depend on that, and is far lower: no Weft file needs more than 2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TomlLimits {
+    pub max_bytes: usize,
+    /// The limit's name in error messages, e.g. `toml.max_bytes`.
+    pub bytes_key: &'static str,
+    pub max_depth: usize,
+    pub depth_key: &'static str,
+}
+
+impl Default for TomlLimits {
+    /// For every TOML file but graphs (which have [`crate::graph::GraphLimits`]): 1 MiB, and
+    /// nesting 16.
+    fn default() -> Self {
+        TomlLimits {
+            max_bytes: 1 << 20,
+            bytes_key: "toml.max_bytes",
+            max_depth: 16,
+            depth_key: "toml.max_depth",
+        }
+    }
+}
+
+/// Most of toml's error message a caller gets back: it quotes the offending line, which may be
+/// the whole (megabyte-long) file.
+const MAX_ERROR_CHARS: usize = 2_000;
+
+/// Deserializes TOML content within the default [`TomlLimits`], prefixing any error with `path`;
+/// toml's own message already names the line, column and key. Shared by every TOML file Weft
+/// reads.
 pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
-    toml::from_str(text).map_err(|error| {
-        Error::invalid(format!(
-            "{}: {}",
+    parse_toml_within(path, text, &TomlLimits::default())
+}
+
+/// [`parse_toml`] within `limits`, both checked (in one linear pass at most) before parsing.
+pub fn parse_toml_within<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+    limits: &TomlLimits,
+) -> Result<T> {
+    if text.len() > limits.max_bytes {
+        return Err(Error::invalid(format!(
+            "{}: the file is {} bytes; the limit is {} ({})",
             path.display(),
-            error.to_string().trim_end()
-        ))
+            text.len(),
+            limits.max_bytes,
+            limits.bytes_key
+        )));
+    }
+    if let Some(line) = nesting_beyond(text, limits.max_depth) {
+        return Err(Error::invalid(format!(
+            "{}: line {line}: arrays and tables nest {} deep; the limit is {} ({})",
+            path.display(),
+            limits.max_depth.saturating_add(1),
+            limits.max_depth,
+            limits.depth_key
+        )));
+    }
+    toml::from_str(text).map_err(|error| {
+        let message = error.to_string();
+        let message = message.trim_end();
+        let message = match message.char_indices().nth(MAX_ERROR_CHARS) {
+            Some((cut, _)) => format!("{}...", &message[..cut]),
+            None => message.to_string(),
+        };
+        Error::invalid(format!("{}: {message}", path.display()))
     })
+}
+
+/// The 1-based line where `[` and `{` outside strings and comments first nest deeper than
+/// `max_depth`, or `None`. One pass, no recursion, no allocation. It counts table headers'
+/// brackets too (`[[node]]` is 2) and never counts less than the TOML parser nests: strings
+/// end where TOML ends them (escapes in basic strings, up to two extra quotes before a
+/// multi-line closing delimiter), and an unterminated single-line string ends at its line.
+fn nesting_beyond(text: &str, max_depth: usize) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let starts = |at: usize, token: &[u8]| bytes.get(at..at + token.len()) == Some(token);
+    let (mut depth, mut line, mut at) = (0usize, 1usize, 0usize);
+    while at < bytes.len() {
+        match bytes[at] {
+            b'\n' => {
+                line += 1;
+                at += 1;
+            }
+            b'#' => {
+                while at < bytes.len() && bytes[at] != b'\n' {
+                    at += 1;
+                }
+            }
+            quote @ (b'"' | b'\'') => {
+                let basic = quote == b'"';
+                let triple = [quote; 3];
+                if starts(at, &triple) {
+                    at += 3;
+                    while at < bytes.len() && !starts(at, &triple) {
+                        match bytes[at] {
+                            b'\\' if basic => {
+                                if bytes.get(at + 1) == Some(&b'\n') {
+                                    line += 1;
+                                }
+                                at += 2;
+                            }
+                            b'\n' => {
+                                line += 1;
+                                at += 1;
+                            }
+                            _ => at += 1,
+                        }
+                    }
+                    // The delimiter, and the one or two quotes TOML lets precede it.
+                    while at < bytes.len() && bytes[at] == quote {
+                        at += 1;
+                    }
+                } else {
+                    at += 1;
+                    while at < bytes.len() && bytes[at] != quote && bytes[at] != b'\n' {
+                        // An escape never hides the newline that ends the string.
+                        let escape =
+                            basic && bytes[at] == b'\\' && bytes.get(at + 1) != Some(&b'\n');
+                        at += if escape { 2 } else { 1 };
+                    }
+                    if at < bytes.len() && bytes[at] == quote {
+                        at += 1;
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Some(line);
+                }
+                at += 1;
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                at += 1;
+            }
+            _ => at += 1,
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -375,6 +509,61 @@ dims = [10]
         );
         let policy: ModelConfig = parse("platform = \"onnx\"\nversion_policy = \"all\"").unwrap();
         assert_eq!(policy.version_policy, VersionPolicy::All);
+    }
+
+    #[test]
+    fn nesting_is_counted_outside_strings_and_comments_only() {
+        assert_eq!(nesting_beyond("a = [[1], {b = [2]}]", 3), None);
+        assert_eq!(nesting_beyond("a = [[1], {b = [2]}]", 2), Some(1));
+        assert_eq!(nesting_beyond("a = 1\nb = [[[1]]]", 2), Some(2));
+        assert_eq!(nesting_beyond("[[node]]\n[node.params]", 2), None);
+        // Strings of every kind, escapes, and comments hide their brackets.
+        let hidden = [
+            r#"a = "[[[[ \" [[[[""#,
+            r"a = '[[[[ \' # [[[[",
+            "a = \"\"\"\n[[[[\\\"\"\"[[[[\n\"\"\"",
+            "a = '''[[[['''''",
+            "# [[[[[[",
+        ];
+        for text in hidden {
+            assert_eq!(nesting_beyond(text, 0), None, "{text}");
+        }
+        // A quote TOML would close (or an unterminated string's line end) does not hide what
+        // follows.
+        assert_eq!(nesting_beyond("a = '''x''''' [[1]]", 1), Some(1));
+        assert_eq!(nesting_beyond("a = \"x\\\nb = [[1]]", 1), Some(2));
+        assert_eq!(nesting_beyond("a = \"\" [[1]]", 1), Some(1));
+        let deep = format!("a = {}", "[".repeat(100_000));
+        assert_eq!(nesting_beyond(&deep, 16), Some(1));
+    }
+
+    #[test]
+    fn every_toml_file_is_bounded_before_parsing() {
+        let deep = format!(
+            "platform = \"onnx\"\nversion_policy = {{ specific = {}1{} }}",
+            "[".repeat(20),
+            "]".repeat(20)
+        );
+        let error = parse(&deep).unwrap_err();
+        assert_eq!(error.kind(), weft_core::ErrorKind::InvalidArgument);
+        assert_eq!(
+            error.to_string(),
+            "models/m/model.toml: line 2: arrays and tables nest 17 deep; the limit is 16 \
+             (toml.max_depth)"
+        );
+        let big = format!("platform = \"onnx\"\n# {}", "x".repeat(1 << 20));
+        let error = parse(&big).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "models/m/model.toml: the file is {} bytes; the limit is 1048576 (toml.max_bytes)",
+                big.len()
+            )
+        );
+        // toml quotes the offending line; a long one is cut short.
+        let long = format!("platform = \"onnx\"\nx = {}", "1".repeat(100_000));
+        let error = parse(&long).unwrap_err().to_string();
+        assert!(error.len() < 3_000 && error.ends_with("..."), "{error}");
     }
 
     #[test]
