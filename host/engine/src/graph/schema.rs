@@ -39,6 +39,8 @@ use std::path::Path;
 use serde::Deserialize;
 use weft_core::{DataType, Result};
 
+use super::limits::GraphLimits;
+
 /// A parsed graph file.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +90,18 @@ pub enum OneOrMany {
 }
 
 impl OneOrMany {
+    /// How many candidates it names.
+    pub fn len(&self) -> usize {
+        match self {
+            OneOrMany::One(_) => 1,
+            OneOrMany::Many(many) => many.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn items(&self) -> Vec<&str> {
         match self {
             OneOrMany::One(one) => vec![one.as_str()],
@@ -206,8 +220,17 @@ fn scalar_params<'de, D: serde::Deserializer<'de>>(
 }
 
 impl GraphSpec {
-    /// Parses `text`, naming `path` (and toml's line, column and key) in any error.
+    /// Parses `text`, naming `path` (and toml's line, column and key) in any error, within the
+    /// default [`GraphLimits`].
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
-        crate::config::parse_toml(path, text)
+        Self::parse_with_limits(path, text, &GraphLimits::default())
+    }
+
+    /// [`GraphSpec::parse`] within `limits`: the text's size and nesting are checked before
+    /// the TOML parser runs, the graph's counts and sizes right after.
+    pub fn parse_with_limits(path: &Path, text: &str, limits: &GraphLimits) -> Result<Self> {
+        let spec: GraphSpec = crate::config::parse_toml_within(path, text, &limits.toml())?;
+        limits.check(path, &spec)?;
+        Ok(spec)
     }
 }

@@ -1,11 +1,17 @@
 //! Graph validation: turns a parsed [`GraphSpec`] into an executable [`GraphPlan`], or an error
 //! that names the file, the line of the node, the node and the reason.
+//!
+//! The graph comes from a tenant, so it is first held to the catalog's [`GraphLimits`], and
+//! every pass after that is iterative (no recursion over the graph, however deep a chain) and
+//! near-linear: lookups go through maps and sets or the sorted dependency lists, each model's
+//! metadata is fetched once, and a node's line is searched for only to report an error.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-use weft_core::{DataType, Error, ModelMetadata, Result};
+use weft_core::{DataType, Error, ModelMetadata, Result, TensorSpec};
 
+use super::limits::GraphLimits;
 use super::schema::{BuiltinRouter, GraphSpec, NodeKind, NodeSpec};
 
 /// What a plugin's component exports, as the engine needs to know it.
@@ -34,6 +40,11 @@ pub trait Catalog {
     fn node_limits(&self) -> Option<NodeLimits> {
         None
     }
+    /// How big a graph may be; checked before anything else. A catalog that raises these must
+    /// parse with the same limits ([`GraphSpec::parse_with_limits`]).
+    fn graph_limits(&self) -> GraphLimits {
+        GraphLimits::default()
+    }
 }
 
 /// Ceilings for per-node `deadline_ms` and `memory_mb`: the server's, later the tenant's.
@@ -59,14 +70,21 @@ pub struct GraphPlan {
     /// Per node (same order as `spec.nodes`): its sources, and the nodes it waits for.
     pub sources: Vec<Vec<Source>>,
     pub renames: Vec<Vec<(String, Source)>>,
+    /// Per node: the nodes it reads from, ascending, each once.
     pub deps: Vec<Vec<usize>>,
+    /// Per node: the nodes that read from it, ascending, each once (the inverse of `deps`).
+    pub dependents: Vec<Vec<usize>>,
+    /// Per node: its `routes` as node indices, in order (empty unless it is a router).
+    pub routes: Vec<Vec<usize>>,
     /// Per graph output: candidate sources in order.
     pub outputs: Vec<Vec<Source>>,
+    /// Node name to index.
+    index: HashMap<String, usize>,
 }
 
 impl GraphPlan {
     pub fn index_of(&self, node: &str) -> Option<usize> {
-        self.spec.nodes.iter().position(|n| n.name == node)
+        self.index.get(node).copied()
     }
 }
 
@@ -75,6 +93,8 @@ struct Checker<'a> {
     text: &'a str,
     spec: &'a GraphSpec,
     index: HashMap<&'a str, usize>,
+    /// The graph's input names.
+    inputs: HashSet<&'a str>,
 }
 
 /// The 1-based line of the `occurrence`-th (from 0) `name = "<name>"` inside a `[[node]]` table
@@ -136,7 +156,7 @@ impl Checker<'_> {
         };
         if head == "request" {
             if let Some(name) = &tail
-                && !self.spec.inputs.iter().any(|i| &i.name == name)
+                && !self.inputs.contains(name.as_str())
             {
                 let reason = format!("'{text}' names no graph input");
                 return Err(node.map_or_else(
@@ -159,24 +179,87 @@ impl Checker<'_> {
     }
 }
 
-/// Validates `spec` (parsed from `text` at `path`) against `catalog`.
+/// Validates `spec` (parsed from `text` at `path`) against `catalog`, within
+/// [`Catalog::graph_limits`].
 pub fn validate(
     path: &Path,
     text: &str,
     spec: GraphSpec,
     catalog: &dyn Catalog,
 ) -> Result<GraphPlan> {
-    let mut index = HashMap::new();
-    let checker_spec = spec.clone();
-    for (i, node) in checker_spec.nodes.iter().enumerate() {
-        if node.name == "request" || node.name.contains('.') {
-            return Err(Error::invalid(format!(
-                "{}:{}: node '{}': names may not be 'request' or contain '.'",
-                path.display(),
-                node_line(text, &node.name, 0),
-                node.name
-            )));
+    catalog.graph_limits().check(path, &spec)?;
+    let checked = check(path, text, &spec, catalog)?;
+    let index = spec
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| (node.name.clone(), i))
+        .collect();
+    let mut dependents = vec![Vec::new(); checked.deps.len()];
+    for (reader, deps) in checked.deps.iter().enumerate() {
+        for &dep in deps {
+            dependents[dep].push(reader);
         }
+    }
+    Ok(GraphPlan {
+        spec,
+        sources: checked.sources,
+        renames: checked.renames,
+        deps: checked.deps,
+        dependents,
+        routes: checked.routes,
+        outputs: checked.outputs,
+        index,
+    })
+}
+
+/// What validation works out, before it is moved into the plan with the spec.
+struct Checked {
+    sources: Vec<Vec<Source>>,
+    renames: Vec<Vec<(String, Source)>>,
+    deps: Vec<Vec<usize>>,
+    routes: Vec<Vec<usize>>,
+    outputs: Vec<Vec<Source>>,
+}
+
+/// Catalog lookups, each asked once however many nodes name the same model (a thousand nodes
+/// on one wide model must not clone its metadata a thousand times).
+#[derive(Default)]
+struct Models<'s> {
+    found: Vec<ModelMetadata>,
+    /// (name, version) -> index into `found`, or `None` when the catalog has no such model.
+    asked: HashMap<(&'s str, Option<&'s str>), Option<usize>>,
+}
+
+impl<'s> Models<'s> {
+    fn get(
+        &mut self,
+        catalog: &dyn Catalog,
+        name: &'s str,
+        version: Option<&'s str>,
+    ) -> Option<usize> {
+        if let Some(&known) = self.asked.get(&(name, version)) {
+            return known;
+        }
+        let known = catalog.model(name, version).map(|metadata| {
+            self.found.push(metadata);
+            self.found.len() - 1
+        });
+        self.asked.insert((name, version), known);
+        known
+    }
+}
+
+/// A model's metadata with its inputs and outputs by name.
+struct KnownModel<'m> {
+    inputs: HashMap<&'m str, &'m TensorSpec>,
+    /// Name -> datatype and rank.
+    outputs: BTreeMap<&'m str, (DataType, usize)>,
+}
+
+fn check(path: &Path, text: &str, spec: &GraphSpec, catalog: &dyn Catalog) -> Result<Checked> {
+    let mut index = HashMap::with_capacity(spec.nodes.len());
+    for (i, node) in spec.nodes.iter().enumerate() {
         if index.insert(node.name.as_str(), i).is_some() {
             return Err(Error::invalid(format!(
                 "{}:{}: duplicate node name '{}'",
@@ -189,21 +272,20 @@ pub fn validate(
     let checker = Checker {
         path,
         text,
-        spec: &checker_spec,
+        spec,
         index,
+        inputs: spec.inputs.iter().map(|t| t.name.as_str()).collect(),
     };
     for (names, what) in [
         (
-            checker_spec
-                .inputs
+            spec.inputs
                 .iter()
                 .map(|t| t.name.as_str())
                 .collect::<Vec<_>>(),
             "input",
         ),
         (
-            checker_spec
-                .outputs
+            spec.outputs
                 .iter()
                 .map(|t| t.name.as_str())
                 .collect::<Vec<_>>(),
@@ -216,12 +298,16 @@ pub fn validate(
         }
     }
 
-    let mut sources = Vec::new();
-    let mut renames = Vec::new();
-    let mut deps = Vec::new();
-    for node in &checker_spec.nodes {
-        check_kind(&checker, node, catalog)?;
-        check_grants_and_limits(&checker, node, catalog)?;
+    let mut sources = Vec::with_capacity(spec.nodes.len());
+    let mut renames = Vec::with_capacity(spec.nodes.len());
+    let mut deps = Vec::with_capacity(spec.nodes.len());
+    let mut routes = Vec::with_capacity(spec.nodes.len());
+    let mut models = Models::default();
+    // Per node: its model's index in `models.found`, for model nodes.
+    let mut node_models = Vec::with_capacity(spec.nodes.len());
+    for node in &spec.nodes {
+        node_models.push(check_kind(&checker, node, catalog, &mut models)?);
+        check_grants_and_limits(&checker, node, catalog, &mut models)?;
         if node.inputs.is_empty() {
             return Err(checker.node_error(node, "has no inputs"));
         }
@@ -240,13 +326,16 @@ pub fn validate(
                 return Err(checker.node_error(node, format!("unknown node '{listed}'")));
             }
         }
-        for soft in &node.soft {
-            if !node.inputs.contains(soft) {
-                return Err(checker.node_error(
-                    node,
-                    format!("soft dependency '{soft}' is not one of its inputs"),
-                ));
-            }
+        let inputs: HashSet<&str> = node.inputs.iter().map(String::as_str).collect();
+        if let Some(soft) = node
+            .soft
+            .iter()
+            .find(|soft| !inputs.contains(soft.as_str()))
+        {
+            return Err(checker.node_error(
+                node,
+                format!("soft dependency '{soft}' is not one of its inputs"),
+            ));
         }
         let mut node_deps: Vec<usize> = node_sources
             .iter()
@@ -261,8 +350,14 @@ pub fn validate(
         sources.push(node_sources);
         renames.push(node_renames);
         deps.push(node_deps);
+        routes.push(
+            node.routes
+                .iter()
+                .filter_map(|route| checker.index.get(route.as_str()).copied())
+                .collect::<Vec<_>>(),
+        );
     }
-    let outputs = checker_spec
+    let outputs = spec
         .outputs
         .iter()
         .map(|output| {
@@ -275,19 +370,39 @@ pub fn validate(
         })
         .collect::<Result<Vec<_>>>()?;
 
-    if checker_spec.deadline_ms == Some(0) {
+    if spec.deadline_ms == Some(0) {
         return Err(checker.graph_error("`deadline_ms` must be above 0"));
     }
-    check_routes_follow_their_router(&checker, &deps)?;
+    check_routes_follow_their_router(&checker, &deps, &routes)?;
     check_cycles(&checker, &deps)?;
     check_reachable(&checker, &deps, &outputs)?;
-    check_model_types(&checker, &sources, &renames, catalog)?;
-    check_model_outputs(&checker, &sources, &renames, &outputs, catalog)?;
-    Ok(GraphPlan {
-        spec,
+    let distinct: Vec<KnownModel<'_>> = models
+        .found
+        .iter()
+        .map(|metadata| KnownModel {
+            inputs: metadata
+                .inputs
+                .iter()
+                .map(|i| (i.name.as_str(), i))
+                .collect(),
+            outputs: metadata
+                .outputs
+                .iter()
+                .map(|o| (o.name.as_str(), (o.datatype, o.shape.len())))
+                .collect(),
+        })
+        .collect();
+    let known: Vec<Option<&KnownModel<'_>>> = node_models
+        .iter()
+        .map(|found| found.and_then(|i| distinct.get(i)))
+        .collect();
+    check_model_types(&checker, &sources, &renames, &known)?;
+    check_model_outputs(&checker, &sources, &renames, &outputs, &known)?;
+    Ok(Checked {
         sources,
         renames,
         deps,
+        routes,
         outputs,
     })
 }
@@ -303,7 +418,13 @@ fn article(kind: NodeKind) -> String {
     format!("{article} {name}")
 }
 
-fn check_kind(checker: &Checker<'_>, node: &NodeSpec, catalog: &dyn Catalog) -> Result<()> {
+/// Checks what the node's kind needs; returns a model node's model (its index in `models`).
+fn check_kind<'s>(
+    checker: &Checker<'_>,
+    node: &'s NodeSpec,
+    catalog: &dyn Catalog,
+    models: &mut Models<'s>,
+) -> Result<Option<usize>> {
     let expect_role = |role: PluginRole| -> Result<()> {
         let Some(plugin) = &node.plugin else {
             return Err(
@@ -329,74 +450,84 @@ fn check_kind(checker: &Checker<'_>, node: &NodeSpec, catalog: &dyn Catalog) -> 
             let Some(model) = &node.model else {
                 return Err(checker.node_error(node, "a model node needs `model`"));
             };
-            if catalog.model(model, node.version.as_deref()).is_none() {
+            let Some(found) = models.get(catalog, model, node.version.as_deref()) else {
                 let version = node
                     .version
                     .as_deref()
                     .map(|v| format!(" version {v}"))
                     .unwrap_or_default();
                 return Err(checker.node_error(node, format!("unknown model '{model}'{version}")));
+            };
+            Ok(Some(found))
+        }
+        NodeKind::Transformer | NodeKind::OutputTransformer => {
+            expect_role(PluginRole::Transformer).map(|()| None)
+        }
+        NodeKind::Combiner => expect_role(PluginRole::Combiner).map(|()| None),
+        NodeKind::Router => check_router(checker, node, expect_role).map(|()| None),
+    }
+}
+
+fn check_router(
+    checker: &Checker<'_>,
+    node: &NodeSpec,
+    expect_role: impl Fn(PluginRole) -> Result<()>,
+) -> Result<()> {
+    let routes: HashSet<&str> = node.routes.iter().map(String::as_str).collect();
+    if node.routes.is_empty() {
+        return Err(checker.node_error(node, "a router needs `routes`"));
+    }
+    match (&node.plugin, node.builtin) {
+        (Some(_), Some(_)) => {
+            Err(checker.node_error(node, "a router has either `plugin` or `builtin`, not both"))
+        }
+        (None, None) => Err(checker.node_error(node, "a router needs `plugin` or `builtin`")),
+        (Some(_), None) => expect_role(PluginRole::Router),
+        (None, Some(BuiltinRouter::Splitter)) => {
+            let sum = node
+                .weights
+                .values()
+                .fold(0u64, |sum, &weight| sum + u64::from(weight));
+            let unknown = node.weights.keys().find(|k| !routes.contains(k.as_str()));
+            if let Some(unknown) = unknown {
+                return Err(checker.node_error(
+                    node,
+                    format!("weight for '{unknown}', which is not one of its routes"),
+                ));
+            }
+            if sum != 100 {
+                return Err(
+                    checker.node_error(node, format!("splitter weights sum to {sum}, not 100"))
+                );
             }
             Ok(())
         }
-        NodeKind::Transformer | NodeKind::OutputTransformer => expect_role(PluginRole::Transformer),
-        NodeKind::Combiner => expect_role(PluginRole::Combiner),
-        NodeKind::Router => {
-            if node.routes.is_empty() {
-                return Err(checker.node_error(node, "a router needs `routes`"));
+        (None, Some(BuiltinRouter::Switch)) => {
+            if node.on.is_none() {
+                return Err(
+                    checker.node_error(node, "a switch needs `on` (the request parameter to read)")
+                );
             }
-            match (&node.plugin, node.builtin) {
-                (Some(_), Some(_)) => {
-                    Err(checker
-                        .node_error(node, "a router has either `plugin` or `builtin`, not both"))
-                }
-                (None, None) => {
-                    Err(checker.node_error(node, "a router needs `plugin` or `builtin`"))
-                }
-                (Some(_), None) => expect_role(PluginRole::Router),
-                (None, Some(BuiltinRouter::Splitter)) => {
-                    let sum: u32 = node.weights.values().sum();
-                    let unknown = node.weights.keys().find(|k| !node.routes.contains(k));
-                    if let Some(unknown) = unknown {
-                        return Err(checker.node_error(
-                            node,
-                            format!("weight for '{unknown}', which is not one of its routes"),
-                        ));
-                    }
-                    if sum != 100 {
-                        return Err(checker
-                            .node_error(node, format!("splitter weights sum to {sum}, not 100")));
-                    }
-                    Ok(())
-                }
-                (None, Some(BuiltinRouter::Switch)) => {
-                    if node.on.is_none() {
-                        return Err(checker.node_error(
-                            node,
-                            "a switch needs `on` (the request parameter to read)",
-                        ));
-                    }
-                    let targets = node.cases.values().chain(node.default.as_ref());
-                    for target in targets {
-                        if !node.routes.contains(target) {
-                            return Err(checker.node_error(
-                                node,
-                                format!("case target '{target}' is not one of its routes"),
-                            ));
-                        }
-                    }
-                    Ok(())
+            let targets = node.cases.values().chain(node.default.as_ref());
+            for target in targets {
+                if !routes.contains(target.as_str()) {
+                    return Err(checker.node_error(
+                        node,
+                        format!("case target '{target}' is not one of its routes"),
+                    ));
                 }
             }
+            Ok(())
         }
     }
 }
 
 /// `models` only on plugin nodes and only naming known models; limits within the ceilings.
-fn check_grants_and_limits(
+fn check_grants_and_limits<'s>(
     checker: &Checker<'_>,
-    node: &NodeSpec,
+    node: &'s NodeSpec,
     catalog: &dyn Catalog,
+    models: &mut Models<'s>,
 ) -> Result<()> {
     if !node.models.is_empty() && node.plugin.is_none() {
         return Err(checker.node_error(
@@ -407,7 +538,7 @@ fn check_grants_and_limits(
     if let Some(unknown) = node
         .models
         .iter()
-        .find(|m| catalog.model(m, None).is_none())
+        .find(|m| models.get(catalog, m, None).is_none())
     {
         return Err(checker.node_error(node, format!("`models` grants unknown model '{unknown}'")));
     }
@@ -443,59 +574,86 @@ fn check_grants_and_limits(
     Ok(())
 }
 
+/// Most node names a cycle's message lists; a longer cycle shows its start and end.
+const CYCLE_NAMES_SHOWN: usize = 32;
+
+/// Depth-first search with colours and an explicit stack (a chain as long as the graph must
+/// not grow the call stack); reports the first cycle found, in the direction data flows.
 fn check_cycles(checker: &Checker<'_>, deps: &[Vec<usize>]) -> Result<()> {
-    // Depth-first search with colours; report the cycle's path.
-    fn visit(
-        node: usize,
-        deps: &[Vec<usize>],
-        colour: &mut [u8],
-        stack: &mut Vec<usize>,
-    ) -> Option<Vec<usize>> {
-        colour[node] = 1;
-        stack.push(node);
-        for &dep in &deps[node] {
-            if colour[dep] == 1 {
-                let start = stack.iter().position(|&n| n == dep).unwrap_or(0);
-                let mut cycle = stack[start..].to_vec();
-                cycle.push(dep);
-                return Some(cycle);
-            }
-            if colour[dep] == 0
-                && let Some(cycle) = visit(dep, deps, colour, stack)
-            {
-                return Some(cycle);
-            }
+    const WHITE: u8 = 0;
+    const GREY: u8 = 1;
+    const BLACK: u8 = 2;
+    let mut colour = vec![WHITE; deps.len()];
+    // The path from the root: each node with how many of its deps have been looked at.
+    let mut stack: Vec<(usize, usize)> = Vec::new();
+    for root in 0..deps.len() {
+        if colour[root] != WHITE {
+            continue;
         }
-        stack.pop();
-        colour[node] = 2;
-        None
-    }
-    let mut colour = vec![0u8; deps.len()];
-    for node in 0..deps.len() {
-        if colour[node] == 0
-            && let Some(cycle) = visit(node, deps, &mut colour, &mut Vec::new())
-        {
-            let names: Vec<&str> = cycle
-                .iter()
-                .rev()
-                .map(|&i| checker.spec.nodes[i].name.as_str())
-                .collect();
-            let first = &checker.spec.nodes[cycle[cycle.len() - 1]];
-            return Err(checker.node_error(first, format!("is in a cycle: {}", names.join(" -> "))));
+        colour[root] = GREY;
+        stack.push((root, 0));
+        while let Some((node, next)) = stack.last_mut() {
+            let Some(&dep) = deps[*node].get(*next) else {
+                colour[*node] = BLACK;
+                stack.pop();
+                continue;
+            };
+            *next += 1;
+            match colour[dep] {
+                WHITE => {
+                    colour[dep] = GREY;
+                    stack.push((dep, 0));
+                }
+                GREY => {
+                    let start = stack.iter().position(|&(n, _)| n == dep).unwrap_or(0);
+                    let mut cycle: Vec<usize> = stack[start..].iter().map(|&(n, _)| n).collect();
+                    cycle.push(dep);
+                    return Err(cycle_error(checker, &cycle));
+                }
+                _ => {}
+            }
         }
     }
     Ok(())
 }
 
+/// `node 'a': is in a cycle: a -> b -> a`, from a cycle found along deps (so listed backwards),
+/// naming at most [`CYCLE_NAMES_SHOWN`] nodes.
+fn cycle_error(checker: &Checker<'_>, cycle: &[usize]) -> Error {
+    let name = |i: &usize| checker.spec.nodes[*i].name.as_str();
+    let path = if cycle.len() <= CYCLE_NAMES_SHOWN {
+        cycle
+            .iter()
+            .rev()
+            .map(name)
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    } else {
+        let half = CYCLE_NAMES_SHOWN / 2;
+        let head: Vec<&str> = cycle.iter().rev().take(half).map(name).collect();
+        let tail: Vec<&str> = cycle[..half].iter().rev().map(name).collect();
+        format!(
+            "{} -> ... ({} more) ... -> {}",
+            head.join(" -> "),
+            cycle.len() - 2 * half,
+            tail.join(" -> ")
+        )
+    };
+    let first = &checker.spec.nodes[cycle.last().copied().unwrap_or(0)];
+    checker.node_error(first, format!("is in a cycle: {path}"))
+}
+
 /// Each route of a router reads from that router: otherwise it could start before the router
 /// chooses, and a route it did not choose could still run and answer.
-fn check_routes_follow_their_router(checker: &Checker<'_>, deps: &[Vec<usize>]) -> Result<()> {
+fn check_routes_follow_their_router(
+    checker: &Checker<'_>,
+    deps: &[Vec<usize>],
+    routes: &[Vec<usize>],
+) -> Result<()> {
     for (router_index, router) in checker.spec.nodes.iter().enumerate() {
-        for route in &router.routes {
-            let Some(&route_index) = checker.index.get(route.as_str()) else {
-                continue;
-            };
-            if !deps[route_index].contains(&router_index) {
+        for &route_index in &routes[router_index] {
+            // `deps` are sorted and deduplicated.
+            if deps[route_index].binary_search(&router_index).is_err() {
                 let node = &checker.spec.nodes[route_index];
                 return Err(checker.node_error(
                     node,
@@ -539,8 +697,6 @@ fn check_reachable(
     Ok(())
 }
 
-/// Where datatypes are known (request inputs, model outputs), checks that a model node's inputs
-/// match its metadata by name, datatype and rank.
 /// Every `node.tensor` taken from a model node names one of that model's outputs, and every
 /// graph output taken from a model has the model output's datatype and rank — where the
 /// catalog knows the model's metadata. Without this a typo loads fine and fails every request.
@@ -549,7 +705,7 @@ fn check_model_outputs(
     sources: &[Vec<Source>],
     renames: &[Vec<(String, Source)>],
     outputs: &[Vec<Source>],
-    catalog: &dyn Catalog,
+    known: &[Option<&KnownModel<'_>>],
 ) -> Result<()> {
     let spec = checker.spec;
     // The datatype and rank of output `tensor` of model node `dep`, or why it has none; `None`
@@ -557,13 +713,13 @@ fn check_model_outputs(
     let output_of =
         |dep: usize, tensor: &str| -> Option<std::result::Result<(DataType, usize), String>> {
             let node = &spec.nodes[dep];
-            let outputs = known_model_outputs(node, catalog)?;
+            let outputs = &known[dep]?.outputs;
             Some(outputs.get(tensor).copied().ok_or_else(|| {
                 format!(
                     "'{}.{tensor}' names no output of model '{}' (its outputs: {})",
                     node.name,
                     node.model.as_deref().unwrap_or_default(),
-                    outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                    outputs.keys().copied().collect::<Vec<_>>().join(", ")
                 )
             }))
         };
@@ -607,30 +763,13 @@ fn check_model_outputs(
     Ok(())
 }
 
-/// The outputs (name -> datatype and rank) of `node` when it is a model node whose metadata the
-/// catalog knows; `None` for plugins, routers and unknown models.
-fn known_model_outputs(
-    node: &NodeSpec,
-    catalog: &dyn Catalog,
-) -> Option<BTreeMap<String, (DataType, usize)>> {
-    if node.kind != NodeKind::Model {
-        return None;
-    }
-    let metadata = catalog.model(node.model.as_deref()?, node.version.as_deref())?;
-    Some(
-        metadata
-            .outputs
-            .iter()
-            .map(|o| (o.name.clone(), (o.datatype, o.shape.len())))
-            .collect(),
-    )
-}
-
+/// Where datatypes are known (request inputs, model outputs), checks that a model node's inputs
+/// match its metadata by name, datatype and rank.
 fn check_model_types(
     checker: &Checker<'_>,
     sources: &[Vec<Source>],
     renames: &[Vec<(String, Source)>],
-    catalog: &dyn Catalog,
+    known: &[Option<&KnownModel<'_>>],
 ) -> Result<()> {
     let spec = checker.spec;
     let request: BTreeMap<&str, (DataType, usize)> = spec
@@ -639,49 +778,42 @@ fn check_model_types(
         .map(|i| (i.name.as_str(), (i.datatype, i.shape.len())))
         .collect();
     for (index, node) in spec.nodes.iter().enumerate() {
-        if node.kind != NodeKind::Model {
-            continue;
-        }
-        let Some(metadata) = node
-            .model
-            .as_deref()
-            .and_then(|m| catalog.model(m, node.version.as_deref()))
-        else {
+        let Some(model) = known[index] else {
             continue;
         };
         // Known tensors this node will see, by the name it sees them under.
-        let mut seen: BTreeMap<String, Option<(DataType, usize)>> = BTreeMap::new();
-        let mut add = |source: &Source, rename: Option<&str>| match source {
-            Source::Request(None) => request.iter().for_each(|(n, t)| {
-                seen.insert(n.to_string(), Some(*t));
-            }),
-            Source::Request(Some(name)) => {
-                seen.insert(
-                    rename.unwrap_or(name).to_string(),
-                    request.get(name.as_str()).copied(),
-                );
-            }
-            Source::Node(dep, tensor) => {
-                let dep_node = &spec.nodes[*dep];
-                let known = known_model_outputs(dep_node, catalog);
-                match (tensor, known) {
-                    (Some(name), known) => {
-                        let ty = known.and_then(|k| k.get(name).copied());
-                        seen.insert(rename.unwrap_or(name).to_string(), ty);
+        let mut seen: BTreeMap<&str, Option<(DataType, usize)>> = BTreeMap::new();
+        let taken = sources[index]
+            .iter()
+            .map(|s| (s, None))
+            .chain(renames[index].iter().map(|(to, s)| (s, Some(to.as_str()))));
+        for (source, rename) in taken {
+            match source {
+                Source::Request(None) => request.iter().for_each(|(n, t)| {
+                    seen.insert(n, Some(*t));
+                }),
+                Source::Request(Some(name)) => {
+                    let seen_as = rename.unwrap_or(name);
+                    seen.insert(seen_as, request.get(name.as_str()).copied());
+                }
+                Source::Node(dep, tensor) => match (tensor, known[*dep]) {
+                    (Some(name), dep_model) => {
+                        let ty = dep_model
+                            .as_ref()
+                            .and_then(|k| k.outputs.get(name.as_str()).copied());
+                        seen.insert(rename.unwrap_or(name), ty);
                     }
-                    (None, Some(all)) => all.into_iter().for_each(|(n, t)| {
-                        seen.insert(n, Some(t));
+                    (None, Some(dep_model)) => dep_model.outputs.iter().for_each(|(n, t)| {
+                        seen.insert(n, Some(*t));
                     }),
                     // Everything a plugin or router produces is unknown until run time.
                     (None, None) => {}
-                }
+                },
             }
-        };
-        sources[index].iter().for_each(|s| add(s, None));
-        renames[index].iter().for_each(|(to, s)| add(s, Some(to)));
+        }
         for (name, ty) in &seen {
             let Some((datatype, rank)) = ty else { continue };
-            let Some(want) = metadata.input(name) else {
+            let Some(want) = model.inputs.get(name) else {
                 continue;
             };
             if want.datatype != *datatype || want.shape.len() != *rank {
