@@ -6,8 +6,13 @@
 //! and names the failing node; a combiner's `soft` inputs may fail and are left out. One deadline
 //! spans the whole request. Models and plugins are reached through [`NodeRunner`], so this file
 //! is tested with fakes.
+//!
+//! Scheduling is event-driven and linear in the graph: each node counts its dependencies not yet
+//! settled, and settling a node (it ran, failed softly or was skipped) touches only the nodes
+//! that read it. Tensors are found by name through an index built once per node's outputs (and
+//! once for the request), so neither a wide request nor a wide node makes lookups quadratic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 
@@ -86,11 +91,32 @@ pub struct Execution {
     pub trace: Vec<NodeTrace>,
 }
 
-#[derive(Clone, Debug)]
+/// Tensors with an index by name (the first of a name wins, as a linear search would find).
+#[derive(Debug)]
+struct Tensors {
+    list: Vec<NamedTensor>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Tensors {
+    fn new(list: Vec<NamedTensor>) -> Self {
+        let mut by_name = HashMap::with_capacity(list.len());
+        for (i, tensor) in list.iter().enumerate() {
+            by_name.entry(tensor.name.clone()).or_insert(i);
+        }
+        Tensors { list, by_name }
+    }
+
+    fn get(&self, name: &str) -> Option<&NamedTensor> {
+        self.by_name.get(name).map(|&i| &self.list[i])
+    }
+}
+
+#[derive(Debug)]
 enum State {
     Waiting,
     Running,
-    Done(Vec<NamedTensor>),
+    Done(Tensors),
     /// Not run: pruned by a router, or a soft dependency that failed.
     Skipped,
 }
@@ -113,6 +139,34 @@ pub async fn execute(
     }
 }
 
+/// Which nodes may start: how many dependencies each still waits for, and those waiting for
+/// none that have not been looked at yet.
+struct Schedule {
+    unsettled: Vec<usize>,
+    ready: VecDeque<usize>,
+}
+
+impl Schedule {
+    fn new(plan: &GraphPlan) -> Self {
+        let unsettled: Vec<usize> = plan.deps.iter().map(Vec::len).collect();
+        let ready = (0..unsettled.len())
+            .filter(|&i| unsettled[i] == 0)
+            .collect();
+        Schedule { unsettled, ready }
+    }
+
+    /// `index` finished, failed softly or was skipped: its readers wait for one fewer.
+    fn settled(&mut self, plan: &GraphPlan, index: usize) {
+        for &reader in &plan.dependents[index] {
+            let left = &mut self.unsettled[reader];
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.ready.push_back(reader);
+            }
+        }
+    }
+}
+
 async fn run(
     plan: &GraphPlan,
     runner: &dyn NodeRunner,
@@ -120,34 +174,38 @@ async fn run(
     request_params: &BTreeMap<String, String>,
 ) -> Result<Execution> {
     let nodes = &plan.spec.nodes;
-    let mut states = vec![State::Waiting; nodes.len()];
+    let request = Tensors::new(inputs);
+    // The request's parameters as every plugin sees them, written out once.
+    let request_params_seen: Vec<(String, String)> = request_params
+        .iter()
+        .map(|(k, v)| (format!("request.{k}"), v.clone()))
+        .collect();
+    let mut states: Vec<State> = nodes.iter().map(|_| State::Waiting).collect();
+    let mut schedule = Schedule::new(plan);
     let mut trace = Vec::new();
     let mut running = FuturesUnordered::new();
     loop {
         // Start or skip every node whose dependencies are settled.
-        let mut changed = true;
-        while changed {
-            changed = false;
-            for index in 0..nodes.len() {
-                if !matches!(states[index], State::Waiting) {
-                    continue;
-                }
-                let deps = &plan.deps[index];
-                if deps
-                    .iter()
-                    .any(|&d| matches!(states[d], State::Waiting | State::Running))
-                {
-                    continue;
-                }
-                changed = true;
-                if should_skip(plan, index, &states) {
-                    states[index] = State::Skipped;
-                    continue;
-                }
-                let node_inputs = gather(plan, index, &states, &inputs)?;
-                states[index] = State::Running;
-                running.push(run_node(plan, runner, index, node_inputs, request_params));
+        while let Some(index) = schedule.ready.pop_front() {
+            // Pruned by a router before it could start.
+            if !matches!(states[index], State::Waiting) {
+                continue;
             }
+            if should_skip(plan, index, &states) {
+                states[index] = State::Skipped;
+                schedule.settled(plan, index);
+                continue;
+            }
+            let node_inputs = gather(plan, index, &states, &request)?;
+            states[index] = State::Running;
+            running.push(run_node(
+                plan,
+                runner,
+                index,
+                node_inputs,
+                request_params,
+                &request_params_seen,
+            ));
         }
         let Some((index, started, result)) = running.next().await else {
             break;
@@ -167,9 +225,9 @@ async fn run(
                             node.name, node.routes
                         )));
                     }
-                    for other in node.routes.iter().filter(|r| *r != route) {
-                        if let Some(pruned) = plan.index_of(other) {
-                            states[pruned] = State::Skipped;
+                    for &other in &plan.routes[index] {
+                        if nodes[other].name != *route {
+                            prune(plan, other, &mut states, &mut schedule);
                         }
                     }
                 }
@@ -179,17 +237,28 @@ async fn run(
                     route,
                     outputs: outputs.clone(),
                 });
-                states[index] = State::Done(outputs);
+                states[index] = State::Done(Tensors::new(outputs));
+                schedule.settled(plan, index);
             }
             Err(error) if is_soft(plan, index) => {
                 tracing::warn!(node = %node.name, %error, "soft dependency failed; a combiner leaves it out");
                 states[index] = State::Skipped;
+                schedule.settled(plan, index);
             }
             Err(error) => return Err(error.context(format!("node '{}'", node.name))),
         }
     }
-    let outputs = collect_outputs(plan, &states, &inputs)?;
+    let outputs = collect_outputs(plan, &states, &request)?;
     Ok(Execution { outputs, trace })
+}
+
+/// A route the router did not choose: it and everything only it feeds is skipped. It settles
+/// here unless it already had (a plan built without validation may have run it already).
+fn prune(plan: &GraphPlan, index: usize, states: &mut [State], schedule: &mut Schedule) {
+    let was = std::mem::replace(&mut states[index], State::Skipped);
+    if matches!(was, State::Waiting | State::Running) {
+        schedule.settled(plan, index);
+    }
 }
 
 /// A node is skipped when something it needs was skipped; a combiner only when all its
@@ -207,46 +276,34 @@ fn should_skip(plan: &GraphPlan, index: usize, states: &[State]) -> bool {
 /// True if every combiner that reads this node lists it as soft (and some combiner does).
 fn is_soft(plan: &GraphPlan, index: usize) -> bool {
     let name = &plan.spec.nodes[index].name;
-    let readers: Vec<&NodeSpec> = plan
-        .spec
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| plan.deps[*i].contains(&index))
-        .map(|(_, n)| n)
-        .collect();
+    let readers = &plan.dependents[index];
     !readers.is_empty()
-        && readers
-            .iter()
-            .all(|n| n.kind == NodeKind::Combiner && n.soft.contains(name))
+        && readers.iter().all(|&reader| {
+            let reader = &plan.spec.nodes[reader];
+            reader.kind == NodeKind::Combiner && reader.soft.contains(name)
+        })
 }
 
 fn resolve(
     source: &Source,
     states: &[State],
-    request: &[NamedTensor],
+    request: &Tensors,
     plan: &GraphPlan,
 ) -> Result<Vec<NamedTensor>> {
-    let pick =
-        |tensors: &[NamedTensor], name: &Option<String>, from: &str| -> Result<Vec<NamedTensor>> {
-            match name {
-                None => Ok(tensors.to_vec()),
-                Some(name) => tensors
-                    .iter()
-                    .find(|t| &t.name == name)
-                    .cloned()
-                    .map(|t| vec![t])
-                    .ok_or_else(|| Error::invalid(format!("{from} has no tensor '{name}'"))),
-            }
-        };
+    let pick = |tensors: &Tensors, name: &Option<String>, from: &dyn Fn() -> String| match name {
+        None => Ok(tensors.list.clone()),
+        Some(name) => tensors
+            .get(name)
+            .cloned()
+            .map(|t| vec![t])
+            .ok_or_else(|| Error::invalid(format!("{} has no tensor '{name}'", from()))),
+    };
     match source {
-        Source::Request(name) => pick(request, name, "the request"),
+        Source::Request(name) => pick(request, name, &|| "the request".to_string()),
         Source::Node(index, name) => match &states[*index] {
-            State::Done(outputs) => pick(
-                outputs,
-                name,
-                &format!("node '{}'", plan.spec.nodes[*index].name),
-            ),
+            State::Done(outputs) => pick(outputs, name, &|| {
+                format!("node '{}'", plan.spec.nodes[*index].name)
+            }),
             _ => Ok(Vec::new()),
         },
     }
@@ -257,7 +314,7 @@ fn gather(
     plan: &GraphPlan,
     index: usize,
     states: &[State],
-    request: &[NamedTensor],
+    request: &Tensors,
 ) -> Result<NodeInputs> {
     let node = &plan.spec.nodes[index];
     let context = |e: Error| e.context(format!("node '{}'", node.name));
@@ -276,16 +333,19 @@ fn gather(
         }
         return Ok(NodeInputs::Branches(branches));
     }
-    let mut tensors: Vec<NamedTensor> = Vec::new();
+    // Slots in order; a renamed-away tensor leaves an empty slot. Names are unique.
+    let mut tensors: Vec<Option<NamedTensor>> = Vec::new();
+    let mut slot_of: HashMap<String, usize> = HashMap::new();
     for source in &plan.sources[index] {
         for tensor in resolve(source, states, request, plan).map_err(context)? {
-            if tensors.iter().any(|t| t.name == tensor.name) {
+            if slot_of.contains_key(&tensor.name) {
                 return Err(Error::invalid(format!(
                     "node '{}': two inputs are named '{}'; rename one with tensor_map",
                     node.name, tensor.name
                 )));
             }
-            tensors.push(tensor);
+            slot_of.insert(tensor.name.clone(), tensors.len());
+            tensors.push(Some(tensor));
         }
     }
     for (to, source) in &plan.renames[index] {
@@ -296,12 +356,17 @@ fn gather(
                 Source::Node(_, Some(name)) | Source::Request(Some(name)) => Some(name.as_str()),
                 _ => None,
             };
-            tensors.retain(|t| t.name != *to && Some(t.name.as_str()) != original);
+            for gone in std::iter::once(to.as_str()).chain(original) {
+                if let Some(slot) = slot_of.remove(gone) {
+                    tensors[slot] = None;
+                }
+            }
             tensor.name = to.clone();
-            tensors.push(tensor);
+            slot_of.insert(to.clone(), tensors.len());
+            tensors.push(Some(tensor));
         }
     }
-    Ok(NodeInputs::Tensors(tensors))
+    Ok(NodeInputs::Tensors(tensors.into_iter().flatten().collect()))
 }
 
 enum NodeInputs {
@@ -317,20 +382,15 @@ fn run_node<'a>(
     index: usize,
     inputs: NodeInputs,
     request_params: &'a BTreeMap<String, String>,
+    request_params_seen: &'a [(String, String)],
 ) -> BoxFuture<'a, (usize, Instant, NodeResult)> {
     let node = &plan.spec.nodes[index];
     let started = Instant::now();
     Box::pin(async move {
-        let mut params: Vec<(String, String)> = node
-            .params
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        params.extend(
-            request_params
-                .iter()
-                .map(|(k, v)| (format!("request.{k}"), v.clone())),
-        );
+        let mut params: Vec<(String, String)> =
+            Vec::with_capacity(node.params.len() + request_params_seen.len());
+        params.extend(node.params.iter().map(|(k, v)| (k.clone(), v.clone())));
+        params.extend_from_slice(request_params_seen);
         let context = NodeContext {
             node: node.name.clone(),
             params,
@@ -479,7 +539,7 @@ fn builtin_route(
 fn collect_outputs(
     plan: &GraphPlan,
     states: &[State],
-    request: &[NamedTensor],
+    request: &Tensors,
 ) -> Result<Vec<NamedTensor>> {
     plan.spec
         .outputs
