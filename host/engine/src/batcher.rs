@@ -12,6 +12,12 @@
 //! neither a preferred batch size nor the maximum, it waits for more until the oldest request has
 //! waited `max_queue_delay`. A full queue refuses at once (503); a request that waited past its
 //! queue timeout gets 504; a caller that went away is dropped from the queue without running.
+//!
+//! One request must not fail the others it was batched with (they may be other tenants'). When
+//! a merged call fails, each member whose caller is still waiting runs again alone, one after
+//! another on the same instance, and gets the result of its own run; the merged call's error is
+//! never shown to anyone (it may quote another request's values). So a bad request costs its
+//! batch one extra backend call per member, once: a batch of one is never retried.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -47,12 +53,14 @@ pub struct BatchingConfig {
 /// Counters for metrics and tests.
 #[derive(Debug, Default)]
 pub struct BatchStats {
-    /// Backend calls made.
+    /// Backend calls made from the queue, reruns of single requests included.
     pub batches: AtomicU64,
-    /// Requests those calls served.
+    /// Requests those calls carried (a request run again alone counts again).
     pub requests: AtomicU64,
     /// Rows those calls carried.
     pub rows: AtomicU64,
+    /// Requests run again alone because the merged call they were part of failed.
+    pub retried: AtomicU64,
     /// Requests waiting now.
     pub queue_depth: AtomicUsize,
     /// Requests refused because the queue was full.
@@ -69,6 +77,9 @@ pub trait BatchObserver: Send + Sync {
     fn waited(&self, queued: Duration);
     /// Requests waiting now.
     fn depth(&self, depth: usize);
+    /// A merged call failed and one of its requests runs again alone (the rerun is also
+    /// reported to [`BatchObserver::batch`]).
+    fn retried(&self) {}
 }
 
 /// What a caller gets back: its outputs, how long it queued and how long its batch computed.
@@ -386,11 +397,7 @@ async fn run_batch(
     let started = Instant::now();
     let rows: Vec<usize> = batch.iter().map(|w| w.rows).collect();
     let total_rows: usize = rows.iter().sum();
-    stats.batches.fetch_add(1, Ordering::Relaxed);
-    stats
-        .requests
-        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    stats.rows.fetch_add(total_rows as u64, Ordering::Relaxed);
+    count_call(stats, batch.len(), total_rows);
     let queued: Vec<Duration> = batch
         .iter()
         .map(|w| started.saturating_duration_since(w.enqueued))
@@ -401,20 +408,33 @@ async fn run_batch(
     let requests = batch.len();
     let (inputs, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|w| (w.inputs, w.reply)).unzip();
-    let outcome = if requests == 1 {
+    if requests == 1 {
+        // Alone already: its result, error included, is its own.
         let mut inputs = inputs;
-        match inputs.pop() {
-            Some(only) => inner.infer(only).await.map(|outputs| vec![outputs]),
+        let result = match inputs.pop() {
+            Some(only) => inner.infer(only).await,
             None => Ok(Vec::new()),
+        };
+        let compute = started.elapsed();
+        if let Some(observer) = observer {
+            observer.batch(total_rows, 1, compute);
         }
-    } else {
-        match merge(inputs) {
-            Ok(merged) => match inner.infer(merged).await {
-                Ok(outputs) => split(outputs, &rows),
-                Err(error) => Err(error),
-            },
+        if let (Some(reply), Some(&queued)) = (replies.into_iter().next(), queued.first()) {
+            let _ = reply.send(Reply {
+                result,
+                queued,
+                compute,
+            });
+        }
+        return;
+    }
+    // The members' inputs are kept (tensor data is shared, not copied) for a rerun alone.
+    let outcome = match merge(&inputs) {
+        Ok(merged) => match inner.infer(merged).await {
+            Ok(outputs) => split(outputs, &rows),
             Err(error) => Err(error),
-        }
+        },
+        Err(error) => Err(error),
     };
     let compute = started.elapsed();
     if let Some(observer) = observer {
@@ -422,9 +442,10 @@ async fn run_batch(
     }
     // Each caller is charged its rows' share of the batch's compute, so a tenant's cost does
     // not grow with the other requests it happened to be batched with.
-    let shares = rows
+    let shares: Vec<Duration> = rows
         .iter()
-        .map(|&r| compute_share(compute, r, total_rows, requests));
+        .map(|&r| compute_share(compute, r, total_rows, requests))
+        .collect();
     match outcome {
         Ok(parts) => {
             for (((reply, part), queued), compute) in
@@ -438,15 +459,43 @@ async fn run_batch(
             }
         }
         Err(error) => {
-            for ((reply, queued), compute) in replies.into_iter().zip(queued).zip(shares) {
+            // Operator logs only, and at debug: a tenant can cause this at will.
+            tracing::debug!(requests, %error, "a merged batch failed; its requests run again alone");
+            let members = inputs.into_iter().zip(replies).zip(rows).zip(queued);
+            for ((((inputs, reply), rows), queued), share) in members.zip(shares) {
+                // Its caller left (perhaps while an earlier member ran): nobody to answer.
+                if reply.is_closed() {
+                    continue;
+                }
+                stats.retried.fetch_add(1, Ordering::Relaxed);
+                if let Some(observer) = observer {
+                    observer.retried();
+                }
+                count_call(stats, 1, rows);
+                let alone = Instant::now();
+                let result = inner.infer(inputs).await;
+                let own = alone.elapsed();
+                if let Some(observer) = observer {
+                    observer.batch(rows, 1, own);
+                }
+                // A request that fails alone too is charged its share of the failed merged
+                // call as well; one that succeeds alone pays only for its own run.
+                let compute = if result.is_err() { own + share } else { own };
                 let _ = reply.send(Reply {
-                    result: Err(error.clone()),
+                    result,
                     queued,
                     compute,
                 });
             }
         }
     }
+}
+
+/// Counts one backend call of `requests` requests and `rows` rows.
+fn count_call(stats: &BatchStats, requests: usize, rows: usize) {
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    stats.requests.fetch_add(requests as u64, Ordering::Relaxed);
+    stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
 }
 
 /// `rows` of `total_rows` of a batch's `compute`; an equal share per request when the batch has
@@ -462,7 +511,7 @@ fn compute_share(compute: Duration, rows: usize, total_rows: usize, requests: us
 }
 
 /// Concatenates same-signature requests along dimension 0, inputs in the first request's order.
-fn merge(requests: Vec<Vec<NamedTensor>>) -> Result<Vec<NamedTensor>> {
+fn merge(requests: &[Vec<NamedTensor>]) -> Result<Vec<NamedTensor>> {
     let Some(first) = requests.first() else {
         return Ok(Vec::new());
     };

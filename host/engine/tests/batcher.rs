@@ -1,6 +1,7 @@
 //! The dynamic batcher with a fake model: merge and split are exact (FP32 and BYTES), requests of
 //! different shapes never share a batch, a full queue refuses, queue timeouts answer 504, a
-//! cancelled caller does not disturb the others, and a model error reaches every caller.
+//! cancelled caller does not disturb the others, a model error reaches every caller, and a
+//! request that fails its batch fails alone: the others are rerun and get their own results.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,12 +16,14 @@ use weft_core::{
 use weft_engine::{BatchedModel, BatchingConfig};
 
 /// y = 2x (FP32, any row width); tag = "row:<first value of the row>" (BYTES [n, 1]).
-/// Records the rows of every call, and sleeps `delay` in each.
+/// Records the rows of every call, and sleeps `delay` in each. With `refuse_negative`, a call
+/// with a negative value fails with an error that quotes every value of the call.
 struct Doubler {
     metadata: ModelMetadata,
     calls: Mutex<Vec<usize>>,
     delay: Duration,
     fail: bool,
+    refuse_negative: bool,
 }
 
 impl Doubler {
@@ -43,6 +46,7 @@ impl Doubler {
             calls: Mutex::new(Vec::new()),
             delay,
             fail: false,
+            refuse_negative: false,
         })
     }
 
@@ -79,6 +83,9 @@ impl Model for Doubler {
                 return Err(Error::invalid("the fake model refuses"));
             }
             let values = floats(x);
+            if self.refuse_negative && values.iter().any(|v| *v < 0.0) {
+                return Err(Error::invalid(format!("the fake model refuses {values:?}")));
+            }
             let doubled: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
             let tags: Vec<String> = values
                 .chunks(width.max(1))
@@ -336,4 +343,70 @@ async fn a_model_error_reaches_every_caller_of_the_batch() {
     let error = batched.infer(request(9, 2, 0.0)).await.unwrap_err();
     assert!(error.to_string().contains("refuses"), "{error}");
     assert!(fake.calls().contains(&9));
+}
+
+fn refusing_negatives(delay: Duration) -> Arc<Doubler> {
+    Arc::new(Doubler {
+        refuse_negative: true,
+        ..Arc::into_inner(Doubler::new(delay)).unwrap()
+    })
+}
+
+#[tokio::test]
+async fn a_request_that_fails_its_batch_fails_alone_and_the_others_get_their_results() {
+    let fake = refusing_negatives(Duration::from_millis(5));
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            // The three go out together as soon as they are all queued.
+            preferred_batch_sizes: vec![3],
+            max_queue_delay: Duration::from_secs(30),
+            ..config(1)
+        },
+    ));
+    let requests = [
+        request(1, 2, 100.0),
+        request(1, 2, -7.0),
+        request(1, 2, 300.0),
+    ];
+    let tasks: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|r| {
+            let batched = Arc::clone(&batched);
+            tokio::spawn(async move { batched.infer(r).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    check_answer(&requests[0], results[0].as_ref().unwrap());
+    check_answer(&requests[2], results[2].as_ref().unwrap());
+    // Only its own run's error: no value of the other requests, which the merged call quoted.
+    let error = results[1].as_ref().unwrap_err();
+    assert_eq!(error.to_string(), "the fake model refuses [-7.0, -6.0]");
+    assert_eq!(
+        fake.calls(),
+        vec![3, 1, 1, 1],
+        "merged once, then each alone once"
+    );
+    let stats = batched.stats();
+    assert_eq!(stats.retried.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert_eq!(stats.batches.load(std::sync::atomic::Ordering::Relaxed), 4);
+}
+
+#[tokio::test]
+async fn a_batch_of_one_that_fails_is_not_run_again() {
+    let fake = refusing_negatives(Duration::ZERO);
+    let batched = BatchedModel::new(fake.clone(), config(1));
+    let error = batched.infer(request(2, 2, -1.0)).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "the fake model refuses [-1.0, 0.0, 1.0, 2.0]"
+    );
+    assert_eq!(fake.calls(), vec![2]);
+    let stats = batched.stats();
+    assert_eq!(stats.retried.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(stats.batches.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
