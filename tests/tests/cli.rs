@@ -67,7 +67,17 @@ fn a_new_tenant_goes_from_key_gen_to_a_signed_plugin_in_a_graph() {
     assert_eq!(key_id.len(), 16, "{key_id}");
     let secret = work.path().join("acme.key");
     let public = work.path().join("acme.pub");
-    ok(&server, &tenant, &["key", "register", path(&public)]);
+    // Registering proves possession: the public file alone is refused locally, the secret key
+    // answers the server's challenge (and is never sent).
+    let refused = weft(&server, &tenant, &["key", "register", path(&public)]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is a public key"));
+    let registered = weft(&server, &tenant, &["key", "register", path(&secret)]);
+    assert!(registered.status.success(), "{registered:?}");
+    assert!(
+        String::from_utf8_lossy(&registered.stderr).contains("--tenant acme"),
+        "{registered:?}"
+    );
     // A second `key gen` to the same prefix never overwrites a secret key.
     assert!(
         !weft(&server, &[], &["key", "gen", "--out", path(&prefix)])
@@ -87,6 +97,8 @@ fn a_new_tenant_goes_from_key_gen_to_a_signed_plugin_in_a_graph() {
                 "sign",
                 "--key",
                 path(&secret),
+                "--tenant",
+                "acme",
                 "--name",
                 plugin,
                 "--version",
@@ -131,6 +143,49 @@ fn a_new_tenant_goes_from_key_gen_to_a_signed_plugin_in_a_graph() {
     );
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("does not match"));
+
+    // A signature names its tenant: one made for another tenant is refused by the server, which
+    // says how to sign for this one.
+    let wasm = work.path().join("softmax.wasm");
+    let elsewhere = work.path().join("softmax.elsewhere.sig");
+    ok(
+        &server,
+        &[("WEFT_TENANT", "bolt")],
+        &[
+            "plugin",
+            "sign",
+            "--key",
+            path(&secret),
+            "--name",
+            "softmax",
+            "--version",
+            "2.0.0",
+            "--out",
+            path(&elsewhere),
+            path(&wasm),
+        ],
+    );
+    let refused = weft(
+        &server,
+        &tenant,
+        &[
+            "plugin",
+            "push",
+            "--name",
+            "softmax",
+            "--version",
+            "2.0.0",
+            "--signature",
+            path(&elsewhere),
+            path(&wasm),
+        ],
+    );
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("400") && stderr.contains("--tenant acme") && !stderr.contains("bolt"),
+        "{stderr}"
+    );
 
     // A model of its own, with its model.toml.
     let config = work.path().join("model.toml");

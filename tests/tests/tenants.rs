@@ -64,6 +64,7 @@ async fn keys_select_the_tenant_and_missing_or_bad_keys_get_401() {
         "/api/v1/tenants",
         "/api/v1/tenants/{tenant}/keys/{id}",
         "/api/v1/signing-keys",
+        "/api/v1/signing-keys/challenge",
         "/api/v1/plugins/{name}/versions/{version}",
         "/api/v1/models/{name}/versions/{version}",
         "/api/v1/graphs/{name}",
@@ -331,7 +332,7 @@ async fn signature_matrix_refuses_unsigned_tampered_wrong_and_revoked_and_stores
     let good = secret.sign_plugin(&bytes, "normalize", "1");
     let unregistered = SecretKey::generate()
         .unwrap()
-        .sign_plugin(&bytes, "normalize", "1");
+        .sign_plugin(&bytes, "acme", "normalize", "1");
     let bolts = signing_key(&server, &other_tenant)
         .await
         .sign_plugin(&bytes, "normalize", "1");
@@ -988,7 +989,10 @@ async fn sigkill_during_uploads_leaves_the_old_or_the_new_state_never_half() {
             let key = key.clone();
             let onnx = onnx.clone();
             let plugin = plugin.clone();
-            let signature_key = SecretKey::from_file_text(&secret.to_file_text()).unwrap();
+            let signature_key = Signer {
+                secret: SecretKey::from_file_text(&secret.secret.to_file_text()).unwrap(),
+                tenant: secret.tenant.clone(),
+            };
             let first = version + 1;
             tokio::spawn(async move {
                 let mut done = Vec::new();
@@ -1222,4 +1226,384 @@ async fn hot_swap_under_load_fails_no_request() {
     );
     let (_, after) = infer(&server, &key, "scorer").await;
     assert_eq!(after["model_version"], "2");
+}
+
+/// Writes a store, before any server runs on it, where tenants `acme` and `bolt` both hold one
+/// signing key (state from before keys were unique across tenants) and `acme` holds the
+/// `normalize` and `softmax` plugins signed under the retired v1 scheme (stored before
+/// signatures named the tenant). Returns the data directory, both API keys and the key.
+fn legacy_store() -> (tempfile::TempDir, String, String, SecretKey) {
+    use weft_store::{ApiKey, PluginVersion, Quotas, SigningKey, Store, Tenant, api_keys};
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(&data.path().join("data")).unwrap();
+    let secret = SecretKey::generate().unwrap();
+    let v1 = |digest: &str, name: &str, version: &str| {
+        secret.sign(format!("weft-plugin-signature-v1\n{digest}\n{name}\n{version}").as_bytes())
+    };
+    let mut keys = Vec::new();
+    let mut tenants = Vec::new();
+    for name in ["acme", "bolt"] {
+        let (id, key) = api_keys::generate().unwrap();
+        let mut tenant = Tenant::new(name, 0, Quotas::default());
+        tenant.shared_models = vec!["mlp".into()];
+        tenant.api_keys.push(ApiKey {
+            id,
+            hash: api_keys::hash(&key),
+            created_unix: 0,
+            revoked: false,
+        });
+        tenant.signing_keys.push(SigningKey {
+            id: secret.public().key_id(),
+            public_key: secret.public().to_base64(),
+            created_unix: 0,
+            revoked: false,
+        });
+        keys.push(key);
+        tenants.push(tenant);
+    }
+    for plugin in ["normalize", "softmax"] {
+        let bytes = guest(plugin);
+        let digest = store.put_blob(&bytes).unwrap();
+        let record: PluginVersion = serde_json::from_value(json!({
+            "version": "1.0.0", "digest": digest, "size": bytes.len(),
+            "signature": v1(&digest, plugin, "1.0.0"), "key_id": secret.public().key_id(),
+            "created_unix": 0,
+        }))
+        .unwrap();
+        tenants[0].plugins.insert(plugin.into(), vec![record]);
+    }
+    store
+        .transact(|state| {
+            for tenant in tenants {
+                state.tenants.insert(tenant.name.clone(), tenant);
+            }
+            Ok(())
+        })
+        .unwrap();
+    drop(store);
+    let bolt = keys.pop().unwrap();
+    let acme = keys.pop().unwrap();
+    (data, acme, bolt, secret)
+}
+
+/// Signatures name the tenant: with one key held by two tenants, a plugin one tenant signed
+/// cannot be pushed by the other, v1 signatures (no tenant) are refused with a reason, and
+/// versions stored under v1 before the change still load.
+#[tokio::test]
+async fn a_signature_for_one_tenant_is_refused_for_another_even_with_the_same_key() {
+    let repo = platform_repo();
+    let (data, acme, bolt, secret) = legacy_store();
+    let server = Server::try_start_in(repo.path(), &[], data).unwrap();
+    let key_id = secret.public().key_id();
+
+    // acme's v1-signed versions, stored before tenant binding, load and serve.
+    let (status, body) = apply_graph(
+        &server,
+        &acme,
+        "classify",
+        &classify_graph("classify", 1, "mlp"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(infer(&server, &acme, "classify").await.0, 200);
+
+    // acme signs and pushes a new version for itself.
+    let bytes = guest("normalize");
+    let for_acme = secret.sign_plugin(&bytes, "acme", "normalize", "2.0.0");
+    let (status, body) = push_signed(
+        &server,
+        &acme,
+        "normalize",
+        "2.0.0",
+        bytes.clone(),
+        Some((&for_acme.signature, &key_id)),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+
+    // bolt replays acme's signature with the key they share: refused, naming only bolt.
+    let (status, body) = push_signed(
+        &server,
+        &bolt,
+        "normalize",
+        "2.0.0",
+        bytes.clone(),
+        Some((&for_acme.signature, &key_id)),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("does not verify"), "{error}");
+    assert!(error.contains("tenant 'bolt'"), "{error}");
+    assert!(!error.contains("acme"), "{error}");
+
+    // A v1 signature (no tenant) is refused by either tenant, saying to sign again.
+    let digest = weft_store::signing::sha256_hex(&bytes);
+    let v1 =
+        secret.sign(format!("weft-plugin-signature-v1\n{digest}\nnormalize\n3.0.0").as_bytes());
+    for (tenant, key) in [("acme", &acme), ("bolt", &bolt)] {
+        let (status, body) = push_signed(
+            &server,
+            key,
+            "normalize",
+            "3.0.0",
+            bytes.clone(),
+            Some((&v1, &key_id)),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("weft-plugin-signature-v1"), "{error}");
+        assert!(error.contains(&format!("--tenant {tenant}")), "{error}");
+    }
+    let (_, listed) = send(client_with_key(&bolt).get(server.url("/api/v1/plugins"))).await;
+    assert_eq!(listed, json!({"plugins": []}), "bolt stored something");
+
+    // Signed for bolt, the same bytes are bolt's to push.
+    let for_bolt = secret.sign_plugin(&bytes, "bolt", "normalize", "2.0.0");
+    let (status, body) = push_signed(
+        &server,
+        &bolt,
+        "normalize",
+        "2.0.0",
+        bytes,
+        Some((&for_bolt.signature, &key_id)),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+/// A public key registered by one tenant cannot be registered by another, revoked or not, and
+/// the refusal does not say who holds it.
+#[tokio::test]
+async fn a_signing_key_registered_by_one_tenant_is_refused_for_another() {
+    let repo = platform_repo();
+    let server = Server::start(repo.path());
+    let acme = create_tenant(&server, "acme", json!({})).await;
+    let bolt = create_tenant(&server, "bolt", json!({})).await;
+    let signer = signing_key(&server, &acme).await;
+
+    // bolt holds the secret too (so it can prove possession): still refused.
+    let (status, body, _) = register_key(&server, &bolt, &signer.secret).await;
+    assert_eq!(status, 409, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("this public key is already registered"),
+        "{error}"
+    );
+    assert!(!error.contains("acme"), "{error}");
+    // acme registering it again is a conflict too.
+    let (status, body, _) = register_key(&server, &acme, &signer.secret).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("is already registered"),
+        "{body}"
+    );
+    // Revoked, it stays taken: for acme and for everyone else.
+    let id = signer.public().key_id();
+    let (status, _) =
+        send(client_with_key(&acme).delete(server.url(&format!("/api/v1/signing-keys/{id}"))))
+            .await;
+    assert_eq!(status, 200);
+    let (status, body, _) = register_key(&server, &bolt, &signer.secret).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body, _) = register_key(&server, &acme, &signer.secret).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
+    // bolt has no key; another tenant's key id is unknown to it (404, like any unknown id).
+    let (_, listed) = send(client_with_key(&bolt).get(server.url("/api/v1/signing-keys"))).await;
+    assert_eq!(listed, json!({"signing_keys": []}));
+    let (status, _) =
+        send(client_with_key(&bolt).delete(server.url(&format!("/api/v1/signing-keys/{id}"))))
+            .await;
+    assert_eq!(status, 404);
+    // A fresh key is bolt's to register.
+    signing_key(&server, &bolt).await;
+}
+
+/// Registering a key proves possession: it needs a challenge the server issued to this tenant,
+/// not yet used, signed by the key being registered over this tenant's name.
+#[tokio::test]
+async fn key_registration_needs_a_fresh_challenge_signed_by_the_key() {
+    let repo = platform_repo();
+    let server = Server::start(repo.path());
+    let acme = create_tenant(&server, "acme", json!({})).await;
+    let bolt = create_tenant(&server, "bolt", json!({})).await;
+    let secret = SecretKey::generate().unwrap();
+    let public_key = secret.public().to_base64();
+    let register = |body: Value| {
+        let request = client_with_key(&acme)
+            .post(server.url("/api/v1/signing-keys"))
+            .json(&body);
+        async move { send(request).await }
+    };
+
+    let issued = challenge(&server, &acme).await;
+    assert_eq!(issued["tenant"], "acme");
+    assert_eq!(issued["challenge"].as_str().unwrap().len(), 64);
+    assert_eq!(issued["expires_in_s"], 300);
+    let nonce = issued["challenge"].as_str().unwrap().to_string();
+
+    // No proof at all: refused, saying how to prove possession.
+    let (status, body) = register(json!({ "public_key": public_key })).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("POST /api/v1/signing-keys/challenge"),
+        "{body}"
+    );
+    // A challenge never issued, or issued to another tenant.
+    let bolts = challenge(&server, &bolt).await["challenge"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for wrong in ["0".repeat(64), bolts] {
+        let (status, body) = register(json!({
+            "public_key": public_key,
+            "challenge": wrong,
+            "signature": secret.sign_key_registration("acme", &wrong),
+        }))
+        .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("unknown or already used challenge"),
+            "{body}"
+        );
+    }
+    // Signed by another key, or over another tenant's name: does not verify, and the attempt
+    // spends the challenge.
+    let other = SecretKey::generate().unwrap();
+    for (proof, nonce) in [
+        (other.sign_key_registration("acme", &nonce), nonce.clone()),
+        {
+            let fresh = challenge(&server, &acme).await["challenge"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            (secret.sign_key_registration("bolt", &fresh), fresh)
+        },
+    ] {
+        let (status, body) = register(json!({
+            "public_key": public_key, "challenge": nonce, "signature": proof,
+        }))
+        .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("does not verify"),
+            "{body}"
+        );
+        let (status, body) = register(json!({
+            "public_key": public_key,
+            "challenge": nonce,
+            "signature": secret.sign_key_registration("acme", &nonce),
+        }))
+        .await;
+        assert_eq!(status, 400, "a refused attempt spent the challenge: {body}");
+    }
+    let (_, listed) = send(client_with_key(&acme).get(server.url("/api/v1/signing-keys"))).await;
+    assert_eq!(listed, json!({"signing_keys": []}));
+
+    // The right proof lands once; the challenge is then spent.
+    let (status, body, tenant) = register_key(&server, &acme, &secret).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(tenant, "acme");
+    let nonce = challenge(&server, &acme).await["challenge"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let next = SecretKey::generate().unwrap();
+    let body = json!({
+        "public_key": next.public().to_base64(),
+        "challenge": nonce,
+        "signature": next.sign_key_registration("acme", &nonce),
+    });
+    assert_eq!(register(body.clone()).await.0, 201);
+    let (status, answer) = register(body).await;
+    assert_eq!(status, 400, "{answer}");
+    // Malformed input is a 400 naming what is wrong.
+    let (status, body) =
+        register(json!({"public_key": "AAAA", "challenge": "x", "signature": "y"})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("public key"),
+        "{body}"
+    );
+    let (status, _) = register(json!({"public_key": public_key, "extra": 1})).await;
+    assert_eq!(status, 400);
+}
+
+/// `max_signing_keys` bounds a tenant's keys (revoked ones count: they are kept forever).
+#[tokio::test]
+async fn signing_keys_have_a_count_quota() {
+    let repo = platform_repo();
+    let server = Server::start(repo.path());
+    let acme = create_tenant(&server, "acme", json!({"quotas": {"max_signing_keys": 2}})).await;
+    let first = signing_key(&server, &acme).await;
+    // Two challenges while there is room for one more key: the second registration is refused
+    // by the store's own check.
+    let (a, b) = (
+        SecretKey::generate().unwrap(),
+        SecretKey::generate().unwrap(),
+    );
+    let issued = [
+        challenge(&server, &acme).await,
+        challenge(&server, &acme).await,
+    ];
+    for (i, (secret, issued)) in [&a, &b].into_iter().zip(&issued).enumerate() {
+        let nonce = issued["challenge"].as_str().unwrap();
+        let (status, body) = send(
+            client_with_key(&acme)
+                .post(server.url("/api/v1/signing-keys"))
+                .json(&json!({
+                    "public_key": secret.public().to_base64(),
+                    "challenge": nonce,
+                    "signature": secret.sign_key_registration("acme", nonce),
+                })),
+        )
+        .await;
+        if i == 0 {
+            assert_eq!(status, 201, "{body}");
+        } else {
+            assert_eq!(status, 403, "{body}");
+            let error = body["error"].as_str().unwrap();
+            assert!(error.contains("quota of 2 signing keys"), "{error}");
+            assert!(error.contains("max_signing_keys"), "{error}");
+        }
+    }
+    // At the quota, even a challenge is refused; revoking does not free room.
+    let (status, body) =
+        send(client_with_key(&acme).post(server.url("/api/v1/signing-keys/challenge"))).await;
+    assert_eq!(status, 403, "{body}");
+    let id = first.public().key_id();
+    let (status, _) =
+        send(client_with_key(&acme).delete(server.url(&format!("/api/v1/signing-keys/{id}"))))
+            .await;
+    assert_eq!(status, 200);
+    let (status, body) =
+        send(client_with_key(&acme).post(server.url("/api/v1/signing-keys/challenge"))).await;
+    assert_eq!(status, 403, "revoked keys still count: {body}");
+    let (_, tenant) = send(admin().get(server.url("/api/v1/tenants/acme"))).await;
+    assert_eq!(tenant["usage"]["signing_keys"], 2);
+    assert_eq!(tenant["quotas"]["max_signing_keys"], 2);
+    // The operator raises it.
+    let (status, body) = send(
+        admin()
+            .patch(server.url("/api/v1/tenants/acme"))
+            .json(&json!({"quotas": {"max_signing_keys": 3}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body, _) = register_key(&server, &acme, &b).await;
+    assert_eq!(status, 201, "{body}");
 }

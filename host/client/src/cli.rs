@@ -79,7 +79,9 @@ pub enum ClientCommand {
 pub enum KeyCommand {
     /// Generate an ed25519 key pair: PREFIX.key (secret, mode 0600) and PREFIX.pub. Prints the key id.
     Gen(KeyGenArgs),
-    /// Register a public key with the server, so plugins it signs may be pushed.
+    /// Register a key with the server, so plugins it signs may be pushed: asks the server for a
+    /// challenge and answers it with a signature by the key (proof of possession); only the
+    /// public key and that signature are sent.
     Register(KeyRegisterArgs),
     /// List the signing keys registered for this tenant.
     List(TenantConnection),
@@ -98,9 +100,10 @@ pub struct KeyGenArgs {
 pub struct KeyRegisterArgs {
     #[command(flatten)]
     pub connection: TenantConnection,
-    /// Public key file written by `weft key gen` (PREFIX.pub), or a file holding a bare base64 key.
-    #[arg(value_name = "PUBLIC_FILE")]
-    pub public_file: PathBuf,
+    /// Secret key file written by `weft key gen` (PREFIX.key). It signs the server's challenge
+    /// here and never leaves this machine.
+    #[arg(value_name = "PREFIX.key")]
+    pub secret_file: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,7 +117,8 @@ pub struct KeyRevokeArgs {
 /// `weft plugin ...`
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
-    /// Sign a plugin component with a secret key, writing a detached signature file (offline).
+    /// Sign a plugin component with a secret key for one tenant, writing a detached signature
+    /// file (offline).
     Sign(PluginSignArgs),
     /// Upload a signed plugin component as a new version.
     Push(PluginPushArgs),
@@ -129,6 +133,10 @@ pub struct PluginSignArgs {
     /// Secret key file written by `weft key gen` (PREFIX.key).
     #[arg(long, value_name = "PREFIX.key")]
     pub key: PathBuf,
+    /// The tenant that will push the plugin (the name `weft tenant create` gave it; `weft key
+    /// register` prints it). The signature is valid for this tenant only.
+    #[arg(long, env = "WEFT_TENANT")]
+    pub tenant: String,
     /// Plugin name the signature is for.
     #[arg(long)]
     pub name: String,

@@ -3,7 +3,10 @@
 //!
 //! The secret key never leaves this machine: `key gen` writes it with mode 0600 and refuses to
 //! overwrite an existing key (losing a key by accident means re-signing every plugin); only the
-//! public key is ever sent.
+//! public key is ever sent. `key register` proves possession of the key the server would trust:
+//! it asks for a challenge (`POST /api/v1/signing-keys/challenge`, which answers a single-use
+//! nonce and the caller's tenant name), signs the registration message for that tenant and nonce
+//! here, and sends the public key with the signature.
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
@@ -12,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 use weft_store::signing::{PublicKey, SecretKey};
 
 use crate::cli::{KeyCommand, KeyGenArgs, KeyRegisterArgs, KeyRevokeArgs, TenantConnection};
@@ -89,25 +92,69 @@ fn key_gen(args: &KeyGenArgs) -> Result<()> {
         "wrote {} (secret: keep it private) and {}; register it with `weft key register {}`",
         secret_path.display(),
         public_path.display(),
-        public_path.display()
+        secret_path.display()
     );
     println!("{key_id}");
     Ok(())
 }
 
+/// Reads a secret key file for registration, saying what to pass when given the public half.
+fn read_secret(path: &Path) -> Result<SecretKey> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    match SecretKey::from_file_text(&text) {
+        Ok(secret) => Ok(secret),
+        Err(_) if PublicKey::from_file_text(&text).is_ok() => bail!(
+            "{} is a public key: registering proves you hold the key, so pass the secret key \
+             file (PREFIX.key from `weft key gen`); it signs the server's challenge here and is \
+             never sent",
+            path.display()
+        ),
+        Err(error) => {
+            Err(anyhow::Error::new(error)
+                .context(format!("{} is not a secret key", path.display())))
+        }
+    }
+}
+
+/// The text field `name` of a server answer, or an error naming it.
+fn answer_text<'a>(answer: &'a Value, name: &str) -> Result<&'a str> {
+    answer
+        .get(name)
+        .and_then(Value::as_str)
+        .with_context(|| format!("the server's challenge has no \"{name}\": {answer}"))
+}
+
 async fn register(args: KeyRegisterArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.public_file)
-        .with_context(|| format!("cannot read {}", args.public_file.display()))?;
-    let public = PublicKey::from_file_text(&text)
-        .with_context(|| format!("{} is not a public key", args.public_file.display()))?;
+    let secret = read_secret(&args.secret_file)?;
+    let public = secret.public();
     let server = Server::new(&args.connection.server, &args.connection.api_key)?;
+    let challenge = server
+        .call(
+            Method::POST,
+            &["api", "v1", "signing-keys", "challenge"],
+            Payload::Empty,
+        )
+        .await?;
+    let nonce = answer_text(&challenge, "challenge")?;
+    let tenant = answer_text(&challenge, "tenant")?;
     let answer = server
         .call(
             Method::POST,
             &["api", "v1", "signing-keys"],
-            Payload::Json(json!({ "public_key": public.to_base64() })),
+            Payload::Json(json!({
+                "public_key": public.to_base64(),
+                "challenge": nonce,
+                "signature": secret.sign_key_registration(tenant, nonce),
+            })),
         )
         .await?;
+    eprintln!(
+        "registered signing key {} for tenant {tenant}; sign plugins with `weft plugin sign \
+         --tenant {tenant} --key {} ...`",
+        public.key_id(),
+        args.secret_file.display()
+    );
     print_json(&answer)
 }
 

@@ -1,6 +1,9 @@
 //! `weft plugin ...`: signing a component offline, pushing it with its detached signature,
 //! listing and deleting versions.
 //!
+//! A signature is for one tenant (`--tenant`, `WEFT_TENANT`): the signed message names it, so
+//! a signed component cannot be pushed to another tenant that holds the same key.
+//!
 //! `push` checks the signature file against the component, name and version before sending
 //! anything: a stale `.sig` (the component was rebuilt after signing) is the common mistake, and
 //! saying so locally is clearer than the server's "signature does not verify".
@@ -51,7 +54,8 @@ fn sign(args: &PluginSignArgs) -> Result<()> {
             args.file.display()
         );
     }
-    let signature = key.sign_plugin(&component, &args.name, &args.version);
+    weft_store::check_name("tenant", &args.tenant)?;
+    let signature = key.sign_plugin(&component, &args.tenant, &args.name, &args.version);
     let out = args
         .out
         .clone()
@@ -59,8 +63,9 @@ fn sign(args: &PluginSignArgs) -> Result<()> {
     std::fs::write(&out, signature.to_file_text())
         .with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!(
-        "wrote {}: plugin {} version {}, sha256 {}, key id {}",
+        "wrote {}: tenant {}, plugin {} version {}, sha256 {}, key id {}",
         out.display(),
+        signature.tenant,
         signature.plugin,
         signature.version,
         signature.digest,
@@ -177,7 +182,7 @@ mod tests {
     fn signed(component: &[u8]) -> PluginSignature {
         SecretKey::generate()
             .unwrap()
-            .sign_plugin(component, "resize", "1.0.0")
+            .sign_plugin(component, "acme", "resize", "1.0.0")
     }
 
     #[test]
@@ -246,6 +251,7 @@ mod tests {
         std::fs::write(&wasm, b"\0asm\x0d\0\x01\0").unwrap();
         sign(&PluginSignArgs {
             key: key_path,
+            tenant: "acme".into(),
             name: "p".into(),
             version: "1".into(),
             out: None,
@@ -267,8 +273,10 @@ mod tests {
 
         let not_wasm = dir.path().join("p.txt");
         std::fs::write(&not_wasm, b"hello").unwrap();
+        assert_eq!(signature.tenant, "acme");
         let error = sign(&PluginSignArgs {
             key: dir.path().join("k.key"),
+            tenant: "acme".into(),
             name: "p".into(),
             version: "1".into(),
             out: None,

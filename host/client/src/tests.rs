@@ -96,6 +96,8 @@ fn parses_key_and_plugin_commands() {
         "sign",
         "--key",
         "k.key",
+        "--tenant",
+        "acme",
         "--name",
         "n",
         "--version",
@@ -103,10 +105,32 @@ fn parses_key_and_plugin_commands() {
         "f.wasm",
     ])
     .unwrap();
-    assert!(matches!(
-        command,
-        TestCommand::Client(ClientCommand::Plugin(PluginCommand::Sign(_)))
-    ));
+    let TestCommand::Client(ClientCommand::Plugin(PluginCommand::Sign(args))) = command else {
+        panic!("not plugin sign");
+    };
+    assert_eq!(args.tenant, "acme");
+    // The tenant is part of what is signed: there is no default (WEFT_TENANT aside).
+    if std::env::var_os("WEFT_TENANT").is_none() {
+        let error = parse(&[
+            "plugin",
+            "sign",
+            "--key",
+            "k",
+            "--name",
+            "n",
+            "--version",
+            "v",
+            "f",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("--tenant"), "{error}");
+    }
+    let command = parse(&["key", "register", "--api-key", "weft_x", "ci.key"]).unwrap();
+    let TestCommand::Client(ClientCommand::Key(KeyCommand::Register(args))) = command else {
+        panic!("not key register");
+    };
+    assert_eq!(args.secret_file, PathBuf::from("ci.key"));
     let command = parse(&["plugin", "delete", "--api-key", "k", "n", "--version", "2"]).unwrap();
     let TestCommand::Client(ClientCommand::Plugin(PluginCommand::Delete(args))) = command else {
         panic!("not plugin delete");
@@ -244,7 +268,27 @@ impl Seen {
 fn serve_once(status: &'static str, body: &'static str) -> (String, std::thread::JoinHandle<Seen>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}/", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || answer_one(&listener, status, body));
+    (base, handle)
+}
+
+/// Serves one request per `(status, body)`, in order, each on its own connection.
+fn serve_each(
+    answers: Vec<(&'static str, &'static str)>,
+) -> (String, std::thread::JoinHandle<Vec<Seen>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/", listener.local_addr().unwrap());
     let handle = std::thread::spawn(move || {
+        answers
+            .into_iter()
+            .map(|(status, body)| answer_one(&listener, status, body))
+            .collect()
+    });
+    (base, handle)
+}
+
+fn answer_one(listener: &TcpListener, status: &str, body: &str) -> Seen {
+    {
         let (stream, _) = listener.accept().unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut head = String::new();
@@ -275,8 +319,7 @@ fn serve_once(status: &'static str, body: &'static str) -> (String, std::thread:
         )
         .unwrap();
         seen
-    });
-    (base, handle)
+    }
 }
 
 #[tokio::test]
@@ -367,6 +410,8 @@ async fn plugin_push_sends_the_signature_headers() {
         "sign",
         "--key",
         key_path.to_str().unwrap(),
+        "--tenant",
+        "acme",
         "--name",
         "p",
         "--version",
@@ -438,4 +483,78 @@ async fn plugin_push_sends_the_signature_headers() {
     };
     let error = run(push).await.unwrap_err().to_string();
     assert!(error.contains("signs version '1', not '2'"), "{error}");
+}
+
+#[tokio::test]
+async fn key_register_answers_the_servers_challenge_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key_id, key_path, public_path) =
+        crate::keys::generate_files(&dir.path().join("k")).unwrap();
+    let (base, server) = serve_each(vec![
+        (
+            "201 Created",
+            r#"{"challenge": "c0ffee", "tenant": "acme", "expires_in_s": 300}"#,
+        ),
+        ("201 Created", r#"{"id": "x"}"#),
+    ]);
+    let register = parse(&[
+        "key",
+        "register",
+        "--server",
+        &base,
+        "--api-key",
+        "weft_k",
+        key_path.to_str().unwrap(),
+    ])
+    .unwrap();
+    let TestCommand::Client(register) = register else {
+        panic!("not a client command");
+    };
+    run(register).await.unwrap();
+    let seen = server.join().unwrap();
+    assert!(
+        seen[0]
+            .head
+            .starts_with("POST /api/v1/signing-keys/challenge "),
+        "{}",
+        seen[0].head
+    );
+    assert!(
+        seen[1].head.starts_with("POST /api/v1/signing-keys "),
+        "{}",
+        seen[1].head
+    );
+    let body: serde_json::Value = serde_json::from_slice(&seen[1].body).unwrap();
+    assert_eq!(body["challenge"], "c0ffee");
+    let public =
+        weft_store::signing::PublicKey::from_base64(body["public_key"].as_str().unwrap()).unwrap();
+    assert_eq!(public.key_id(), key_id);
+    public
+        .verify_key_registration("acme", "c0ffee", body["signature"].as_str().unwrap())
+        .unwrap();
+    // The secret key is never sent.
+    let secret_text = std::fs::read_to_string(&key_path).unwrap();
+    let secret_json: serde_json::Value = serde_json::from_str(&secret_text).unwrap();
+    let seed = secret_json["secret_key"].as_str().unwrap();
+    for request in &seen {
+        assert!(!String::from_utf8_lossy(&request.body).contains(seed));
+    }
+
+    // The public file is not enough: registering proves possession of the secret half.
+    let register = parse(&[
+        "key",
+        "register",
+        "--server",
+        &base,
+        "--api-key",
+        "weft_k",
+        public_path.to_str().unwrap(),
+    ])
+    .unwrap();
+    let TestCommand::Client(register) = register else {
+        panic!("not a client command");
+    };
+    let error = run(register).await.unwrap_err().to_string();
+    assert!(error.contains("is a public key"), "{error}");
+    assert!(error.contains("PREFIX.key"), "{error}");
 }

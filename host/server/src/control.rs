@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind, Result};
 use weft_engine::ModelConfig;
-use weft_store::signing::{PublicKey, plugin_message, sha256_hex};
+use weft_store::signing::{PublicKey, SignatureScheme, sha256_hex};
 use weft_store::{Quotas, State as StoreState, Tenant, api_keys, check_name};
 
 use crate::app::{AppState, Caller, read_body};
@@ -62,6 +62,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/api/v1/signing-keys",
             post(register_signing_key).get(list_signing_keys),
+        )
+        .route(
+            "/api/v1/signing-keys/challenge",
+            post(signing_key_challenge),
         )
         .route(
             "/api/v1/signing-keys/{id}",
@@ -174,6 +178,7 @@ fn tenant_view(tenant: &Tenant) -> Value {
         "usage": {
             "plugins": plugins, "models": models, "graphs": graphs,
             "stored_bytes": tenant.stored_bytes(),
+            "signing_keys": tenant.signing_keys.len(),
         },
         "revision": tenant.revision,
     })
@@ -331,6 +336,7 @@ async fn delete_tenant(
     })
     .await?;
     state.stats.forget_tenant(&deleted);
+    state.tenancy.challenges().forget_tenant(&deleted);
     Ok(ok(json!({ "deleted": deleted })))
 }
 
@@ -393,12 +399,44 @@ async fn whoami(
     Ok(ok(tenant_view(tenant_of(&store, &scope.name)?)))
 }
 
+/// `POST /api/v1/signing-keys/challenge`: a single-use nonce, bound to the caller's tenant, that
+/// a registration must sign with the key it registers (see `challenges.rs`).
+async fn signing_key_challenge(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+) -> std::result::Result<Response, ApiError> {
+    {
+        let store = state.tenancy.store().state();
+        // A tenant at its key quota hears so now, not after signing (checked again at
+        // registration, in the store).
+        tenant_of(&store, &scope.name)?.check_room_for_signing_key()?;
+    }
+    let issued = state.tenancy.challenges().issue(&scope.name)?;
+    let ttl = issued.ttl.as_secs();
+    Ok(created(json!({
+        "challenge": issued.nonce,
+        "tenant": scope.name,
+        "expires_in_s": ttl,
+        "expires_unix": unix_now().saturating_add(ttl),
+    })))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RegisterSigningKey {
     public_key: String,
+    /// The nonce from `POST /api/v1/signing-keys/challenge`.
+    #[serde(default)]
+    challenge: Option<String>,
+    /// Base64 ed25519 signature by `public_key` over the key registration message.
+    #[serde(default)]
+    signature: Option<String>,
 }
 
+/// `POST /api/v1/signing-keys`: registers a public key for the caller, given proof that the
+/// caller holds its secret half (a signature over the tenant, a challenge it was issued and the
+/// key). A key belongs to one tenant only, revoked keys included; the tenant's count is bounded by
+/// `max_signing_keys`.
 async fn register_signing_key(
     State(state): State<AppState>,
     Caller(scope): Caller,
@@ -407,27 +445,32 @@ async fn register_signing_key(
 ) -> std::result::Result<Response, ApiError> {
     let request: RegisterSigningKey = parse_json(&json_body(&headers, body).await?)?;
     let public = PublicKey::from_base64(request.public_key.trim())?;
+    let (Some(challenge), Some(signature)) = (request.challenge, request.signature) else {
+        return Err(Error::invalid(
+            "registering a signing key proves possession of its secret key: request a challenge \
+             with POST /api/v1/signing-keys/challenge, then send {\"public_key\", \"challenge\", \
+             \"signature\"}, the signature by that key over the key registration message for your \
+             tenant and the challenge (`weft key register PREFIX.key` does both)",
+        )
+        .into());
+    };
+    let challenge = challenge.trim();
+    // Spent before the proof is checked, whatever comes of it: one challenge, one attempt.
+    state.tenancy.challenges().take(&scope.name, challenge)?;
+    public.verify_key_registration(&scope.name, challenge, &signature)?;
     let id = public.key_id();
     let tenant = scope.name.clone();
-    let key_id = id.clone();
-    let encoded = public.to_base64();
+    let key = weft_store::SigningKey {
+        id: id.clone(),
+        public_key: public.to_base64(),
+        created_unix: unix_now(),
+        revoked: false,
+    };
     blocking(&state, move |tenancy| {
+        // Uniqueness across tenants and the count quota are checked in the same store
+        // transaction that adds the key, under the one writer.
         tenancy.change(Some(&tenant), |store| {
-            let tenant = tenant_mut(store, &tenant)?;
-            if let Some(existing) = tenant.signing_keys.iter().find(|key| key.id == key_id) {
-                return Err(Error::conflict(if existing.revoked {
-                    format!("signing key '{key_id}' was revoked and cannot be registered again")
-                } else {
-                    format!("signing key '{key_id}' is already registered")
-                }));
-            }
-            tenant.signing_keys.push(weft_store::SigningKey {
-                id: key_id,
-                public_key: encoded,
-                created_unix: unix_now(),
-                revoked: false,
-            });
-            Ok(())
+            store.register_signing_key(&tenant, key)
         })
     })
     .await?;
@@ -572,6 +615,7 @@ async fn push_plugin_checked(
                     digest: digest.clone(),
                     size,
                     signature: signature.clone(),
+                    signature_scheme: SignatureScheme::V2,
                     key_id: key_id.clone(),
                     created_unix: unix_now(),
                 });
@@ -591,8 +635,10 @@ async fn push_plugin_checked(
                      push a new version"
                 )));
             }
+            // Over the uploading tenant's name: a signature made for another tenant (which may
+            // hold the same key in state from before keys were unique) does not verify here.
             signing_key(record, &key_id)?
-                .verify(&plugin_message(&digest, &name, &version), &signature)
+                .verify_plugin_upload(&signature, &tenant, &digest, &name, &version)
                 .map_err(|error| {
                     error.context(format!(
                         "plugin '{name}' version {version} (sha256 {digest}) refused"

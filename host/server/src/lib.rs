@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod challenges;
 pub mod cli;
 pub mod control;
 pub mod error;

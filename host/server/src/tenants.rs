@@ -21,7 +21,7 @@ use weft_core::{Error, ErrorKind, Model, Result};
 use weft_engine::graph::{GraphModel, GraphSpec, NodeLimits, validate};
 use weft_engine::{ModelConfig, ModelRegistry, ModelState};
 use weft_runtime::{CallLimits, Plugin, PluginRuntime};
-use weft_store::signing::{PublicKey, plugin_message};
+use weft_store::signing::PublicKey;
 use weft_store::{Quotas, State, Store, Tenant, api_keys};
 
 use crate::error::ApiError;
@@ -183,6 +183,8 @@ pub struct Tenancy {
     loaded_plugins: Mutex<HashMap<(String, String, String), Plugin>>,
     /// Serialises control-plane changes (store transaction + rebuild).
     writer: Mutex<()>,
+    /// Outstanding signing-key registration challenges (in memory only).
+    challenges: crate::challenges::Challenges,
 }
 
 /// (tenant, model, ONNX digest, model.toml digest): what makes a loaded tenant model reusable.
@@ -271,6 +273,7 @@ impl Tenancy {
             loaded_models: Mutex::default(),
             loaded_plugins: Mutex::default(),
             writer: Mutex::default(),
+            challenges: crate::challenges::Challenges::default(),
         };
         if tenancy.bootstrap_key_hash.is_some()
             && !tenancy.store.state().tenants.contains_key(BOOTSTRAP_TENANT)
@@ -293,6 +296,11 @@ impl Tenancy {
 
     pub fn runtime(&self) -> &PluginRuntime {
         &self.runtime
+    }
+
+    /// The signing-key registration challenges issued and not yet spent.
+    pub fn challenges(&self) -> &crate::challenges::Challenges {
+        &self.challenges
     }
 
     /// The repository's models and graphs.
@@ -655,9 +663,15 @@ impl Tenancy {
         record: &weft_store::PluginVersion,
     ) -> Result<Plugin> {
         let key = signing_key(tenant, &record.key_id)?;
-        key.verify(
-            &plugin_message(&record.digest, name, &record.version),
+        // Under the scheme it was pushed with: versions stored before signatures named the
+        // tenant are v1 (an upload is refused anything but v2).
+        key.verify_stored_plugin(
+            record.signature_scheme,
             &record.signature,
+            &tenant.name,
+            &record.digest,
+            name,
+            &record.version,
         )
         .map_err(|error| {
             error.context(format!(
@@ -753,8 +767,9 @@ pub fn signing_key(tenant: &Tenant, key_id: &str) -> Result<PublicKey> {
         .find(|key| key.id == key_id)
         .ok_or_else(|| {
             Error::invalid(format!(
-                "unknown signing key '{key_id}': register its public key first \
-                 (POST /api/v1/signing-keys, or `weft key register`)"
+                "unknown signing key '{key_id}': register it first (`weft key register \
+                 PREFIX.key`, or POST /api/v1/signing-keys/challenge then POST \
+                 /api/v1/signing-keys)"
             ))
         })?;
     if record.revoked {

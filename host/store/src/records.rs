@@ -11,9 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use weft_core::{Error, Result};
+use weft_core::{Error, ErrorKind, Result};
 
 use crate::api_keys;
+use crate::signing::SignatureScheme;
 
 /// Longest allowed name (tenant, plugin, model, graph, plugin version).
 pub const MAX_NAME_LEN: usize = 64;
@@ -68,6 +69,9 @@ pub struct Quotas {
     /// Memory of the tenant's model worker: its address-space limit, and the budget that
     /// `instance_count` × model size of every stored model version counts against.
     pub model_memory_mb: u64,
+    /// Signing keys registered, revoked ones included (a revoked key is kept so that it can
+    /// never be registered again, and it still takes room in `state.json`).
+    pub max_signing_keys: u32,
 }
 
 impl Default for Quotas {
@@ -84,6 +88,7 @@ impl Default for Quotas {
             max_graphs: 100,
             max_stored_bytes: 4 << 30,
             model_memory_mb: 2048,
+            max_signing_keys: 16,
         }
     }
 }
@@ -163,6 +168,46 @@ impl State {
                 .find(|k| !k.revoked && k.id == id && api_keys::matches(key, &k.hash))
                 .map(|k| (tenant, k))
         })
+    }
+
+    /// Registers a signing key for `tenant`, checking, in the same change that adds it, that
+    /// no tenant holds this public key yet (revoked keys included) and that the tenant stays
+    /// within [`Quotas::max_signing_keys`]. Call it inside [`crate::Store::transact`], so the
+    /// checks and the insert happen under the store's one writer. The refusal for a key another
+    /// tenant holds names no tenant: it says only that the key is taken.
+    pub fn register_signing_key(&mut self, tenant: &str, key: SigningKey) -> Result<()> {
+        let record = self
+            .tenants
+            .get(tenant)
+            .ok_or_else(|| Error::not_found(format!("unknown tenant '{tenant}'")))?;
+        if let Some(existing) = record.signing_keys.iter().find(|k| k.id == key.id) {
+            return Err(Error::conflict(if existing.revoked {
+                format!(
+                    "signing key '{}' was revoked and cannot be registered again; generate a new \
+                     key (`weft key gen`)",
+                    key.id
+                )
+            } else {
+                format!("signing key '{}' is already registered", key.id)
+            }));
+        }
+        let taken = self.tenants.values().any(|other| {
+            other
+                .signing_keys
+                .iter()
+                .any(|k| k.id == key.id || k.public_key == key.public_key)
+        });
+        if taken {
+            return Err(Error::conflict(
+                "this public key is already registered; a signing key belongs to one tenant \
+                 only: generate a new key (`weft key gen`)",
+            ));
+        }
+        record.check_room_for_signing_key()?;
+        if let Some(record) = self.tenants.get_mut(tenant) {
+            record.signing_keys.push(key);
+        }
+        Ok(())
     }
 
     /// Every blob digest some record refers to.
@@ -283,6 +328,23 @@ impl Tenant {
         self.shared_models.iter().any(|s| s == "*" || s == name)
     }
 
+    /// Refuses (403) one more signing key past [`Quotas::max_signing_keys`]; revoked keys count.
+    pub fn check_room_for_signing_key(&self) -> Result<()> {
+        let limit = self.quotas.max_signing_keys;
+        if self.signing_keys.len() >= usize::try_from(limit).unwrap_or(usize::MAX) {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "tenant '{}' would exceed its quota of {limit} signing keys \
+                     (max_signing_keys; revoked keys count too, since they are kept so that they \
+                     can never be registered again): the operator can raise the quota",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The registered, non-revoked signing key with this id.
     pub fn active_signing_key(&self, key_id: &str) -> Option<&SigningKey> {
         self.signing_keys
@@ -346,6 +408,10 @@ pub struct PluginVersion {
     pub size: u64,
     /// The signature (base64) over [`crate::signing::plugin_message`].
     pub signature: String,
+    /// The message the signature covers: v2 (tenant-bound) for every version pushed since
+    /// tenant binding; versions stored before it have no field and are v1.
+    #[serde(default)]
+    pub signature_scheme: SignatureScheme,
     /// Id of the signing key.
     pub key_id: String,
     /// When it was pushed.
@@ -422,6 +488,7 @@ mod tests {
         assert_eq!(q.max_models, 50);
         assert_eq!(q.max_graphs, 100);
         assert_eq!(q.max_stored_bytes, 4 * 1024 * 1024 * 1024);
+        assert_eq!(q.max_signing_keys, 16);
         q.validate().unwrap();
     }
 
@@ -474,6 +541,7 @@ mod tests {
                     digest: "p1".into(),
                     size: 10,
                     signature: "s".into(),
+                    signature_scheme: SignatureScheme::V2,
                     key_id: "k".into(),
                     created_unix: 1,
                 },
@@ -482,6 +550,7 @@ mod tests {
                     digest: "p2".into(),
                     size: 20,
                     signature: "s".into(),
+                    signature_scheme: SignatureScheme::V2,
                     key_id: "k".into(),
                     created_unix: 2,
                 },
@@ -548,6 +617,96 @@ mod tests {
         t.signing_keys[0].revoked = false;
         assert_eq!(t.active_signing_key("k1").unwrap().public_key, "pk");
         assert!(t.active_signing_key("k2").is_none());
+    }
+
+    fn key(id: &str, public_key: &str) -> SigningKey {
+        SigningKey {
+            id: id.into(),
+            public_key: public_key.into(),
+            created_unix: 0,
+            revoked: false,
+        }
+    }
+
+    #[test]
+    fn signing_keys_are_unique_across_tenants_and_counted() {
+        let mut state = State::default();
+        for name in ["a", "b"] {
+            state.tenants.insert(
+                name.into(),
+                Tenant::new(
+                    name,
+                    0,
+                    Quotas::from_json(&json!({"max_signing_keys": 2})).unwrap(),
+                ),
+            );
+        }
+        state.register_signing_key("a", key("k1", "pk1")).unwrap();
+        // Same key, same tenant: already registered (and once revoked, never again).
+        let err = state
+            .register_signing_key("a", key("k1", "pk1"))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conflict);
+        assert!(err.message().contains("already registered"), "{err}");
+        // Same key, another tenant: refused without naming the holder.
+        let err = state
+            .register_signing_key("b", key("k1", "pk1"))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conflict);
+        assert!(
+            err.message()
+                .starts_with("this public key is already registered"),
+            "{err}"
+        );
+        assert!(!err.message().contains("'a'"), "{err}");
+        assert!(state.tenants["b"].signing_keys.is_empty());
+        // Revoked keys stay taken, for their tenant and for everyone else.
+        state.tenants.get_mut("a").unwrap().signing_keys[0].revoked = true;
+        let err = state
+            .register_signing_key("a", key("k1", "pk1"))
+            .unwrap_err();
+        assert!(err.message().contains("was revoked"), "{err}");
+        assert!(state.register_signing_key("b", key("k1", "pk1")).is_err());
+        // The quota counts revoked keys too.
+        state.register_signing_key("a", key("k2", "pk2")).unwrap();
+        let err = state
+            .register_signing_key("a", key("k3", "pk3"))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+        assert!(err.message().contains("quota of 2 signing keys"), "{err}");
+        assert!(err.message().contains("max_signing_keys"), "{err}");
+        assert_eq!(state.tenants["a"].signing_keys.len(), 2);
+        state.register_signing_key("b", key("k3", "pk3")).unwrap();
+        let err = state
+            .register_signing_key("nobody", key("k4", "pk4"))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        // Quota zero: no keys at all.
+        let mut none = State::default();
+        none.tenants.insert(
+            "z".into(),
+            Tenant::new(
+                "z",
+                0,
+                Quotas::from_json(&json!({"max_signing_keys": 0})).unwrap(),
+            ),
+        );
+        assert!(none.register_signing_key("z", key("k", "pk")).is_err());
+    }
+
+    #[test]
+    fn plugin_versions_without_a_scheme_are_v1() {
+        let old: PluginVersion = serde_json::from_value(json!({
+            "version": "1", "digest": "d", "size": 1, "signature": "s", "key_id": "k",
+            "created_unix": 0,
+        }))
+        .unwrap();
+        assert_eq!(old.signature_scheme, SignatureScheme::V1);
+        let mut new = old.clone();
+        new.signature_scheme = SignatureScheme::V2;
+        let text = serde_json::to_value(&new).unwrap();
+        assert_eq!(text["signature_scheme"], "v2");
+        assert_eq!(serde_json::from_value::<PluginVersion>(text).unwrap(), new);
     }
 
     #[test]

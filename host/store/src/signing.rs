@@ -1,12 +1,23 @@
 //! Ed25519 plugin signing: key pairs, their file formats, and the exact bytes a plugin signature
-//! covers.
+//! and a key registration cover.
 //!
 //! This module owns the signing *scheme* so that the CLI that signs (`weft plugin sign`) and the
 //! server that verifies (`PUT /api/v1/plugins/...`) cannot drift apart: both build the signed
-//! message with [`plugin_message`], which binds the component's sha256 digest to the plugin's
-//! name and version (a signature for `resize@1.0` is useless for `resize@2.0` or for `crop`).
-//! Verification is strict ([`ed25519_dalek::VerifyingKey::verify_strict`]): non-canonical and
-//! small-order signatures and keys are rejected. Every malformed input is an
+//! message with [`plugin_message`], which binds the component's sha256 digest to the tenant it is
+//! pushed to and to the plugin's name and version (a signature for `acme`'s `resize@1.0` is
+//! useless for `resize@2.0`, for `crop`, and for any other tenant that holds the same key).
+//! The first scheme (`weft-plugin-signature-v1`) did not name the tenant; uploads signed with it
+//! are refused with a message saying to sign again ([`PublicKey::verify_plugin_upload`]), and only
+//! plugin versions stored before the change still load under it ([`SignatureScheme::V1`]).
+//!
+//! A key is registered only with proof that the registrant holds its secret half: a signature
+//! over [`key_registration_message`] (the tenant, a single-use server challenge and the public
+//! key). Its first line differs from a plugin signature's, so neither can stand in for the other.
+//!
+//! Messages are a first line naming the scheme, then `name:length:value\n` fields in a fixed
+//! order, so no choice of values (a name holding a newline, say) makes two different field sets
+//! sign the same bytes. Verification is strict ([`ed25519_dalek::VerifyingKey::verify_strict`]):
+//! non-canonical and small-order signatures and keys are rejected. Every malformed input is an
 //! [`ErrorKind::InvalidArgument`](weft_core::ErrorKind::InvalidArgument) error, never a panic, and
 //! no error message or `Debug` output ever contains secret key material.
 
@@ -23,12 +34,28 @@ use weft_core::{Error, Result};
 pub const SECRET_KEY_KIND: &str = "weft-ed25519-secret-key";
 /// The `kind` of a public key file.
 pub const PUBLIC_KEY_KIND: &str = "weft-ed25519-public-key";
-/// The first line of every signed plugin message; versions the scheme.
-const PLUGIN_MESSAGE_PREFIX: &[u8] = b"weft-plugin-signature-v1\n";
+/// The first line of every signed plugin message of the current scheme (tenant-bound).
+const PLUGIN_MESSAGE_PREFIX: &[u8] = b"weft-plugin-signature-v2\n";
+/// The first line of the retired scheme, which did not name the tenant.
+const PLUGIN_MESSAGE_V1_PREFIX: &[u8] = b"weft-plugin-signature-v1\n";
+/// The first line of every key registration message.
+const KEY_REGISTRATION_PREFIX: &[u8] = b"weft-key-registration-v1\n";
 
 /// Lowercase hex sha256 of `bytes` (64 characters).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
+}
+
+/// A fresh single-use nonce for a key registration challenge: 32 bytes from the operating
+/// system's random number generator, as 64 lowercase hex characters.
+pub fn challenge_nonce() -> Result<String> {
+    let mut nonce = [0u8; 32];
+    getrandom::fill(&mut nonce).map_err(|e| {
+        Error::internal(format!(
+            "cannot read the operating system's random number generator: {e}"
+        ))
+    })?;
+    Ok(hex(&nonce))
 }
 
 /// Whether `text` looks like a [`sha256_hex`] result: exactly 64 lowercase hex characters.
@@ -46,19 +73,79 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// The exact bytes signed for a plugin:
-/// `b"weft-plugin-signature-v1\n" + digest_hex + "\n" + name + "\n" + version`.
-pub fn plugin_message(digest_hex: &str, name: &str, version: &str) -> Vec<u8> {
+/// Appends one `name:length:value\n` field: the length makes the encoding unambiguous whatever
+/// the value holds.
+fn push_field(message: &mut Vec<u8>, name: &str, value: &str) {
+    message.extend_from_slice(name.as_bytes());
+    message.push(b':');
+    message.extend_from_slice(value.len().to_string().as_bytes());
+    message.push(b':');
+    message.extend_from_slice(value.as_bytes());
+    message.push(b'\n');
+}
+
+/// The exact bytes signed for a plugin pushed to `tenant`:
+/// `"weft-plugin-signature-v2\n"`, then the fields `tenant`, `plugin`, `version` and `sha256`
+/// (lowercase hex of the component), each as `name:length:value\n`, e.g.
+/// `tenant:4:acme\nplugin:6:resize\nversion:5:1.0.0\nsha256:64:<hex>\n`.
+pub fn plugin_message(tenant: &str, digest_hex: &str, name: &str, version: &str) -> Vec<u8> {
     let mut message = Vec::with_capacity(
-        PLUGIN_MESSAGE_PREFIX.len() + digest_hex.len() + name.len() + version.len() + 2,
+        PLUGIN_MESSAGE_PREFIX.len()
+            + tenant.len()
+            + digest_hex.len()
+            + name.len()
+            + version.len()
+            + 64,
     );
     message.extend_from_slice(PLUGIN_MESSAGE_PREFIX);
+    push_field(&mut message, "tenant", tenant);
+    push_field(&mut message, "plugin", name);
+    push_field(&mut message, "version", version);
+    push_field(&mut message, "sha256", digest_hex);
+    message
+}
+
+/// The retired first scheme's message, `"weft-plugin-signature-v1\n" + digest + "\n" + name +
+/// "\n" + version`: no tenant. Only for recognising (and refusing) such signatures, and for
+/// plugin versions stored before tenant binding.
+fn plugin_message_v1(digest_hex: &str, name: &str, version: &str) -> Vec<u8> {
+    let mut message = Vec::with_capacity(
+        PLUGIN_MESSAGE_V1_PREFIX.len() + digest_hex.len() + name.len() + version.len() + 2,
+    );
+    message.extend_from_slice(PLUGIN_MESSAGE_V1_PREFIX);
     message.extend_from_slice(digest_hex.as_bytes());
     message.push(b'\n');
     message.extend_from_slice(name.as_bytes());
     message.push(b'\n');
     message.extend_from_slice(version.as_bytes());
     message
+}
+
+/// The exact bytes a key's holder signs to register it for `tenant`:
+/// `"weft-key-registration-v1\n"`, then the fields `tenant`, `challenge` (the server's
+/// single-use nonce) and `public_key` (standard base64 of the 32 key bytes), each as
+/// `name:length:value\n`.
+pub fn key_registration_message(tenant: &str, challenge: &str, public_key_b64: &str) -> Vec<u8> {
+    let mut message = Vec::with_capacity(
+        KEY_REGISTRATION_PREFIX.len() + tenant.len() + challenge.len() + public_key_b64.len() + 48,
+    );
+    message.extend_from_slice(KEY_REGISTRATION_PREFIX);
+    push_field(&mut message, "tenant", tenant);
+    push_field(&mut message, "challenge", challenge);
+    push_field(&mut message, "public_key", public_key_b64);
+    message
+}
+
+/// Which message a stored plugin signature covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureScheme {
+    /// `weft-plugin-signature-v1`: digest, name and version, no tenant. Refused at upload;
+    /// the default only so that versions stored before tenant binding keep loading.
+    #[default]
+    V1,
+    /// `weft-plugin-signature-v2` ([`plugin_message`]): tenant, name, version and digest.
+    V2,
 }
 
 /// An ed25519 secret (signing) key. `Debug` shows only the key id; the secret is zeroed on drop.
@@ -117,17 +204,34 @@ impl SecretKey {
         BASE64.encode(self.key.sign(message).to_bytes())
     }
 
-    /// Signs a plugin component: hashes it and signs [`plugin_message`] for `name`/`version`.
-    pub fn sign_plugin(&self, component: &[u8], name: &str, version: &str) -> PluginSignature {
+    /// Signs a plugin component for `tenant`: hashes it and signs [`plugin_message`].
+    pub fn sign_plugin(
+        &self,
+        component: &[u8],
+        tenant: &str,
+        name: &str,
+        version: &str,
+    ) -> PluginSignature {
         let digest = sha256_hex(component);
-        let signature = self.sign(&plugin_message(&digest, name, version));
+        let signature = self.sign(&plugin_message(tenant, &digest, name, version));
         PluginSignature {
+            tenant: tenant.to_owned(),
             plugin: name.to_owned(),
             version: version.to_owned(),
             digest,
             key_id: self.public().key_id(),
             signature,
         }
+    }
+
+    /// Proves possession of this key to register it for `tenant`: signs
+    /// [`key_registration_message`] with the server's `challenge`; returns base64.
+    pub fn sign_key_registration(&self, tenant: &str, challenge: &str) -> String {
+        self.sign(&key_registration_message(
+            tenant,
+            challenge,
+            &self.public().to_base64(),
+        ))
     }
 
     /// The key file text:
@@ -245,11 +349,13 @@ impl PublicKey {
         })
     }
 
-    /// Verifies a detached plugin signature for a component whose digest is `digest_hex`: the
-    /// signature file must name this key, this digest, and the given name and version.
+    /// Verifies a detached plugin signature file for a component whose digest is `digest_hex`,
+    /// pushed to `tenant`: the file must name this key, this tenant, this digest, and the given
+    /// name and version, and its signature must verify under the current scheme.
     pub fn verify_plugin(
         &self,
         signature: &PluginSignature,
+        tenant: &str,
         digest_hex: &str,
         name: &str,
         version: &str,
@@ -259,6 +365,12 @@ impl PublicKey {
                 "signature was made by key {}, not {}",
                 signature.key_id,
                 self.key_id()
+            )));
+        }
+        if signature.tenant != tenant {
+            return Err(Error::invalid(format!(
+                "signature is for tenant {:?}, not {tenant:?}",
+                signature.tenant
             )));
         }
         if signature.plugin != name || signature.version != version {
@@ -273,10 +385,88 @@ impl PublicKey {
                 signature.digest
             )));
         }
+        self.verify_plugin_upload(&signature.signature, tenant, digest_hex, name, version)
+    }
+
+    /// Verifies an uploaded plugin's signature (base64) under the current scheme: over
+    /// [`plugin_message`] for `tenant`, the uploading tenant. A signature that verifies only
+    /// under the retired v1 scheme (no tenant) is refused with an error saying to sign again;
+    /// one made for another tenant simply does not verify.
+    pub fn verify_plugin_upload(
+        &self,
+        signature_b64: &str,
+        tenant: &str,
+        digest_hex: &str,
+        name: &str,
+        version: &str,
+    ) -> Result<()> {
+        let Err(error) = self.verify(
+            &plugin_message(tenant, digest_hex, name, version),
+            signature_b64,
+        ) else {
+            return Ok(());
+        };
+        if self
+            .verify(&plugin_message_v1(digest_hex, name, version), signature_b64)
+            .is_ok()
+        {
+            return Err(Error::invalid(format!(
+                "signature uses the retired scheme weft-plugin-signature-v1, which does not name \
+                 the tenant, and is no longer accepted: sign the plugin again for tenant \
+                 '{tenant}' (`weft plugin sign --tenant {tenant} ...`)"
+            )));
+        }
+        if error.message().starts_with("malformed") {
+            return Err(error);
+        }
+        Err(Error::invalid(format!(
+            "{}: it must sign tenant '{tenant}', plugin '{name}', version {version} and the \
+             component's sha256 {digest_hex} (`weft plugin sign --tenant {tenant}`)",
+            error.message()
+        )))
+    }
+
+    /// Verifies a stored plugin version's signature under the scheme it was stored with.
+    pub fn verify_stored_plugin(
+        &self,
+        scheme: SignatureScheme,
+        signature_b64: &str,
+        tenant: &str,
+        digest_hex: &str,
+        name: &str,
+        version: &str,
+    ) -> Result<()> {
+        let message = match scheme {
+            SignatureScheme::V2 => plugin_message(tenant, digest_hex, name, version),
+            SignatureScheme::V1 => plugin_message_v1(digest_hex, name, version),
+        };
+        self.verify(&message, signature_b64)
+    }
+
+    /// Verifies a registration's proof of possession: `signature_b64` by this key over
+    /// [`key_registration_message`] for `tenant` and `challenge`.
+    pub fn verify_key_registration(
+        &self,
+        tenant: &str,
+        challenge: &str,
+        signature_b64: &str,
+    ) -> Result<()> {
         self.verify(
-            &plugin_message(digest_hex, name, version),
-            &signature.signature,
+            &key_registration_message(tenant, challenge, &self.to_base64()),
+            signature_b64,
         )
+        .map_err(|error| {
+            if error.message().starts_with("malformed") {
+                error
+            } else {
+                Error::invalid(format!(
+                    "the registration signature does not verify with the public key being \
+                     registered ({}): sign the registration message for tenant '{tenant}' and \
+                     this challenge with that key's secret half (`weft key register` does)",
+                    self.key_id()
+                ))
+            }
+        })
     }
 
     /// The key file text: `{"kind":"weft-ed25519-public-key","key_id":..,"public_key":"<b64>"}`.
@@ -341,6 +531,8 @@ fn to_json_text<T: Serialize>(value: &T) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSignature {
+    /// The tenant the plugin is signed for (the one that pushes it).
+    pub tenant: String,
     /// The plugin's name.
     pub plugin: String,
     /// The plugin's version.
@@ -359,9 +551,19 @@ impl PluginSignature {
         to_json_text(self)
     }
 
-    /// Parses [`PluginSignature::to_file_text`]'s format.
+    /// Parses [`PluginSignature::to_file_text`]'s format. A file without `"tenant"` was made
+    /// for the retired v1 scheme: the error says to sign again.
     pub fn from_file_text(text: &str) -> Result<PluginSignature> {
-        serde_json::from_str(text)
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::invalid(format!("not a weft plugin signature file: {e}")))?;
+        if value.is_object() && value.get("tenant").is_none() && value.get("signature").is_some() {
+            return Err(Error::invalid(
+                "this signature file names no tenant: it was made for the retired scheme \
+                 weft-plugin-signature-v1, which the server no longer accepts; sign the plugin \
+                 again with `weft plugin sign --tenant <tenant>`",
+            ));
+        }
+        serde_json::from_value(value)
             .map_err(|e| Error::invalid(format!("not a weft plugin signature file: {e}")))
     }
 }
@@ -374,7 +576,7 @@ mod tests {
     use weft_core::ErrorKind;
 
     fn message() -> Vec<u8> {
-        plugin_message(&sha256_hex(b"component"), "resize", "1.0.0")
+        plugin_message("acme", &sha256_hex(b"component"), "resize", "1.0.0")
     }
 
     #[test]
@@ -392,9 +594,38 @@ mod tests {
     #[test]
     fn plugin_message_layout() {
         assert_eq!(
-            plugin_message("ab", "n", "v"),
+            plugin_message("acme", "ab", "n", "v1.0"),
+            b"weft-plugin-signature-v2\ntenant:4:acme\nplugin:1:n\nversion:4:v1.0\nsha256:2:ab\n"
+                .to_vec()
+        );
+        assert_eq!(
+            plugin_message_v1("ab", "n", "v"),
             b"weft-plugin-signature-v1\nab\nn\nv".to_vec()
         );
+        assert_eq!(
+            key_registration_message("acme", "c0ffee", "PK=="),
+            b"weft-key-registration-v1\ntenant:4:acme\nchallenge:6:c0ffee\npublic_key:4:PK==\n"
+                .to_vec()
+        );
+    }
+
+    #[test]
+    fn messages_of_different_fields_never_collide() {
+        let digest = sha256_hex(b"component");
+        let messages = [
+            plugin_message("acme", &digest, "resize", "1.0"),
+            plugin_message("acm", &digest, "eresize", "1.0"),
+            plugin_message("acme\nplugin:6:resize", &digest, "x", "1.0"),
+            plugin_message("acme", &digest, "resize\nversion:3:1.0", ""),
+            plugin_message("", &digest, "resize", "1.0"),
+            plugin_message_v1(&digest, "resize", "1.0"),
+            key_registration_message("acme", &digest, "resize"),
+        ];
+        for (i, a) in messages.iter().enumerate() {
+            for b in &messages[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
     }
 
     #[test]
@@ -411,6 +642,13 @@ mod tests {
     }
 
     #[test]
+    fn challenge_nonces_are_fresh_hex() {
+        let a = challenge_nonce().unwrap();
+        assert!(is_sha256_hex(&a), "{a}");
+        assert_ne!(a, challenge_nonce().unwrap());
+    }
+
+    #[test]
     fn generated_keys_differ() {
         let a = SecretKey::generate().unwrap().public();
         let b = SecretKey::generate().unwrap().public();
@@ -419,25 +657,165 @@ mod tests {
     }
 
     #[test]
-    fn tampered_digest_name_or_version_fails() {
+    fn tampered_tenant_digest_name_or_version_fails() {
         let secret = SecretKey::generate().unwrap();
         let public = secret.public();
         let digest = sha256_hex(b"component");
-        let signature = secret.sign(&plugin_message(&digest, "resize", "1.0.0"));
+        let signature = secret.sign(&plugin_message("acme", &digest, "resize", "1.0.0"));
         public
-            .verify(&plugin_message(&digest, "resize", "1.0.0"), &signature)
+            .verify(
+                &plugin_message("acme", &digest, "resize", "1.0.0"),
+                &signature,
+            )
             .unwrap();
         for tampered in [
-            plugin_message(&sha256_hex(b"other"), "resize", "1.0.0"),
-            plugin_message(&digest, "crop", "1.0.0"),
-            plugin_message(&digest, "resize", "1.0.1"),
-            // Moving the separator between name and version must not keep the signature valid.
-            plugin_message(&digest, "resize\n1.0", ".0"),
+            plugin_message("bolts", &digest, "resize", "1.0.0"),
+            plugin_message("acme", &sha256_hex(b"other"), "resize", "1.0.0"),
+            plugin_message("acme", &digest, "crop", "1.0.0"),
+            plugin_message("acme", &digest, "resize", "1.0.1"),
+            // Moving a field boundary must not keep the signature valid.
+            plugin_message("acme", &digest, "resize\n1.0", ".0"),
+            plugin_message_v1(&digest, "resize", "1.0.0"),
         ] {
             let err = public.verify(&tampered, &signature).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidArgument);
             assert!(err.message().contains("does not verify"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_signature_for_one_tenant_fails_for_another() {
+        let secret = SecretKey::generate().unwrap();
+        let public = secret.public();
+        let component = b"\0asm component";
+        let digest = sha256_hex(component);
+        let signed = secret.sign_plugin(component, "tenant-a", "resize", "1.0.0");
+        assert_eq!(signed.tenant, "tenant-a");
+        public
+            .verify_plugin_upload(&signed.signature, "tenant-a", &digest, "resize", "1.0.0")
+            .unwrap();
+        let err = public
+            .verify_plugin_upload(&signed.signature, "tenant-b", &digest, "resize", "1.0.0")
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.message().contains("does not verify"), "{err}");
+        // The error names only the caller's own tenant, never the one the signature was for.
+        assert!(err.message().contains("tenant 'tenant-b'"), "{err}");
+        assert!(!err.message().contains("tenant-a"), "{err}");
+        // The same holds for the stored-version check and the signature-file check.
+        assert!(
+            public
+                .verify_stored_plugin(
+                    SignatureScheme::V2,
+                    &signed.signature,
+                    "tenant-b",
+                    &digest,
+                    "resize",
+                    "1.0.0"
+                )
+                .is_err()
+        );
+        let err = public
+            .verify_plugin(&signed, "tenant-b", &digest, "resize", "1.0.0")
+            .unwrap_err();
+        assert!(err.message().contains("for tenant"), "{err}");
+        // Forging the file's tenant does not help: the signature itself names tenant-a.
+        let forged = PluginSignature {
+            tenant: "tenant-b".into(),
+            ..signed.clone()
+        };
+        assert!(
+            public
+                .verify_plugin(&forged, "tenant-b", &digest, "resize", "1.0.0")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn v1_signatures_are_refused_at_upload_with_a_clear_error() {
+        let secret = SecretKey::generate().unwrap();
+        let public = secret.public();
+        let digest = sha256_hex(b"component");
+        let v1 = secret.sign(&plugin_message_v1(&digest, "resize", "1.0.0"));
+        let err = public
+            .verify_plugin_upload(&v1, "acme", &digest, "resize", "1.0.0")
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.message().contains("weft-plugin-signature-v1"), "{err}");
+        assert!(err.message().contains("sign the plugin again"), "{err}");
+        assert!(err.message().contains("--tenant acme"), "{err}");
+        // A version stored under v1 before tenant binding still verifies as what it is...
+        public
+            .verify_stored_plugin(SignatureScheme::V1, &v1, "acme", &digest, "resize", "1.0.0")
+            .unwrap();
+        // ...but not as a v2 one, and a v2 signature is not a v1 one.
+        assert!(
+            public
+                .verify_stored_plugin(SignatureScheme::V2, &v1, "acme", &digest, "resize", "1.0.0")
+                .is_err()
+        );
+        let v2 = secret.sign(&plugin_message("acme", &digest, "resize", "1.0.0"));
+        assert!(
+            public
+                .verify_stored_plugin(SignatureScheme::V1, &v2, "acme", &digest, "resize", "1.0.0")
+                .is_err()
+        );
+        // Records without a scheme are v1 (stored before the field existed).
+        #[derive(Deserialize)]
+        struct Record {
+            #[serde(default)]
+            scheme: SignatureScheme,
+        }
+        let old: Record = serde_json::from_str("{}").unwrap();
+        assert_eq!(old.scheme, SignatureScheme::V1);
+        assert_eq!(
+            serde_json::to_string(&SignatureScheme::V2).unwrap(),
+            "\"v2\""
+        );
+    }
+
+    #[test]
+    fn key_registration_proves_possession_for_one_tenant_and_challenge() {
+        let secret = SecretKey::generate().unwrap();
+        let public = secret.public();
+        let proof = secret.sign_key_registration("acme", "nonce-1");
+        public
+            .verify_key_registration("acme", "nonce-1", &proof)
+            .unwrap();
+        for (tenant, challenge) in [("bolts", "nonce-1"), ("acme", "nonce-2")] {
+            let err = public
+                .verify_key_registration(tenant, challenge, &proof)
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+            assert!(err.message().contains("does not verify"), "{err}");
+        }
+        // Another key cannot prove possession of this one.
+        let other = SecretKey::generate().unwrap();
+        let err = public
+            .verify_key_registration(
+                "acme",
+                "nonce-1",
+                &other.sign_key_registration("acme", "nonce-1"),
+            )
+            .unwrap_err();
+        assert!(err.message().contains(&public.key_id()), "{err}");
+        // A registration proof is no plugin signature and the other way round.
+        let digest = sha256_hex(b"c");
+        assert!(
+            public
+                .verify_plugin_upload(&proof, "acme", &digest, "resize", "1")
+                .is_err()
+        );
+        let signed = secret.sign(&plugin_message("acme", &digest, "resize", "1"));
+        assert!(
+            public
+                .verify_key_registration("acme", "nonce-1", &signed)
+                .is_err()
+        );
+        let err = public
+            .verify_key_registration("acme", "nonce-1", "%%")
+            .unwrap_err();
+        assert!(err.message().contains("malformed signature"), "{err}");
     }
 
     #[test]
@@ -601,38 +979,51 @@ mod tests {
         let secret = SecretKey::generate().unwrap();
         let public = secret.public();
         let component = b"\0asm fake component";
-        let signature = secret.sign_plugin(component, "resize", "1.0.0");
+        let signature = secret.sign_plugin(component, "acme", "resize", "1.0.0");
         assert_eq!(signature.digest, sha256_hex(component));
         assert_eq!(signature.key_id, public.key_id());
         public
             .verify(
-                &plugin_message(&signature.digest, "resize", "1.0.0"),
+                &plugin_message("acme", &signature.digest, "resize", "1.0.0"),
                 &signature.signature,
             )
             .unwrap();
         public
-            .verify_plugin(&signature, &sha256_hex(component), "resize", "1.0.0")
+            .verify_plugin(
+                &signature,
+                "acme",
+                &sha256_hex(component),
+                "resize",
+                "1.0.0",
+            )
             .unwrap();
         assert!(
             public
-                .verify_plugin(&signature, &sha256_hex(b"x"), "resize", "1.0.0")
+                .verify_plugin(&signature, "acme", &sha256_hex(b"x"), "resize", "1.0.0")
                 .is_err()
         );
         assert!(
             public
-                .verify_plugin(&signature, &signature.digest, "resize", "2.0.0")
+                .verify_plugin(&signature, "acme", &signature.digest, "resize", "2.0.0")
                 .is_err()
         );
         let other = SecretKey::generate().unwrap().public();
         assert!(
             other
-                .verify_plugin(&signature, &signature.digest, "resize", "1.0.0")
+                .verify_plugin(&signature, "acme", &signature.digest, "resize", "1.0.0")
                 .is_err()
         );
 
         let text = signature.to_file_text();
         assert_eq!(PluginSignature::from_file_text(&text).unwrap(), signature);
         assert!(PluginSignature::from_file_text("{}").is_err());
+        assert!(PluginSignature::from_file_text("[").is_err());
         assert!(PluginSignature::from_file_text(&text.replacen('{', "{\"extra\": 1,", 1)).is_err());
+        // A v1 file (no tenant) is refused with a message saying to sign again.
+        let mut v1: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v1.as_object_mut().unwrap().remove("tenant");
+        let err = PluginSignature::from_file_text(&v1.to_string()).unwrap_err();
+        assert!(err.message().contains("names no tenant"), "{err}");
+        assert!(err.message().contains("--tenant"), "{err}");
     }
 }

@@ -562,6 +562,7 @@ mod tests {
             digest: digest.into(),
             size,
             signature: "sig".into(),
+            signature_scheme: Default::default(),
             key_id: "kid".into(),
             created_unix: 1,
         }

@@ -2,7 +2,7 @@
 //! signing keys, pushing signed plugins and models, applying graphs, and inference with a key.
 
 use serde_json::{Value, json};
-use weft_store::signing::SecretKey;
+use weft_store::signing::{PluginSignature, PublicKey, SecretKey};
 
 use super::*;
 
@@ -28,18 +28,59 @@ pub async fn create_tenant(server: &Server, name: &str, body: Value) -> String {
     created["api_key"]["key"].as_str().unwrap().to_string()
 }
 
-/// Generates a signing key and registers it for the tenant.
-pub async fn signing_key(server: &Server, key: &str) -> SecretKey {
-    let secret = SecretKey::generate().unwrap();
+/// A registered signing key and the tenant it signs for (plugin signatures name the tenant).
+pub struct Signer {
+    pub secret: SecretKey,
+    pub tenant: String,
+}
+
+impl Signer {
+    /// Signs a component for this signer's tenant.
+    pub fn sign_plugin(&self, component: &[u8], name: &str, version: &str) -> PluginSignature {
+        self.secret
+            .sign_plugin(component, &self.tenant, name, version)
+    }
+
+    pub fn public(&self) -> PublicKey {
+        self.secret.public()
+    }
+}
+
+/// Asks for a key registration challenge; returns the answer (`challenge`, `tenant`, ...).
+pub async fn challenge(server: &Server, key: &str) -> Value {
+    let (status, body) =
+        send(client_with_key(key).post(server.url("/api/v1/signing-keys/challenge"))).await;
+    assert_eq!(status, 201, "{body}");
+    body
+}
+
+/// Registers `secret` for the tenant of `key` the way `weft key register` does: a challenge,
+/// then the public key with a signature over the registration message. Returns the answer and
+/// the tenant's name (from the challenge).
+pub async fn register_key(server: &Server, key: &str, secret: &SecretKey) -> (u16, Value, String) {
+    let issued = challenge(server, key).await;
+    let nonce = issued["challenge"].as_str().unwrap();
+    let tenant = issued["tenant"].as_str().unwrap().to_string();
     let (status, body) = send(
         client_with_key(key)
             .post(server.url("/api/v1/signing-keys"))
-            .json(&json!({ "public_key": secret.public().to_base64() })),
+            .json(&json!({
+                "public_key": secret.public().to_base64(),
+                "challenge": nonce,
+                "signature": secret.sign_key_registration(&tenant, nonce),
+            })),
     )
     .await;
+    (status, body, tenant)
+}
+
+/// Generates a signing key and registers it for the tenant.
+pub async fn signing_key(server: &Server, key: &str) -> Signer {
+    let secret = SecretKey::generate().unwrap();
+    let (status, body, tenant) = register_key(server, key, &secret).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["id"], json!(secret.public().key_id()));
-    secret
+    Signer { secret, tenant }
 }
 
 pub fn guest(name: &str) -> Vec<u8> {
@@ -69,7 +110,7 @@ pub async fn push_signed(
 pub async fn push_plugin(
     server: &Server,
     key: &str,
-    secret: &SecretKey,
+    secret: &Signer,
     name: &str,
     version: &str,
     bytes: Vec<u8>,
@@ -88,7 +129,7 @@ pub async fn push_plugin(
 
 /// Signs and pushes the `normalize` and `softmax` plugins (what [`classify_graph`] calls) at
 /// `version`, asserting both are accepted.
-pub async fn push_classify_plugins(server: &Server, key: &str, secret: &SecretKey, version: &str) {
+pub async fn push_classify_plugins(server: &Server, key: &str, secret: &Signer, version: &str) {
     for plugin in ["normalize", "softmax"] {
         let (status, body) = push_plugin(server, key, secret, plugin, version, guest(plugin)).await;
         assert_eq!(status, 201, "{plugin}: {body}");
