@@ -207,15 +207,14 @@ impl Model for OnnxModel {
             // (a client disconnect, a plugin deadline) does not free the session while ONNX
             // Runtime still runs on it.
             let session = SessionTurn(Arc::clone(&pool));
-            let outputs = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 let result = pool.run(&inputs);
                 drop(inputs);
                 drop(session);
                 result
             })
             .await
-            .map_err(|error| Error::internal(format!("ONNX Runtime inference failed: {error}")))?;
-            outputs
+            .map_err(|error| Error::internal(format!("ONNX Runtime inference failed: {error}")))?
         })
     }
 }
