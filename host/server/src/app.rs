@@ -62,6 +62,11 @@ pub struct AppState {
     pub stats: Arc<StatsStore>,
     /// Requests slower than this are logged at warn level.
     pub slow_request: Duration,
+    /// Storage held by each tenant's uploads in progress (see `uploads.rs`).
+    pub uploads: Arc<crate::uploads::StorageLedger>,
+    /// Each tenant's budget of request bytes in flight on the inference path (see
+    /// `inflight.rs`).
+    pub body_budget: Arc<crate::inflight::BodyBudget>,
 }
 
 impl AppState {
@@ -75,6 +80,8 @@ impl AppState {
             scrape: ScrapeSources::default(),
             stats: Arc::default(),
             slow_request: DEFAULT_SLOW_REQUEST,
+            uploads: Arc::default(),
+            body_budget: Arc::default(),
         }
     }
 }
@@ -445,11 +452,51 @@ async fn infer_accounted(
     let limit = state
         .max_request_bytes
         .min(usize::try_from(scope.quotas.max_request_bytes).unwrap_or(usize::MAX));
-    let body = read_body(limit, headers, body).await?;
+    // The body's bytes count against the tenant's in-flight budget from before they are read
+    // until the response is built (the permit lives to the end of this function).
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let budget = state.body_budget.per_tenant();
+    // Without a declared length the body may be as large as the limit: take that (or the
+    // whole budget, which then bounds the body) and give back the rest once it is read.
+    let (want, read_limit) = match declared {
+        Some(length) if length > limit => (0, limit),
+        Some(length) => (length, limit),
+        None => (limit.min(budget), limit.min(budget)),
+    };
+    let mut permit = state.body_budget.admit(&scope.name, want).await?;
+    let body = match read_body(read_limit, headers, body).await {
+        Err(error) if error.kind() == ErrorKind::PayloadTooLarge && read_limit < limit => {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "request body exceeds the limit of {read_limit} bytes (a body without \
+                     Content-Length may be no larger than the tenant's in-flight budget, \
+                     --max-tenant-inflight-bytes)"
+                ),
+            )
+            .into());
+        }
+        other => other?,
+    };
+    permit.shrink_to(body.len());
+    let body_len = body.len();
     let mut request = decode_infer_request(body, header_length)?;
     let (number, model) = scope.registry.resolve(name, version)?;
     served.version = Some(number);
     let inputs = request_inputs(&mut request, model.as_ref())?;
+    // JSON numbers can decode into more bytes than their text (`0,` is 8 bytes of FP64): the
+    // decoded tensors count too, beyond what the body already holds.
+    let decoded: usize = request
+        .inputs
+        .iter()
+        .map(|input| input.tensor.tensor.data().len())
+        .fold(0, usize::saturating_add);
+    if decoded > body_len {
+        permit.grow_to(decoded).await?;
+    }
     served.rows = inputs
         .first()
         .and_then(|input| input.tensor.shape().first().copied())

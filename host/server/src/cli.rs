@@ -152,6 +152,12 @@ pub struct ServeArgs {
     /// Largest control-plane upload (plugin, model, graph) in bytes; larger uploads get 413.
     #[arg(long, env = "WEFT_MAX_UPLOAD_BYTES", default_value_t = crate::app::DEFAULT_MAX_UPLOAD_BYTES)]
     pub max_upload_bytes: usize,
+    /// Bytes of inference request bodies one tenant may have in memory at once (read, decoded,
+    /// until the response is built); a request that does not fit within a second gets 429, and
+    /// a body without Content-Length is limited to it. Other tenants have their own.
+    #[arg(long, env = "WEFT_MAX_TENANT_INFLIGHT_BYTES",
+          default_value_t = crate::inflight::DEFAULT_TENANT_INFLIGHT_BYTES)]
+    pub max_tenant_inflight_bytes: usize,
     /// Meter WebAssembly fuel (about one unit per instruction) in every plugin call: responses
     /// then carry `parameters.fuel` and `weft_plugin_fuel_consumed_total` counts it. Costs
     /// some plugin speed (the compiled code counts as it runs), so it is off by default.
@@ -414,6 +420,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             bail!("{flag} must be at least 16 characters");
         }
     }
+    if args.max_tenant_inflight_bytes == 0 {
+        bail!("--max-tenant-inflight-bytes must be at least 1");
+    }
     let repository = args.repository.clone();
     let data_dir = args.data_dir.clone();
     let metrics = Arc::new(Metrics::new());
@@ -468,6 +477,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         scrape: loaded.scrape,
         slow_request: Duration::from_millis(args.slow_request_ms),
         max_upload_bytes: args.max_upload_bytes,
+        body_budget: Arc::new(crate::inflight::BodyBudget::new(
+            args.max_tenant_inflight_bytes,
+        )),
         ..AppState::new(Arc::new(tenancy), args.max_request_bytes)
     };
     let accepting = state.accepting.clone();

@@ -29,6 +29,7 @@ use crate::tenants::{
     Removal, Tenancy, check_model_config, graph_needs, graph_path, new_tenant, signing_key,
     unix_now, validate_graph,
 };
+use crate::uploads::{Limit, MAX_GRAPH_BYTES, MAX_MODEL_CONFIG_BYTES, Received};
 
 /// The OpenAPI description of every route, served at `/api/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -530,39 +531,28 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|value| !value.is_empty())
 }
 
-/// Reads an upload body up to the server's upload limit.
-/// Reads an upload's body, no larger than `--max-upload-bytes` nor than what is left of the
-/// tenant's `max_stored_bytes` (everything uploaded is stored), so an upload that cannot fit is
-/// refused before the server holds it in memory.
+/// The size limit of plugin and model uploads.
+fn upload_limit(state: &AppState) -> Limit {
+    Limit {
+        bytes: state.max_upload_bytes,
+        source: "--max-upload-bytes",
+    }
+}
+
+/// Receives an upload's body into a temporary file of the store (its first `head` bytes into
+/// memory), after reserving its size against the tenant's `max_stored_bytes` (everything
+/// uploaded is stored): an upload past `limit` is refused with 413 and one that cannot fit the
+/// quota with 403 as soon as that is known, before the server reads (let alone holds) the rest.
 async fn upload_body(
     state: &AppState,
     tenant: &str,
+    kind: &str,
+    limit: Limit,
+    head: usize,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Bytes> {
-    let (left, quota) = {
-        let store = state.tenancy.store().state();
-        let record = tenant_of(&store, tenant)?;
-        let quota = record.quotas.max_stored_bytes;
-        (quota.saturating_sub(record.stored_bytes()), quota)
-    };
-    let left = usize::try_from(left).unwrap_or(usize::MAX);
-    if left >= state.max_upload_bytes {
-        return read_body(state.max_upload_bytes, headers, body).await;
-    }
-    read_body(left, headers, body).await.map_err(|error| {
-        if error.kind() == ErrorKind::PayloadTooLarge {
-            Error::new(
-                ErrorKind::PermissionDenied,
-                format!(
-                    "tenant '{tenant}' would exceed its quota of {quota} stored bytes: the upload \
-                     is larger than the {left} bytes left"
-                ),
-            )
-        } else {
-            error
-        }
-    })
+) -> Result<Received> {
+    crate::uploads::receive(state, tenant, kind, limit, head, headers, body).await
 }
 
 async fn push_plugin(
@@ -600,11 +590,26 @@ async fn push_plugin_checked(
     let key_id = header_text(headers, SIGNING_KEY_HEADER)
         .ok_or_else(unsigned)?
         .to_string();
-    let bytes = upload_body(state, tenant, headers, body).await?;
+    let Received {
+        rest: staged,
+        size,
+        reservation,
+        ..
+    } = upload_body(
+        state,
+        tenant,
+        "plugin",
+        upload_limit(state),
+        0,
+        headers,
+        body,
+    )
+    .await?;
     let tenant = tenant.to_string();
     blocking(state, move |tenancy| {
-        let digest = sha256_hex(&bytes);
-        let size = bytes.len() as u64;
+        // Held until the commit below counts the bytes (or the push fails).
+        let _reservation = reservation;
+        let digest = staged.digest().to_string();
         let add = |record: &mut Tenant| {
             record
                 .plugins
@@ -649,13 +654,14 @@ async fn push_plugin_checked(
             check_storage(&projected)
         };
         check(&tenancy.store().state())?;
-        // Compiled without holding the writer: other tenants' changes do not wait for it.
-        let plugin = tenancy.runtime().load(&name, &bytes)?;
+        // Compiled without holding the writer: other tenants' changes do not wait for it. The
+        // component is read back from its temporary file once, for the compile.
+        let plugin = tenancy.runtime().load(&name, &staged.read()?)?;
         let role = plugin.role().as_str();
-        // Checks, blob write and commit under the one writer: nothing can change in between.
+        // Checks, blob store and commit under the one writer: nothing can change in between.
         let writer = tenancy.writer()?;
         check(&writer.state())?;
-        tenancy.store().put_blob(&bytes)?;
+        tenancy.store().put_staged(staged)?;
         writer.commit(Some(&tenant), |store| {
             add(tenant_mut(store, &tenant)?);
             Ok(())
@@ -880,20 +886,40 @@ async fn push_model_checked(
                  precedes the ONNX bytes in the body",
             )
         })?;
-    let bytes = upload_body(state, &scope.name, headers, body).await?;
-    if config_length > bytes.len() {
+    if config_length > MAX_MODEL_CONFIG_BYTES {
+        return Err(Error::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "Weft-Config-Length {config_length} is over the limit of {MAX_MODEL_CONFIG_BYTES} \
+                 bytes for a model.toml"
+            ),
+        ));
+    }
+    // model.toml (the head) into memory, the ONNX bytes after it into a temporary file.
+    let Received {
+        head: config_bytes,
+        rest: staged,
+        size,
+        reservation,
+    } = upload_body(
+        state,
+        &scope.name,
+        "model",
+        upload_limit(state),
+        config_length,
+        headers,
+        body,
+    )
+    .await?;
+    if config_length as u64 > size {
         return Err(Error::invalid(format!(
-            "Weft-Config-Length {config_length} is longer than the body ({} bytes)",
-            bytes.len()
+            "Weft-Config-Length {config_length} is longer than the body ({size} bytes)"
         )));
     }
-    let config_bytes = bytes.slice(..config_length);
-    let onnx = bytes.slice(config_length..);
-    let config_text = std::str::from_utf8(&config_bytes)
-        .map_err(|_| Error::invalid("model.toml is not UTF-8"))?
-        .to_string();
+    let config_text =
+        String::from_utf8(config_bytes).map_err(|_| Error::invalid("model.toml is not UTF-8"))?;
     let config = check_model_config(&name, &config_text)?;
-    if onnx.is_empty() {
+    if staged.is_empty() {
         return Err(Error::invalid(
             "the body has no ONNX bytes after model.toml",
         ));
@@ -905,8 +931,9 @@ async fn push_model_checked(
     }
     let tenant = scope.name.clone();
     blocking(state, move |tenancy| {
-        let size = bytes.len() as u64;
-        let onnx_digest = sha256_hex(&onnx);
+        // Held until the commit below counts the bytes (or the push fails).
+        let _reservation = reservation;
+        let onnx_digest = staged.digest().to_string();
         let config_digest = sha256_hex(config_text.as_bytes());
         let add = |record: &mut Tenant| {
             record.models.entry(name.clone()).or_default().insert(
@@ -946,6 +973,9 @@ async fn push_model_checked(
         // stored models already take of its model_memory_mb.
         let quotas = tenant_of(&current, &tenant)?.quotas.clone();
         let budget = crate::tenants::model_budget(&quotas);
+        // The ONNX bytes, read back once from the temporary file: the checks and loads below
+        // share this one copy.
+        let onnx = bytes::Bytes::from(staged.read()?);
         // What the model is, before what it costs: a hostile model is refused as such.
         tenancy
             .loader()
@@ -994,7 +1024,7 @@ async fn push_model_checked(
         let writer = tenancy.writer()?;
         check(&writer.state())?;
         fits(&writer.state())?;
-        tenancy.store().put_blob(&onnx)?;
+        tenancy.store().put_staged(staged)?;
         tenancy.store().put_blob(config_text.as_bytes())?;
         tenancy.remember_model(&tenant, &name, &onnx_digest, &config_digest, model)?;
         let committed = writer.commit(Some(&tenant), |store| {
@@ -1167,15 +1197,28 @@ async fn apply_graph_checked(
     dry_run: bool,
 ) -> Result<Value> {
     check_name("graph", &name)?;
-    let bytes = upload_body(state, &scope.name, headers, body).await?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| Error::invalid("the graph is not UTF-8 text"))?
-        .to_string();
+    let limit = Limit {
+        bytes: MAX_GRAPH_BYTES.min(state.max_upload_bytes),
+        source: if MAX_GRAPH_BYTES <= state.max_upload_bytes {
+            "the graph size limit"
+        } else {
+            "--max-upload-bytes"
+        },
+    };
+    let Received {
+        rest: staged,
+        reservation,
+        ..
+    } = upload_body(state, &scope.name, "graph", limit, 0, headers, body).await?;
     let file = header_text(headers, FILE_NAME_HEADER)
         .map(PathBuf::from)
         .unwrap_or_else(|| graph_path(&name));
     let tenant = scope.name.clone();
     blocking(state, move |tenancy| {
+        // Held until the commit below counts the bytes (or the apply fails).
+        let _reservation = reservation;
+        let text = String::from_utf8(staged.read()?)
+            .map_err(|_| Error::invalid("the graph is not UTF-8 text"))?;
         // Validation, blob write and commit under the one writer, so a delete cannot slip in
         // between and leave the graph naming something gone.
         let writer = tenancy.writer()?;
@@ -1199,7 +1242,7 @@ async fn apply_graph_checked(
                 "'{name}' is already a model or shared name; graphs and models share one namespace"
             )));
         }
-        let digest = sha256_hex(text.as_bytes());
+        let digest = staged.digest().to_string();
         if let Some(existing) = record.graphs.get(&name).and_then(|v| v.get(&version)) {
             if existing.toml_digest == digest {
                 return Ok(
@@ -1228,7 +1271,7 @@ async fn apply_graph_checked(
         if dry_run {
             return Ok(json!({ "name": name, "version": version.to_string(), "dry_run": true }));
         }
-        tenancy.store().put_blob(text.as_bytes())?;
+        tenancy.store().put_staged(staged)?;
         writer.commit(Some(&tenant), |store| {
             add(tenant_mut(store, &tenant)?);
             Ok(())

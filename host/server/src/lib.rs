@@ -11,9 +11,11 @@ pub mod cli;
 pub mod control;
 pub mod error;
 pub mod graphs;
+pub mod inflight;
 pub mod loader;
 pub mod metrics;
 pub mod stats;
 pub mod tenants;
+pub mod uploads;
 
 pub use app::{AppState, app};
