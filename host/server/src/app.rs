@@ -378,7 +378,8 @@ async fn run_infer(
     });
     let mut served = Served::default();
     let result = match scope.admit() {
-        Ok(_permit) => {
+        Ok(permit) => {
+            let admitted = Arc::new(permit);
             accounting::scope(
                 Arc::clone(&cost),
                 infer_accounted(
@@ -390,6 +391,7 @@ async fn run_infer(
                     body,
                     &cost,
                     &mut served,
+                    &admitted,
                 ),
             )
             .await
@@ -445,8 +447,9 @@ async fn infer_accounted(
     version: Option<&str>,
     headers: &HeaderMap,
     body: Body,
-    cost: &Cost,
+    cost: &Arc<Cost>,
     served: &mut Served,
+    admitted: &Arc<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Response, ApiError> {
     let header_length = header_length(headers)?;
     let limit = state
@@ -484,9 +487,6 @@ async fn infer_accounted(
     permit.shrink_to(body.len());
     let body_len = body.len();
     let mut request = decode_infer_request(body, header_length)?;
-    let (number, model) = scope.registry.resolve(name, version)?;
-    served.version = Some(number);
-    let inputs = request_inputs(&mut request, model.as_ref())?;
     // JSON numbers can decode into more bytes than their text (`0,` is 8 bytes of FP64): the
     // decoded tensors count too, beyond what the body already holds.
     let decoded: usize = request
@@ -497,6 +497,9 @@ async fn infer_accounted(
     if decoded > body_len {
         permit.grow_to(decoded).await?;
     }
+    let (number, model) = scope.registry.resolve(name, version)?;
+    served.version = Some(number);
+    let inputs = request_inputs(&mut request, model.as_ref())?;
     served.rows = inputs
         .first()
         .and_then(|input| input.tensor.shape().first().copied())
@@ -508,9 +511,21 @@ async fn infer_accounted(
     } else {
         "model"
     };
-    let (outputs, mut parameters) = model
-        .infer_with_parameters(inputs, &request.parameters)
+    // The work runs in its own task holding the tenant's concurrency permit, so a client that
+    // disconnects does not free its slot while the models and plugins it started still run.
+    let work = {
+        let admitted = Arc::clone(admitted);
+        let model = Arc::clone(&model);
+        let parameters = request.parameters.clone();
+        tokio::spawn(accounting::scope(Arc::clone(cost), async move {
+            let result = model.infer_with_parameters(inputs, &parameters).await;
+            drop(admitted);
+            result
+        }))
+    };
+    let (outputs, mut parameters) = work
         .await
+        .map_err(|error| Error::internal(format!("the inference task failed: {error}")))?
         .map_err(|error| error.context(format!("{what} '{name}' version {number}")))?;
     // What the request cost, so a tenant can see it.
     let load =
