@@ -513,13 +513,17 @@ async fn infer_accounted(
     };
     // The work runs in its own task holding the tenant's concurrency permit, so a client that
     // disconnects does not free its slot while the models and plugins it started still run.
+    // The request's share of the in-flight budget goes with the inputs into that task too, and
+    // stays with this handler until the response is built: it is back only when both are done.
+    let permit = Arc::new(permit);
     let work = {
         let admitted = Arc::clone(admitted);
+        let permit = Arc::clone(&permit);
         let model = Arc::clone(&model);
         let parameters = request.parameters.clone();
         tokio::spawn(accounting::scope(Arc::clone(cost), async move {
             let result = model.infer_with_parameters(inputs, &parameters).await;
-            drop(admitted);
+            drop((admitted, permit));
             result
         }))
     };
