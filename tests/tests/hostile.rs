@@ -55,6 +55,10 @@ struct Tenants {
     victim: String,
 }
 
+/// One attack at a time: the tests of this file run in parallel threads, and one test's
+/// attacker would otherwise load the machine under another test's victim.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn start() -> Tenants {
     let repo = repository();
     let server = Server::start(repo.path());
@@ -153,6 +157,7 @@ async fn still_serving(tenants: &Tenants) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn host_tensor_flood_fails_on_its_budget_and_the_victim_is_served() {
+    let _serial = SERIAL.lock().await;
     let tenants = start().await;
     let (answers, latencies) = attack(&tenants, "tensor-flood", 4, Duration::from_secs(4)).await;
     let mut on_budget = 0;
@@ -197,6 +202,7 @@ async fn host_tensor_flood_fails_on_its_budget_and_the_victim_is_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn spinning_plugins_at_the_attackers_quota_leave_the_victim_its_share() {
+    let _serial = SERIAL.lock().await;
     let tenants = start().await;
     let (answers, latencies) = attack(&tenants, "spin", 128, Duration::from_secs(4)).await;
     for (status, body) in &answers {
@@ -221,6 +227,7 @@ async fn spinning_plugins_at_the_attackers_quota_leave_the_victim_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_logging_loop_writes_a_bounded_log() {
+    let _serial = SERIAL.lock().await;
     let tenants = start().await;
     let before = tenants.server.log().len();
     let (answers, latencies) = attack(&tenants, "log-flood", 8, Duration::from_secs(3)).await;
@@ -246,6 +253,7 @@ async fn a_logging_loop_writes_a_bounded_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn huge_graphs_are_refused_by_their_limits_without_harm() {
+    let _serial = SERIAL.lock().await;
     let tenants = start().await;
     let chain = |nodes: usize| {
         let mut toml = String::from(

@@ -461,7 +461,9 @@ async fn each_trap_cause_is_counted_under_its_own_label() {
                 "huge-output",
                 // 300 copies of a 256 KiB input pass the 64 MiB output limit with few host
                 // calls, so a loaded machine does not reach the 2 s deadline first.
-                "params = { copies = \"300\" }",
+                // memory_mb 128: the call's host budget (its memory_mb) is then above the
+                // 64 MiB output limit, which is what this case counts.
+                "memory_mb = 128\nparams = { copies = \"300\" }",
                 "copy0",
             )
             .as_bytes(),
