@@ -8,12 +8,16 @@
 //! - `cargo xtask serve [example]`: set-up, then `weft serve` on examples/quickstart (or the
 //!   named example) at 127.0.0.1:8000.
 //! - `cargo xtask test`: set-up, then every test: `cargo test --workspace` (which includes the
-//!   end-to-end and tritonclient tests).
+//!   end-to-end and tritonclient tests), then every fuzz target for 20 s.
+//! - `cargo xtask fuzz [--seconds N] [target...]`: the cargo-fuzz targets of fuzz/ (installing
+//!   cargo-fuzz if missing), each for N seconds (default 30), failing on the first crash.
 //!
 //! - `cargo xtask bench`: set-up, the benchmark models, a release build, then the benchmark
 //!   matrix of BENCHMARKS.md against `weft serve` on bench/repository (see `bench.rs`).
 //!
 //! It shells out to `python3`, `rustup` and `cargo` only, so it needs nothing but Rust and Python.
+//! (cargo-fuzz wants a nightly compiler for its `-Z` flags; `fuzz` runs the pinned stable one
+//! with `RUSTC_BOOTSTRAP=1` instead.)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +25,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod fuzz;
 
 const ORT_VERSION: &str = "1.22.1";
 /// Python packages the tests use, pinned so every machine gets the same ones.
@@ -43,22 +48,27 @@ fn main() -> Result<()> {
         }
         Some("test") => {
             setup(&root, true)?;
-            test(&root, &args[1..])
+            test(&root, &args[1..])?;
+            fuzz::run_all(&root, fuzz::TEST_SECONDS, &[])
         }
+        Some("fuzz") => fuzz::run(&root, &args[1..]),
         Some("bench") => {
             setup(&root, true)?;
             bench::run_matrix(&root, &args[1..])
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|serve|test> [args]\n\
+                "usage: cargo xtask <setup|serve|test|bench|fuzz> [args]\n\
                  \x20 setup  install the wasm target, ONNX Runtime library, Python test packages\n\
                  \x20 serve  set up, then serve examples/quickstart (or examples/<name> named\n\
                  \x20        first, e.g. `serve classify`) on 127.0.0.1:8000; further args go to\n\
                  \x20        `weft serve`, e.g. --listen 0.0.0.0:8000\n\
-                 \x20 test   set up, then run every test (extra args go to `cargo test`)\n\
+                 \x20 test   set up, then run every test (extra args go to `cargo test`), then\n\
+                 \x20        every fuzz target for 20 s\n\
                  \x20 bench  set up, build release, serve bench/repository and run the benchmark\n\
-                 \x20        matrix of BENCHMARKS.md (--duration S, --warmup S, --only NAME)"
+                 \x20        matrix of BENCHMARKS.md (--duration S, --warmup S, --only NAME)\n\
+                 \x20 fuzz   run the fuzz/ targets (all, or those named) for --seconds N each\n\
+                 \x20        (default 30); installs cargo-fuzz if missing"
             );
             bail!("unknown or missing xtask command")
         }
