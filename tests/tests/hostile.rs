@@ -31,6 +31,12 @@ fn repository() -> Repo {
         .with_plugin("hostile_tensor_flood", "tensor-flood")
         .with_plugin("hostile_log_flood", "log-flood")
         .with_plugin("runtime_spin", "spin")
+        .with_model(&quickstart(), "mlp")
+        .with_file("models/mlp-batched/model.toml", MLP_BATCHED.as_bytes())
+        .with_file(
+            "models/mlp-batched/1/model.onnx",
+            &std::fs::read(quickstart().join("models/mlp/1/model.onnx")).unwrap(),
+        )
         .with_file(
             "graphs/echo.toml",
             transformer_graph("echo", 1, "echo", "echo", 64, "echo.x", "").as_bytes(),
@@ -48,6 +54,25 @@ fn repository() -> Repo {
             hostile("spin", "spin", "deadline_ms = 1000").as_bytes(),
         )
 }
+
+/// The quickstart's `mlp` behind a dynamic batcher with one session: a model both tenants share.
+const MLP_BATCHED: &str = r#"
+platform = "onnx"
+max_batch_size = 64
+[ort]
+instance_count = 1
+[[input]]
+name = "x"
+datatype = "FP32"
+dims = [64]
+[[output]]
+name = "y"
+datatype = "FP32"
+dims = [10]
+[dynamic_batching]
+max_queue_delay_microseconds = 500
+max_queue_size = 64
+"#;
 
 struct Tenants {
     server: Server,
@@ -67,10 +92,15 @@ async fn start() -> Tenants {
     let attacker = create_tenant(
         &server,
         "attacker",
-        json!({"shared_models": ["tensor-flood", "log-flood", "spin"]}),
+        json!({"shared_models": ["tensor-flood", "log-flood", "spin", "mlp", "mlp-batched"]}),
     )
     .await;
-    let victim = create_tenant(&server, "victim", json!({"shared_models": ["echo"]})).await;
+    let victim = create_tenant(
+        &server,
+        "victim",
+        json!({"shared_models": ["echo", "mlp", "mlp-batched"]}),
+    )
+    .await;
     Tenants {
         server,
         attacker,
@@ -104,7 +134,20 @@ async fn attack(
     parallel: usize,
     duration: Duration,
 ) -> (Vec<(u16, Value)>, Vec<Duration>) {
-    let url = tenants.server.url(&format!("/v2/models/{graph}/infer"));
+    attack_on(tenants, graph, 1, "echo", parallel, duration).await
+}
+
+/// [`attack`] with the attacker sending `rows` rows to `target` and the victim calling
+/// `victim_target` (a graph or model both may share).
+async fn attack_on(
+    tenants: &Tenants,
+    target: &str,
+    rows: usize,
+    victim_target: &str,
+    parallel: usize,
+    duration: Duration,
+) -> (Vec<(u16, Value)>, Vec<Duration>) {
+    let url = tenants.server.url(&format!("/v2/models/{target}/infer"));
     let until = Instant::now() + duration;
     let mut attackers = Vec::new();
     for _ in 0..parallel {
@@ -112,14 +155,17 @@ async fn attack(
         let url = url.clone();
         attackers.push(tokio::spawn(async move {
             let mut answers = Vec::new();
+            let body = x(rows);
             while Instant::now() < until {
-                answers.push(send(client.post(&url).json(&x(1))).await);
+                answers.push(send(client.post(&url).json(&body)).await);
             }
             answers
         }));
     }
     let victim = client_with_key(&tenants.victim);
-    let echo = tenants.server.url("/v2/models/echo/infer");
+    let echo = tenants
+        .server
+        .url(&format!("/v2/models/{victim_target}/infer"));
     let mut latencies = Vec::new();
     while Instant::now() < until {
         let started = Instant::now();
@@ -248,6 +294,45 @@ async fn a_logging_loop_writes_a_bounded_log() {
     assert!(!tenants.server.log().contains("\nFORGED"));
     assert!(rss < 1024, "peak RSS {rss} MiB");
     assert!(p99(&latencies) < Duration::from_secs(1));
+    still_serving(&tenants).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flooding_a_shared_model_leaves_the_other_tenant_its_turns() {
+    let _serial = SERIAL.lock().await;
+    let tenants = start().await;
+    for (model, victim_model) in [("mlp-batched", "mlp-batched"), ("mlp", "mlp")] {
+        // Full batches (64 rows) from 64 loops against one session; the victim sends one row.
+        let (answers, latencies) = attack_on(
+            &tenants,
+            model,
+            64,
+            victim_model,
+            64,
+            Duration::from_secs(3),
+        )
+        .await;
+        let served = answers.iter().filter(|(status, _)| *status == 200).count();
+        for (status, body) in &answers {
+            let error = body["error"].as_str().unwrap_or_default();
+            assert!(
+                *status == 200 || (*status == 503 && error.contains("queue is full")),
+                "{status}: {body}"
+            );
+            assert!(!error.contains("victim"), "{body}");
+        }
+        let rss = peak_rss_mib(&tenants.server);
+        eprintln!(
+            "{model} flood: {} attacker calls ({served} served), peak RSS {rss} MiB, victim p99 \
+             {:?} over {} calls",
+            answers.len(),
+            p99(&latencies),
+            latencies.len()
+        );
+        assert!(served > 0, "the attacker is served its share too");
+        assert!(rss < 1024, "peak RSS {rss} MiB");
+        assert!(p99(&latencies) < Duration::from_secs(1));
+    }
     still_serving(&tenants).await;
 }
 

@@ -385,6 +385,8 @@ async fn dashboard_and_alert_rules_use_only_exported_metrics() {
         "weft_graph_node_duration_seconds",
         "weft_batch_size_rows",
         "weft_queue_depth_requests",
+        "weft_queue_rejected_total",
+        "weft_batch_retries_total",
         "weft_plugin_instantiations_total",
         "weft_plugin_call_duration_seconds",
         "weft_plugin_calls_total",

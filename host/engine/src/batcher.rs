@@ -7,11 +7,23 @@
 //!
 //! Scheduling follows Triton's dynamic batcher. A batch is formed only when an instance is free
 //! (so while all instances are busy, waiting requests pile up into the next, larger batch). It
-//! takes the oldest request, then every waiting request with the same signature (input names,
-//! datatypes and dimensions after the first) that fits in `max_batch_size`; if the rows reach
-//! neither a preferred batch size nor the maximum, it waits for more until the oldest request has
-//! waited `max_queue_delay`. A full queue refuses at once (503); a request that waited past its
-//! queue timeout gets 504; a caller that went away is dropped from the queue without running.
+//! takes the first request, then waiting requests with the same signature (input names,
+//! datatypes and dimensions after the first) while they fit in `max_batch_size`; if the rows
+//! reach neither a preferred batch size nor the maximum, it waits for more until the first
+//! request has waited `max_queue_delay`. A full queue refuses at once (503); a request that
+//! waited past its queue timeout gets 504; a caller that went away is dropped from the queue
+//! without running.
+//!
+//! Tenants share a model's queue fairly ([`FairQueue`]): each tenant (the request's
+//! [`accounting::tenant`]) has its own first-in-first-out line, the first request of a batch
+//! comes from the tenants in turn, and the batch is filled one request per tenant in turn. So a
+//! tenant with a thousand requests waiting delays another tenant's one request by at most one
+//! batch per instance, not a thousand. Admission is fair too: a full queue still admits a
+//! tenant that holds less than its share (`max_queue_size` divided among the tenants waiting),
+//! so one tenant filling the queue cannot lock the others out (the queue then holds at most
+//! twice `max_queue_size`). Requests that cannot be merged (no batch dimension, or more rows
+//! than `max_batch_size`) skip the queue but take the same instance turns, shared fairly between
+//! them and the batches ([`FairGate`]).
 //!
 //! One request must not fail the others it was batched with (they may be other tenants'). When
 //! a merged call fails, each member whose caller is still waiting runs again alone, one after
@@ -19,13 +31,14 @@
 //! never shown to anyone (it may quote another request's values). So a bad request costs its
 //! batch one extra backend call per member, once: a batch of one is never retried.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
+use weft_core::fair::{FairGate, ShareKey};
 use weft_core::{
     BoxFuture, DataType, Error, ErrorKind, Model, ModelMetadata, NamedTensor, Result, Tensor,
     bytes_elements,
@@ -80,6 +93,8 @@ pub trait BatchObserver: Send + Sync {
     /// A merged call failed and one of its requests runs again alone (the rerun is also
     /// reported to [`BatchObserver::batch`]).
     fn retried(&self) {}
+    /// A request was refused because the queue (or its tenant's share) was full.
+    fn rejected(&self) {}
 }
 
 /// What a caller gets back: its outputs, how long it queued and how long its batch computed.
@@ -96,6 +111,8 @@ struct Waiting {
     inputs: Vec<NamedTensor>,
     rows: usize,
     signature: Signature,
+    /// The tenant's place in the queue; dropped (freeing it) when the request leaves the queue.
+    slot: QueueSlot,
     enqueued: Instant,
     reply: oneshot::Sender<Reply>,
     /// Set when the scheduler takes the request into a batch: from then on the caller waits
@@ -109,17 +126,25 @@ pub struct BatchedModel {
     config: BatchingConfig,
     stats: Arc<BatchStats>,
     observer: Option<Arc<dyn BatchObserver>>,
+    /// Instance turns: one per backend call in flight, shared by the batches (key `None`) and
+    /// by requests that cannot be merged (their tenant's key).
+    turns: FairGate,
+    /// How many requests each tenant has waiting, for fair admission.
+    shares: Arc<Mutex<QueueShares>>,
     /// The scheduler starts with the first request, inside the async runtime.
     queue: OnceLock<mpsc::UnboundedSender<Waiting>>,
 }
 
 impl BatchedModel {
     pub fn new(inner: Arc<dyn Model>, config: BatchingConfig) -> Self {
+        let instances = config.instances.max(1);
         BatchedModel {
             inner,
             config,
             stats: Arc::default(),
             observer: None,
+            turns: FairGate::new(instances, instances),
+            shares: Arc::default(),
             queue: OnceLock::new(),
         }
     }
@@ -146,8 +171,8 @@ impl BatchedModel {
                 config: self.config.clone(),
                 stats: Arc::clone(&self.stats),
                 observer: self.observer.clone(),
-                instances: Arc::new(Semaphore::new(self.config.instances.max(1))),
-                held: VecDeque::new(),
+                turns: self.turns.clone(),
+                queue: FairQueue::default(),
             };
             tokio::spawn(scheduler.run(receiver));
             sender
@@ -155,12 +180,16 @@ impl BatchedModel {
     }
 
     async fn submit(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>> {
+        let tenant = accounting::tenant();
         let Some((rows, signature)) = batch_signature(&inputs)
             .filter(|(rows, _)| *rows > 0 && *rows <= self.config.max_batch_size)
         else {
-            // Nothing to merge (no batch dimension, or already a full batch): run it alone.
+            // Nothing to merge (no batch dimension, or already a full batch): run it alone, in
+            // an instance turn shared fairly with the batches and other tenants.
+            let turn = crate::shared::take_turn(&self.turns, tenant).await;
             let started = Instant::now();
             let result = self.inner.infer(inputs).await;
+            drop(turn);
             let compute = started.elapsed();
             accounting::add(Spent::Compute, compute);
             if let Some(observer) = &self.observer {
@@ -168,15 +197,17 @@ impl BatchedModel {
             }
             return result;
         };
-        let depth = self.stats.queue_depth.fetch_add(1, Ordering::SeqCst);
-        if depth >= self.config.max_queue_size {
-            self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
-            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::unavailable(format!(
-                "the model's batch queue is full ({} requests waiting; max_queue_size)",
-                self.config.max_queue_size
-            )));
-        }
+        let slot = match QueueSlot::take(&self.shares, tenant, self.config.max_queue_size) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                if let Some(observer) = &self.observer {
+                    observer.rejected();
+                }
+                return Err(Error::unavailable(refusal));
+            }
+        };
+        self.stats.queue_depth.fetch_add(1, Ordering::SeqCst);
         report_depth(&self.stats, self.observer.as_deref());
         let (reply, mut answer) = oneshot::channel();
         let dispatched = Arc::new(AtomicBool::new(false));
@@ -184,6 +215,7 @@ impl BatchedModel {
             inputs,
             rows,
             signature,
+            slot,
             enqueued: Instant::now(),
             reply,
             dispatched: Arc::clone(&dispatched),
@@ -267,30 +299,197 @@ fn batch_signature(inputs: &[NamedTensor]) -> Option<(usize, Signature)> {
     Some((rows, signature))
 }
 
+/// How many requests each tenant has in a model's queue.
+#[derive(Default)]
+struct QueueShares {
+    waiting: HashMap<ShareKey, usize>,
+    total: usize,
+}
+
+fn lock_shares(shares: &Mutex<QueueShares>) -> MutexGuard<'_, QueueShares> {
+    // Counters only, updated without panicking code under the lock.
+    shares
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One tenant's place in a model's queue, given back when dropped.
+struct QueueSlot {
+    shares: Arc<Mutex<QueueShares>>,
+    tenant: ShareKey,
+}
+
+impl QueueSlot {
+    /// A place for `tenant`: granted while the queue holds fewer than `max_queue_size`, and
+    /// beyond that while the tenant holds less than its share (`max_queue_size` divided among
+    /// the tenants waiting, itself included). Else the refusal's text.
+    fn take(
+        shares: &Arc<Mutex<QueueShares>>,
+        tenant: ShareKey,
+        max_queue_size: usize,
+    ) -> std::result::Result<Self, String> {
+        let mut state = lock_shares(shares);
+        let mine = state.waiting.get(&tenant).copied().unwrap_or(0);
+        let tenants = state.waiting.len() + usize::from(mine == 0);
+        let share = (max_queue_size / tenants.max(1)).max(1);
+        if state.total >= max_queue_size && mine >= share {
+            // Never says how many other tenants wait or what they hold.
+            return Err(if tenants == 1 {
+                format!(
+                    "the model's batch queue is full ({max_queue_size} requests waiting; \
+                     max_queue_size)"
+                )
+            } else {
+                format!(
+                    "the model's batch queue is full and this tenant holds its share of it \
+                     ({mine} requests waiting; max_queue_size {max_queue_size} is shared \
+                     between the tenants using the model)"
+                )
+            });
+        }
+        state.total += 1;
+        *state.waiting.entry(tenant.clone()).or_insert(0) += 1;
+        Ok(QueueSlot {
+            shares: Arc::clone(shares),
+            tenant,
+        })
+    }
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        let mut state = lock_shares(&self.shares);
+        state.total = state.total.saturating_sub(1);
+        if let Some(waiting) = state.waiting.get_mut(&self.tenant) {
+            *waiting = waiting.saturating_sub(1);
+            if *waiting == 0 {
+                state.waiting.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// How far into one tenant's line [`FairQueue::take_fitting`] looks for a request that fits.
+const FIT_SCAN: usize = 32;
+
+/// The waiting requests of a model, one first-in-first-out line per tenant, served in turn.
+#[derive(Default)]
+struct FairQueue {
+    /// Tenants with requests waiting, in the order their turn comes.
+    turns: VecDeque<ShareKey>,
+    lines: HashMap<ShareKey, VecDeque<Waiting>>,
+    len: usize,
+}
+
+impl FairQueue {
+    fn push(&mut self, waiting: Waiting) {
+        let tenant = waiting.slot.tenant.clone();
+        let line = self.lines.entry(tenant.clone()).or_default();
+        if line.is_empty() {
+            self.turns.push_back(tenant);
+        }
+        line.push_back(waiting);
+        self.len += 1;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The oldest request of the tenant whose turn it is.
+    fn pop_turn(&mut self) -> Option<Waiting> {
+        let tenant = self.turns.front()?.clone();
+        self.take_from(0, &tenant, 0)
+    }
+
+    /// A request with `signature` and at most `room` rows, from the first tenant in turn that
+    /// has one (its oldest such request among the first [`FIT_SCAN`] of its line).
+    fn take_fitting(&mut self, signature: &Signature, room: usize) -> Option<Waiting> {
+        for turn in 0..self.turns.len() {
+            let tenant = self.turns.get(turn)?.clone();
+            let found = self.lines.get(&tenant).and_then(|line| {
+                line.iter()
+                    .take(FIT_SCAN)
+                    .position(|waiting| waiting.signature == *signature && waiting.rows <= room)
+            });
+            if let Some(index) = found {
+                return self.take_from(turn, &tenant, index);
+            }
+        }
+        None
+    }
+
+    /// Removes entry `index` of `tenant`'s line (the tenant at `turn`), moving the tenant to
+    /// the back of the turns, or out of them when its line is empty.
+    fn take_from(&mut self, turn: usize, tenant: &ShareKey, index: usize) -> Option<Waiting> {
+        let line = self.lines.get_mut(tenant)?;
+        let waiting = line.remove(index)?;
+        self.len -= 1;
+        let emptied = line.is_empty();
+        self.turns.remove(turn);
+        if emptied {
+            self.lines.remove(tenant);
+        } else {
+            self.turns.push_back(tenant.clone());
+        }
+        Some(waiting)
+    }
+
+    /// Drops the requests whose callers went away; returns how many.
+    fn purge_abandoned(&mut self) -> usize {
+        let before = self.len;
+        self.lines.retain(|_, line| {
+            line.retain(|waiting| !waiting.reply.is_closed());
+            !line.is_empty()
+        });
+        let lines = &self.lines;
+        self.turns.retain(|tenant| lines.contains_key(tenant));
+        self.len = self.lines.values().map(VecDeque::len).sum();
+        before - self.len
+    }
+}
+
 struct Scheduler {
     inner: Arc<dyn Model>,
     config: BatchingConfig,
     stats: Arc<BatchStats>,
     observer: Option<Arc<dyn BatchObserver>>,
-    instances: Arc<Semaphore>,
-    /// Requests taken off the channel that did not fit the last batch; they go first next time.
-    held: VecDeque<Waiting>,
+    turns: FairGate,
+    /// Requests taken off the channel and not yet in a batch.
+    queue: FairQueue,
 }
 
 impl Scheduler {
     async fn run(mut self, mut receiver: mpsc::UnboundedReceiver<Waiting>) {
         loop {
-            let Ok(permit) = Arc::clone(&self.instances).acquire_owned().await else {
-                return;
-            };
-            let first = match self.held.pop_front() {
-                Some(waiting) => waiting,
-                None => match receiver.recv().await {
-                    Some(waiting) => waiting,
+            // A request first, then an instance turn: an idle scheduler holds no turn, so
+            // requests that cannot be merged have every instance.
+            if self.queue.is_empty() {
+                match receiver.recv().await {
+                    Some(waiting) => self.queue.push(waiting),
                     None => return,
-                },
+                }
+            }
+            let permit = self.turns.acquire(None).await;
+            self.drain(&mut receiver);
+            let abandoned = self.queue.purge_abandoned();
+            if abandoned > 0 {
+                self.stats
+                    .queue_depth
+                    .fetch_sub(abandoned, Ordering::SeqCst);
+                report_depth(&self.stats, self.observer.as_deref());
+            }
+            let first = loop {
+                match self.queue.pop_turn() {
+                    Some(waiting) => {
+                        if let Some(first) = self.admit(waiting) {
+                            break Some(first);
+                        }
+                    }
+                    None => break None,
+                }
             };
-            let Some(first) = self.admit(first) else {
+            let Some(first) = first else {
                 continue;
             };
             let batch = self.collect(first, &mut receiver).await;
@@ -305,6 +504,13 @@ impl Scheduler {
                 run_batch(inner.as_ref(), &stats, observer.as_deref(), batch).await;
                 drop(permit);
             });
+        }
+    }
+
+    /// Moves every request sent so far into the fair queue.
+    fn drain(&mut self, receiver: &mut mpsc::UnboundedReceiver<Waiting>) {
+        while let Ok(waiting) = receiver.try_recv() {
+            self.queue.push(waiting);
         }
     }
 
@@ -345,43 +551,29 @@ impl Scheduler {
         let deadline = tokio::time::Instant::from_std(first.enqueued + self.config.max_queue_delay);
         let mut rows = first.rows;
         let mut batch = vec![first];
-        // Held requests of the same kind first, oldest first.
-        let mut index = 0;
-        while index < self.held.len() && rows < self.config.max_batch_size {
-            let fits = self.held[index].signature == batch[0].signature
-                && rows + self.held[index].rows <= self.config.max_batch_size;
-            if !fits {
-                index += 1;
-                continue;
-            }
-            if let Some(waiting) = self.held.remove(index).and_then(|w| self.admit(w)) {
-                rows += waiting.rows;
-                batch.push(waiting);
-            }
-        }
         while !self.ready(rows) {
-            let next = match receiver.try_recv() {
-                Ok(waiting) => waiting,
-                // Checked first: tokio's timer fires even a past deadline only at its next
-                // millisecond tick.
-                Err(_) if tokio::time::Instant::now() >= deadline => break,
-                Err(_) => match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                    Ok(Some(waiting)) => waiting,
-                    Ok(None) | Err(_) => break,
-                },
-            };
-            let Some(next) = self.admit(next) else {
+            self.drain(receiver);
+            let room = self.config.max_batch_size.saturating_sub(rows);
+            if let Some(next) = self.queue.take_fitting(&batch[0].signature, room) {
+                if let Some(next) = self.admit(next) {
+                    rows += next.rows;
+                    batch.push(next);
+                }
                 continue;
-            };
-            if next.signature == batch[0].signature
-                && rows + next.rows <= self.config.max_batch_size
-            {
-                rows += next.rows;
-                batch.push(next);
-            } else {
-                self.held.push_back(next);
-                // The next request does not fit: send what we have rather than reorder further.
+            }
+            if !self.queue.is_empty() {
+                // Requests wait that do not fit this batch: send what we have rather than
+                // hold them back.
                 break;
+            }
+            // Checked first: tokio's timer fires even a past deadline only at its next
+            // millisecond tick.
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                Ok(Some(waiting)) => self.queue.push(waiting),
+                Ok(None) | Err(_) => break,
             }
         }
         batch

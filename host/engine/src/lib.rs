@@ -1,7 +1,8 @@
 //! Weft's engine: what is served, independent of how it runs.
 //!
 //! It owns inference graphs (TOML schema, validation, the in-process executor), the dynamic
-//! batcher that merges concurrent requests to a model, the model
+//! batcher that merges concurrent requests to a model (and shares a model's queue and instances
+//! fairly between tenants), the model
 //! repository (Triton's layout, in TOML: `models/<name>/model.toml` plus numeric version folders)
 //! and the registry that maps a name and version to a loaded model or to the reason it is
 //! unavailable. It never depends on wasmtime or ONNX Runtime: models load through the
@@ -14,8 +15,10 @@ pub mod config;
 pub mod graph;
 pub mod registry;
 pub mod repository;
+pub mod shared;
 
 pub use batcher::{BatchObserver, BatchStats, BatchedModel, BatchingConfig};
 pub use config::{DynamicBatching, Isolation, ModelConfig, OrtOptions, VersionPolicy};
 pub use registry::{ModelLoader, ModelRegistry, ModelState, ModelVersion, check_declared};
 pub use repository::{DiscoveredModel, discover};
+pub use shared::FairShared;

@@ -2,6 +2,9 @@
 //! different shapes never share a batch, a full queue refuses, queue timeouts answer 504, a
 //! cancelled caller does not disturb the others, a model error reaches every caller, and a
 //! request that fails its batch fails alone: the others are rerun and get their own results.
+//! Tenants share the queue fairly: one tenant's backlog delays another's request by a batch, not
+//! by the backlog; a tenant filling the queue does not lock another out; requests that cannot be
+//! merged take instance turns in fair shares with the batches.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,6 +16,7 @@ use weft_core::{
     BoxFuture, DataType, Error, ErrorKind, Model, ModelMetadata, NamedTensor, Result, Tensor,
     TensorSpec, bytes_elements, encode_bytes_elements,
 };
+use weft_engine::accounting::{self, Cost};
 use weft_engine::{BatchedModel, BatchingConfig};
 
 /// y = 2x (FP32, any row width); tag = "row:<first value of the row>" (BYTES [n, 1]).
@@ -21,6 +25,9 @@ use weft_engine::{BatchedModel, BatchingConfig};
 struct Doubler {
     metadata: ModelMetadata,
     calls: Mutex<Vec<usize>>,
+    /// The first value of each row of every call, in call order (tells whose requests a call
+    /// carried).
+    seen: Mutex<Vec<Vec<f32>>>,
     delay: Duration,
     fail: bool,
     refuse_negative: bool,
@@ -44,6 +51,7 @@ impl Doubler {
                 max_batch_size: 8,
             },
             calls: Mutex::new(Vec::new()),
+            seen: Mutex::new(Vec::new()),
             delay,
             fail: false,
             refuse_negative: false,
@@ -52,6 +60,16 @@ impl Doubler {
 
     fn calls(&self) -> Vec<usize> {
         self.calls.lock().unwrap().clone()
+    }
+
+    /// The first value of every call.
+    fn starts(&self) -> Vec<f32> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|rows| rows[0])
+            .collect()
     }
 }
 
@@ -78,6 +96,8 @@ impl Model for Doubler {
             let x = &inputs[0].tensor;
             let (rows, width) = (x.shape()[0], x.shape()[1]);
             self.calls.lock().unwrap().push(rows);
+            let row_starts = floats(x).chunks(width.max(1)).map(|row| row[0]).collect();
+            self.seen.lock().unwrap().push(row_starts);
             tokio::time::sleep(self.delay).await;
             if self.fail {
                 return Err(Error::invalid("the fake model refuses"));
@@ -409,4 +429,212 @@ async fn a_batch_of_one_that_fails_is_not_run_again() {
     let stats = batched.stats();
     assert_eq!(stats.retried.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(stats.batches.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+/// Runs `future` as a request of `tenant`.
+async fn as_tenant<F: std::future::Future>(tenant: &str, future: F) -> F::Output {
+    let cost = Arc::new(Cost {
+        tenant: Some(Arc::from(tenant)),
+        ..Cost::default()
+    });
+    accounting::scope(cost, future).await
+}
+
+#[tokio::test]
+async fn one_tenants_backlog_delays_another_tenants_request_by_one_batch_not_the_backlog() {
+    let fake = Doubler::new(Duration::from_millis(10));
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            max_queue_delay: Duration::ZERO,
+            ..config(1)
+        },
+    ));
+    // Tenant "a" queues 40 full batches (values from 0); then "b" sends one (value 10000).
+    let mut backlog = Vec::new();
+    for i in 0..40 {
+        let batched = Arc::clone(&batched);
+        backlog.push(tokio::spawn(as_tenant("a", async move {
+            batched.infer(request(8, 1, i as f32 * 8.0)).await
+        })));
+    }
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    let victim = as_tenant("b", batched.infer(request(8, 1, 10_000.0)))
+        .await
+        .unwrap();
+    check_answer(&request(8, 1, 10_000.0), &victim);
+    for task in backlog {
+        task.await.unwrap().unwrap();
+    }
+    let starts = fake.starts();
+    let turn = starts.iter().position(|&start| start == 10_000.0).unwrap();
+    // "a" had a batch running, perhaps one more dispatched: b's comes next, not 40th.
+    assert!(turn <= 3, "b's request ran as call {turn} of {starts:?}");
+    assert_eq!(
+        starts.len(),
+        41,
+        "every request ran once, unmerged (full batches)"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_is_filled_one_request_per_tenant_in_turn() {
+    let fake = Doubler::new(Duration::from_millis(40));
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            max_queue_delay: Duration::from_millis(20),
+            ..config(1)
+        },
+    ));
+    // A batch of one runs first (holding the instance); then "a" queues 16 one-row requests
+    // and "b" 2: the next batch of 8 carries both of b's, not a's first 8.
+    let blocker = {
+        let batched = Arc::clone(&batched);
+        tokio::spawn(as_tenant("a", async move {
+            batched.infer(request(8, 1, -100.0)).await
+        }))
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let batched = Arc::clone(&batched);
+        tasks.push(tokio::spawn(as_tenant("a", async move {
+            batched.infer(request(1, 1, i as f32)).await
+        })));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for i in 0..2 {
+        let batched = Arc::clone(&batched);
+        tasks.push(tokio::spawn(as_tenant("b", async move {
+            batched.infer(request(1, 1, 1000.0 + i as f32)).await
+        })));
+    }
+    blocker.await.unwrap().unwrap();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(fake.calls(), vec![8, 8, 8, 2]);
+    // The second call is the first fair batch: a and b in turn while b has requests.
+    let seen = fake.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen[1],
+        vec![0.0, 1000.0, 1.0, 1001.0, 2.0, 3.0, 4.0, 5.0],
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_filling_the_queue_does_not_lock_another_tenant_out() {
+    let fake = Doubler::new(Duration::from_millis(300));
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            max_queue_size: 4,
+            max_queue_delay: Duration::ZERO,
+            ..config(1)
+        },
+    ));
+    // "a": one runs, four wait (the queue is full), the next is refused.
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let batched = Arc::clone(&batched);
+        tasks.push(tokio::spawn(as_tenant("a", async move {
+            batched.infer(request(8, 1, i as f32)).await
+        })));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = as_tenant("a", batched.infer(request(8, 1, 50.0)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Unavailable);
+    assert!(refused.to_string().contains("queue is full"), "{refused}");
+    // "b" holds none of the queue: it gets in up to its share (4 / 2 tenants = 2).
+    for i in 0..2 {
+        let batched = Arc::clone(&batched);
+        tasks.push(tokio::spawn(as_tenant("b", async move {
+            batched.infer(request(8, 1, 1000.0 + i as f32)).await
+        })));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let over_share = as_tenant("b", batched.infer(request(8, 1, 2000.0)))
+        .await
+        .unwrap_err();
+    assert!(
+        over_share.to_string().contains("holds its share"),
+        "{over_share}"
+    );
+    assert!(
+        !over_share.to_string().contains("\"a\""),
+        "never names another tenant: {over_share}"
+    );
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let starts = fake.starts();
+    let first_b = starts.iter().position(|&start| start >= 1000.0).unwrap();
+    assert!(
+        first_b <= 2,
+        "b is served in turn, not after a's queue: {starts:?}"
+    );
+}
+
+#[tokio::test]
+async fn requests_that_cannot_be_merged_share_instance_turns_with_the_batches() {
+    let fake = Doubler::new(Duration::from_millis(20));
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            max_queue_delay: Duration::ZERO,
+            ..config(1)
+        },
+    ));
+    // "a" floods with requests of 16 rows (over max_batch_size 8: never merged); "b" sends one
+    // mergeable request and is served after at most a call or two of a's, not after all ten.
+    let mut flood = Vec::new();
+    for i in 0..10 {
+        let batched = Arc::clone(&batched);
+        flood.push(tokio::spawn(as_tenant("a", async move {
+            batched.infer(request(16, 1, i as f32 * 16.0)).await
+        })));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    as_tenant("b", batched.infer(request(2, 1, 10_000.0)))
+        .await
+        .unwrap();
+    for task in flood {
+        task.await.unwrap().unwrap();
+    }
+    let starts = fake.starts();
+    let turn = starts.iter().position(|&start| start == 10_000.0).unwrap();
+    assert!(turn <= 2, "b's request ran as call {turn} of {starts:?}");
+    let calls = fake.calls();
+    assert_eq!(calls.iter().filter(|&&rows| rows == 16).count(), 10);
+    assert!(
+        calls.iter().all(|&rows| rows == 16 || rows == 2),
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unbatched_shared_model_serves_tenants_in_turn() {
+    let fake = Doubler::new(Duration::from_millis(10));
+    let shared = Arc::new(weft_engine::FairShared::new(fake.clone(), 1));
+    let mut flood = Vec::new();
+    for i in 0..20 {
+        let shared = Arc::clone(&shared);
+        flood.push(tokio::spawn(as_tenant("a", async move {
+            shared.infer(request(1, 1, i as f32)).await
+        })));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    as_tenant("b", shared.infer(request(1, 1, 10_000.0)))
+        .await
+        .unwrap();
+    for task in flood {
+        task.await.unwrap().unwrap();
+    }
+    let starts = fake.starts();
+    let turn = starts.iter().position(|&start| start == 10_000.0).unwrap();
+    assert!(turn <= 2, "b's request ran as call {turn} of {starts:?}");
 }

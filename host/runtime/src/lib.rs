@@ -10,14 +10,13 @@
 //! models.
 
 mod bindings;
-mod fair;
 mod nn;
 mod runtime;
 mod state;
 mod tensors;
 
-pub use fair::{FairGate, FairPermit, ShareKey};
 pub use runtime::{
     CallContext, CallLimits, FailureCause, Plugin, PluginFailure, PluginRuntime, PluginStats, Role,
     RuntimeConfig, RuntimeStats,
 };
+pub use weft_core::fair::{FairGate, FairPermit, ShareKey};

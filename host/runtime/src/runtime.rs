@@ -43,9 +43,9 @@ use crate::bindings::weft::plugin::types::{
 
 /// Node parameters as the plugin receives them: key/value strings.
 pub type Params = Vec<(String, String)>;
-use crate::fair::{FairGate, ShareKey};
 use crate::state::{CallLog, CpuTurn, LogRate, Owned, PluginState};
 use crate::tensors::HostTensor;
+use weft_core::fair::{FairGate, ShareKey};
 
 /// Limits of one plugin call. Graph nodes and tenants may lower them.
 #[derive(Clone, Debug, PartialEq, Eq)]

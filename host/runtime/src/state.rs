@@ -21,9 +21,9 @@ use wasmtime_wasi::{
 };
 use weft_core::Model;
 
-use crate::fair::{FairGate, FairPermit, ShareKey};
 use crate::nn::{NnContext, NnError, NnGraph, NnTensor};
 use crate::tensors::HostTensor;
+use weft_core::fair::{FairGate, FairPermit, ShareKey};
 
 /// Bytes charged for each resource besides its payload (table slot, headers, shape).
 pub(crate) const RESOURCE_OVERHEAD: usize = 64;
@@ -426,9 +426,12 @@ impl CpuTurn {
         self.gate.contended()
     }
 
-    /// Gives the turn up and queues for the next one.
+    /// Gives the turn up and queues for the next one. It always yields to the executor once,
+    /// even when the turn comes straight back, so the call's deadline (a timeout around the
+    /// call) is checked at every tick.
     pub(crate) async fn requeue(self) {
         self.release();
+        tokio::task::yield_now().await;
         self.take().await;
     }
 }

@@ -21,7 +21,7 @@ use weft_onnx_check::{ModelLimits, check_model};
 
 use crate::metrics::Metrics;
 use weft_engine::config::{OptimizationLevel, Platform};
-use weft_engine::{BatchedModel, BatchingConfig, Isolation, ModelConfig, ModelLoader};
+use weft_engine::{BatchedModel, BatchingConfig, FairShared, Isolation, ModelConfig, ModelLoader};
 
 /// How model workers are started; one [`WorkerPool`] per server.
 #[derive(Clone, Debug)]
@@ -259,10 +259,13 @@ impl RepositoryLoader {
     fn serve(&self, name: &str, model: Arc<dyn Model>, config: &ModelConfig) -> Arc<dyn Model> {
         let instance_count = self.onnx_options(config).instance_count;
         match &config.dynamic_batching {
-            None => match &self.metrics {
-                Some(metrics) => metrics.metered(name, model),
-                None => model,
-            },
+            None => {
+                let metered = match &self.metrics {
+                    Some(metrics) => metrics.metered(name, model),
+                    None => model,
+                };
+                Arc::new(FairShared::new(metered, instance_count))
+            }
             Some(batching) => {
                 let batched = BatchedModel::new(
                     model,

@@ -40,6 +40,8 @@ pub struct Metrics {
     node_duration: HistogramVec,
     batch_size: HistogramVec,
     queue_depth: IntGaugeVec,
+    batch_retries: IntCounterVec,
+    queue_rejected: IntCounterVec,
     plugin_duration: HistogramVec,
     plugin_calls: IntCounterVec,
     plugin_traps: IntCounterVec,
@@ -158,6 +160,19 @@ impl Metrics {
                 "Requests waiting in a model's batch queue.",
                 &["model"],
             ),
+            batch_retries: counter_vec(
+                &r,
+                "weft_batch_retries_total",
+                "Requests run again alone because the merged batch they were part of failed.",
+                &["model"],
+            ),
+            queue_rejected: counter_vec(
+                &r,
+                "weft_queue_rejected_total",
+                "Requests refused because a model's batch queue (or the tenant's share of it) \
+                 was full.",
+                &["model"],
+            ),
             plugin_duration: histogram_vec(
                 &r,
                 "weft_plugin_call_duration_seconds",
@@ -274,6 +289,8 @@ impl Metrics {
             compute: self.compute_duration.with_label_values(&[model]),
             queue: self.queue_duration.with_label_values(&[model]),
             depth: self.queue_depth.with_label_values(&[model]),
+            retries: self.batch_retries.with_label_values(&[model]),
+            rejected: self.queue_rejected.with_label_values(&[model]),
         })
     }
 
@@ -336,6 +353,8 @@ impl Metrics {
         prune(&self.compute_duration, owned_live("model"));
         prune(&self.queue_duration, owned_live("model"));
         prune(&self.queue_depth, owned_live("model"));
+        prune(&self.batch_retries, owned_live("model"));
+        prune(&self.queue_rejected, owned_live("model"));
         prune(&self.node_duration, owned_live("graph"));
         // A deleted tenant's worker restarts go with it (the repository's worker stays).
         prune(&self.worker_restarts, |labels| {
@@ -500,6 +519,8 @@ struct ModelMetrics {
     compute: Histogram,
     queue: Histogram,
     depth: IntGauge,
+    retries: IntCounter,
+    rejected: IntCounter,
 }
 
 impl BatchObserver for ModelMetrics {
@@ -514,6 +535,14 @@ impl BatchObserver for ModelMetrics {
 
     fn depth(&self, depth: usize) {
         self.depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    fn retried(&self) {
+        self.retries.inc();
+    }
+
+    fn rejected(&self) {
+        self.rejected.inc();
     }
 }
 

@@ -2,10 +2,11 @@
 //!
 //! A [`FairGate`] hands out at most `capacity` permits, at most `per_key` of them to one key
 //! (a tenant). When the pool is busy a caller waits (its own deadline bounds the wait) instead
-//! of failing, and each freed permit goes to the waiter whose key holds the fewest permits
-//! (first come first served among equals), so a tenant that floods the pool gets its share and
-//! the others keep theirs. The runtime uses one gate for plugin instances in flight and one for
-//! the CPU turns plugin code runs in (see `runtime.rs`).
+//! of failing, and each freed permit goes to the waiter whose key holds the fewest permits;
+//! among equals, to the key served longest ago (round robin), then first come first served. So
+//! a tenant that floods the pool gets its share and the others keep theirs, even with a pool of
+//! one where every key holds none between turns. The plugin runtime uses one gate for instances
+//! in flight and one for CPU turns; the engine one per shared model's sessions and batch turns.
 //!
 //! Cancellation is safe: a waiter that gives up (its future is dropped) is skipped, and a
 //! permit handed to it comes straight back to the pool.
@@ -30,6 +31,10 @@ struct GateState {
     per_key: usize,
     in_use: usize,
     held: HashMap<ShareKey, usize>,
+    /// When each key was last granted a permit (a grant counter), for round robin among keys
+    /// that hold equally many. Pruned to keys holding or waiting.
+    served: HashMap<ShareKey, u64>,
+    grants: u64,
     waiters: VecDeque<Waiter>,
 }
 
@@ -70,6 +75,24 @@ impl GateState {
     fn count_in(&mut self, key: &ShareKey) {
         self.in_use += 1;
         *self.held.entry(key.clone()).or_insert(0) += 1;
+        self.grants += 1;
+        self.served.insert(key.clone(), self.grants);
+    }
+
+    fn served_at(&self, key: &ShareKey) -> u64 {
+        self.served.get(key).copied().unwrap_or(0)
+    }
+
+    /// Forgets the turns of keys that neither hold nor wait, once there are many of them.
+    fn prune_served(&mut self) {
+        if self.served.len() <= 2 * (self.held.len() + self.waiters.len()) + 64 {
+            return;
+        }
+        let waiting: std::collections::HashSet<&ShareKey> =
+            self.waiters.iter().map(|waiter| &waiter.key).collect();
+        let held = &self.held;
+        self.served
+            .retain(|key, _| held.contains_key(key) || waiting.contains(key));
     }
 
     fn count_out(&mut self, key: &ShareKey) {
@@ -93,9 +116,22 @@ impl FairGate {
                 per_key: per_key.clamp(1, capacity),
                 in_use: 0,
                 held: HashMap::new(),
+                served: HashMap::new(),
+                grants: 0,
                 waiters: VecDeque::new(),
             })),
         }
+    }
+
+    /// A permit for `key` if the pool and the key's share allow one now.
+    pub fn try_acquire(&self, key: ShareKey) -> Option<FairPermit> {
+        let mut state = lock(&self.state);
+        if !state.can_grant(&key) {
+            return None;
+        }
+        state.count_in(&key);
+        drop(state);
+        Some(self.permit(key))
     }
 
     /// A permit for `key`, at once when the pool and the key's share allow, else when one is
@@ -123,7 +159,10 @@ impl FairGate {
 
     /// Whether anyone is waiting for a permit (a cheap check before giving one up to requeue).
     pub fn contended(&self) -> bool {
-        !lock(&self.state).waiters.is_empty()
+        lock(&self.state)
+            .waiters
+            .iter()
+            .any(|waiter| !waiter.reply.is_closed())
     }
 
     /// Permits in use and the most any key holds, for tests and metrics.
@@ -159,15 +198,26 @@ impl Drop for FairPermit {
     }
 }
 
-/// Hands free permits to waiters, fewest-held key first, skipping waiters that gave up.
+/// Hands free permits to waiters, fewest-held key first, then the key served longest ago,
+/// skipping waiters that gave up.
 fn dispatch(shared: &Arc<Mutex<GateState>>, state: &mut GateState) {
+    state.waiters.retain(|waiter| !waiter.reply.is_closed());
+    state.prune_served();
     while state.in_use < state.capacity {
         let best = state
             .waiters
             .iter()
             .enumerate()
-            .filter(|(_, waiter)| state.held_by(&waiter.key) < state.per_key)
-            .min_by_key(|(index, waiter)| (state.held_by(&waiter.key), *index))
+            .filter(|(_, waiter)| {
+                !waiter.reply.is_closed() && state.held_by(&waiter.key) < state.per_key
+            })
+            .min_by_key(|(index, waiter)| {
+                (
+                    state.held_by(&waiter.key),
+                    state.served_at(&waiter.key),
+                    *index,
+                )
+            })
             .map(|(index, _)| index);
         let Some(waiter) = best.and_then(|index| state.waiters.remove(index)) else {
             return;
@@ -233,6 +283,35 @@ mod tests {
             .expect("a is served next")
             .expect("task");
         assert_eq!(gate.usage(), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_pool_of_one_takes_turns_between_keys() {
+        let gate = FairGate::new(1, 1);
+        let first = gate.acquire(key("a")).await;
+        // 'a' queues three more before 'b' queues one: 'b' still gets the second turn.
+        let mut order = Vec::new();
+        let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
+        for name in ["a", "a", "a", "b"] {
+            let gate = gate.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let permit = gate.acquire(key(name)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let _ = done.send(name);
+                drop(permit);
+            });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(first);
+        for _ in 0..4 {
+            let name = tokio::time::timeout(Duration::from_secs(1), finished.recv())
+                .await
+                .expect("every waiter is served")
+                .expect("sender");
+            order.push(name);
+        }
+        assert_eq!(order, ["b", "a", "a", "a"]);
     }
 
     #[tokio::test]
