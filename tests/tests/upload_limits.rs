@@ -3,7 +3,7 @@
 //! each fit but together pass the storage quota are refused before their bodies are read (403,
 //! the quota named), and the stored usage never passes it; one tenant's parallel inference
 //! bodies are held to its in-flight byte budget (429, the budget named) while another tenant is
-//! served as usual.
+//! served as usual; a body that stops arriving is answered 408 and frees what it held.
 //!
 //! These speak raw HTTP/1.1 where a stock client would hide what is being proven: a chunked
 //! body that never ends (the refusal must come without the rest), `Expect: 100-continue` (a
@@ -482,4 +482,79 @@ async fn one_tenants_parallel_bodies_are_held_to_its_inflight_budget() {
     }
     let live = reqwest::get(server.url("/v2/health/live")).await.unwrap();
     assert_eq!(live.status(), 200);
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_answered_408_and_frees_what_it_held() {
+    let repo = Repo::new().with_model(&quickstart(), "mlp");
+    let server = Server::start_with(repo.path(), &["--body-idle-timeout-seconds", "1"]);
+    let size = mlp_graph(1).len() as u64;
+    let key = create_tenant(
+        &server,
+        "acme",
+        json!({ "shared_models": ["mlp"], "quotas": { "max_stored_bytes": size * 3 / 2 } }),
+    )
+    .await;
+
+    // An upload that sends ten bytes of its declared length and then nothing: it holds the
+    // quota (another apply is refused) until the idle timeout answers it 408.
+    let text = mlp_graph(1);
+    let mut stalled = Raw::open(
+        &server,
+        "PUT",
+        "/api/v1/graphs/g",
+        &[bearer(&key), ("Content-Length", text.len().to_string())],
+    )
+    .await;
+    stalled.send(&text.as_bytes()[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = apply_graph(&server, &key, "g", &mlp_graph(2)).await;
+    assert_eq!(status, 403, "the stalled upload holds the quota: {body}");
+    let answer = stalled
+        .answer(Duration::from_secs(10))
+        .await
+        .expect("a stalled upload is answered, not held open");
+    assert_eq!(answer.status, 408, "{answer:?}");
+    assert!(
+        answer.error().contains("--body-idle-timeout-seconds"),
+        "{answer:?}"
+    );
+    assert_no_upload_files(&server).await;
+    let (status, body) = apply_graph(&server, &key, "g", &mlp_graph(2)).await;
+    assert_eq!(status, 201, "the quota is free again: {body}");
+
+    // An inference body that stops half-way gets 408 too, and the tenant is served after it.
+    let mut stalled = Raw::open(
+        &server,
+        "POST",
+        "/v2/models/mlp/infer",
+        &[bearer(&key), ("Content-Length", "5000".into())],
+    )
+    .await;
+    stalled.send(b"{\"inputs\": [").await.unwrap();
+    let answer = stalled
+        .answer(Duration::from_secs(10))
+        .await
+        .expect("a stalled inference body is answered");
+    assert_eq!(answer.status, 408, "{answer:?}");
+    assert_eq!(infer(&server, &key, "mlp").await.0, 200);
+
+    // A slow but steady body (a chunk every half second, past the timeout in all) is not cut.
+    let (status, body) = send(client_with_key(&key).delete(server.url("/api/v1/graphs/g"))).await;
+    assert_eq!(status, 200, "{body}");
+    let text = mlp_graph(3);
+    let mut steady = Raw::open(
+        &server,
+        "PUT",
+        "/api/v1/graphs/g",
+        &[bearer(&key), ("Transfer-Encoding", "chunked".into())],
+    )
+    .await;
+    for part in text.as_bytes().chunks(text.len() / 4 + 1) {
+        steady.chunk(part).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    steady.send(b"0\r\n\r\n").await.unwrap();
+    let answer = steady.answer(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(answer.status, 201, "{answer:?}");
 }

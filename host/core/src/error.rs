@@ -28,6 +28,8 @@ pub enum ErrorKind {
     Conflict,
     /// A rate or concurrency quota is spent for now; retrying later helps (HTTP 429).
     ResourceExhausted,
+    /// The client stopped sending its request body (HTTP 408).
+    RequestTimeout,
 }
 
 impl ErrorKind {
@@ -45,6 +47,7 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Conflict => "conflict",
             ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::RequestTimeout => "request_timeout",
         }
     }
 }

@@ -67,6 +67,8 @@ pub struct AppState {
     /// Each tenant's budget of request bytes in flight on the inference path (see
     /// `inflight.rs`).
     pub body_budget: Arc<crate::inflight::BodyBudget>,
+    /// A request body that sends nothing for this long fails with 408 (see `body_timeout.rs`).
+    pub body_idle_timeout: Duration,
 }
 
 impl AppState {
@@ -82,6 +84,7 @@ impl AppState {
             slow_request: DEFAULT_SLOW_REQUEST,
             uploads: Arc::default(),
             body_budget: Arc::default(),
+            body_idle_timeout: crate::body_timeout::DEFAULT_BODY_IDLE_TIMEOUT,
         }
     }
 }
@@ -89,6 +92,7 @@ impl AppState {
 /// Builds the router with request ids, tracing spans and a JSON 404 for unknown routes.
 pub fn app(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID);
+    let idle = state.body_idle_timeout;
     Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -108,6 +112,12 @@ pub fn app(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        // Every body fails with 408 once its client stops sending (see `body_timeout.rs`).
+        .layer(axum::middleware::map_request(
+            move |request: Request<Body>| async move {
+                request.map(|body| Body::new(crate::body_timeout::IdleBody::new(body, idle)))
+            },
+        ))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<Body>| {
@@ -336,7 +346,7 @@ pub async fn read_body(limit: usize, headers: &HeaderMap, body: Body) -> Result<
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(error) => Err(Error::invalid(format!("cannot read request body: {error}"))),
+        Err(error) => Err(crate::body_timeout::read_error(error.as_ref())),
     }
 }
 

@@ -158,6 +158,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WEFT_MAX_TENANT_INFLIGHT_BYTES",
           default_value_t = crate::inflight::DEFAULT_TENANT_INFLIGHT_BYTES)]
     pub max_tenant_inflight_bytes: usize,
+    /// Seconds a request body may send nothing before the request fails with 408, freeing what
+    /// it held (storage reserved by an upload, in-flight budget, a concurrency slot).
+    #[arg(long, env = "WEFT_BODY_IDLE_TIMEOUT_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_idle_timeout_seconds: u64,
     /// Meter WebAssembly fuel (about one unit per instruction) in every plugin call: responses
     /// then carry `parameters.fuel` and `weft_plugin_fuel_consumed_total` counts it. Costs
     /// some plugin speed (the compiled code counts as it runs), so it is off by default.
@@ -477,6 +482,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         scrape: loaded.scrape,
         slow_request: Duration::from_millis(args.slow_request_ms),
         max_upload_bytes: args.max_upload_bytes,
+        body_idle_timeout: Duration::from_secs(args.body_idle_timeout_seconds),
         body_budget: Arc::new(crate::inflight::BodyBudget::new(
             args.max_tenant_inflight_bytes,
         )),

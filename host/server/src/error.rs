@@ -58,7 +58,7 @@ where
     }
 }
 
-/// The status each kind maps to (Triton's mapping, plus 401, 403, 409, 413, 429 and 504).
+/// The status each kind maps to (Triton's mapping, plus 401, 403, 408, 409, 413, 429 and 504).
 pub fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
@@ -72,6 +72,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
         ErrorKind::Conflict => StatusCode::CONFLICT,
         ErrorKind::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
     }
 }
 

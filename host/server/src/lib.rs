@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod body_timeout;
 pub mod challenges;
 pub mod cli;
 pub mod control;

@@ -37,7 +37,7 @@ pub const MAX_GRAPH_BYTES: usize = 1 << 20;
 pub const MAX_MODEL_CONFIG_BYTES: usize = 1 << 20;
 /// Bytes gathered from the body before one blocking write to the temporary file: bounds what
 /// one upload holds in memory while it streams.
-const WRITE_BATCH: usize = 1 << 20;
+const WRITE_BATCH: usize = 256 << 10;
 
 /// The size limit of one kind of upload and where it comes from, for the 413 message.
 #[derive(Clone, Copy, Debug)]
@@ -268,8 +268,7 @@ pub async fn receive(
     let mut batched = 0usize;
     let mut body = body;
     while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|error| Error::invalid(format!("cannot read request body: {error}")))?;
+        let frame = frame.map_err(|error| crate::body_timeout::read_error(&error))?;
         let Ok(mut chunk) = frame.into_data() else {
             continue;
         };
