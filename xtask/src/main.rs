@@ -7,7 +7,8 @@
 //!   virtual environment in `target/venv` with the packages the tests use; generated test models.
 //! - `cargo xtask serve [example]`: set-up, then `weft serve` on examples/quickstart (or the
 //!   named example) at 127.0.0.1:8000.
-//! - `cargo xtask test`: set-up, then every test: `cargo test --workspace` (which includes the
+//! - `cargo xtask test`: set-up (PostgreSQL's server programs too, for the shared-store tests),
+//!   then every test: `cargo test --workspace` (which includes the
 //!   end-to-end and tritonclient tests), then every fuzz target for 20 s.
 //! - `cargo xtask fuzz [--seconds N] [target...]`: the cargo-fuzz targets of fuzz/ (installing
 //!   cargo-fuzz if missing), each for N seconds (default 30), failing on the first crash.
@@ -96,8 +97,36 @@ fn setup(root: &Path, for_tests: bool) -> Result<()> {
     if for_tests {
         python_env(root)?;
         test_models(root)?;
+        postgres()?;
     }
     Ok(())
+}
+
+/// The shared-store tests start their own PostgreSQL clusters (`weft-testkit`); they need the
+/// server programs. Installed from the distribution's packages when missing (as root with apt).
+fn postgres() -> Result<()> {
+    let found = std::env::var_os("WEFT_PG_BIN").is_some()
+        || std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| entry.path().join("bin/initdb").is_file());
+    if found {
+        return Ok(());
+    }
+    eprintln!("xtask: installing PostgreSQL (apt-get install postgresql)");
+    let installed = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", "postgresql"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    match installed {
+        Ok(status) if status.success() => Ok(()),
+        outcome => bail!(
+            "the shared-store tests need PostgreSQL's server programs and installing them failed \
+             ({outcome:?}): install postgresql from your distribution, or set WEFT_PG_BIN to the \
+             directory holding initdb and pg_ctl"
+        ),
+    }
 }
 
 fn run(command: &mut Command) -> Result<()> {

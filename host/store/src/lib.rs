@@ -6,9 +6,11 @@
 //! `state.json` rewritten atomically and blobs under `blobs/sha256/<hex>`, so a crash at any point
 //! leaves either the old or the new state, never a mix. [`signing`] and [`api_keys`] live here
 //! rather than in the server because the CLI client needs the same formats, and neither needs an
-//! async runtime or a web framework.
+//! async runtime or a web framework. With [`Store::open_shared`] the metadata lives in PostgreSQL
+//! instead ([`postgres`]), shared by every replica, behind the same snapshot-and-transact API.
 
 pub mod api_keys;
+pub mod postgres;
 mod records;
 pub mod signing;
 mod store;

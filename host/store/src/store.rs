@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use sha2::{Digest as _, Sha256};
 use weft_core::{Error, Result};
 
+use crate::postgres::PostgresMeta;
 use crate::records::State;
 use crate::signing::{hex, is_sha256_hex, sha256_hex};
 
@@ -55,6 +56,8 @@ pub struct Store {
     upload_dir: PathBuf,
     state: RwLock<Arc<State>>,
     writer: Mutex<()>,
+    /// Set for a shared store: metadata lives in PostgreSQL, not in `state.json`.
+    shared: Option<PostgresMeta>,
     temp_counter: AtomicU64,
     /// Holds the exclusive lock on `store/lock` until the store is dropped.
     _lock: File,
@@ -65,6 +68,18 @@ impl Store {
     /// means empty; unreadable or unparsable is an error — existing data is never silently
     /// replaced), then deletes temporary leftovers and blobs no record references.
     pub fn open(data_dir: &Path) -> Result<Store> {
+        Self::open_with(data_dir, None)
+    }
+
+    /// Opens a store whose metadata lives in the PostgreSQL database at `database_url`, shared
+    /// with other replicas (see [`crate::postgres`]); `data_dir` holds this replica's blobs,
+    /// uploads in progress and its lock. The schema is created or upgraded first.
+    pub fn open_shared(data_dir: &Path, database_url: &str) -> Result<Store> {
+        let meta = PostgresMeta::connect(database_url)?;
+        Self::open_with(data_dir, Some(meta))
+    }
+
+    fn open_with(data_dir: &Path, shared: Option<PostgresMeta>) -> Result<Store> {
         let dir = data_dir.join("store");
         let blob_dir = dir.join("blobs").join("sha256");
         let upload_dir = dir.join(UPLOAD_DIR);
@@ -81,6 +96,7 @@ impl Store {
 
         let state_path = dir.join(STATE_FILE);
         let state = match fs::read(&state_path) {
+            _ if shared.is_some() => State::default(),
             Ok(bytes) => serde_json::from_slice::<State>(&bytes).map_err(|e| {
                 Error::internal(format!(
                     "cannot parse {}: {e}; refusing to start over existing data (restore the file \
@@ -98,6 +114,7 @@ impl Store {
             upload_dir,
             state: RwLock::new(Arc::new(state)),
             writer: Mutex::new(()),
+            shared,
             temp_counter: AtomicU64::new(0),
             _lock: lock,
         };
@@ -112,8 +129,16 @@ impl Store {
 
     /// The committed state: a cheap snapshot that later commits do not change.
     pub fn state(&self) -> Arc<State> {
+        if let Some(shared) = &self.shared {
+            return shared.state();
+        }
         // A poisoned lock still holds a fully committed state: the Arc is replaced atomically.
         Arc::clone(&self.state.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The shared metadata, when this store has one (to refresh it and listen for changes).
+    pub fn shared(&self) -> Option<&PostgresMeta> {
+        self.shared.as_ref()
     }
 
     /// Stores `bytes` durably as a blob and returns its sha256 hex digest. Storing bytes that are
@@ -239,6 +264,9 @@ impl Store {
     /// If writing fails after the rename (only the final directory fsync can), the new state may
     /// or may not survive a crash; the caller gets the error and the published state stays old.
     pub fn transact<T>(&self, change: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        if let Some(shared) = &self.shared {
+            return shared.transact(change, |current, next| self.check_new_blobs(current, next));
+        }
         // A writer that panicked left nothing half-done: it only ever mutated its own copy.
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.state();
