@@ -130,6 +130,21 @@ pub struct ServeArgs {
     /// Directory for Weft's own durable state (created if missing).
     #[arg(long, env = "WEFT_DATA_DIR", default_value = "weft-data")]
     pub data_dir: PathBuf,
+    /// PostgreSQL holding the tenants' metadata, shared by every replica
+    /// (`postgres://user:password@host:port/database`); with --blob-url. Without both, the
+    /// embedded store under --data-dir is used.
+    #[arg(
+        long,
+        env = "WEFT_DATABASE_URL",
+        hide_env_values = true,
+        requires = "blob_url"
+    )]
+    pub database_url: Option<String>,
+    /// S3-compatible bucket holding the blobs (plugins, models, graphs) shared by every replica
+    /// (`s3://bucket[/prefix]`; endpoint and credentials from the standard AWS_* variables);
+    /// with --database-url.
+    #[arg(long, env = "WEFT_BLOB_URL", requires = "database_url")]
+    pub blob_url: Option<String>,
     /// Largest request body in bytes; larger requests get 413.
     #[arg(long, env = "WEFT_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_request_bytes: usize,
@@ -436,11 +451,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let bootstrap_key = args.bootstrap_key.clone();
     let meter_fuel = args.meter_fuel;
     let workers = worker_pool(&args, &metrics)?;
+    let shared_store = (args.database_url.clone(), args.blob_url.clone());
     let (loaded, tenancy) = tokio::task::spawn_blocking(move || {
         // The store first: it locks the data directory, so a second server on the same
         // directory stops here, before it touches the compile cache.
-        let store = weft_store::Store::open(&data_dir)
-            .with_context(|| format!("cannot open the store under {}", data_dir.display()))?;
+        let store = match (&shared_store.0, &shared_store.1) {
+            (Some(database_url), Some(blob_url)) => {
+                let blobs = weft_store::s3::S3Blobs::connect(
+                    blob_url,
+                    &weft_store::s3::S3Settings::from_env(),
+                )
+                .context("cannot open --blob-url")?;
+                weft_store::Store::open_shared(&data_dir, database_url, blobs)
+                    .context("cannot open the shared store (--database-url)")?
+            }
+            _ => weft_store::Store::open(&data_dir)
+                .with_context(|| format!("cannot open the store under {}", data_dir.display()))?,
+        };
         let loaded = load_repository(
             &repository,
             &data_dir,
@@ -488,6 +515,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )),
         ..AppState::new(Arc::new(tenancy), args.max_request_bytes)
     };
+    if state.tenancy.store().shared().is_some() {
+        crate::tenants::follow_shared_store(Arc::clone(&state.tenancy))?;
+    }
     let accepting = state.accepting.clone();
     let listener = TcpListener::bind(args.listen)
         .await

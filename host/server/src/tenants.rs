@@ -237,6 +237,7 @@ impl Writer<'_> {
         tenant: Option<&str>,
         change: impl FnOnce(&mut State) -> Result<T>,
     ) -> Result<T> {
+        let before = self.tenancy.store.state();
         let result = self.tenancy.store.transact(|state| {
             let result = change(state)?;
             if let Some(record) = tenant.and_then(|name| state.tenants.get_mut(name)) {
@@ -244,7 +245,13 @@ impl Writer<'_> {
             }
             Ok(result)
         })?;
-        self.tenancy.rebuild(&self.tenancy.store.state(), tenant)?;
+        // A shared store's commit also brings in what other replicas committed: rebuild every
+        // tenant that changed, not only this one.
+        let after = self.tenancy.store.state();
+        self.tenancy.rebuild(&after, &|name: &str| {
+            tenant.is_none_or(|only| only == name)
+                || before.tenants.get(name) != after.tenants.get(name)
+        })?;
         // The new scopes are built from the committed state, so a deleted version's bytes are
         // no longer needed: free them now (a tenant's storage quota counts only live versions,
         // so waiting for a restart would let delete-and-push fill the disk). The change is
@@ -278,15 +285,18 @@ impl Tenancy {
         if tenancy.bootstrap_key_hash.is_some()
             && !tenancy.store.state().tenants.contains_key(BOOTSTRAP_TENANT)
         {
+            // Checked again inside the change: replicas starting together create it once.
             tenancy.store.transact(|state| {
-                state.tenants.insert(
-                    BOOTSTRAP_TENANT.to_string(),
-                    new_tenant(BOOTSTRAP_TENANT, bootstrap_quotas(), vec!["*".to_string()]),
-                );
+                state
+                    .tenants
+                    .entry(BOOTSTRAP_TENANT.to_string())
+                    .or_insert_with(|| {
+                        new_tenant(BOOTSTRAP_TENANT, bootstrap_quotas(), vec!["*".to_string()])
+                    });
                 Ok(())
             })?;
         }
-        tenancy.rebuild(&tenancy.store.state(), None)?;
+        tenancy.rebuild(&tenancy.store.state(), &|_: &str| true)?;
         Ok(tenancy)
     }
 
@@ -425,13 +435,36 @@ impl Tenancy {
         Ok(())
     }
 
-    /// Rebuilds the scopes of one tenant (or all) from `state` and publishes a new view.
-    fn rebuild(&self, state: &State, only: Option<&str>) -> Result<()> {
+    /// Applies what other replicas committed to a shared store: brings the snapshot up to date
+    /// and rebuilds the scopes of the tenants that changed (with the same hot swap as a local
+    /// change). Returns whether anything changed. Blocking (loads models and plugins).
+    pub fn follow(&self) -> Result<bool> {
+        let Some(shared) = self.store.shared() else {
+            return Ok(false);
+        };
+        let _writer = lock(&self.writer)?;
+        let before = self.store.state();
+        if !shared.refresh()? {
+            return Ok(false);
+        }
+        let after = self.store.state();
+        self.rebuild(&after, &|name: &str| {
+            before.tenants.get(name) != after.tenants.get(name)
+        })?;
+        if let Err(error) = self.store.collect_unreferenced_blobs() {
+            tracing::warn!(%error, "cannot remove the cached blobs of deleted versions yet");
+        }
+        Ok(true)
+    }
+
+    /// Rebuilds the scopes of the tenants `needs` names from `state` (keeping the others'),
+    /// and publishes a new view.
+    fn rebuild(&self, state: &State, needs: &dyn Fn(&str) -> bool) -> Result<()> {
         let previous = self.current();
         let mut tenants = HashMap::new();
         for (name, tenant) in &state.tenants {
-            let scope = match (only, previous.tenants.get(name)) {
-                (Some(only), Some(scope)) if only != name => Arc::clone(scope),
+            let scope = match previous.tenants.get(name) {
+                Some(scope) if !needs(name) => Arc::clone(scope),
                 _ => Arc::new(self.build_scope(tenant)?),
             };
             tenants.insert(name.clone(), scope);
@@ -879,4 +912,43 @@ pub fn check_model_config(name: &str, text: &str) -> Result<ModelConfig> {
         )));
     }
     Ok(config)
+}
+
+/// How often a replica on a shared store checks for changes it was not notified of
+/// (notifications are lost while its database connection is down).
+pub const RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps `tenancy` in step with other replicas of a shared store: applies their changes as
+/// soon as a notification arrives, and every [`RECONCILE_INTERVAL`] in any case. Runs until
+/// the process ends; a failed round (database down) is logged and retried.
+pub fn follow_shared_store(tenancy: Arc<Tenancy>) -> Result<()> {
+    let Some(shared) = tenancy.store().shared() else {
+        return Ok(());
+    };
+    let mut notifications = shared.listen()?;
+    tokio::spawn(async move {
+        let mut timer = tokio::time::interval(RECONCILE_INTERVAL);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut listening = true;
+        loop {
+            tokio::select! {
+                message = notifications.recv(), if listening => {
+                    // The listener is gone (the store closed): the timer alone drives it.
+                    listening = message.is_some();
+                }
+                _ = timer.tick() => {}
+            }
+            // Several notifications in a burst are one refresh.
+            while notifications.try_recv().is_ok() {}
+            let tenancy = Arc::clone(&tenancy);
+            match tokio::task::spawn_blocking(move || tenancy.follow()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "cannot apply other replicas' changes yet");
+                }
+                Err(error) => tracing::warn!(%error, "the shared-store follower failed"),
+            }
+        }
+    });
+    Ok(())
 }

@@ -186,6 +186,16 @@ impl Server {
         extra: &[&str],
         data: tempfile::TempDir,
     ) -> Result<Server, String> {
+        Server::try_start_with_env(repository, extra, &[], data)
+    }
+
+    /// Like [`Server::try_start_in`], with extra environment variables for the process.
+    pub fn try_start_with_env(
+        repository: &Path,
+        extra: &[&str],
+        env: &[(&str, String)],
+        data: tempfile::TempDir,
+    ) -> Result<Server, String> {
         let stderr_path = data.path().join("stderr.log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -209,6 +219,7 @@ impl Server {
             .arg("--data-dir")
             .arg(data.path().join("data"))
             .args(extra)
+            .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
             .env("WEFT_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(stderr)

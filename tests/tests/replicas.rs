@@ -1,0 +1,277 @@
+//! Three `weft serve` replicas sharing one PostgreSQL and one S3 API (SeaweedFS), all real and
+//! started by the test: a tenant created on one replica, a signed plugin and a graph pushed on a
+//! second, are served by the third within a second; a delete on one is 404 on all within a
+//! second; a replica SIGKILLed in the middle of an upload leaves nothing half-written anywhere
+//! and serves again after a restart; PostgreSQL restarted under load: the replicas keep serving
+//! what they have and pick up changes made after it is back.
+//!
+//! Convergence times are printed (run with `--nocapture`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::tenants::*;
+use support::*;
+use weft_testkit::{Postgres, SeaweedS3};
+
+struct Cluster {
+    postgres: Postgres,
+    s3: SeaweedS3,
+    database_url: String,
+    repo: Repo,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let postgres = Postgres::start();
+        let database_url = postgres.create_database();
+        Cluster {
+            postgres,
+            s3: SeaweedS3::start(),
+            database_url,
+            repo: Repo::new().with_model(&quickstart(), "mlp"),
+        }
+    }
+
+    fn replica_in(&self, data: tempfile::TempDir) -> Server {
+        let blob_url = self.s3.blob_url("replicas");
+        let extra = [
+            "--database-url",
+            self.database_url.as_str(),
+            "--blob-url",
+            blob_url.as_str(),
+        ];
+        match Server::try_start_with_env(self.repo.path(), &extra, &self.s3.env(), data) {
+            Ok(server) => server,
+            Err(log) => panic!("a replica did not start:\n{log}"),
+        }
+    }
+
+    fn replica(&self) -> Server {
+        self.replica_in(tempfile::tempdir().unwrap())
+    }
+}
+
+/// Polls `check` until it holds; returns how long that took (panics after 10 s).
+async fn until<F, Fut>(what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: not within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn status_of(request: reqwest::RequestBuilder) -> u16 {
+    send(request).await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_share_tenants_plugins_and_graphs_within_a_second() {
+    let cluster = Cluster::start();
+    let replicas = [cluster.replica(), cluster.replica(), cluster.replica()];
+    let [one, two, three] = &replicas;
+
+    // A tenant created on one is known to the others.
+    let key = create_tenant(one, "acme", json!({ "shared_models": ["mlp"] })).await;
+    let tenant_url = |server: &Server| server.url("/api/v1/tenant");
+    let known = until("the tenant on replica two", || async {
+        status_of(client_with_key(&key).get(tenant_url(two))).await == 200
+    })
+    .await;
+    eprintln!("tenant created on one, usable on two after {known:?}");
+    assert!(known < Duration::from_secs(1), "{known:?}");
+
+    // A signed plugin set, a model and a graph pushed on two; the graph served on three.
+    let signer = signing_key(two, &key).await;
+    push_classify_plugins(two, &key, &signer, "1").await;
+    let (status, body) = push_model(two, &key, "m", 1, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) =
+        apply_graph(two, &key, "classify", &classify_graph("classify", 1, "m")).await;
+    assert_eq!(status, 201, "{body}");
+    let pushed = Instant::now();
+    let served = until("the graph on replica three", || async {
+        infer(three, &key, "classify").await.0 == 200
+    })
+    .await;
+    eprintln!("graph applied on two, served on three after {served:?}");
+    assert!(pushed.elapsed() < Duration::from_secs(1), "{served:?}");
+    let (_, answer) = infer(three, &key, "classify").await;
+    let (_, reference) = infer(two, &key, "classify").await;
+    assert_eq!(answer["outputs"], reference["outputs"]);
+    let (status, _) = infer(one, &key, "m").await;
+    assert_eq!(status, 200, "the model is served on one too");
+
+    // Deleted on one: 404 everywhere within a second.
+    let (status, body) =
+        send(client_with_key(&key).delete(one.url("/api/v1/graphs/classify"))).await;
+    assert_eq!(status, 200, "{body}");
+    let gone = until("the graph gone everywhere", || async {
+        let mut all = true;
+        for replica in &replicas {
+            all &= infer(replica, &key, "classify").await.0 == 404;
+        }
+        all
+    })
+    .await;
+    eprintln!("graph deleted on one, 404 on all after {gone:?}");
+    assert!(gone < Duration::from_secs(1), "{gone:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_killed_mid_upload_leaves_nothing_half_written_and_restarts() {
+    let cluster = Cluster::start();
+    let one = cluster.replica();
+    let two = cluster.replica();
+    let key = create_tenant(&one, "acme", json!({ "shared_models": ["mlp"] })).await;
+    until("the tenant on two", || async {
+        status_of(client_with_key(&key).get(two.url("/api/v1/tenant"))).await == 200
+    })
+    .await;
+
+    // Half a model upload on two, then SIGKILL.
+    let onnx = mlp_onnx();
+    let mut body = MLP_CONFIG.as_bytes().to_vec();
+    body.extend_from_slice(&onnx);
+    let half = body[..body.len() / 2].to_vec();
+    let address = two.address.clone();
+    let length = body.len();
+    let upload = tokio::spawn({
+        let key = key.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+            let head = format!(
+                "PUT /api/v1/models/m/versions/1 HTTP/1.1\r\nHost: {address}\r\nAuthorization: \
+                 Bearer {key}\r\nWeft-Config-Length: {}\r\nContent-Length: {length}\r\n\r\n",
+                MLP_CONFIG.len()
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            stream.write_all(&half).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let data = two.crash();
+    upload.abort();
+
+    // Nothing of it anywhere: not on one, not on two after its restart.
+    let two = cluster.replica_in(data);
+    for replica in [&one, &two] {
+        let (status, listing) =
+            send(client_with_key(&key).get(replica.url("/api/v1/models"))).await;
+        assert_eq!(status, 200, "{listing}");
+        assert!(
+            !listing.to_string().contains("\"m\""),
+            "a half upload is visible: {listing}"
+        );
+        assert_eq!(infer(replica, &key, "m").await.0, 404);
+    }
+    // The same upload, whole, through the restarted replica: served by both.
+    let (status, body) = push_model(&two, &key, "m", 1, MLP_CONFIG, &onnx).await;
+    assert_eq!(status, 201, "{body}");
+    until("the model on one", || async {
+        infer(&one, &key, "m").await.0 == 200
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_restart_under_load_keeps_replicas_serving_and_they_catch_up() {
+    let cluster = Cluster::start();
+    let one = cluster.replica();
+    let two = cluster.replica();
+    let key = create_tenant(&one, "acme", json!({ "shared_models": ["mlp"] })).await;
+    let (status, body) = apply_graph(&one, &key, "g", &mlp_graph("g", 1)).await;
+    assert_eq!(status, 201, "{body}");
+    until("the graph on two", || async {
+        infer(&two, &key, "g").await.0 == 200
+    })
+    .await;
+
+    // Load on both replicas while PostgreSQL is down for two seconds: every request succeeds.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for server in [&one, &two] {
+        let url = server.url("/v2/models/g/infer");
+        let client = client_with_key(&key);
+        let stop = std::sync::Arc::clone(&stop);
+        load.push(tokio::spawn(async move {
+            let mut served = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, body) = send(client.post(&url).json(&row())).await;
+                assert_eq!(
+                    status, 200,
+                    "a request failed while the database was down: {body}"
+                );
+                served += 1;
+            }
+            served
+        }));
+    }
+    cluster.postgres.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A change while it is down fails clearly (and changes nothing).
+    let (status, body) = apply_graph(&one, &key, "h", &mlp_graph("h", 1)).await;
+    assert_eq!(status, 503, "{body}");
+    cluster.postgres.restart();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut served = 0;
+    for task in load {
+        served += task.await.unwrap();
+    }
+    eprintln!("{served} requests served during the database restart");
+    assert!(served > 0);
+
+    // After it is back: a change on one reaches two (the listener reconnected, or the
+    // reconcile timer caught it).
+    let applied = until("a change after the restart", || async {
+        apply_graph(&one, &key, "h", &mlp_graph("h", 1)).await.0 == 201
+    })
+    .await;
+    let caught_up = until("the new graph on two", || async {
+        infer(&two, &key, "h").await.0 == 200
+    })
+    .await;
+    eprintln!(
+        "after the database restart: change accepted in {applied:?}, on two {caught_up:?} later"
+    );
+}
+
+/// A graph of one node calling the shared `mlp`.
+fn mlp_graph(name: &str, version: u64) -> String {
+    format!(
+        r#"name = "{name}"
+version = {version}
+[[input]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 64]
+[[output]]
+name = "y"
+datatype = "FP32"
+shape = [-1, 10]
+from = "m.y"
+[[node]]
+name = "m"
+kind = "model"
+model = "mlp"
+inputs = ["request"]
+"#
+    )
+}
