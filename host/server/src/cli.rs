@@ -515,8 +515,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )),
         ..AppState::new(Arc::new(tenancy), args.max_request_bytes)
     };
-    if state.tenancy.store().shared().is_some() {
-        crate::tenants::follow_shared_store(Arc::clone(&state.tenancy))?;
+    let tenancy = Arc::clone(&state.tenancy);
+    if tenancy.store().shared().is_some() {
+        crate::tenants::follow_shared_store(Arc::clone(&tenancy))?;
     }
     let accepting = state.accepting.clone();
     let listener = TcpListener::bind(args.listen)
@@ -546,6 +547,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tokio::time::sleep(grace).await;
         } => bail!("in-flight requests did not finish within {grace:?} of the shutdown signal"),
     }
+    let _ = tokio::task::spawn_blocking(move || tenancy.leave()).await;
     tracing::info!("shut down cleanly");
     Ok(())
 }

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -76,13 +77,17 @@ impl TenantScope {
     }
 }
 
-/// A token bucket (requests per second, burst) and a concurrency limit.
+/// A token bucket (requests per second, burst) and a concurrency limit: this replica's share
+/// of the tenant's quotas, which is all of them on one replica and `1/N` of each (at least one
+/// request, one in flight) when N replicas share a store.
 pub struct Gate {
     bucket: Mutex<Bucket>,
     rate: f64,
     burst: f64,
     in_flight: Arc<Semaphore>,
     max_concurrent: u32,
+    /// Live replicas sharing the tenants (1 without a shared store).
+    replicas: Arc<AtomicUsize>,
 }
 
 struct Bucket {
@@ -92,8 +97,14 @@ struct Bucket {
 
 impl Gate {
     pub fn new(quotas: &Quotas) -> Self {
+        Gate::shared(quotas, Arc::new(AtomicUsize::new(1)))
+    }
+
+    /// A gate taking a `1 / replicas` share of `quotas`.
+    pub fn shared(quotas: &Quotas, replicas: Arc<AtomicUsize>) -> Self {
         let burst = f64::from(quotas.burst.max(1));
         Gate {
+            replicas,
             bucket: Mutex::new(Bucket {
                 tokens: burst,
                 updated: Instant::now(),
@@ -113,17 +124,26 @@ impl Gate {
                 .bucket
                 .lock()
                 .map_err(|_| Error::internal("rate limiter poisoned"))?;
+            let replicas = self.replicas.load(Ordering::Relaxed).max(1) as f64;
+            let rate = self.rate / replicas;
+            let burst = (self.burst / replicas).max(1.0);
             let now = Instant::now();
-            let refill = now.duration_since(bucket.updated).as_secs_f64() * self.rate;
-            bucket.tokens = (bucket.tokens + refill).min(self.burst);
+            let refill = now.duration_since(bucket.updated).as_secs_f64() * rate;
+            bucket.tokens = (bucket.tokens + refill).min(burst);
             bucket.updated = now;
             if bucket.tokens < 1.0 {
-                let wait = ((1.0 - bucket.tokens) / self.rate).ceil() as u64;
+                let wait = ((1.0 - bucket.tokens) / rate).ceil() as u64;
+                let share = if replicas > 1.0 {
+                    format!(" ({replicas} replicas share it)")
+                } else {
+                    String::new()
+                };
                 return Err(ApiError::retry_after(
                     Error::new(
                         ErrorKind::ResourceExhausted,
                         format!(
-                            "tenant '{tenant}' is over its rate quota of {} requests/s (burst {})",
+                            "tenant '{tenant}' is over its rate quota of {} requests/s (burst \
+                             {}){share}",
                             self.rate, self.burst
                         ),
                     ),
@@ -136,15 +156,26 @@ impl Gate {
     }
 
     fn hold(&self, tenant: &str) -> std::result::Result<OwnedSemaphorePermit, ApiError> {
-        Arc::clone(&self.in_flight)
-            .try_acquire_owned()
-            .map_err(|_| {
+        let replicas = self.replicas.load(Ordering::Relaxed).max(1);
+        let share = (self.max_concurrent as usize / replicas).max(1);
+        let held =
+            (self.max_concurrent as usize).saturating_sub(self.in_flight.available_permits());
+        let over_share = held >= share;
+        (!over_share)
+            .then(|| Arc::clone(&self.in_flight).try_acquire_owned().ok())
+            .flatten()
+            .ok_or_else(|| {
                 ApiError::retry_after(
                     Error::new(
                         ErrorKind::ResourceExhausted,
                         format!(
-                            "tenant '{tenant}' is at its quota of {} concurrent requests",
-                            self.max_concurrent
+                            "tenant '{tenant}' is at its quota of {} concurrent requests{}",
+                            self.max_concurrent,
+                            if replicas > 1 {
+                                format!(" ({replicas} replicas share it)")
+                            } else {
+                                String::new()
+                            }
                         ),
                     ),
                     1,
@@ -185,6 +216,10 @@ pub struct Tenancy {
     writer: Mutex<()>,
     /// Outstanding signing-key registration challenges (in memory only).
     challenges: crate::challenges::Challenges,
+    /// Live replicas sharing the store (1 for the embedded store): every gate takes its share.
+    replicas: Arc<AtomicUsize>,
+    /// This replica's name in the shared store's `weft_replicas` (random per process).
+    replica_id: String,
 }
 
 /// (tenant, model, ONNX digest, model.toml digest): what makes a loaded tenant model reusable.
@@ -281,6 +316,12 @@ impl Tenancy {
             loaded_plugins: Mutex::default(),
             writer: Mutex::default(),
             challenges: crate::challenges::Challenges::default(),
+            replicas: Arc::new(AtomicUsize::new(1)),
+            replica_id: format!(
+                "{}-{}",
+                std::process::id(),
+                weft_store::signing::challenge_nonce()?
+            ),
         };
         if tenancy.bootstrap_key_hash.is_some()
             && !tenancy.store.state().tenants.contains_key(BOOTSTRAP_TENANT)
@@ -457,6 +498,32 @@ impl Tenancy {
         Ok(true)
     }
 
+    /// Announces this replica to the shared store and takes the live replica count as the
+    /// divisor of every tenant's quotas. Blocking.
+    pub fn heartbeat(&self) -> Result<usize> {
+        let Some(shared) = self.store.shared() else {
+            return Ok(1);
+        };
+        let replicas = shared.heartbeat(&self.replica_id)?;
+        self.replicas.store(replicas, Ordering::Relaxed);
+        Ok(replicas)
+    }
+
+    /// Signs this replica off the shared store (a clean shutdown): the others take over its
+    /// share of the quotas at their next heartbeat.
+    pub fn leave(&self) {
+        if let Some(shared) = self.store.shared()
+            && let Err(error) = shared.leave(&self.replica_id)
+        {
+            tracing::warn!(%error, "cannot sign this replica off the shared store");
+        }
+    }
+
+    /// Live replicas this one counts (1 without a shared store).
+    pub fn replicas(&self) -> usize {
+        self.replicas.load(Ordering::Relaxed)
+    }
+
     /// Rebuilds the scopes of the tenants `needs` names from `state` (keeping the others'),
     /// and publishes a new view.
     fn rebuild(&self, state: &State, needs: &dyn Fn(&str) -> bool) -> Result<()> {
@@ -514,7 +581,7 @@ impl Tenancy {
         {
             return Ok(Arc::clone(gate));
         }
-        let gate = Arc::new(Gate::new(&tenant.quotas));
+        let gate = Arc::new(Gate::shared(&tenant.quotas, Arc::clone(&self.replicas)));
         gates.insert(
             tenant.name.clone(),
             (tenant.quotas.clone(), Arc::clone(&gate)),
@@ -919,13 +986,15 @@ pub fn check_model_config(name: &str, text: &str) -> Result<ModelConfig> {
 pub const RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Keeps `tenancy` in step with other replicas of a shared store: applies their changes as
-/// soon as a notification arrives, and every [`RECONCILE_INTERVAL`] in any case. Runs until
+/// soon as a notification arrives, and every [`RECONCILE_INTERVAL`] in any case, when it also
+/// announces this replica (so the quota shares follow the number of live replicas). Runs until
 /// the process ends; a failed round (database down) is logged and retried.
 pub fn follow_shared_store(tenancy: Arc<Tenancy>) -> Result<()> {
     let Some(shared) = tenancy.store().shared() else {
         return Ok(());
     };
     let mut notifications = shared.listen()?;
+    tenancy.heartbeat()?;
     tokio::spawn(async move {
         let mut timer = tokio::time::interval(RECONCILE_INTERVAL);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -941,7 +1010,13 @@ pub fn follow_shared_store(tenancy: Arc<Tenancy>) -> Result<()> {
             // Several notifications in a burst are one refresh.
             while notifications.try_recv().is_ok() {}
             let tenancy = Arc::clone(&tenancy);
-            match tokio::task::spawn_blocking(move || tenancy.follow()).await {
+            let round = move || {
+                if let Err(error) = tenancy.heartbeat() {
+                    tracing::warn!(%error, "cannot announce this replica yet");
+                }
+                tenancy.follow()
+            };
+            match tokio::task::spawn_blocking(round).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "cannot apply other replicas' changes yet");

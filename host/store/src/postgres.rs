@@ -19,6 +19,10 @@
 //! notification arrives ([`PostgresMeta::listen`]) and on a timer (notifications are lost while
 //! a connection is down, so the timer bounds how stale a replica can be).
 //!
+//! Replicas announce themselves every few seconds ([`PostgresMeta::heartbeat`], table
+//! `weft_replicas`); the count of live ones lets each enforce its share of a tenant's rate and
+//! concurrency quotas, so the quotas hold across replicas without a shared counter per request.
+//!
 //! The schema is created and upgraded at start ([`MIGRATIONS`], under an advisory lock, in one
 //! transaction per step, recorded in `weft_schema`), so replicas starting together agree.
 //!
@@ -58,7 +62,15 @@ pub const MIGRATIONS: &[&str] = &[
          revision BIGINT NOT NULL
      );
      INSERT INTO weft_meta (id, revision) VALUES (TRUE, 0);",
+    // 2: replicas announce themselves, so each can take its share of a tenant's quotas.
+    "CREATE TABLE weft_replicas (
+         id TEXT PRIMARY KEY,
+         seen_at TIMESTAMPTZ NOT NULL
+     );",
 ];
+
+/// A replica that has not announced itself for this long no longer counts.
+pub const REPLICA_TIMEOUT_SECONDS: i64 = 10;
 
 /// How long one statement may take before the call fails (the database is down or stuck).
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -307,6 +319,52 @@ impl PostgresMeta {
         }
         self.publish_all(Arc::new(next), versions);
         Ok(out)
+    }
+
+    /// Announces the replica `id` as alive and returns how many replicas are (itself
+    /// included): those announced within [`REPLICA_TIMEOUT_SECONDS`]. Call it every few seconds.
+    pub fn heartbeat(&self, id: &str) -> Result<usize> {
+        let pool = self.pool.clone();
+        let id = id.to_string();
+        self.run(async move {
+            sqlx::query(
+                "INSERT INTO weft_replicas (id, seen_at) VALUES ($1, now())
+                 ON CONFLICT (id) DO UPDATE SET seen_at = now()",
+            )
+            .bind(&id)
+            .execute(&pool)
+            .await
+            .map_err(|e| database_error("cannot announce this replica", &e))?;
+            sqlx::query("DELETE FROM weft_replicas WHERE seen_at < now() - interval '1 hour'")
+                .execute(&pool)
+                .await
+                .map_err(|e| database_error("cannot forget old replicas", &e))?;
+            let live: i64 = sqlx::query(
+                "SELECT count(*) FROM weft_replicas
+                 WHERE seen_at > now() - make_interval(secs => $1)",
+            )
+            .bind(REPLICA_TIMEOUT_SECONDS as f64)
+            .fetch_one(&pool)
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| database_error("cannot count replicas", &e))?;
+            Ok(usize::try_from(live).unwrap_or(1).max(1))
+        })
+    }
+
+    /// Says the replica `id` is leaving (a clean shutdown), so the others take over its share
+    /// at once.
+    pub fn leave(&self, id: &str) -> Result<()> {
+        let pool = self.pool.clone();
+        let id = id.to_string();
+        self.run(async move {
+            sqlx::query("DELETE FROM weft_replicas WHERE id = $1")
+                .bind(&id)
+                .execute(&pool)
+                .await
+                .map(|_| ())
+                .map_err(|e| database_error("cannot sign this replica off", &e))
+        })
     }
 
     /// Listens for other replicas' changes: returns a receiver that yields once per
