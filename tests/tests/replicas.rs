@@ -4,7 +4,8 @@
 //! second; a replica SIGKILLed in the middle of an upload leaves nothing half-written anywhere
 //! and serves again after a restart; PostgreSQL restarted under load: the replicas keep serving
 //! what they have and pick up changes made after it is back; each replica enforces its share of
-//! a tenant's quotas, and takes all of it again when the other leaves.
+//! a tenant's quotas, and takes all of it again when the other leaves; `weft migrate` moves an
+//! embedded store into the shared one and back, served the same before and after.
 //!
 //! Convergence times are printed (run with `--nocapture`).
 
@@ -331,5 +332,104 @@ async fn each_replica_enforces_its_share_of_a_tenants_quotas() {
     assert!(
         !refused[0].contains("replicas share it"),
         "one replica left: {refused:?}"
+    );
+}
+
+/// Runs `weft migrate` with `args` (and the S3 settings), asserting success; returns stdout.
+fn weft_migrate(cluster: &Cluster, args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weft-under-test"))
+        .arg("migrate")
+        .args(args)
+        .envs(cluster.s3.env())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "weft migrate failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn weft_migrate_moves_an_embedded_store_to_the_shared_one_and_back() {
+    let cluster = Cluster::start();
+    let embedded = Server::start(cluster.repo.path());
+    let key = create_tenant(&embedded, "acme", json!({ "shared_models": ["mlp"] })).await;
+    let signer = signing_key(&embedded, &key).await;
+    push_classify_plugins(&embedded, &key, &signer, "1").await;
+    let (status, body) = push_model(&embedded, &key, "m", 1, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = apply_graph(
+        &embedded,
+        &key,
+        "classify",
+        &classify_graph("classify", 1, "m"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (_, before) = infer(&embedded, &key, "classify").await;
+    let data = embedded.crash();
+    let embedded_dir = data.path().join("data");
+
+    let blob_url = cluster.s3.blob_url("replicas");
+    let printed = weft_migrate(
+        &cluster,
+        &[
+            "--from-data-dir",
+            embedded_dir.to_str().unwrap(),
+            "--to-database-url",
+            &cluster.database_url,
+            "--to-blob-url",
+            &blob_url,
+        ],
+    );
+    // acme and the bootstrap tenant the test servers open.
+    assert!(printed.contains("migrated 2 tenant(s)"), "{printed}");
+    assert!(printed.contains("verified"), "{printed}");
+
+    // A replica on the shared store serves the same tenant, key, plugins, model and graph.
+    let replica = cluster.replica();
+    let (status, after) = infer(&replica, &key, "classify").await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["outputs"], before["outputs"]);
+
+    // And back into a new embedded data directory, which a plain server then serves.
+    let back = tempfile::tempdir().unwrap();
+    let back_dir = back.path().join("data");
+    weft_migrate(
+        &cluster,
+        &[
+            "--from-database-url",
+            &cluster.database_url,
+            "--from-blob-url",
+            &blob_url,
+            "--to-data-dir",
+            back_dir.to_str().unwrap(),
+        ],
+    );
+    let restored = Server::try_start_in(cluster.repo.path(), &[], back).unwrap();
+    let (status, again) = infer(&restored, &key, "classify").await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["outputs"], before["outputs"]);
+
+    // Into a store that already holds tenants: refused.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weft-under-test"))
+        .arg("migrate")
+        .args(["--from-data-dir", embedded_dir.to_str().unwrap()])
+        .args([
+            "--to-database-url",
+            &cluster.database_url,
+            "--to-blob-url",
+            &blob_url,
+        ])
+        .envs(cluster.s3.env())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("already holds"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
 }

@@ -45,11 +45,91 @@ pub enum Command {
     /// Measure the plugin sandbox: instantiation, an empty call, and a model call through
     /// wasi:nn against the same model called directly.
     BenchPlugins(crate::bench::BenchPluginsArgs),
+    /// Copy every tenant and the blobs they use from one store into an empty other one
+    /// (embedded data directory to PostgreSQL + S3, or back), verified by digests.
+    Migrate(MigrateArgs),
     #[command(flatten)]
     Client(weft_client::ClientCommand),
     /// Internal: a sandboxed model worker, started and supervised by `weft serve`.
     #[command(hide = true)]
     Worker(WorkerCliArgs),
+}
+
+/// `weft migrate`: a source and a destination, each an embedded data directory or a shared
+/// store (PostgreSQL + S3; endpoint and keys from the AWS_* variables).
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// Source: an embedded store's data directory (the server using it must be stopped).
+    #[arg(long, conflicts_with_all = ["from_database_url", "from_blob_url"])]
+    pub from_data_dir: Option<PathBuf>,
+    /// Source: a shared store's database.
+    #[arg(long, requires = "from_blob_url")]
+    pub from_database_url: Option<String>,
+    /// Source: a shared store's bucket (`s3://bucket[/prefix]`).
+    #[arg(long, requires = "from_database_url")]
+    pub from_blob_url: Option<String>,
+    /// Destination: an embedded store's data directory (created if missing; must be empty).
+    #[arg(long, conflicts_with_all = ["to_database_url", "to_blob_url"])]
+    pub to_data_dir: Option<PathBuf>,
+    /// Destination: a shared store's database (must hold no tenants).
+    #[arg(long, requires = "to_blob_url")]
+    pub to_database_url: Option<String>,
+    /// Destination: a shared store's bucket.
+    #[arg(long, requires = "to_database_url")]
+    pub to_blob_url: Option<String>,
+}
+
+/// Opens one side of a migration; a shared store gets a temporary local cache directory.
+fn open_side(
+    side: &str,
+    data_dir: Option<&std::path::Path>,
+    database_url: Option<&str>,
+    blob_url: Option<&str>,
+    cache: &std::path::Path,
+) -> anyhow::Result<weft_store::Store> {
+    match (data_dir, database_url, blob_url) {
+        (Some(dir), None, None) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            weft_store::Store::open(dir)
+                .with_context(|| format!("cannot open the {side} store under {}", dir.display()))
+        }
+        (None, Some(database_url), Some(blob_url)) => {
+            let blobs =
+                weft_store::s3::S3Blobs::connect(blob_url, &weft_store::s3::S3Settings::from_env())
+                    .with_context(|| format!("cannot open the {side} bucket"))?;
+            weft_store::Store::open_shared(cache, database_url, blobs)
+                .with_context(|| format!("cannot open the {side} shared store"))
+        }
+        _ => bail!(
+            "name the {side} store: --{side}-data-dir, or --{side}-database-url with \
+             --{side}-blob-url"
+        ),
+    }
+}
+
+fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let caches = tempfile::tempdir().context("cannot create a temporary cache directory")?;
+    let from = open_side(
+        "from",
+        args.from_data_dir.as_deref(),
+        args.from_database_url.as_deref(),
+        args.from_blob_url.as_deref(),
+        &caches.path().join("from"),
+    )?;
+    let to = open_side(
+        "to",
+        args.to_data_dir.as_deref(),
+        args.to_database_url.as_deref(),
+        args.to_blob_url.as_deref(),
+        &caches.path().join("to"),
+    )?;
+    let migrated = weft_store::migrate::migrate(&from, &to).context("migration failed")?;
+    println!(
+        "migrated {} tenant(s) and {} blob(s) ({} bytes); every blob verified by its digest",
+        migrated.tenants, migrated.blobs, migrated.bytes
+    );
+    Ok(())
 }
 
 /// The model worker's command line (set by the server; `--probe-*` only for tests).
@@ -239,6 +319,7 @@ pub fn main() -> ExitCode {
             runtime.block_on(weft_client::run_graph(command))
         }
         Command::Client(command) => runtime.block_on(weft_client::run(command)),
+        Command::Migrate(args) => migrate(args),
         Command::Worker(_) => Ok(()),
     });
     match result {

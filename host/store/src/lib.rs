@@ -10,6 +10,7 @@
 //! instead ([`postgres`]), shared by every replica, behind the same snapshot-and-transact API.
 
 pub mod api_keys;
+pub mod migrate;
 pub mod postgres;
 mod records;
 pub mod s3;

@@ -357,3 +357,49 @@ fn a_blob_stored_through_one_replica_is_read_by_another_from_the_object_store() 
     let error = b.read_blob(&"2".repeat(64)).unwrap_err();
     assert_eq!(error.kind(), ErrorKind::NotFound, "{error}");
 }
+
+#[test]
+fn migrate_copies_an_embedded_store_into_a_shared_one_and_back_verified() {
+    let shared = Shared::start();
+    let embedded_dir = tempfile::tempdir().unwrap();
+    let embedded = Store::open(embedded_dir.path()).unwrap();
+    let digest = embedded.put_blob(b"name = \"g\"\n").unwrap();
+    embedded
+        .transact(|state| {
+            let mut tenant = Tenant::new("acme", 1, Quotas::default());
+            tenant.graphs.insert(
+                "g".into(),
+                [(
+                    1,
+                    GraphVersion {
+                        toml_digest: digest.clone(),
+                        size: 11,
+                        created_unix: 1,
+                    },
+                )]
+                .into(),
+            );
+            state.tenants.insert("acme".into(), tenant);
+            Ok(())
+        })
+        .unwrap();
+
+    let (_dir, target) = shared.replica();
+    let copied = weft_store::migrate::migrate(&embedded, &target).unwrap();
+    assert_eq!((copied.tenants, copied.blobs, copied.bytes), (1, 1, 11));
+    assert_eq!(target.state().tenants, embedded.state().tenants);
+    // Another replica reads it all from PostgreSQL and S3.
+    let (_other_dir, other) = shared.replica();
+    assert_eq!(other.read_blob(&digest).unwrap(), b"name = \"g\"\n");
+
+    // A second migration into the now non-empty store is refused, changing nothing.
+    let error = weft_store::migrate::migrate(&embedded, &target).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Conflict, "{error}");
+
+    // And back into a fresh embedded store.
+    let back_dir = tempfile::tempdir().unwrap();
+    let back = Store::open(back_dir.path()).unwrap();
+    weft_store::migrate::migrate(&other, &back).unwrap();
+    assert_eq!(back.state().tenants, embedded.state().tenants);
+    assert_eq!(back.read_blob(&digest).unwrap(), b"name = \"g\"\n");
+}
