@@ -9,7 +9,9 @@
 //!   named example) at 127.0.0.1:8000.
 //! - `cargo xtask test`: set-up (PostgreSQL's server programs too, for the shared-store tests),
 //!   then every test: `cargo test --workspace` (which includes the
-//!   end-to-end and tritonclient tests), then every fuzz target for 20 s.
+//!   end-to-end and tritonclient tests), the tenancy suites again on a shared store (a real
+//!   PostgreSQL and SeaweedFS started for them), then every fuzz target for 20 s.
+//! - `cargo xtask test-shared`: set-up, then only that second pass.
 //! - `cargo xtask fuzz [--seconds N] [target...]`: the cargo-fuzz targets of fuzz/ (installing
 //!   cargo-fuzz if missing), each for N seconds (default 30), failing on the first crash.
 //!
@@ -55,6 +57,10 @@ fn main() -> Result<()> {
             fuzz::run_all(&root, fuzz::TEST_SECONDS, &[])
         }
         Some("fuzz") => fuzz::run(&root, &args[1..]),
+        Some("test-shared") => {
+            setup(&root, true)?;
+            shared_store_suites(&root, &args[1..])
+        }
         Some("bench") => {
             setup(&root, true)?;
             bench::run_matrix(&root, &args[1..])
@@ -70,6 +76,7 @@ fn main() -> Result<()> {
                  \x20        every fuzz target for 20 s\n\
                  \x20 bench  set up, build release, serve bench/repository and run the benchmark\n\
                  \x20        matrix of BENCHMARKS.md (--duration S, --warmup S, --only NAME)\n\
+                 \x20 test-shared  only the tenancy suites on a shared store (PostgreSQL + S3)\n\
                  \x20 fuzz   run the fuzz/ targets (all, or those named) for --seconds N each\n\
                  \x20        (default 30); installs cargo-fuzz if missing"
             );
@@ -356,5 +363,36 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .env("WEFT_TEST_PYTHON", venv_python(root))
         .env("WEFT_TEST_MODELS", root.join("target/test-models"))
         .env("WEFT_GUESTS", guests_dir(root));
-    run(&mut command)
+    run(&mut command)?;
+    shared_store_suites(root, extra)
+}
+
+/// The suites that prove the store's promises (isolation, quotas, signatures, restarts and
+/// crashes, hot swap, upload limits), run a second time with every server on a shared store:
+/// one PostgreSQL and one SeaweedFS started here for the whole pass, a database and a bucket
+/// prefix per server (see `shared_store_args` in tests/tests/support).
+const SHARED_STORE_SUITES: &[&str] = &["tenants", "upload_limits"];
+
+fn shared_store_suites(root: &Path, extra: &[String]) -> Result<()> {
+    eprintln!("xtask: the tenancy suites again, on PostgreSQL + S3");
+    let postgres = weft_testkit::Postgres::start();
+    let s3 = weft_testkit::SeaweedS3::start();
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .current_dir(root)
+        .args(["test", "-p", "weft-e2e"])
+        .args(
+            SHARED_STORE_SUITES
+                .iter()
+                .flat_map(|suite| ["--test", suite]),
+        )
+        .args(extra)
+        .env("ORT_DYLIB_PATH", ort_library(root))
+        .env("WEFT_TEST_PYTHON", venv_python(root))
+        .env("WEFT_TEST_MODELS", root.join("target/test-models"))
+        .env("WEFT_GUESTS", guests_dir(root))
+        .env("WEFT_TEST_STORE", "shared")
+        .env("WEFT_TEST_PG_PORT", postgres.port().to_string())
+        .envs(s3.env());
+    run(&mut command).context("the tenancy suites failed on the shared store")
 }

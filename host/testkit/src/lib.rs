@@ -80,6 +80,17 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Creates the database `name` on the [`Postgres`] at `port` and returns its URL.
+pub fn create_database_on(port: u16, name: &str) -> String {
+    let mut createdb = Command::new(postgres_bin().join("createdb"));
+    createdb
+        .args(["-h", "127.0.0.1", "-U", "weft", "-p"])
+        .arg(port.to_string())
+        .arg(name);
+    run(createdb, "createdb");
+    format!("postgres://weft@127.0.0.1:{port}/{name}")
+}
+
 /// A throwaway PostgreSQL cluster on 127.0.0.1; stopped and deleted on drop.
 pub struct Postgres {
     dir: tempfile::TempDir,
@@ -169,13 +180,12 @@ impl Postgres {
             "weft_test_{}",
             self.databases.fetch_add(1, Ordering::Relaxed)
         );
-        let mut createdb = Command::new(self.bin.join("createdb"));
-        createdb
-            .args(["-h", "127.0.0.1", "-U", "weft", "-p"])
-            .arg(self.port.to_string())
-            .arg(&name);
-        run(createdb, "createdb");
-        self.url(&name)
+        create_database_on(self.port, &name)
+    }
+
+    /// The port it listens on (127.0.0.1), for [`create_database_on`] in another process.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The server's log, for failure messages.

@@ -152,6 +152,52 @@ impl Repo {
     }
 }
 
+/// With `WEFT_TEST_STORE=shared` (set by `cargo xtask test` for its second pass over the
+/// tenancy suites), every server runs on a shared store: a database of its own on the
+/// PostgreSQL at `WEFT_TEST_PG_PORT` and a prefix of its own in the bucket the `AWS_*`
+/// variables reach. Both are remembered in the data directory, so a server restarted on the
+/// same data directory finds the same state, as with the embedded store. A data directory a
+/// test seeded with an embedded store's own files keeps the embedded store.
+fn shared_store_args(data: &Path) -> Vec<String> {
+    if std::env::var("WEFT_TEST_STORE").as_deref() != Ok("shared") {
+        return Vec::new();
+    }
+    let remembered = data.join("shared-store");
+    // A test that wrote an embedded store's files itself (a legacy state.json) tests that
+    // format: it keeps the embedded store.
+    if !remembered.exists() && data.join("data/store/state.json").exists() {
+        return Vec::new();
+    }
+    let (database, blobs) = match std::fs::read_to_string(&remembered) {
+        Ok(text) => {
+            let (database, blobs) = text.split_once('\n').unwrap();
+            (database.to_string(), blobs.trim().to_string())
+        }
+        Err(_) => {
+            let port: u16 = std::env::var("WEFT_TEST_PG_PORT")
+                .expect("WEFT_TEST_STORE=shared needs WEFT_TEST_PG_PORT (run `cargo xtask test`)")
+                .parse()
+                .unwrap();
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let name = format!(
+                "weft_e2e_{}_{}",
+                std::process::id(),
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            let database = weft_testkit::create_database_on(port, &name);
+            let blobs = format!("s3://weft/{name}");
+            std::fs::write(&remembered, format!("{database}\n{blobs}\n")).unwrap();
+            (database, blobs)
+        }
+    };
+    vec![
+        "--database-url".into(),
+        database,
+        "--blob-url".into(),
+        blobs,
+    ]
+}
+
 /// A running `weft serve` process; killed on drop.
 pub struct Server {
     pub child: Child,
@@ -212,6 +258,11 @@ impl Server {
         }
         if !extra.contains(&"--admin-key") {
             command.args(["--admin-key", ADMIN_KEY]);
+        }
+        if !extra.contains(&"--database-url") {
+            for arg in shared_store_args(data.path()) {
+                command.arg(arg);
+            }
         }
         let mut child = command
             .args(["--listen", "127.0.0.1:0", "--repository"])
