@@ -14,16 +14,16 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
 
 use axum::http::{HeaderMap, header};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use weft_core::{Error, ErrorKind, Model, Result};
 use weft_engine::graph::{GraphModel, GraphSpec, NodeLimits, validate};
 use weft_engine::{ModelConfig, ModelRegistry, ModelState};
 use weft_runtime::{CallLimits, Plugin, PluginRuntime};
 use weft_store::signing::PublicKey;
 use weft_store::{Quotas, State, Store, Tenant, api_keys};
+use weft_tenancy::Gate;
 
 use crate::error::ApiError;
 use crate::graphs::{RepositoryCatalog, RepositoryRunner, runtime_node_limits};
@@ -67,121 +67,19 @@ impl TenantScope {
     /// Charges one request to the rate quota (every authenticated request, data or control
     /// plane, pays one token), or a 429 that says when to retry.
     pub fn charge(&self) -> std::result::Result<(), ApiError> {
-        self.gate.charge(&self.name)
+        self.gate.charge(&self.name).map_err(refused)
     }
 
     /// Takes a concurrency slot for a request that does work (inference, uploads), or a 429.
     /// The permit is held until the response is built.
     pub fn admit(&self) -> std::result::Result<OwnedSemaphorePermit, ApiError> {
-        self.gate.hold(&self.name)
+        self.gate.hold(&self.name).map_err(refused)
     }
 }
 
-/// A token bucket (requests per second, burst) and a concurrency limit: this replica's share
-/// of the tenant's quotas, which is all of them on one replica and `1/N` of each (at least one
-/// request, one in flight) when N replicas share a store.
-pub struct Gate {
-    bucket: Mutex<Bucket>,
-    rate: f64,
-    burst: f64,
-    in_flight: Arc<Semaphore>,
-    max_concurrent: u32,
-    /// Live replicas sharing the tenants (1 without a shared store).
-    replicas: Arc<AtomicUsize>,
-}
-
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
-
-impl Gate {
-    pub fn new(quotas: &Quotas) -> Self {
-        Gate::shared(quotas, Arc::new(AtomicUsize::new(1)))
-    }
-
-    /// A gate taking a `1 / replicas` share of `quotas`.
-    pub fn shared(quotas: &Quotas, replicas: Arc<AtomicUsize>) -> Self {
-        let burst = f64::from(quotas.burst.max(1));
-        Gate {
-            replicas,
-            bucket: Mutex::new(Bucket {
-                tokens: burst,
-                updated: Instant::now(),
-            }),
-            rate: quotas.requests_per_second.max(0.001),
-            burst,
-            in_flight: Arc::new(Semaphore::new(
-                quotas.max_concurrent_requests.max(1) as usize
-            )),
-            max_concurrent: quotas.max_concurrent_requests.max(1),
-        }
-    }
-
-    fn charge(&self, tenant: &str) -> std::result::Result<(), ApiError> {
-        {
-            let mut bucket = self
-                .bucket
-                .lock()
-                .map_err(|_| Error::internal("rate limiter poisoned"))?;
-            let replicas = self.replicas.load(Ordering::Relaxed).max(1) as f64;
-            let rate = self.rate / replicas;
-            let burst = (self.burst / replicas).max(1.0);
-            let now = Instant::now();
-            let refill = now.duration_since(bucket.updated).as_secs_f64() * rate;
-            bucket.tokens = (bucket.tokens + refill).min(burst);
-            bucket.updated = now;
-            if bucket.tokens < 1.0 {
-                let wait = ((1.0 - bucket.tokens) / rate).ceil() as u64;
-                let share = if replicas > 1.0 {
-                    format!(" ({replicas} replicas share it)")
-                } else {
-                    String::new()
-                };
-                return Err(ApiError::retry_after(
-                    Error::new(
-                        ErrorKind::ResourceExhausted,
-                        format!(
-                            "tenant '{tenant}' is over its rate quota of {} requests/s (burst \
-                             {}){share}",
-                            self.rate, self.burst
-                        ),
-                    ),
-                    wait,
-                ));
-            }
-            bucket.tokens -= 1.0;
-        }
-        Ok(())
-    }
-
-    fn hold(&self, tenant: &str) -> std::result::Result<OwnedSemaphorePermit, ApiError> {
-        let replicas = self.replicas.load(Ordering::Relaxed).max(1);
-        let share = (self.max_concurrent as usize / replicas).max(1);
-        let held =
-            (self.max_concurrent as usize).saturating_sub(self.in_flight.available_permits());
-        let over_share = held >= share;
-        (!over_share)
-            .then(|| Arc::clone(&self.in_flight).try_acquire_owned().ok())
-            .flatten()
-            .ok_or_else(|| {
-                ApiError::retry_after(
-                    Error::new(
-                        ErrorKind::ResourceExhausted,
-                        format!(
-                            "tenant '{tenant}' is at its quota of {} concurrent requests{}",
-                            self.max_concurrent,
-                            if replicas > 1 {
-                                format!(" ({replicas} replicas share it)")
-                            } else {
-                                String::new()
-                            }
-                        ),
-                    ),
-                    1,
-                )
-            })
-    }
+/// A quota's refusal as the HTTP answer: 429 (or 500) with `Retry-After`.
+fn refused(refusal: weft_tenancy::Refusal) -> ApiError {
+    ApiError::retry_after(refusal.error, refusal.retry_after_seconds)
 }
 
 /// Who API keys belong to and what each tenant sees, swapped whole.
