@@ -62,11 +62,11 @@ pub struct AppState {
     pub stats: Arc<StatsStore>,
     /// Requests slower than this are logged at warn level.
     pub slow_request: Duration,
-    /// Storage held by each tenant's uploads in progress (see `uploads.rs`).
-    pub uploads: Arc<crate::uploads::StorageLedger>,
+    /// Storage held by each tenant's uploads in progress (see `weft_tenancy::storage`).
+    pub uploads: Arc<weft_tenancy::storage::StorageLedger>,
     /// Each tenant's budget of request bytes in flight on the inference path (see
-    /// `inflight.rs`).
-    pub body_budget: Arc<crate::inflight::BodyBudget>,
+    /// `weft_tenancy::inflight`).
+    pub body_budget: Arc<weft_tenancy::inflight::BodyBudget>,
     /// A request body that sends nothing for this long fails with 408 (see `body_timeout.rs`).
     pub body_idle_timeout: Duration,
 }
@@ -479,7 +479,11 @@ async fn infer_accounted(
         Some(length) => (length, limit),
         None => (limit.min(budget), limit.min(budget)),
     };
-    let mut permit = state.body_budget.admit(&scope.name, want).await?;
+    let mut permit = state
+        .body_budget
+        .admit(&scope.name, want)
+        .await
+        .map_err(crate::tenants::refused)?;
     let body = match read_body(read_limit, headers, body).await {
         Err(error) if error.kind() == ErrorKind::PayloadTooLarge && read_limit < limit => {
             return Err(Error::new(
@@ -505,7 +509,10 @@ async fn infer_accounted(
         .map(|input| input.tensor.tensor.data().len())
         .fold(0, usize::saturating_add);
     if decoded > body_len {
-        permit.grow_to(decoded).await?;
+        permit
+            .grow_to(decoded)
+            .await
+            .map_err(crate::tenants::refused)?;
     }
     let (number, model) = scope.registry.resolve(name, version)?;
     served.version = Some(number);

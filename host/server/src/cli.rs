@@ -251,7 +251,7 @@ pub struct ServeArgs {
     /// until the response is built); a request that does not fit within a second gets 429, and
     /// a body without Content-Length is limited to it. Other tenants have their own.
     #[arg(long, env = "WEFT_MAX_TENANT_INFLIGHT_BYTES",
-          default_value_t = crate::inflight::DEFAULT_TENANT_INFLIGHT_BYTES)]
+          default_value_t = weft_tenancy::inflight::DEFAULT_TENANT_INFLIGHT_BYTES)]
     pub max_tenant_inflight_bytes: usize,
     /// Seconds a request body may send nothing before the request fails with 408, freeing what
     /// it held (storage reserved by an upload, in-flight budget, a concurrency slot).
@@ -591,7 +591,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         slow_request: Duration::from_millis(args.slow_request_ms),
         max_upload_bytes: args.max_upload_bytes,
         body_idle_timeout: Duration::from_secs(args.body_idle_timeout_seconds),
-        body_budget: Arc::new(crate::inflight::BodyBudget::new(
+        body_budget: Arc::new(weft_tenancy::inflight::BodyBudget::new(
             args.max_tenant_inflight_bytes,
         )),
         ..AppState::new(Arc::new(tenancy), args.max_request_bytes)

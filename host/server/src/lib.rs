@@ -12,7 +12,6 @@ pub mod cli;
 pub mod control;
 pub mod error;
 pub mod graphs;
-pub mod inflight;
 pub mod loader;
 pub mod metrics;
 pub mod stats;

@@ -77,9 +77,12 @@ impl TenantScope {
     }
 }
 
-/// A quota's refusal as the HTTP answer: 429 (or 500) with `Retry-After`.
-fn refused(refusal: weft_tenancy::Refusal) -> ApiError {
-    ApiError::retry_after(refusal.error, refusal.retry_after_seconds)
+/// A quota's refusal as the HTTP answer: its status, with `Retry-After` when retrying helps.
+pub fn refused(refusal: weft_tenancy::Refusal) -> ApiError {
+    match refusal.retry_after_seconds {
+        Some(seconds) => ApiError::retry_after(refusal.error, seconds),
+        None => ApiError::from(refusal.error),
+    }
 }
 
 /// Who API keys belong to and what each tenant sees, swapped whole.

@@ -19,7 +19,8 @@ use weft_store::Quotas;
 #[derive(Debug)]
 pub struct Refusal {
     pub error: Error,
-    pub retry_after_seconds: u64,
+    /// Seconds after which retrying can help; `None` when it cannot (too large ever to fit).
+    pub retry_after_seconds: Option<u64>,
 }
 
 /// One tenant's door on this replica: its share of the rate and concurrency quotas.
@@ -77,7 +78,7 @@ impl Gate {
     pub fn charge(&self, tenant: &str) -> Result<(), Refusal> {
         let mut bucket = self.bucket.lock().map_err(|_| Refusal {
             error: Error::internal("rate limiter poisoned"),
-            retry_after_seconds: 1,
+            retry_after_seconds: Some(1),
         })?;
         let replicas = self.replicas() as f64;
         let rate = self.rate / replicas;
@@ -98,7 +99,7 @@ impl Gate {
                         self.share_note()
                     ),
                 ),
-                retry_after_seconds: wait.max(1),
+                retry_after_seconds: Some(wait.max(1)),
             });
         }
         bucket.tokens -= 1.0;
@@ -122,7 +123,7 @@ impl Gate {
                         self.share_note()
                     ),
                 ),
-                retry_after_seconds: 1,
+                retry_after_seconds: Some(1),
             })
     }
 }
@@ -152,7 +153,7 @@ mod tests {
         assert_eq!(passes(&gate, 15), 10);
         let refusal = gate.charge("acme").unwrap_err();
         assert_eq!(refusal.error.kind(), ErrorKind::ResourceExhausted);
-        assert!(refusal.retry_after_seconds >= 1);
+        assert!(refusal.retry_after_seconds >= Some(1));
         let text = refusal.error.to_string();
         assert!(
             text.contains("rate quota of 0.01 requests/s (burst 10)"),

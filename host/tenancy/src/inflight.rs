@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weft_core::{Error, ErrorKind};
 
-use crate::error::ApiError;
+use crate::quotas::Refusal;
 
 /// Request bytes one tenant may have in flight, unless set otherwise.
 pub const DEFAULT_TENANT_INFLIGHT_BYTES: usize = 256 << 20;
@@ -95,7 +95,7 @@ impl BodyBudget {
 
     /// Takes `bytes` of `tenant`'s budget, waiting up to [`WAIT`]; 429 when it stays full, 413
     /// when `bytes` is more than the whole budget.
-    pub async fn admit(&self, tenant: &str, bytes: usize) -> Result<BodyPermit, ApiError> {
+    pub async fn admit(&self, tenant: &str, bytes: usize) -> Result<BodyPermit, Refusal> {
         let semaphore = self.semaphore(tenant);
         let permit = acquire(tenant, self.per_tenant, &semaphore, bytes).await?;
         Ok(BodyPermit {
@@ -113,15 +113,16 @@ async fn acquire(
     per_tenant: usize,
     semaphore: &Arc<Semaphore>,
     bytes: usize,
-) -> Result<OwnedSemaphorePermit, ApiError> {
-    let too_large = || {
-        ApiError::from(Error::new(
+) -> Result<OwnedSemaphorePermit, Refusal> {
+    let too_large = || Refusal {
+        error: Error::new(
             ErrorKind::PayloadTooLarge,
             format!(
                 "the request needs {bytes} bytes in memory, more than tenant '{tenant}' may have \
                  in flight at once ({per_tenant} bytes, --max-tenant-inflight-bytes)"
             ),
-        ))
+        ),
+        retry_after_seconds: None,
     };
     if bytes > per_tenant {
         return Err(too_large());
@@ -131,8 +132,8 @@ async fn acquire(
     match wait.await {
         Ok(Ok(permit)) => Ok(permit),
         // The semaphore is never closed; were it, it would be as good as full.
-        Ok(Err(_)) | Err(_) => Err(ApiError::retry_after(
-            Error::new(
+        Ok(Err(_)) | Err(_) => Err(Refusal {
+            error: Error::new(
                 ErrorKind::ResourceExhausted,
                 format!(
                     "tenant '{tenant}' has its budget of {per_tenant} bytes of requests in flight \
@@ -141,8 +142,8 @@ async fn acquire(
                     WAIT.as_millis()
                 ),
             ),
-            1,
-        )),
+            retry_after_seconds: Some(1),
+        }),
     }
 }
 
@@ -172,7 +173,7 @@ impl BodyPermit {
 
     /// Takes more, up to `bytes` in all (the whole of it no more than the budget), waiting as
     /// [`BodyBudget::admit`] does.
-    pub async fn grow_to(&mut self, bytes: usize) -> Result<(), ApiError> {
+    pub async fn grow_to(&mut self, bytes: usize) -> Result<(), Refusal> {
         let held = self.bytes();
         if bytes <= held {
             return Ok(());
@@ -204,7 +205,7 @@ mod tests {
         let refused = budget.admit("acme", 1).await.unwrap_err();
         assert!(started.elapsed() >= WAIT);
         assert_eq!(refused.error.kind(), ErrorKind::ResourceExhausted);
-        assert_eq!(refused.retry_after, Some(1));
+        assert_eq!(refused.retry_after_seconds, Some(1));
         assert!(
             refused
                 .error

@@ -1,0 +1,205 @@
+//! The storage quota across concurrent uploads: what each tenant's uploads in progress have
+//! reserved of its `max_stored_bytes`.
+//!
+//! Before a byte of an upload is read, it reserves its declared length (or, without one, what
+//! is left of the quota up to the size limit) in the [`StorageLedger`]: what the tenant has
+//! stored plus what its uploads in progress hold can never pass its quota, so N parallel
+//! uploads that each fit but together do not are refused up front (403, the quota named). The
+//! [`Reservation`] is an RAII guard: shrunk to the actual size once the body is in, released
+//! when dropped, which the upload does after its commit (the committed state then counts the
+//! bytes).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use weft_core::{Error, ErrorKind, Result};
+use weft_store::Store;
+
+/// Storage reserved by each tenant's uploads in progress, in bytes.
+#[derive(Debug, Default)]
+pub struct StorageLedger {
+    reserved: Mutex<HashMap<String, u64>>,
+}
+
+/// How much an upload asks for.
+#[derive(Clone, Copy, Debug)]
+pub enum Want {
+    /// Its declared length: all of it, or a refusal.
+    Exactly(u64),
+    /// No declared length: what is left of the quota, up to this size limit.
+    UpTo(u64),
+}
+
+impl StorageLedger {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        // Every update is one arithmetic step on a map entry: a poisoned map is still whole.
+        self.reserved
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Bytes the tenant's uploads in progress hold.
+    pub fn reserved(&self, tenant: &str) -> u64 {
+        self.lock().get(tenant).copied().unwrap_or(0)
+    }
+
+    /// Reserves storage for one upload of `tenant` against its `max_stored_bytes`, counting
+    /// what it stored and what its other uploads in progress hold; 403 naming the quota when it
+    /// does not fit.
+    pub fn reserve(
+        self: &Arc<Self>,
+        store: &Store,
+        tenant: &str,
+        want: Want,
+    ) -> Result<Reservation> {
+        let mut reserved = self.lock();
+        // Read under the ledger's lock: a commit publishes its state before its upload releases
+        // its reservation (under this lock), so a reservation never misses both.
+        let state = store.state();
+        let record = state
+            .tenants
+            .get(tenant)
+            .ok_or_else(|| Error::not_found(format!("unknown tenant '{tenant}'")))?;
+        let quota = record.quotas.max_stored_bytes;
+        let held = reserved.get(tenant).copied().unwrap_or(0);
+        let left = quota
+            .saturating_sub(record.stored_bytes())
+            .saturating_sub(held);
+        let bytes = match want {
+            Want::Exactly(bytes) if bytes <= left => bytes,
+            Want::UpTo(limit) if left > 0 => limit.min(left),
+            _ => return Err(over_quota(tenant, quota, left, held)),
+        };
+        *reserved.entry(tenant.to_string()).or_default() += bytes;
+        Ok(Reservation {
+            ledger: Arc::clone(self),
+            tenant: tenant.to_string(),
+            bytes,
+        })
+    }
+
+    fn release(&self, tenant: &str, bytes: u64) {
+        let mut reserved = self.lock();
+        if let Some(held) = reserved.get_mut(tenant) {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                reserved.remove(tenant);
+            }
+        }
+    }
+}
+
+/// The storage-quota refusal of an upload that does not fit in what is left.
+pub fn over_quota(tenant: &str, quota: u64, left: u64, held: u64) -> Error {
+    let in_progress = if held > 0 {
+        format!(" ({held} bytes are held by the tenant's uploads in progress)")
+    } else {
+        String::new()
+    };
+    Error::new(
+        ErrorKind::PermissionDenied,
+        format!(
+            "tenant '{tenant}' would exceed its quota of {quota} stored bytes: the upload is \
+             larger than the {left} bytes left{in_progress}"
+        ),
+    )
+}
+
+/// One upload's hold on its tenant's storage quota; released when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    ledger: Arc<StorageLedger>,
+    tenant: String,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Gives back what the upload did not use.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            self.ledger.release(&self.tenant, self.bytes - bytes);
+            self.bytes = bytes;
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.ledger.release(&self.tenant, self.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use weft_store::{Quotas, Tenant};
+
+    fn store_with(quota: u64) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .transact(|state| {
+                let quotas = Quotas {
+                    max_stored_bytes: quota,
+                    ..Quotas::default()
+                };
+                state
+                    .tenants
+                    .insert("acme".into(), Tenant::new("acme", 1, quotas.clone()));
+                state
+                    .tenants
+                    .insert("other".into(), Tenant::new("other", 1, quotas));
+                Ok(())
+            })
+            .unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn reservations_never_add_up_past_the_quota() {
+        let (_dir, store) = store_with(100);
+        let ledger = Arc::new(StorageLedger::default());
+        let a = ledger.reserve(&store, "acme", Want::Exactly(60)).unwrap();
+        let error = ledger
+            .reserve(&store, "acme", Want::Exactly(41))
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::PermissionDenied);
+        assert!(
+            error.message().contains("quota of 100 stored bytes"),
+            "{error}"
+        );
+        assert!(error.message().contains("40 bytes left"), "{error}");
+        assert!(error.message().contains("60 bytes are held"), "{error}");
+        let b = ledger.reserve(&store, "acme", Want::Exactly(40)).unwrap();
+        assert_eq!(ledger.reserved("acme"), 100);
+        // Another tenant's quota is its own.
+        let c = ledger.reserve(&store, "other", Want::UpTo(1000)).unwrap();
+        assert_eq!(c.bytes(), 100);
+        drop(b);
+        assert_eq!(ledger.reserved("acme"), 60);
+        let mut d = ledger.reserve(&store, "acme", Want::UpTo(1000)).unwrap();
+        assert_eq!(d.bytes(), 40, "without a length, what is left");
+        d.shrink_to(10);
+        assert_eq!(ledger.reserved("acme"), 70);
+        drop((a, d, c));
+        assert_eq!(ledger.reserved("acme"), 0);
+        assert!(ledger.lock().is_empty(), "released tenants leave no entry");
+    }
+
+    #[test]
+    fn an_unknown_tenant_reserves_nothing() {
+        let (_dir, store) = store_with(100);
+        let ledger = Arc::new(StorageLedger::default());
+        let error = ledger
+            .reserve(&store, "ghost", Want::Exactly(1))
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::NotFound);
+    }
+}
