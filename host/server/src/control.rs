@@ -185,38 +185,6 @@ fn tenant_view(tenant: &Tenant) -> Value {
     })
 }
 
-/// Refuses a change that leaves the tenant over a storage quota (403).
-fn check_storage(tenant: &Tenant) -> Result<()> {
-    let (plugins, models, graphs) = tenant.counts();
-    let quotas = &tenant.quotas;
-    let over = |what: &str, used: u64, limit: u64| {
-        Error::new(
-            ErrorKind::PermissionDenied,
-            format!(
-                "tenant '{}' would exceed its quota of {limit} {what} (it would have {used})",
-                tenant.name
-            ),
-        )
-    };
-    if plugins > u64::from(quotas.max_plugins) {
-        return Err(over("plugin versions", plugins, quotas.max_plugins.into()));
-    }
-    if models > u64::from(quotas.max_models) {
-        return Err(over("model versions", models, quotas.max_models.into()));
-    }
-    if graphs > u64::from(quotas.max_graphs) {
-        return Err(over("graph versions", graphs, quotas.max_graphs.into()));
-    }
-    if tenant.stored_bytes() > quotas.max_stored_bytes {
-        return Err(over(
-            "stored bytes",
-            tenant.stored_bytes(),
-            quotas.max_stored_bytes,
-        ));
-    }
-    Ok(())
-}
-
 // ---- operator: tenants and API keys ----
 
 #[derive(Deserialize)]
@@ -651,7 +619,7 @@ async fn push_plugin_checked(
                 })?;
             let mut projected = record.clone();
             add(&mut projected);
-            check_storage(&projected)
+            weft_tenancy::storage::check_stored(&projected)
         };
         check(&tenancy.store().state())?;
         // Compiled without holding the writer: other tenants' changes do not wait for it. The
@@ -965,7 +933,7 @@ async fn push_model_checked(
             }
             let mut projected = record.clone();
             add(&mut projected);
-            check_storage(&projected)
+            weft_tenancy::storage::check_stored(&projected)
         };
         let current = tenancy.store().state();
         check(&current)?;
@@ -1267,7 +1235,7 @@ async fn apply_graph_checked(
         };
         let mut projected = record.clone();
         add(&mut projected);
-        check_storage(&projected)?;
+        weft_tenancy::storage::check_stored(&projected)?;
         if dry_run {
             return Ok(json!({ "name": name, "version": version.to_string(), "dry_run": true }));
         }

@@ -7,13 +7,13 @@
 //! uploads that each fit but together do not are refused up front (403, the quota named). The
 //! [`Reservation`] is an RAII guard: shrunk to the actual size once the body is in, released
 //! when dropped, which the upload does after its commit (the committed state then counts the
-//! bytes).
+//! bytes). [`check_stored`] is the same quota's (and the version counts') check on a change.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use weft_core::{Error, ErrorKind, Result};
-use weft_store::Store;
+use weft_store::{Store, Tenant};
 
 /// Storage reserved by each tenant's uploads in progress, in bytes.
 #[derive(Debug, Default)]
@@ -134,6 +134,39 @@ impl Drop for Reservation {
     }
 }
 
+/// Refuses a change that leaves the tenant over a storage quota (403): its plugin, model and
+/// graph version counts and its stored bytes. Run on the changed record, inside the change.
+pub fn check_stored(tenant: &Tenant) -> Result<()> {
+    let (plugins, models, graphs) = tenant.counts();
+    let quotas = &tenant.quotas;
+    let over = |what: &str, used: u64, limit: u64| {
+        Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "tenant '{}' would exceed its quota of {limit} {what} (it would have {used})",
+                tenant.name
+            ),
+        )
+    };
+    if plugins > u64::from(quotas.max_plugins) {
+        return Err(over("plugin versions", plugins, quotas.max_plugins.into()));
+    }
+    if models > u64::from(quotas.max_models) {
+        return Err(over("model versions", models, quotas.max_models.into()));
+    }
+    if graphs > u64::from(quotas.max_graphs) {
+        return Err(over("graph versions", graphs, quotas.max_graphs.into()));
+    }
+    if tenant.stored_bytes() > quotas.max_stored_bytes {
+        return Err(over(
+            "stored bytes",
+            tenant.stored_bytes(),
+            quotas.max_stored_bytes,
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -201,5 +234,40 @@ mod tests {
             .reserve(&store, "ghost", Want::Exactly(1))
             .unwrap_err();
         assert_eq!(error.kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_change_past_a_count_or_byte_quota_is_refused_naming_it() {
+        let quotas = Quotas {
+            max_graphs: 1,
+            ..Quotas::default()
+        };
+        let mut tenant = Tenant::new("acme", 1, quotas);
+        check_stored(&tenant).unwrap();
+        for version in 1..=2 {
+            tenant.graphs.entry("g".into()).or_default().insert(
+                version,
+                weft_store::GraphVersion {
+                    toml_digest: "0".repeat(64),
+                    size: 10,
+                    created_unix: 1,
+                },
+            );
+        }
+        let error = check_stored(&tenant).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::PermissionDenied);
+        assert!(
+            error
+                .message()
+                .contains("quota of 1 graph versions (it would have 2)"),
+            "{error}"
+        );
+        tenant.quotas.max_graphs = 10;
+        tenant.quotas.max_stored_bytes = 15;
+        let error = check_stored(&tenant).unwrap_err();
+        assert!(
+            error.message().contains("quota of 15 stored bytes"),
+            "{error}"
+        );
     }
 }
