@@ -5,7 +5,8 @@
 //! and serves again after a restart; PostgreSQL restarted under load: the replicas keep serving
 //! what they have and pick up changes made after it is back; each replica enforces its share of
 //! a tenant's quotas, and takes all of it again when the other leaves; `weft migrate` moves an
-//! embedded store into the shared one and back, served the same before and after.
+//! embedded store into the shared one and back, served the same before and after; a
+//! key-registration challenge issued by one replica is spent through another, once.
 //!
 //! Convergence times are printed (run with `--nocapture`).
 
@@ -432,4 +433,49 @@ async fn weft_migrate_moves_an_embedded_store_to_the_shared_one_and_back() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_challenge_from_one_replica_registers_a_key_through_another_once() {
+    let cluster = Cluster::start();
+    let one = cluster.replica();
+    let two = cluster.replica();
+    let key = create_tenant(&one, "acme", json!({})).await;
+    until("the tenant on two", || async {
+        status_of(client_with_key(&key).get(two.url("/api/v1/tenant"))).await == 200
+    })
+    .await;
+    let secret = weft_store::signing::SecretKey::generate().unwrap();
+    let issued = challenge(&one, &key).await;
+    let nonce = issued["challenge"].as_str().unwrap();
+    let tenant = issued["tenant"].as_str().unwrap();
+    let registration = json!({
+        "public_key": secret.public().to_base64(),
+        "challenge": nonce,
+        "signature": secret.sign_key_registration(tenant, nonce),
+    });
+    let (status, body) = send(
+        client_with_key(&key)
+            .post(two.url("/api/v1/signing-keys"))
+            .json(&registration),
+    )
+    .await;
+    assert_eq!(
+        status, 201,
+        "a challenge issued by one is good on two: {body}"
+    );
+    // Spent: not again, on either replica.
+    for replica in [&one, &two] {
+        let (status, body) = send(
+            client_with_key(&key)
+                .post(replica.url("/api/v1/signing-keys"))
+                .json(&registration),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("already used"),
+            "{body}"
+        );
+    }
 }

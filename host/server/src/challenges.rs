@@ -9,17 +9,21 @@
 //! A nonce is spent by the first registration that names it, whatever its outcome, and expires
 //! after [`CHALLENGE_TTL`], so a captured proof cannot be replayed.
 //!
-//! Challenges live in memory only: they are short-lived, and a restart merely makes a client ask
-//! again. Each tenant holds at most [`MAX_PENDING_PER_TENANT`] (asking for more drops its
+//! With the embedded store challenges live in memory only: they are short-lived, and a restart
+//! merely makes a client ask again. With a shared store they live in PostgreSQL
+//! (`weft_challenges`, with the same bounds), so a client behind a load balancer may ask one
+//! replica for a challenge and register its key through another. Each tenant holds at most [`MAX_PENDING_PER_TENANT`] (asking for more drops its
 //! oldest), and expired ones are dropped whenever one is issued, so the table stays bounded by
 //! the number of tenants whatever a tenant sends. A nonce is looked up only among the caller's
 //! own challenges: another tenant's is "unknown", exactly like one never issued.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use weft_core::{Error, Result};
+use weft_store::Store;
+use weft_store::postgres::ChallengeTaken;
 use weft_store::signing::challenge_nonce;
 
 /// How long a challenge may be answered.
@@ -32,6 +36,8 @@ pub struct Challenges {
     pending: Mutex<HashMap<String, VecDeque<Pending>>>,
     ttl: Duration,
     per_tenant: usize,
+    /// A shared store, whose database holds the challenges instead of `pending`.
+    shared: Option<Arc<Store>>,
 }
 
 struct Pending {
@@ -61,7 +67,16 @@ impl Challenges {
             pending: Mutex::default(),
             ttl,
             per_tenant: per_tenant.max(1),
+            shared: None,
         }
+    }
+
+    /// Keeps the challenges in `store`'s database when it is a shared store.
+    pub fn in_store(mut self, store: &Arc<Store>) -> Self {
+        if store.shared().is_some() {
+            self.shared = Some(Arc::clone(store));
+        }
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<Pending>>> {
@@ -74,6 +89,13 @@ impl Challenges {
     /// Issues a fresh challenge to `tenant`.
     pub fn issue(&self, tenant: &str) -> Result<Issued> {
         let nonce = challenge_nonce()?;
+        if let Some(shared) = self.shared.as_ref().and_then(|store| store.shared()) {
+            shared.issue_challenge(tenant, &nonce, self.ttl.as_secs(), self.per_tenant)?;
+            return Ok(Issued {
+                nonce,
+                ttl: self.ttl,
+            });
+        }
         let now = Instant::now();
         let mut pending = self.lock();
         pending.retain(|_, list| {
@@ -97,6 +119,26 @@ impl Challenges {
     /// Spends `tenant`'s challenge `nonce`: Ok once, if it was issued to this tenant and has not
     /// expired; every later call, and any call for another tenant, is refused (400).
     pub fn take(&self, tenant: &str, nonce: &str) -> Result<()> {
+        let taken = match self.shared.as_ref().and_then(|store| store.shared()) {
+            Some(shared) => shared.take_challenge(tenant, nonce)?,
+            None => self.take_local(tenant, nonce),
+        };
+        let ttl = self.ttl.as_secs();
+        match taken {
+            ChallengeTaken::Unknown => Err(Error::invalid(format!(
+                "unknown or already used challenge: a challenge is single-use, valid for {ttl} s \
+                 and only for the tenant it was issued to; request a new one with \
+                 POST /api/v1/signing-keys/challenge"
+            ))),
+            ChallengeTaken::Expired => Err(Error::invalid(format!(
+                "the challenge expired (challenges are valid for {ttl} s); request a new one \
+                 with POST /api/v1/signing-keys/challenge"
+            ))),
+            ChallengeTaken::Valid => Ok(()),
+        }
+    }
+
+    fn take_local(&self, tenant: &str, nonce: &str) -> ChallengeTaken {
         let now = Instant::now();
         let mut pending = self.lock();
         let mut taken = None;
@@ -109,24 +151,22 @@ impl Challenges {
                 pending.remove(tenant);
             }
         }
-        let ttl = self.ttl.as_secs();
         match taken {
-            None => Err(Error::invalid(format!(
-                "unknown or already used challenge: a challenge is single-use, valid for {ttl} s \
-                 and only for the tenant it was issued to; request a new one with \
-                 POST /api/v1/signing-keys/challenge"
-            ))),
-            Some(challenge) if challenge.expires <= now => Err(Error::invalid(format!(
-                "the challenge expired (challenges are valid for {ttl} s); request a new one \
-                 with POST /api/v1/signing-keys/challenge"
-            ))),
-            Some(_) => Ok(()),
+            None => ChallengeTaken::Unknown,
+            Some(challenge) if challenge.expires <= now => ChallengeTaken::Expired,
+            Some(_) => ChallengeTaken::Valid,
         }
     }
 
     /// Drops a deleted tenant's challenges.
     pub fn forget_tenant(&self, tenant: &str) {
         self.lock().remove(tenant);
+        if let Some(shared) = self.shared.as_ref().and_then(|store| store.shared())
+            && let Err(error) = shared.forget_challenges(tenant)
+        {
+            // They expire on their own within the TTL.
+            tracing::warn!(%error, "cannot drop a deleted tenant's challenges yet");
+        }
     }
 
     /// Challenges held, all tenants together (for tests).

@@ -115,7 +115,7 @@ pub struct Tenancy {
     loaded_plugins: Mutex<HashMap<(String, String, String), Plugin>>,
     /// Serialises control-plane changes (store transaction + rebuild).
     writer: Mutex<()>,
-    /// Outstanding signing-key registration challenges (in memory only).
+    /// Outstanding signing-key registration challenges (in memory, or in a shared store).
     challenges: crate::challenges::Challenges,
     /// Live replicas sharing the store (1 for the embedded store): every gate takes its share.
     replicas: Arc<AtomicUsize>,
@@ -203,6 +203,7 @@ impl Tenancy {
     /// Builds every tenant's scope from the store; creates the bootstrap tenant if a bootstrap
     /// key is given and the tenant does not exist. Blocking (loads models and plugins).
     pub fn new(config: TenancyConfig) -> Result<Self> {
+        let challenges = crate::challenges::Challenges::default().in_store(&config.store);
         let tenancy = Tenancy {
             store: config.store,
             platform: config.platform,
@@ -216,7 +217,7 @@ impl Tenancy {
             loaded_models: Mutex::default(),
             loaded_plugins: Mutex::default(),
             writer: Mutex::default(),
-            challenges: crate::challenges::Challenges::default(),
+            challenges,
             replicas: Arc::new(AtomicUsize::new(1)),
             replica_id: format!(
                 "{}-{}",

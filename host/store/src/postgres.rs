@@ -67,7 +67,25 @@ pub const MIGRATIONS: &[&str] = &[
          id TEXT PRIMARY KEY,
          seen_at TIMESTAMPTZ NOT NULL
      );",
+    // 3: signing-key registration challenges, so any replica can take one another issued.
+    "CREATE TABLE weft_challenges (
+         nonce TEXT PRIMARY KEY,
+         tenant TEXT NOT NULL,
+         expires_at TIMESTAMPTZ NOT NULL
+     );
+     CREATE INDEX weft_challenges_tenant ON weft_challenges (tenant);",
 ];
+
+/// What spending a challenge found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChallengeTaken {
+    /// Issued to this tenant and still valid: spent now.
+    Valid,
+    /// Issued to this tenant but expired: spent (removed) now.
+    Expired,
+    /// Never issued to this tenant, or already spent.
+    Unknown,
+}
 
 /// A replica that has not announced itself for this long no longer counts.
 pub const REPLICA_TIMEOUT_SECONDS: i64 = 10;
@@ -364,6 +382,88 @@ impl PostgresMeta {
                 .await
                 .map(|_| ())
                 .map_err(|e| database_error("cannot sign this replica off", &e))
+        })
+    }
+
+    /// Records a challenge `nonce` for `tenant`, valid for `ttl_seconds`, dropping expired
+    /// challenges and the tenant's oldest beyond `per_tenant` (so the table stays bounded).
+    pub fn issue_challenge(
+        &self,
+        tenant: &str,
+        nonce: &str,
+        ttl_seconds: u64,
+        per_tenant: usize,
+    ) -> Result<()> {
+        let pool = self.pool.clone();
+        let (tenant, nonce) = (tenant.to_string(), nonce.to_string());
+        let keep = i64::try_from(per_tenant.max(1) - 1).unwrap_or(0);
+        self.run(async move {
+            let mut tx = begin(&pool).await?;
+            sqlx::query("DELETE FROM weft_challenges WHERE expires_at <= now()")
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| database_error("cannot drop expired challenges", &e))?;
+            sqlx::query(
+                "DELETE FROM weft_challenges WHERE nonce IN (
+                     SELECT nonce FROM weft_challenges WHERE tenant = $1
+                     ORDER BY expires_at DESC OFFSET $2)",
+            )
+            .bind(&tenant)
+            .bind(keep)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| database_error("cannot bound the challenges", &e))?;
+            sqlx::query(
+                "INSERT INTO weft_challenges (nonce, tenant, expires_at)
+                 VALUES ($1, $2, now() + make_interval(secs => $3))",
+            )
+            .bind(&nonce)
+            .bind(&tenant)
+            .bind(ttl_seconds as f64)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| database_error("cannot record a challenge", &e))?;
+            tx.commit()
+                .await
+                .map_err(|e| database_error("cannot commit a challenge", &e))
+        })
+    }
+
+    /// Spends `tenant`'s challenge `nonce` (whatever is found, it is gone afterwards).
+    pub fn take_challenge(&self, tenant: &str, nonce: &str) -> Result<ChallengeTaken> {
+        let pool = self.pool.clone();
+        let (tenant, nonce) = (tenant.to_string(), nonce.to_string());
+        self.run(async move {
+            let row = sqlx::query(
+                "DELETE FROM weft_challenges WHERE nonce = $1 AND tenant = $2
+                 RETURNING expires_at > now()",
+            )
+            .bind(&nonce)
+            .bind(&tenant)
+            .fetch_optional(&pool)
+            .await
+            .map_err(|e| database_error("cannot spend a challenge", &e))?;
+            Ok(match row {
+                None => ChallengeTaken::Unknown,
+                Some(row) => match row.try_get::<bool, _>(0) {
+                    Ok(true) => ChallengeTaken::Valid,
+                    _ => ChallengeTaken::Expired,
+                },
+            })
+        })
+    }
+
+    /// Drops a deleted tenant's challenges.
+    pub fn forget_challenges(&self, tenant: &str) -> Result<()> {
+        let pool = self.pool.clone();
+        let tenant = tenant.to_string();
+        self.run(async move {
+            sqlx::query("DELETE FROM weft_challenges WHERE tenant = $1")
+                .bind(&tenant)
+                .execute(&pool)
+                .await
+                .map(|_| ())
+                .map_err(|e| database_error("cannot drop a tenant's challenges", &e))
         })
     }
 
