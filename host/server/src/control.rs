@@ -949,26 +949,20 @@ async fn push_model_checked(
             .loader()
             .check_tenant_model(&onnx, budget)
             .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
-        let cost = tenancy.loader().instances(&config) * onnx.len() as u64;
         // Checked before the loads and again under the writer, so concurrent pushes cannot
         // overcommit the budget between them. Returns what is left for this model.
         let fits = |current: &StoreState| -> Result<u64> {
             let used = model_memory_used(tenancy, tenant_of(current, &tenant)?)?;
-            if used.saturating_add(cost) > budget.worker_memory {
-                return Err(Error::new(
-                    ErrorKind::PermissionDenied,
-                    format!(
-                        "model '{name}' version {number} needs about {} MiB ({} instances of {} \
-                         bytes) but the tenant's model_memory_mb quota of {} MiB has {} MiB left",
-                        cost.div_ceil(1 << 20),
-                        tenancy.loader().instances(&config),
-                        onnx.len(),
-                        quotas.model_memory_mb,
-                        budget.worker_memory.saturating_sub(used) >> 20
-                    ),
-                ));
-            }
-            Ok(budget.worker_memory.saturating_sub(used))
+            weft_tenancy::storage::check_model_memory(
+                &weft_tenancy::storage::ModelCost {
+                    what: format!("model '{name}' version {number}"),
+                    instances: tenancy.loader().instances(&config),
+                    bytes: onnx.len() as u64,
+                },
+                used,
+                quotas.model_memory_mb,
+                budget.worker_memory,
+            )
         };
         let left = fits(&current)?;
         // Prove it loads within what is left, in a worker of its own (a model that blows its

@@ -7,7 +7,8 @@
 //! uploads that each fit but together do not are refused up front (403, the quota named). The
 //! [`Reservation`] is an RAII guard: shrunk to the actual size once the body is in, released
 //! when dropped, which the upload does after its commit (the committed state then counts the
-//! bytes). [`check_stored`] is the same quota's (and the version counts') check on a change.
+//! bytes). [`check_stored`] is the same quota's (and the version counts') check on a change,
+//! and [`check_model_memory`] the `model_memory_mb` check of a model push.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -167,6 +168,43 @@ pub fn check_stored(tenant: &Tenant) -> Result<()> {
     Ok(())
 }
 
+/// What one model version costs in memory: `instances` sessions of its ONNX `bytes`.
+#[derive(Clone, Debug)]
+pub struct ModelCost {
+    /// How the refusal names it ("model 'm' version 2").
+    pub what: String,
+    pub instances: u64,
+    pub bytes: u64,
+}
+
+/// Refuses a model whose sessions do not fit in what the tenant's `model_memory_mb`
+/// (`budget_bytes`, its worker's memory) has left after the `used` bytes its stored models
+/// take (403, both figures named); else returns what is left for it.
+pub fn check_model_memory(
+    cost: &ModelCost,
+    used: u64,
+    quota_mb: u64,
+    budget_bytes: u64,
+) -> Result<u64> {
+    let needs = cost.instances.saturating_mul(cost.bytes);
+    let left = budget_bytes.saturating_sub(used);
+    if used.saturating_add(needs) > budget_bytes {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{} needs about {} MiB ({} instances of {} bytes) but the tenant's \
+                 model_memory_mb quota of {quota_mb} MiB has {} MiB left",
+                cost.what,
+                needs.div_ceil(1 << 20),
+                cost.instances,
+                cost.bytes,
+                left >> 20
+            ),
+        ));
+    }
+    Ok(left)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -269,5 +307,23 @@ mod tests {
             error.message().contains("quota of 15 stored bytes"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_model_past_the_memory_quota_is_refused_with_both_figures() {
+        let cost = ModelCost {
+            what: "model 'm' version 2".into(),
+            instances: 2,
+            bytes: 3 << 20,
+        };
+        assert_eq!(check_model_memory(&cost, 0, 8, 8 << 20).unwrap(), 8 << 20);
+        let error = check_model_memory(&cost, 3 << 20, 8, 8 << 20).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::PermissionDenied);
+        let text = error.message();
+        assert!(
+            text.contains("model 'm' version 2 needs about 6 MiB"),
+            "{text}"
+        );
+        assert!(text.contains("quota of 8 MiB has 5 MiB left"), "{text}");
     }
 }
