@@ -373,12 +373,28 @@ impl Drop for QueueSlot {
 const FIT_SCAN: usize = 32;
 
 /// The waiting requests of a model, one first-in-first-out line per tenant, served in turn.
-#[derive(Default)]
 struct FairQueue {
     /// Tenants with requests waiting, in the order their turn comes.
     turns: VecDeque<ShareKey>,
     lines: HashMap<ShareKey, VecDeque<Waiting>>,
     len: usize,
+    /// [`FairQueue::purge_abandoned`] scans only once the queue has doubled since its last
+    /// sweep, so sweeping costs O(1) per request, not O(queue) per batch.
+    sweep_at: usize,
+}
+
+/// The smallest queue worth sweeping for abandoned requests.
+const SWEEP_FLOOR: usize = 64;
+
+impl Default for FairQueue {
+    fn default() -> Self {
+        FairQueue {
+            turns: VecDeque::new(),
+            lines: HashMap::new(),
+            len: 0,
+            sweep_at: SWEEP_FLOOR,
+        }
+    }
 }
 
 impl FairQueue {
@@ -435,8 +451,13 @@ impl FairQueue {
         Some(waiting)
     }
 
-    /// Drops the requests whose callers went away; returns how many.
+    /// Drops the requests whose callers went away, when the queue has grown enough since the
+    /// last sweep to make it worth a scan (abandoned requests are also dropped as they come up,
+    /// see `Scheduler::admit`); returns how many.
     fn purge_abandoned(&mut self) -> usize {
+        if self.len < self.sweep_at {
+            return 0;
+        }
         let before = self.len;
         self.lines.retain(|_, line| {
             line.retain(|waiting| !waiting.reply.is_closed());
@@ -445,6 +466,7 @@ impl FairQueue {
         let lines = &self.lines;
         self.turns.retain(|tenant| lines.contains_key(tenant));
         self.len = self.lines.values().map(VecDeque::len).sum();
+        self.sweep_at = (2 * self.len).max(SWEEP_FLOOR);
         before - self.len
     }
 }
