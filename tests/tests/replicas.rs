@@ -243,6 +243,10 @@ async fn a_database_restart_under_load_keeps_replicas_serving_and_they_catch_up(
     // A change while it is down fails clearly (and changes nothing).
     let (status, body) = apply_graph(&one, &key, "h", &mlp_graph("h", 1)).await;
     assert_eq!(status, 503, "{body}");
+    // What failed, never the database's address (that is in the operator's log).
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("database is unavailable"), "{body}");
+    assert!(!error.contains("127.0.0.1"), "{body}");
     cluster.postgres.restart();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -627,6 +627,8 @@ async fn push_plugin_checked(
         let plugin = tenancy.runtime().load(&name, &staged.read()?)?;
         let role = plugin.role().as_str();
         // Checks, blob store and commit under the one writer: nothing can change in between.
+        // (A shared store's upload of the bytes happens before, outside it.)
+        tenancy.store().share_staged(&staged)?;
         let writer = tenancy.writer()?;
         check(&writer.state())?;
         tenancy.store().put_staged(staged)?;
@@ -983,6 +985,7 @@ async fn push_model_checked(
                 budget,
             )
             .map_err(context)?;
+        tenancy.store().share_staged(&staged)?;
         let writer = tenancy.writer()?;
         check(&writer.state())?;
         fits(&writer.state())?;
@@ -1182,7 +1185,8 @@ async fn apply_graph_checked(
         let text = String::from_utf8(staged.read()?)
             .map_err(|_| Error::invalid("the graph is not UTF-8 text"))?;
         // Validation, blob write and commit under the one writer, so a delete cannot slip in
-        // between and leave the graph naming something gone.
+        // between and leave the graph naming something gone. (Graphs are at most 1 MiB: their
+        // copy to a shared store may as well happen under it.)
         let writer = tenancy.writer()?;
         let scope = writer
             .scope(&tenant)

@@ -93,9 +93,13 @@ pub const REPLICA_TIMEOUT_SECONDS: i64 = 10;
 /// How long one statement may take before the call fails (the database is down or stuck).
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The database's failure as an error a tenant may see: what failed, not how (hosts, URLs
+/// and SQL stay in the operator's log; the URL with its password appears nowhere).
 fn database_error(what: &str, error: &sqlx::Error) -> Error {
-    // The URL (with its password) is never part of the message.
-    Error::unavailable(format!("the shared store's database: {what}: {error}"))
+    tracing::warn!(%error, "shared store, database: {what}");
+    Error::unavailable(format!(
+        "the shared store's database is unavailable: {what} (details in the server log)"
+    ))
 }
 
 /// Tenant metadata in PostgreSQL, with a local snapshot.
@@ -277,7 +281,7 @@ impl PostgresMeta {
                 return Err(error);
             }
         };
-        let writes = changed_tenants(&current, &next)?;
+        let writes = changed_tenants(&current, &next);
         let versions = self.known_versions();
         let (revision, written) = self.run(async move {
             let mut tx = tx;
@@ -653,7 +657,7 @@ async fn read_delta(
 }
 
 /// The tenants `next` added, changed (as their new record) or removed (`None`).
-fn changed_tenants(current: &State, next: &State) -> Result<Vec<(String, Option<Tenant>)>> {
+fn changed_tenants(current: &State, next: &State) -> Vec<(String, Option<Tenant>)> {
     let mut writes = Vec::new();
     for (name, tenant) in &next.tenants {
         if current.tenants.get(name) != Some(tenant) {
@@ -665,5 +669,5 @@ fn changed_tenants(current: &State, next: &State) -> Result<Vec<(String, Option<
             writes.push((name.clone(), None));
         }
     }
-    Ok(writes)
+    writes
 }

@@ -21,6 +21,7 @@ use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::sync::Arc;
 
+use futures_util::StreamExt as _;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{
@@ -43,8 +44,13 @@ fn head() -> GetOptions {
     }
 }
 
+/// The object store's failure as an error a tenant may see: what failed, not how (the
+/// endpoint, bucket and object names stay in the operator's log).
 fn object_error(what: &str, error: &object_store::Error) -> Error {
-    Error::unavailable(format!("the shared store's object store: {what}: {error}"))
+    tracing::warn!(%error, "shared store, object store: {what}");
+    Error::unavailable(format!(
+        "the shared store's object store is unavailable: {what} (details in the server log)"
+    ))
 }
 
 /// Where the object store is and who we are to it: the standard `AWS_*` variables.
@@ -236,48 +242,53 @@ impl S3Blobs {
         })
     }
 
-    /// Downloads the blob `digest` to `path` (through a temporary file next to it, checked
-    /// against the digest before the rename). Returns false when the object store has no such
-    /// blob.
+    /// Downloads the blob `digest` to `path`: streamed into a temporary file next to it and
+    /// hashed on the way (never held whole in memory), checked against the digest, then
+    /// renamed into place. Returns false when the object store has no such blob.
     pub fn download(&self, digest: &str, path: &Path) -> Result<bool> {
         if !is_sha256_hex(digest) {
             return Err(Error::invalid(format!("'{digest}' is not a blob digest")));
-        }
-        let store = Arc::clone(&self.store);
-        let object = self.object(digest);
-        let bytes = self.run(async move {
-            match store.get_opts(&object, GetOptions::default()).await {
-                Ok(result) => result
-                    .bytes()
-                    .await
-                    .map(Some)
-                    .map_err(|error| object_error("cannot read a blob", &error)),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(error) => Err(object_error("cannot read a blob", &error)),
-            }
-        })?;
-        let Some(bytes) = bytes else {
-            return Ok(false);
-        };
-        if hex(&Sha256::digest(&bytes)) != digest {
-            return Err(Error::internal(format!(
-                "blob {digest} in the object store does not match its digest"
-            )));
         }
         let mut random = [0u8; 8];
         getrandom::fill(&mut random)
             .map_err(|e| Error::internal(format!("cannot name a download: {e}")))?;
         let temp = path.with_file_name(format!(".tmp-download-{digest}-{}", hex(&random)));
-        let written = File::create(&temp)
-            .and_then(|mut file| file.write_all(&bytes).and_then(|()| file.sync_all()))
-            .and_then(|()| fs::rename(&temp, path));
-        if let Err(error) = written {
+        let store = Arc::clone(&self.store);
+        let object = self.object(digest);
+        let target = temp.clone();
+        let fetched = self.run(async move {
+            let result = match store.get_opts(&object, GetOptions::default()).await {
+                Ok(result) => result,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(error) => return Err(object_error("cannot read a blob", &error)),
+            };
+            let mut file = File::create(&target)
+                .map_err(|e| Error::internal(format!("cannot keep a downloaded blob: {e}")))?;
+            let mut hasher = Sha256::new();
+            let mut stream = result.into_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|error| object_error("cannot read a blob", &error))?;
+                hasher.update(&chunk);
+                file.write_all(&chunk)
+                    .map_err(|e| Error::internal(format!("cannot keep a downloaded blob: {e}")))?;
+            }
+            file.sync_all()
+                .map_err(|e| Error::internal(format!("cannot keep a downloaded blob: {e}")))?;
+            Ok(Some(hex(&hasher.finalize())))
+        });
+        let kept = match fetched {
+            Ok(Some(actual)) if actual == digest => fs::rename(&temp, path)
+                .map_err(|e| Error::internal(format!("cannot keep a downloaded blob: {e}"))),
+            Ok(Some(_)) => Err(Error::internal(format!(
+                "blob {digest} in the object store does not match its digest"
+            ))),
+            Ok(None) => return Ok(false),
+            Err(error) => Err(error),
+        };
+        if kept.is_err() {
             let _ = fs::remove_file(&temp);
-            return Err(Error::internal(format!(
-                "cannot keep a downloaded blob: {error}"
-            )));
         }
-        Ok(true)
+        kept.map(|()| true)
     }
 }
 

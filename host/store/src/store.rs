@@ -251,6 +251,17 @@ impl Store {
         Ok(digest)
     }
 
+    /// Copies a received upload to the shared object store ahead of [`Store::put_staged`], so
+    /// the slow part (up to the upload size limit over the network) runs before the caller
+    /// takes its writer lock and holds up no one else's change; `put_staged` then finds it
+    /// there. Nothing happens for the embedded store. Blocking.
+    pub fn share_staged(&self, staged: &StagedBlob) -> Result<()> {
+        match &self.remote {
+            Some(remote) => remote.upload(&staged.digest, &staged.temp.path),
+            None => Ok(()),
+        }
+    }
+
     /// Where a stored blob lives, for a reader that needs a path (a model backend). Check the
     /// bytes with [`Store::read_blob`] first: the file itself is not verified.
     pub fn blob_path(&self, digest: &str) -> PathBuf {
