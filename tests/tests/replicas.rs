@@ -82,6 +82,14 @@ async fn status_of(request: reqwest::RequestBuilder) -> u16 {
     send(request).await.0
 }
 
+/// Waits until `server` knows the tenant of `key`; returns how long that took.
+async fn tenant_known(server: &Server, key: &str) -> Duration {
+    until("the tenant on another replica", || async {
+        status_of(client_with_key(key).get(server.url("/api/v1/tenant"))).await == 200
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_share_tenants_plugins_and_graphs_within_a_second() {
     let cluster = Cluster::start();
@@ -90,11 +98,7 @@ async fn three_replicas_share_tenants_plugins_and_graphs_within_a_second() {
 
     // A tenant created on one is known to the others.
     let key = create_tenant(one, "acme", json!({ "shared_models": ["mlp"] })).await;
-    let tenant_url = |server: &Server| server.url("/api/v1/tenant");
-    let known = until("the tenant on replica two", || async {
-        status_of(client_with_key(&key).get(tenant_url(two))).await == 200
-    })
-    .await;
+    let known = tenant_known(two, &key).await;
     eprintln!("tenant created on one, usable on two after {known:?}");
     assert!(known < Duration::from_secs(1), "{known:?}");
 
@@ -144,10 +148,7 @@ async fn a_replica_killed_mid_upload_leaves_nothing_half_written_and_restarts() 
     let one = cluster.replica();
     let two = cluster.replica();
     let key = create_tenant(&one, "acme", json!({ "shared_models": ["mlp"] })).await;
-    until("the tenant on two", || async {
-        status_of(client_with_key(&key).get(two.url("/api/v1/tenant"))).await == 200
-    })
-    .await;
+    tenant_known(&two, &key).await;
 
     // Half a model upload on two, then SIGKILL.
     let onnx = mlp_onnx();
@@ -211,7 +212,7 @@ async fn a_database_restart_under_load_keeps_replicas_serving_and_they_catch_up(
         }),
     )
     .await;
-    let (status, body) = apply_graph(&one, &key, "g", &mlp_graph("g", 1)).await;
+    let (status, body) = apply_graph(&one, &key, "g", &mlp_model_graph("g", 1)).await;
     assert_eq!(status, 201, "{body}");
     until("the graph on two", || async {
         infer(&two, &key, "g").await.0 == 200
@@ -241,7 +242,7 @@ async fn a_database_restart_under_load_keeps_replicas_serving_and_they_catch_up(
     cluster.postgres.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     // A change while it is down fails clearly (and changes nothing).
-    let (status, body) = apply_graph(&one, &key, "h", &mlp_graph("h", 1)).await;
+    let (status, body) = apply_graph(&one, &key, "h", &mlp_model_graph("h", 1)).await;
     assert_eq!(status, 503, "{body}");
     // What failed, never the database's address (that is in the operator's log).
     let error = body["error"].as_str().unwrap();
@@ -260,7 +261,10 @@ async fn a_database_restart_under_load_keeps_replicas_serving_and_they_catch_up(
     // After it is back: a change on one reaches two (the listener reconnected, or the
     // reconcile timer caught it).
     let applied = until("a change after the restart", || async {
-        apply_graph(&one, &key, "h", &mlp_graph("h", 1)).await.0 == 201
+        apply_graph(&one, &key, "h", &mlp_model_graph("h", 1))
+            .await
+            .0
+            == 201
     })
     .await;
     let caught_up = until("the new graph on two", || async {
@@ -270,29 +274,6 @@ async fn a_database_restart_under_load_keeps_replicas_serving_and_they_catch_up(
     eprintln!(
         "after the database restart: change accepted in {applied:?}, on two {caught_up:?} later"
     );
-}
-
-/// A graph of one node calling the shared `mlp`.
-fn mlp_graph(name: &str, version: u64) -> String {
-    format!(
-        r#"name = "{name}"
-version = {version}
-[[input]]
-name = "x"
-datatype = "FP32"
-shape = [-1, 64]
-[[output]]
-name = "y"
-datatype = "FP32"
-shape = [-1, 10]
-from = "m.y"
-[[node]]
-name = "m"
-kind = "model"
-model = "mlp"
-inputs = ["request"]
-"#
-    )
 }
 
 /// Sends `count` authenticated requests at once to `server`; returns the 429 answers' errors.
@@ -445,10 +426,7 @@ async fn a_challenge_from_one_replica_registers_a_key_through_another_once() {
     let one = cluster.replica();
     let two = cluster.replica();
     let key = create_tenant(&one, "acme", json!({})).await;
-    until("the tenant on two", || async {
-        status_of(client_with_key(&key).get(two.url("/api/v1/tenant"))).await == 200
-    })
-    .await;
+    tenant_known(&two, &key).await;
     let secret = weft_store::signing::SecretKey::generate().unwrap();
     let issued = challenge(&one, &key).await;
     let nonce = issued["challenge"].as_str().unwrap();

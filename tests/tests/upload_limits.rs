@@ -157,28 +157,10 @@ async fn assert_no_upload_files(server: &Server) {
     );
 }
 
-/// A graph of one node calling the shared `mlp`; every version (1 to 899) has the same length.
+/// A graph `g` of one node calling the shared `mlp`; every version (1 to 899) has the same
+/// length.
 fn mlp_graph(version: u64) -> String {
-    let version = 100 + version;
-    format!(
-        r#"name = "g"
-version = {version}
-[[input]]
-name = "x"
-datatype = "FP32"
-shape = [-1, 64]
-[[output]]
-name = "y"
-datatype = "FP32"
-shape = [-1, 10]
-from = "m.y"
-[[node]]
-name = "m"
-kind = "model"
-model = "mlp"
-inputs = ["request"]
-"#
-    )
+    mlp_model_graph("g", 100 + version)
 }
 
 #[tokio::test]

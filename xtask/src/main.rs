@@ -353,17 +353,22 @@ fn serve(root: &Path, extra: &[String]) -> Result<()> {
 /// The API key `cargo xtask serve` gives tenant `default`; the README's examples send it.
 const QUICKSTART_KEY: &str = "weft-quickstart-key";
 
-fn test(root: &Path, extra: &[String]) -> Result<()> {
+/// `cargo test` in the repository root with what the tests need to find (ONNX Runtime, the
+/// Python environment, the generated models, the built guests).
+fn cargo_test(root: &Path) -> Command {
     let mut command = Command::new(env!("CARGO"));
     command
         .current_dir(root)
-        .args(["test", "--workspace"])
-        .args(extra)
+        .arg("test")
         .env("ORT_DYLIB_PATH", ort_library(root))
         .env("WEFT_TEST_PYTHON", venv_python(root))
         .env("WEFT_TEST_MODELS", root.join("target/test-models"))
         .env("WEFT_GUESTS", guests_dir(root));
-    run(&mut command)?;
+    command
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    run(cargo_test(root).arg("--workspace").args(extra))?;
     shared_store_suites(root, extra)
 }
 
@@ -377,20 +382,15 @@ fn shared_store_suites(root: &Path, extra: &[String]) -> Result<()> {
     eprintln!("xtask: the tenancy suites again, on PostgreSQL + S3");
     let postgres = weft_testkit::Postgres::start();
     let s3 = weft_testkit::SeaweedS3::start();
-    let mut command = Command::new(env!("CARGO"));
+    let mut command = cargo_test(root);
     command
-        .current_dir(root)
-        .args(["test", "-p", "weft-e2e"])
+        .args(["-p", "weft-e2e"])
         .args(
             SHARED_STORE_SUITES
                 .iter()
                 .flat_map(|suite| ["--test", suite]),
         )
         .args(extra)
-        .env("ORT_DYLIB_PATH", ort_library(root))
-        .env("WEFT_TEST_PYTHON", venv_python(root))
-        .env("WEFT_TEST_MODELS", root.join("target/test-models"))
-        .env("WEFT_GUESTS", guests_dir(root))
         .env("WEFT_TEST_STORE", "shared")
         .env("WEFT_TEST_PG_PORT", postgres.port().to_string())
         .envs(s3.env());

@@ -440,6 +440,18 @@ async fn as_tenant<F: std::future::Future>(tenant: &str, future: F) -> F::Output
     accounting::scope(cost, future).await
 }
 
+type Call = tokio::task::JoinHandle<Result<Vec<NamedTensor>>>;
+
+/// Starts a call of `model` as a request of `tenant`, in its own task.
+fn spawn_as(
+    tenant: &'static str,
+    model: &Arc<impl Model + 'static>,
+    inputs: Vec<NamedTensor>,
+) -> Call {
+    let model = Arc::clone(model);
+    tokio::spawn(as_tenant(tenant, async move { model.infer(inputs).await }))
+}
+
 #[tokio::test]
 async fn one_tenants_backlog_delays_another_tenants_request_by_one_batch_not_the_backlog() {
     let fake = Doubler::new(Duration::from_millis(10));
@@ -453,10 +465,7 @@ async fn one_tenants_backlog_delays_another_tenants_request_by_one_batch_not_the
     // Tenant "a" queues 40 full batches (values from 0); then "b" sends one (value 10000).
     let mut backlog = Vec::new();
     for i in 0..40 {
-        let batched = Arc::clone(&batched);
-        backlog.push(tokio::spawn(as_tenant("a", async move {
-            batched.infer(request(8, 1, i as f32 * 8.0)).await
-        })));
+        backlog.push(spawn_as("a", &batched, request(8, 1, i as f32 * 8.0)));
     }
     tokio::time::sleep(Duration::from_millis(15)).await;
     let victim = as_tenant("b", batched.infer(request(8, 1, 10_000.0)))
@@ -489,26 +498,15 @@ async fn a_batch_is_filled_one_request_per_tenant_in_turn() {
     ));
     // A batch of one runs first (holding the instance); then "a" queues 16 one-row requests
     // and "b" 2: the next batch of 8 carries both of b's, not a's first 8.
-    let blocker = {
-        let batched = Arc::clone(&batched);
-        tokio::spawn(as_tenant("a", async move {
-            batched.infer(request(8, 1, -100.0)).await
-        }))
-    };
+    let blocker = spawn_as("a", &batched, request(8, 1, -100.0));
     tokio::time::sleep(Duration::from_millis(10)).await;
     let mut tasks = Vec::new();
     for i in 0..16 {
-        let batched = Arc::clone(&batched);
-        tasks.push(tokio::spawn(as_tenant("a", async move {
-            batched.infer(request(1, 1, i as f32)).await
-        })));
+        tasks.push(spawn_as("a", &batched, request(1, 1, i as f32)));
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
     for i in 0..2 {
-        let batched = Arc::clone(&batched);
-        tasks.push(tokio::spawn(as_tenant("b", async move {
-            batched.infer(request(1, 1, 1000.0 + i as f32)).await
-        })));
+        tasks.push(spawn_as("b", &batched, request(1, 1, 1000.0 + i as f32)));
     }
     blocker.await.unwrap().unwrap();
     for task in tasks {
@@ -538,10 +536,7 @@ async fn a_tenant_filling_the_queue_does_not_lock_another_tenant_out() {
     // "a": one runs, four wait (the queue is full), the next is refused.
     let mut tasks = Vec::new();
     for i in 0..5 {
-        let batched = Arc::clone(&batched);
-        tasks.push(tokio::spawn(as_tenant("a", async move {
-            batched.infer(request(8, 1, i as f32)).await
-        })));
+        tasks.push(spawn_as("a", &batched, request(8, 1, i as f32)));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let refused = as_tenant("a", batched.infer(request(8, 1, 50.0)))
@@ -551,10 +546,7 @@ async fn a_tenant_filling_the_queue_does_not_lock_another_tenant_out() {
     assert!(refused.to_string().contains("queue is full"), "{refused}");
     // "b" holds none of the queue: it gets in up to its share (4 / 2 tenants = 2).
     for i in 0..2 {
-        let batched = Arc::clone(&batched);
-        tasks.push(tokio::spawn(as_tenant("b", async move {
-            batched.infer(request(8, 1, 1000.0 + i as f32)).await
-        })));
+        tasks.push(spawn_as("b", &batched, request(8, 1, 1000.0 + i as f32)));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let over_share = as_tenant("b", batched.infer(request(8, 1, 2000.0)))
@@ -593,10 +585,7 @@ async fn requests_that_cannot_be_merged_share_instance_turns_with_the_batches() 
     // mergeable request and is served after at most a call or two of a's, not after all ten.
     let mut flood = Vec::new();
     for i in 0..10 {
-        let batched = Arc::clone(&batched);
-        flood.push(tokio::spawn(as_tenant("a", async move {
-            batched.infer(request(16, 1, i as f32 * 16.0)).await
-        })));
+        flood.push(spawn_as("a", &batched, request(16, 1, i as f32 * 16.0)));
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
     as_tenant("b", batched.infer(request(2, 1, 10_000.0)))
@@ -622,10 +611,7 @@ async fn an_unbatched_shared_model_serves_tenants_in_turn() {
     let shared = Arc::new(weft_engine::FairShared::new(fake.clone(), 1));
     let mut flood = Vec::new();
     for i in 0..20 {
-        let shared = Arc::clone(&shared);
-        flood.push(tokio::spawn(as_tenant("a", async move {
-            shared.infer(request(1, 1, i as f32)).await
-        })));
+        flood.push(spawn_as("a", &shared, request(1, 1, i as f32)));
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
     as_tenant("b", shared.infer(request(1, 1, 10_000.0)))

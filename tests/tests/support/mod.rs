@@ -419,6 +419,30 @@ inputs = ["request"]
     )
 }
 
+/// A graph `name` (version `version`) of one model node calling the shared `mlp`:
+/// FP32 `x` [-1, 64] in, FP32 `y` [-1, 10] out.
+pub fn mlp_model_graph(name: &str, version: u64) -> String {
+    format!(
+        r#"name = "{name}"
+version = {version}
+[[input]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 64]
+[[output]]
+name = "y"
+datatype = "FP32"
+shape = [-1, 10]
+from = "m.y"
+[[node]]
+name = "m"
+kind = "model"
+model = "mlp"
+inputs = ["request"]
+"#
+    )
+}
+
 /// A graph whose one node runs `plugin` (the `runtime_call_model` guest), granted the model
 /// `grant` and asked to `load-by-name` the model `target` through `wasi:nn`.
 pub fn call_model_graph(
