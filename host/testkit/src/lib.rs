@@ -73,11 +73,31 @@ fn run(mut command: Command, what: &str) {
     );
 }
 
+/// Ports this process has handed out already. A port found free is released again before
+/// its server binds it, so without this two servers started at once by parallel tests (a
+/// SeaweedFS binds each port and port + 10000) could be given the same one, and one's S3 port
+/// could turn out to be the other's gRPC port.
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// A loopback port that is free now and that this process has not handed out before, nor
+/// its `+ 10000` twin.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free loopback port")
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|address| address.port())
+            .expect("a free loopback port");
+        let taken =
+            |p: u16| handed_out.contains(&p) || handed_out.contains(&p.wrapping_add(10_000));
+        let twin = port.wrapping_sub(10_000);
+        if !taken(port) && !handed_out.contains(&twin) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// Creates the database `name` on the [`Postgres`] at `port` and returns its URL.
