@@ -39,7 +39,10 @@ async fn plugin_calls_the_onnx_mlp_through_wasi_nn_bit_exactly() {
         "x",
         Tensor::new(DataType::Fp32, vec![2, 64], Bytes::from(values)).unwrap(),
     );
-    let direct = mlp.infer(vec![x.clone()]).await.unwrap();
+    let direct = mlp
+        .infer(&weft_core::RequestContext::background(), vec![x.clone()])
+        .await
+        .unwrap();
 
     let mut grants: HashMap<String, Arc<dyn Model>> = HashMap::new();
     grants.insert("mlp".into(), Arc::clone(&mlp));

@@ -194,7 +194,11 @@ impl Model for OnnxModel {
         &self.metadata
     }
 
-    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
+    fn infer<'a>(
+        &'a self,
+        _request: &'a weft_core::RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
         Box::pin(async move {
             let pool = Arc::clone(&self.sessions);
             self.sessions

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::{DataType, Error, NamedTensor, Result};
+use crate::{DataType, Error, NamedTensor, RequestContext, Result};
 
 /// A boxed, sendable future; keeps [`Model`] usable as `dyn Model`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -43,17 +43,23 @@ pub trait Model: Send + Sync {
 
     /// Runs the model on inputs that [`ModelMetadata::validate_inputs`] accepted; returns every
     /// output the model declares, in declaration order.
-    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>>;
+    /// `request` is whom the call runs for and where its costs go (see [`RequestContext`]).
+    fn infer<'a>(
+        &'a self,
+        request: &'a RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>>;
 
     /// Runs with the request's `parameters` and returns the outputs with response parameters.
     /// Plain models ignore the parameters and add none; graphs read `trace` and report it back.
     fn infer_with_parameters<'a>(
         &'a self,
+        request: &'a RequestContext,
         inputs: Vec<NamedTensor>,
         parameters: &'a Parameters,
     ) -> BoxFuture<'a, Result<(Vec<NamedTensor>, Parameters)>> {
         let _ = parameters;
-        Box::pin(async move { Ok((self.infer(inputs).await?, Parameters::new())) })
+        Box::pin(async move { Ok((self.infer(request, inputs).await?, Parameters::new())) })
     }
 }
 

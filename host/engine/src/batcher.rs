@@ -15,7 +15,7 @@
 //! without running.
 //!
 //! Tenants share a model's queue fairly ([`FairQueue`]): each tenant (the request's
-//! [`accounting::tenant`]) has its own first-in-first-out line, the first request of a batch
+//! [`RequestContext::tenant`]) has its own first-in-first-out line, the first request of a batch
 //! comes from the tenants in turn, and the batch is filled one request per tenant in turn. So a
 //! tenant with a thousand requests waiting delays another tenant's one request by at most one
 //! batch per instance, not a thousand. Admission is fair too: a full queue still admits a
@@ -40,11 +40,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 use weft_core::fair::{FairGate, ShareKey};
 use weft_core::{
-    BoxFuture, DataType, Error, ErrorKind, Model, ModelMetadata, NamedTensor, Result, Tensor,
-    bytes_elements,
+    BoxFuture, DataType, Error, ErrorKind, Model, ModelMetadata, NamedTensor, RequestContext,
+    Result, Spent, Tensor, bytes_elements,
 };
-
-use crate::accounting::{self, Spent};
 
 /// How a model batches (model.toml's `[dynamic_batching]`, plus its limits).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,6 +107,9 @@ type Signature = Vec<(String, DataType, Vec<usize>)>;
 
 struct Waiting {
     inputs: Vec<NamedTensor>,
+    /// Whom it runs for: a member that runs alone (a batch of one, or a rerun after a merged
+    /// call failed) runs under its own request.
+    request: RequestContext,
     rows: usize,
     signature: Signature,
     /// The tenant's place in the queue; dropped (freeing it) when the request leaves the queue.
@@ -179,19 +180,23 @@ impl BatchedModel {
         })
     }
 
-    async fn submit(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>> {
-        let tenant = accounting::tenant();
+    async fn submit(
+        &self,
+        request: &RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> Result<Vec<NamedTensor>> {
+        let tenant = request.share_key();
         let Some((rows, signature)) = batch_signature(&inputs)
             .filter(|(rows, _)| *rows > 0 && *rows <= self.config.max_batch_size)
         else {
             // Nothing to merge (no batch dimension, or already a full batch): run it alone, in
             // an instance turn shared fairly with the batches and other tenants.
-            let turn = crate::shared::take_turn(&self.turns, tenant).await;
+            let turn = crate::shared::take_turn(&self.turns, request).await;
             let started = Instant::now();
-            let result = self.inner.infer(inputs).await;
+            let result = self.inner.infer(request, inputs).await;
             drop(turn);
             let compute = started.elapsed();
-            accounting::add(Spent::Compute, compute);
+            request.add(Spent::Compute, compute);
             if let Some(observer) = &self.observer {
                 observer.batch(rows_of(&result), 1, compute);
             }
@@ -213,6 +218,7 @@ impl BatchedModel {
         let dispatched = Arc::new(AtomicBool::new(false));
         let waiting = Waiting {
             inputs,
+            request: request.clone(),
             rows,
             signature,
             slot,
@@ -224,7 +230,12 @@ impl BatchedModel {
             self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
             return Err(Error::unavailable("the model's batcher has stopped"));
         }
-        let answered = match self.config.queue_timeout {
+        // The queue timeout, or the request's own deadline when that comes first.
+        let timeout = match (self.config.queue_timeout, request.remaining()) {
+            (Some(queue), Some(left)) => Some(queue.min(left)),
+            (queue, left) => queue.or(left),
+        };
+        let answered = match timeout {
             None => answer.await,
             Some(timeout) => match tokio::time::timeout(timeout, &mut answer).await {
                 Ok(answered) => answered,
@@ -232,7 +243,7 @@ impl BatchedModel {
                 // is busy; the scheduler drops it when it gets there (its caller has left).
                 Err(_) if !dispatched.load(Ordering::SeqCst) => {
                     self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
-                    accounting::add(Spent::Queue, timeout);
+                    request.add(Spent::Queue, timeout);
                     return Err(queue_timeout_error(timeout));
                 }
                 Err(_) => answer.await,
@@ -240,8 +251,8 @@ impl BatchedModel {
         };
         let reply =
             answered.map_err(|_| Error::internal("the model's batcher dropped the request"))?;
-        accounting::add(Spent::Queue, reply.queued);
-        accounting::add(Spent::Compute, reply.compute);
+        request.add(Spent::Queue, reply.queued);
+        request.add(Spent::Compute, reply.compute);
         reply.result
     }
 }
@@ -278,8 +289,12 @@ impl Model for BatchedModel {
         self.inner.health()
     }
 
-    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
-        Box::pin(self.submit(inputs))
+    fn infer<'a>(
+        &'a self,
+        request: &'a RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
+        Box::pin(self.submit(request, inputs))
     }
 }
 
@@ -620,14 +635,19 @@ async fn run_batch(
         queued.iter().for_each(|&wait| observer.waited(wait));
     }
     let requests = batch.len();
-    let (inputs, replies): (Vec<_>, Vec<_>) =
-        batch.into_iter().map(|w| (w.inputs, w.reply)).unzip();
+    let mut inputs = Vec::with_capacity(requests);
+    let mut members = Vec::with_capacity(requests);
+    let mut replies = Vec::with_capacity(requests);
+    for waiting in batch {
+        inputs.push(waiting.inputs);
+        members.push(waiting.request);
+        replies.push(waiting.reply);
+    }
     if requests == 1 {
         // Alone already: its result, error included, is its own.
-        let mut inputs = inputs;
-        let result = match inputs.pop() {
-            Some(only) => inner.infer(only).await,
-            None => Ok(Vec::new()),
+        let result = match (inputs.pop(), members.first()) {
+            (Some(only), Some(request)) => inner.infer(request, only).await,
+            _ => Ok(Vec::new()),
         };
         let compute = started.elapsed();
         if let Some(observer) = observer {
@@ -644,7 +664,8 @@ async fn run_batch(
     }
     // The members' inputs are kept (tensor data is shared, not copied) for a rerun alone.
     let outcome = match merge(&inputs) {
-        Ok(merged) => match inner.infer(merged).await {
+        // A merged call runs for several requests, perhaps of several tenants: for no one.
+        Ok(merged) => match inner.infer(&RequestContext::background(), merged).await {
             Ok(outputs) => split(outputs, &rows),
             Err(error) => Err(error),
         },
@@ -675,8 +696,10 @@ async fn run_batch(
         Err(error) => {
             // Operator logs only, and at debug: a tenant can cause this at will.
             tracing::debug!(requests, %error, "a merged batch failed; its requests run again alone");
-            let members = inputs.into_iter().zip(replies).zip(rows).zip(queued);
-            for ((((inputs, reply), rows), queued), share) in members.zip(shares) {
+            let members = inputs.into_iter().zip(members).zip(replies).zip(rows);
+            for (((((inputs, request), reply), rows), queued), share) in
+                members.zip(queued).zip(shares)
+            {
                 // Its caller left (perhaps while an earlier member ran): nobody to answer.
                 if reply.is_closed() {
                     continue;
@@ -687,7 +710,7 @@ async fn run_batch(
                 }
                 count_call(stats, 1, rows);
                 let alone = Instant::now();
-                let result = inner.infer(inputs).await;
+                let result = inner.infer(&request, inputs).await;
                 let own = alone.elapsed();
                 if let Some(observer) = observer {
                     observer.batch(rows, 1, own);

@@ -9,7 +9,6 @@
 //! [`registry::ModelLoader`] trait and graph nodes run through [`graph::NodeRunner`], which the
 //! server wires to the backends and the plugin runtime, so everything here is tested with fakes.
 
-pub mod accounting;
 pub mod batcher;
 pub mod config;
 pub mod graph;

@@ -376,7 +376,11 @@ mod tests {
         fn metadata(&self) -> &ModelMetadata {
             &self.0
         }
-        fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
+        fn infer<'a>(
+            &'a self,
+            _: &'a weft_core::RequestContext,
+            inputs: Vec<NamedTensor>,
+        ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
             Box::pin(async move { Ok(inputs) })
         }
     }

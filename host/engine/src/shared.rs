@@ -11,10 +11,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use weft_core::fair::{FairGate, FairPermit, ShareKey};
-use weft_core::{BoxFuture, Model, ModelMetadata, NamedTensor, Result};
-
-use crate::accounting::{self, Spent};
+use weft_core::fair::{FairGate, FairPermit};
+use weft_core::{BoxFuture, Model, ModelMetadata, NamedTensor, RequestContext, Result, Spent};
 
 /// A model whose instance turns are shared fairly between the tenants calling it.
 pub struct FairShared {
@@ -42,24 +40,28 @@ impl Model for FairShared {
         self.inner.health()
     }
 
-    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
+    fn infer<'a>(
+        &'a self,
+        request: &'a RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
         Box::pin(async move {
-            let turn = take_turn(&self.turns, accounting::tenant()).await;
-            let result = self.inner.infer(inputs).await;
+            let turn = take_turn(&self.turns, request).await;
+            let result = self.inner.infer(request, inputs).await;
             drop(turn);
             result
         })
     }
 }
 
-/// A turn of `turns` for `tenant`; time spent waiting for it counts as the request's queue time
-/// (a turn free at once adds none).
-pub(crate) async fn take_turn(turns: &FairGate, tenant: ShareKey) -> FairPermit {
-    if let Some(turn) = turns.try_acquire(tenant.clone()) {
+/// A turn of `turns` for the request's tenant; time spent waiting for it counts as the request's
+/// queue time (a turn free at once adds none).
+pub(crate) async fn take_turn(turns: &FairGate, request: &RequestContext) -> FairPermit {
+    if let Some(turn) = turns.try_acquire(request.share_key()) {
         return turn;
     }
     let waited = Instant::now();
-    let turn = turns.acquire(tenant).await;
-    accounting::add(Spent::Queue, waited.elapsed());
+    let turn = turns.acquire(request.share_key()).await;
+    request.add(Spent::Queue, waited.elapsed());
     turn
 }

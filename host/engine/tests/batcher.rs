@@ -9,14 +9,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use weft_core::{
-    BoxFuture, DataType, Error, ErrorKind, Model, ModelMetadata, NamedTensor, Result, Tensor,
-    TensorSpec, bytes_elements, encode_bytes_elements,
+    BoxFuture, DataType, Error, ErrorKind, Model, ModelMetadata, NamedTensor, RequestContext,
+    Result, Tensor, TensorSpec, bytes_elements, encode_bytes_elements,
 };
-use weft_engine::accounting::{self, Cost};
 use weft_engine::{BatchedModel, BatchingConfig};
 
 /// y = 2x (FP32, any row width); tag = "row:<first value of the row>" (BYTES [n, 1]).
@@ -91,7 +90,11 @@ impl Model for Doubler {
         &self.metadata
     }
 
-    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
+    fn infer<'a>(
+        &'a self,
+        _: &'a RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
         Box::pin(async move {
             let x = &inputs[0].tensor;
             let (rows, width) = (x.shape()[0], x.shape()[1]);
@@ -176,7 +179,7 @@ async fn concurrent_requests_merge_into_few_calls_and_split_back_exactly() {
         .cloned()
         .map(|r| {
             let batched = Arc::clone(&batched);
-            tokio::spawn(async move { batched.infer(r).await })
+            tokio::spawn(async move { batched.infer(&RequestContext::background(), r).await })
         })
         .collect();
     for (request, task) in requests.iter().zip(tasks) {
@@ -209,7 +212,7 @@ async fn requests_of_different_shapes_never_share_a_batch() {
         .cloned()
         .map(|r| {
             let batched = Arc::clone(&batched);
-            tokio::spawn(async move { batched.infer(r).await })
+            tokio::spawn(async move { batched.infer(&RequestContext::background(), r).await })
         })
         .collect();
     for (request, task) in requests.iter().zip(tasks) {
@@ -233,7 +236,11 @@ async fn a_preferred_size_dispatches_without_waiting_for_the_delay() {
     let tasks: Vec<_> = (0..4)
         .map(|i| {
             let batched = Arc::clone(&batched);
-            tokio::spawn(async move { batched.infer(request(1, 2, i as f32)).await })
+            tokio::spawn(async move {
+                batched
+                    .infer(&RequestContext::background(), request(1, 2, i as f32))
+                    .await
+            })
         })
         .collect();
     for task in tasks {
@@ -259,18 +266,26 @@ async fn a_full_queue_refuses_with_unavailable() {
     for i in 0..3 {
         let batched = Arc::clone(&batched);
         tasks.push(tokio::spawn(async move {
-            batched.infer(request(1, 2, i as f32)).await
+            batched
+                .infer(&RequestContext::background(), request(1, 2, i as f32))
+                .await
         }));
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    let error = batched.infer(request(1, 2, 9.0)).await.unwrap_err();
+    let error = batched
+        .infer(&RequestContext::background(), request(1, 2, 9.0))
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Unavailable);
     assert!(error.to_string().contains("queue is full"), "{error}");
     for task in tasks {
         task.await.unwrap().unwrap();
     }
     // Recovered: it serves again.
-    batched.infer(request(1, 2, 1.0)).await.unwrap();
+    batched
+        .infer(&RequestContext::background(), request(1, 2, 1.0))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -286,10 +301,17 @@ async fn a_request_waiting_past_its_timeout_gets_deadline_exceeded() {
     ));
     let first = {
         let batched = Arc::clone(&batched);
-        tokio::spawn(async move { batched.infer(request(1, 2, 0.0)).await })
+        tokio::spawn(async move {
+            batched
+                .infer(&RequestContext::background(), request(1, 2, 0.0))
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let error = batched.infer(request(1, 2, 5.0)).await.unwrap_err();
+    let error = batched
+        .infer(&RequestContext::background(), request(1, 2, 5.0))
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::DeadlineExceeded);
     // Answered when its timeout passed, not when the only instance freed up.
     assert!(
@@ -328,7 +350,11 @@ async fn a_cancelled_caller_is_dropped_and_the_others_are_unaffected() {
     ));
     let spawn = |rows: usize, start: f32| {
         let batched = Arc::clone(&batched);
-        tokio::spawn(async move { batched.infer(request(rows, 2, start)).await })
+        tokio::spawn(async move {
+            batched
+                .infer(&RequestContext::background(), request(rows, 2, start))
+                .await
+        })
     };
     let running = spawn(1, 0.0);
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -352,7 +378,11 @@ async fn a_model_error_reaches_every_caller_of_the_batch() {
     let tasks: Vec<_> = (0..6)
         .map(|i| {
             let batched = Arc::clone(&batched);
-            tokio::spawn(async move { batched.infer(request(1, 2, i as f32)).await })
+            tokio::spawn(async move {
+                batched
+                    .infer(&RequestContext::background(), request(1, 2, i as f32))
+                    .await
+            })
         })
         .collect();
     for task in tasks {
@@ -360,7 +390,10 @@ async fn a_model_error_reaches_every_caller_of_the_batch() {
         assert!(error.to_string().contains("refuses"), "{error}");
     }
     // A request larger than max_batch_size bypasses the queue and reaches the model.
-    let error = batched.infer(request(9, 2, 0.0)).await.unwrap_err();
+    let error = batched
+        .infer(&RequestContext::background(), request(9, 2, 0.0))
+        .await
+        .unwrap_err();
     assert!(error.to_string().contains("refuses"), "{error}");
     assert!(fake.calls().contains(&9));
 }
@@ -394,7 +427,7 @@ async fn a_request_that_fails_its_batch_fails_alone_and_the_others_get_their_res
         .cloned()
         .map(|r| {
             let batched = Arc::clone(&batched);
-            tokio::spawn(async move { batched.infer(r).await })
+            tokio::spawn(async move { batched.infer(&RequestContext::background(), r).await })
         })
         .collect();
     let mut results = Vec::new();
@@ -420,7 +453,10 @@ async fn a_request_that_fails_its_batch_fails_alone_and_the_others_get_their_res
 async fn a_batch_of_one_that_fails_is_not_run_again() {
     let fake = refusing_negatives(Duration::ZERO);
     let batched = BatchedModel::new(fake.clone(), config(1));
-    let error = batched.infer(request(2, 2, -1.0)).await.unwrap_err();
+    let error = batched
+        .infer(&RequestContext::background(), request(2, 2, -1.0))
+        .await
+        .unwrap_err();
     assert_eq!(
         error.to_string(),
         "the fake model refuses [-1.0, 0.0, 1.0, 2.0]"
@@ -432,12 +468,9 @@ async fn a_batch_of_one_that_fails_is_not_run_again() {
 }
 
 /// Runs `future` as a request of `tenant`.
-async fn as_tenant<F: std::future::Future>(tenant: &str, future: F) -> F::Output {
-    let cost = Arc::new(Cost {
-        tenant: Some(Arc::from(tenant)),
-        ..Cost::default()
-    });
-    accounting::scope(cost, future).await
+/// A request of `tenant`.
+fn as_tenant(tenant: &str) -> RequestContext {
+    RequestContext::for_tenant(tenant)
 }
 
 type Call = tokio::task::JoinHandle<Result<Vec<NamedTensor>>>;
@@ -449,7 +482,7 @@ fn spawn_as(
     inputs: Vec<NamedTensor>,
 ) -> Call {
     let model = Arc::clone(model);
-    tokio::spawn(as_tenant(tenant, async move { model.infer(inputs).await }))
+    tokio::spawn(async move { model.infer(&as_tenant(tenant), inputs).await })
 }
 
 #[tokio::test]
@@ -468,7 +501,8 @@ async fn one_tenants_backlog_delays_another_tenants_request_by_one_batch_not_the
         backlog.push(spawn_as("a", &batched, request(8, 1, i as f32 * 8.0)));
     }
     tokio::time::sleep(Duration::from_millis(15)).await;
-    let victim = as_tenant("b", batched.infer(request(8, 1, 10_000.0)))
+    let victim = batched
+        .infer(&as_tenant("b"), request(8, 1, 10_000.0))
         .await
         .unwrap();
     check_answer(&request(8, 1, 10_000.0), &victim);
@@ -539,7 +573,8 @@ async fn a_tenant_filling_the_queue_does_not_lock_another_tenant_out() {
         tasks.push(spawn_as("a", &batched, request(8, 1, i as f32)));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let refused = as_tenant("a", batched.infer(request(8, 1, 50.0)))
+    let refused = batched
+        .infer(&as_tenant("a"), request(8, 1, 50.0))
         .await
         .unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::Unavailable);
@@ -549,7 +584,8 @@ async fn a_tenant_filling_the_queue_does_not_lock_another_tenant_out() {
         tasks.push(spawn_as("b", &batched, request(8, 1, 1000.0 + i as f32)));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let over_share = as_tenant("b", batched.infer(request(8, 1, 2000.0)))
+    let over_share = batched
+        .infer(&as_tenant("b"), request(8, 1, 2000.0))
         .await
         .unwrap_err();
     assert!(
@@ -588,7 +624,8 @@ async fn requests_that_cannot_be_merged_share_instance_turns_with_the_batches() 
         flood.push(spawn_as("a", &batched, request(16, 1, i as f32 * 16.0)));
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
-    as_tenant("b", batched.infer(request(2, 1, 10_000.0)))
+    batched
+        .infer(&as_tenant("b"), request(2, 1, 10_000.0))
         .await
         .unwrap();
     for task in flood {
@@ -614,7 +651,8 @@ async fn an_unbatched_shared_model_serves_tenants_in_turn() {
         flood.push(spawn_as("a", &shared, request(1, 1, i as f32)));
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
-    as_tenant("b", shared.infer(request(1, 1, 10_000.0)))
+    shared
+        .infer(&as_tenant("b"), request(1, 1, 10_000.0))
         .await
         .unwrap();
     for task in flood {
@@ -623,4 +661,31 @@ async fn an_unbatched_shared_model_serves_tenants_in_turn() {
     let starts = fake.starts();
     let turn = starts.iter().position(|&start| start == 10_000.0).unwrap();
     assert!(turn <= 2, "b's request ran as call {turn} of {starts:?}");
+}
+
+#[tokio::test]
+async fn a_request_deadline_shorter_than_the_queue_timeout_ends_its_wait() {
+    // No queue timeout at all: only the request's own deadline bounds the wait.
+    let fake = Doubler::new(Duration::from_millis(500));
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            queue_timeout: None,
+            max_queue_delay: Duration::ZERO,
+            ..config(1)
+        },
+    ));
+    let busy = spawn_as("a", &batched, request(1, 2, 0.0));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let started = Instant::now();
+    let hurried = as_tenant("b").with_deadline(Instant::now() + Duration::from_millis(30));
+    let error = batched
+        .infer(&hurried, request(1, 2, 5.0))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::DeadlineExceeded);
+    assert!(started.elapsed() < Duration::from_millis(300), "waited for the busy batch");
+    busy.await.unwrap().unwrap();
+    assert_eq!(fake.calls(), vec![1], "the expired request never ran");
+    assert!(hurried.cost().queue_us.load(std::sync::atomic::Ordering::Relaxed) >= 20_000);
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use weft_core::{
-    BoxFuture, DataType, ErrorKind, ModelMetadata, NamedTensor, Result, Tensor, TensorSpec,
+    BoxFuture, DataType, ErrorKind, ModelMetadata, NamedTensor, RequestContext, Result, Tensor,
+    TensorSpec,
 };
 use weft_engine::graph::{
     Catalog, GRAPH_PLATFORM, GraphModel, GraphPlan, GraphSpec, NodeContext, NodeLimits, NodeRunner,
@@ -141,6 +142,7 @@ impl FakeRunner {
 impl NodeRunner for FakeRunner {
     fn model<'a>(
         &'a self,
+        _: &'a RequestContext,
         model: &'a str,
         version: Option<&'a str>,
         inputs: Vec<NamedTensor>,
@@ -159,6 +161,7 @@ impl NodeRunner for FakeRunner {
 
     fn plugin<'a>(
         &'a self,
+        _: &'a RequestContext,
         context: &'a NodeContext,
         call: PluginCall<'a>,
     ) -> BoxFuture<'a, Result<PluginReply>> {
@@ -262,6 +265,7 @@ tensor_map = {{ x = "pre.features" }}
     let result = execute(
         &plan,
         &runner,
+        &RequestContext::background(),
         request(),
         &BTreeMap::new(),
         Duration::from_secs(5),
@@ -311,6 +315,7 @@ async fn independent_branches_run_concurrently_and_a_combiner_joins_them() {
     let result = execute(
         &plan,
         &runner,
+        &RequestContext::background(),
         request(),
         &BTreeMap::new(),
         Duration::from_secs(5),
@@ -335,6 +340,7 @@ async fn the_deadline_spans_the_whole_request() {
     let error = execute(
         &plan,
         &runner,
+        &RequestContext::background(),
         request(),
         &BTreeMap::new(),
         Duration::from_millis(100),
@@ -360,6 +366,7 @@ async fn a_hard_failure_cancels_the_rest_and_names_the_node() {
     let error = execute(
         &plan,
         &runner,
+        &RequestContext::background(),
         request(),
         &BTreeMap::new(),
         Duration::from_secs(5),
@@ -395,6 +402,7 @@ async fn a_soft_dependency_may_fail_and_the_combiner_leaves_it_out() {
     let result = execute(
         &plan,
         &runner,
+        &RequestContext::background(),
         request(),
         &BTreeMap::new(),
         Duration::from_secs(5),
@@ -420,6 +428,7 @@ async fn a_soft_dependency_may_fail_and_the_combiner_leaves_it_out() {
     let result = execute(
         &plan,
         &runner,
+        &RequestContext::background(),
         request(),
         &BTreeMap::new(),
         Duration::from_secs(5),
@@ -475,6 +484,7 @@ async fn a_router_prunes_the_branches_it_did_not_pick() {
     let result = execute(
         &plan,
         &runner,
+        &RequestContext::background(),
         request(),
         &params(&[("arm", "v2")]),
         Duration::from_secs(5),
@@ -491,6 +501,7 @@ async fn a_router_prunes_the_branches_it_did_not_pick() {
     let error = execute(
         &plan,
         &runner,
+        &RequestContext::background(),
         request(),
         &params(&[("arm", "v9")]),
         Duration::from_secs(5),
@@ -514,6 +525,7 @@ async fn the_switch_follows_a_request_parameter() {
     let gold = execute(
         &plan,
         &runner,
+        &RequestContext::background(),
         request(),
         &params(&[("tier", "gold")]),
         Duration::from_secs(5),
@@ -524,6 +536,7 @@ async fn the_switch_follows_a_request_parameter() {
     let other = execute(
         &plan,
         &runner,
+        &RequestContext::background(),
         request(),
         &params(&[("tier", "tin")]),
         Duration::from_secs(5),
@@ -543,6 +556,7 @@ async fn the_splitter_keeps_its_proportions_and_sticky_keys_stay_put() {
         let result = execute(
             &plan,
             &runner,
+            &RequestContext::background(),
             request(),
             &BTreeMap::new(),
             Duration::from_secs(5),
@@ -559,6 +573,7 @@ async fn the_splitter_keeps_its_proportions_and_sticky_keys_stay_put() {
         let first = execute(
             &plan,
             &runner,
+            &RequestContext::background(),
             request(),
             &params(&[("user", user)]),
             Duration::from_secs(5),
@@ -569,6 +584,7 @@ async fn the_splitter_keeps_its_proportions_and_sticky_keys_stay_put() {
             let again = execute(
                 &plan,
                 &runner,
+                &RequestContext::background(),
                 request(),
                 &params(&[("user", user)]),
                 Duration::from_secs(5),
@@ -597,6 +613,7 @@ deadline_ms = 50
     let error = execute(
         &plan,
         &FakeRunner::default(),
+        &RequestContext::background(),
         request(),
         &BTreeMap::new(),
         Duration::from_secs(5),
@@ -644,7 +661,7 @@ async fn a_graph_model_reports_its_declaration_and_traces_on_request() {
 
     // No trace unless asked; numbers in TOML params reach the plugin as text.
     let (outputs, parameters) = model
-        .infer_with_parameters(request(), &Parameters::new())
+        .infer_with_parameters(&RequestContext::background(), request(), &Parameters::new())
         .await
         .unwrap();
     assert_eq!(values(&outputs[0]), vec![20.0, 0.0]);
@@ -652,7 +669,10 @@ async fn a_graph_model_reports_its_declaration_and_traces_on_request() {
 
     let mut ask = Parameters::new();
     ask.insert("trace".into(), true.into());
-    let (_, parameters) = model.infer_with_parameters(request(), &ask).await.unwrap();
+    let (_, parameters) = model
+        .infer_with_parameters(&RequestContext::background(), request(), &ask)
+        .await
+        .unwrap();
     let trace = parameters["trace"].as_array().unwrap();
     let nodes: Vec<&str> = trace.iter().map(|n| n["node"].as_str().unwrap()).collect();
     assert_eq!(nodes, vec!["pre", "mlp"]);
@@ -660,7 +680,10 @@ async fn a_graph_model_reports_its_declaration_and_traces_on_request() {
     assert!(trace.iter().all(|n| n.get("outputs").is_none()));
 
     ask.insert("trace".into(), "tensors".into());
-    let (_, parameters) = model.infer_with_parameters(request(), &ask).await.unwrap();
+    let (_, parameters) = model
+        .infer_with_parameters(&RequestContext::background(), request(), &ask)
+        .await
+        .unwrap();
     let pre = &parameters["trace"][0]["outputs"][0];
     assert_eq!(pre["name"], "x");
     assert_eq!(pre["shape"], serde_json::json!([1, 4]));
@@ -668,7 +691,7 @@ async fn a_graph_model_reports_its_declaration_and_traces_on_request() {
 
     ask.insert("trace".into(), "loud".into());
     let error = model
-        .infer_with_parameters(request(), &ask)
+        .infer_with_parameters(&RequestContext::background(), request(), &ask)
         .await
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::InvalidArgument);
@@ -680,7 +703,10 @@ async fn a_graph_output_that_breaks_its_declaration_is_an_error() {
     use weft_core::Model;
     let header = HEADER.replace("shape = [-1, 2]", "shape = [-1, 3]");
     let model = graph_model(&format!("{header}{TRACED}"));
-    let error = model.infer(request()).await.unwrap_err();
+    let error = model
+        .infer(&RequestContext::background(), request())
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Internal);
     assert!(
         error
@@ -688,4 +714,34 @@ async fn a_graph_output_that_breaks_its_declaration_is_an_error() {
             .contains("graph output 'out': expected shape [-1, 3]"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn the_request_deadline_bounds_a_graph_before_the_graph_deadline_does() {
+    let plan = inline(&format!(
+        r#"{HEADER}
+from = "m.y"
+[[node]]
+name = "m"
+kind = "model"
+model = "sleepy"
+inputs = ["request"]
+"#
+    ));
+    let started = Instant::now();
+    let hurried =
+        RequestContext::for_tenant("acme").with_deadline(Instant::now() + Duration::from_millis(50));
+    let error = execute(
+        &plan,
+        &FakeRunner::default(),
+        &hurried,
+        request(),
+        &BTreeMap::new(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::DeadlineExceeded);
+    assert!(error.to_string().contains("the request's deadline"), "{error}");
+    assert!(started.elapsed() < Duration::from_millis(400));
 }

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use weft_core::{
-    BoxFuture, DataType, ErrorKind, ModelMetadata, NamedTensor, Result, Tensor, TensorSpec,
+    BoxFuture, DataType, ErrorKind, ModelMetadata, NamedTensor, RequestContext, Result, Tensor,
+    TensorSpec,
 };
 use weft_engine::graph::{
     Catalog, GraphLimits, GraphSpec, NodeContext, NodeRunner, PluginCall, PluginReply, PluginRole,
@@ -98,6 +99,7 @@ struct Echo;
 impl NodeRunner for Echo {
     fn model<'a>(
         &'a self,
+        _: &'a RequestContext,
         _: &'a str,
         _: Option<&'a str>,
         inputs: Vec<NamedTensor>,
@@ -107,6 +109,7 @@ impl NodeRunner for Echo {
 
     fn plugin<'a>(
         &'a self,
+        _: &'a RequestContext,
         _: &'a NodeContext,
         call: PluginCall<'a>,
     ) -> BoxFuture<'a, Result<PluginReply>> {
@@ -149,7 +152,15 @@ fn a_100000_node_chain_validates_and_runs_without_recursion() {
         let x = Tensor::new(DataType::Fp32, vec![1, 4], Bytes::from(data)).unwrap();
         let inputs = vec![NamedTensor::new("x", x)];
         let params = BTreeMap::new();
-        let run = execute(&plan, &Echo, inputs, &params, Duration::from_secs(120));
+        let request = RequestContext::background();
+        let run = execute(
+            &plan,
+            &Echo,
+            &request,
+            inputs,
+            &params,
+            Duration::from_secs(120),
+        );
         runtime.block_on(Box::pin(run)).unwrap()
     });
     assert_eq!(executed.trace.len(), NODES);

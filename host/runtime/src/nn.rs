@@ -255,7 +255,8 @@ impl inference::HostGraphExecutionContext for PluginState {
         if let Some(turn) = &turn {
             turn.release();
         }
-        let outputs = model.infer(inputs).await;
+        let request = self.request.clone();
+        let outputs = model.infer(&request, inputs).await;
         if let Some(turn) = &turn {
             turn.take().await;
         }

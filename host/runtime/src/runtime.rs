@@ -31,7 +31,7 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreContextMut,
     Trap, UpdateDeadline,
 };
-use weft_core::{Error, ErrorKind, Model, NamedTensor};
+use weft_core::{Error, ErrorKind, Model, NamedTensor, RequestContext};
 
 use crate::bindings::Imports;
 use crate::bindings::combiner::{Combiner, CombinerPre};
@@ -728,13 +728,12 @@ pub struct CallContext {
     /// A host directory the plugin may read (never write) as `/assets`, when the graph grants
     /// one. Without it the plugin sees no filesystem at all.
     pub assets: Option<PathBuf>,
-    /// Whom the call runs for (the tenant). A warm instance is reused only for a call with the
-    /// same key, so one plugin shared by several tenants never carries one tenant's memory
-    /// into another's call.
-    pub isolation: Option<Arc<str>>,
-    /// Where the call adds the fuel it consumed, when the runtime meters fuel (per-request
-    /// accounting); nothing is added otherwise.
-    pub fuel_used: Option<Arc<AtomicU64>>,
+    /// The request the call runs for. Its tenant keys the instance pool's fair share and the
+    /// warm instances (one reused only for a call of the same tenant, so one plugin shared by
+    /// several tenants never carries one tenant's memory into another's call); its deadline
+    /// shortens the call's; the fuel the call consumes (when the runtime meters fuel) and the
+    /// models it calls through `wasi:nn` are charged to it.
+    pub request: RequestContext,
 }
 
 /// A loaded plugin, ready to be called concurrently.
@@ -794,7 +793,7 @@ struct Warm {
     store: Store<PluginState>,
     instance: RoleInstance,
     calls: u32,
-    /// The isolation key of the calls this instance served (see [`CallContext::isolation`]).
+    /// The isolation key of the calls this instance served (the tenant of [`CallContext::request`]).
     isolation: Option<Arc<str>>,
     /// When its last call ended.
     idle_since: Instant,
@@ -863,6 +862,7 @@ impl Plugin {
         let state = PluginState::new(
             Arc::clone(&self.name),
             Arc::default(),
+            RequestContext::background(),
             limits.memory_bytes,
             limits.log_bytes,
         );
@@ -968,8 +968,12 @@ impl Plugin {
             .clone()
             .unwrap_or_else(|| inner.config.limits.clone());
         limits.memory_bytes = limits.memory_bytes.min(inner.config.max_memory_bytes);
+        // The call's deadline, or what is left of the request's when that comes first.
+        if let Some(left) = context.request.remaining() {
+            limits.deadline = limits.deadline.min(left);
+        }
         let deadline = tokio::time::Instant::now() + limits.deadline;
-        let key = context.isolation.clone();
+        let key = context.request.share_key();
         let failure = |cause: FailureCause, kind: ErrorKind, message: String| PluginFailure {
             cause,
             error: Error::new(kind, format!("plugin '{}': {message}", self.name)),
@@ -1000,6 +1004,7 @@ impl Plugin {
             Some(mut warm) => {
                 warm.store.data_mut().begin_call(
                     Arc::clone(&context.grants),
+                    context.request.clone(),
                     limits.memory_bytes,
                     log,
                 );
@@ -1009,6 +1014,7 @@ impl Plugin {
                 let mut state = PluginState::new(
                     Arc::clone(&self.name),
                     Arc::clone(&context.grants),
+                    context.request.clone(),
                     limits.memory_bytes,
                     limits.log_bytes,
                 );
@@ -1056,9 +1062,7 @@ impl Plugin {
             self.stats
                 .fuel_consumed
                 .fetch_add(consumed, Ordering::Relaxed);
-            if let Some(sink) = &context.fuel_used {
-                sink.fetch_add(consumed, Ordering::Relaxed);
-            }
+            context.request.add_fuel(consumed);
         }
         match outcome {
             Err(_) => Err(failure(

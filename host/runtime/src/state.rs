@@ -19,7 +19,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{
     HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
 };
-use weft_core::Model;
+use weft_core::{Model, RequestContext};
 
 use crate::nn::{NnContext, NnError, NnGraph, NnTensor};
 use crate::tensors::HostTensor;
@@ -42,6 +42,8 @@ pub struct PluginState {
     pub(crate) limiter: MemoryLimiter,
     /// Models this call may `load-by-name`, keyed by the name the plugin uses.
     pub(crate) grants: Arc<HashMap<String, Arc<dyn Model>>>,
+    /// The request the current call runs for: granted models are called under it.
+    pub(crate) request: RequestContext,
     pub(crate) plugin: Arc<str>,
     pub(crate) stdout: MemoryOutputPipe,
     pub(crate) stderr: MemoryOutputPipe,
@@ -88,6 +90,7 @@ impl PluginState {
     pub(crate) fn new(
         plugin: Arc<str>,
         grants: Arc<HashMap<String, Arc<dyn Model>>>,
+        request: RequestContext,
         memory_bytes: usize,
         log_bytes: usize,
     ) -> Self {
@@ -99,6 +102,7 @@ impl PluginState {
             wasi,
             limiter: MemoryLimiter::new(memory_bytes),
             grants,
+            request,
             plugin,
             stdout,
             stderr,
@@ -165,10 +169,12 @@ impl PluginState {
     pub(crate) fn begin_call(
         &mut self,
         grants: Arc<HashMap<String, Arc<dyn Model>>>,
+        request: RequestContext,
         memory_bytes: usize,
         log: CallLog,
     ) {
         self.grants = grants;
+        self.request = request;
         self.limiter.memory_bytes = memory_bytes;
         self.limiter.refused = None;
         self.host.limit = memory_bytes;
@@ -180,6 +186,8 @@ impl PluginState {
     /// Deletes every resource the host made for the call that the guest still holds, so
     /// nothing (a tensor, a `wasi:nn` graph and its model grant) outlives the call.
     pub(crate) fn end_call(&mut self) {
+        // A warm instance keeps nothing of the request it served.
+        self.request = RequestContext::background();
         for (rep, (kind, _)) in std::mem::take(&mut self.owned) {
             use wasmtime::component::Resource;
             let _ = match kind {

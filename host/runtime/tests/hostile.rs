@@ -25,7 +25,7 @@ fn limits(deadline_ms: u64, memory_mb: usize) -> CallLimits {
 fn tenant(name: &str, limits: CallLimits) -> CallContext {
     CallContext {
         limits: Some(limits),
-        isolation: Some(Arc::from(name)),
+        request: weft_core::RequestContext::for_tenant(name),
         ..CallContext::default()
     }
 }

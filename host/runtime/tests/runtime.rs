@@ -42,10 +42,11 @@ impl Model for Doubler {
     fn metadata(&self) -> &ModelMetadata {
         &self.0
     }
-    fn infer(
-        &self,
+    fn infer<'a>(
+        &'a self,
+        _: &'a weft_core::RequestContext,
         inputs: Vec<NamedTensor>,
-    ) -> BoxFuture<'_, weft_core::Result<Vec<NamedTensor>>> {
+    ) -> BoxFuture<'a, weft_core::Result<Vec<NamedTensor>>> {
         Box::pin(async move {
             let x = &inputs[0].tensor;
             let doubled: Vec<f32> = f32s(x).iter().map(|v| v * 2.0).collect();
@@ -534,7 +535,7 @@ async fn warm_instances_are_reused_only_for_the_same_tenant() {
     let copy = load(&runtime, "runtime_copy");
     let call = |tenant: &str| {
         let mut context = context(&[]);
-        context.isolation = Some(Arc::from(tenant));
+        context.request = weft_core::RequestContext::for_tenant(tenant);
         context
     };
     let x = || NamedTensor::new("x", f32_tensor(vec![1, 2], &[1.0, 2.0]));

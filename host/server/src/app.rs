@@ -21,9 +21,9 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use weft_core::RequestContext;
 use weft_core::{Error, ErrorKind, Model, NamedTensor, Tensor};
 use weft_engine::ModelState;
-use weft_engine::accounting::{self, Cost};
 use weft_engine::graph::GRAPH_PLATFORM;
 use weft_protocol::{
     InferRequest, InferResponse, MetadataTensor, ModelMetadataResponse, RepositoryIndexEntry,
@@ -382,27 +382,21 @@ async fn run_infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let cost = Arc::new(Cost {
-        tenant: Some(Arc::from(scope.name.as_str())),
-        ..Cost::default()
-    });
+    let request = RequestContext::for_tenant(&scope.name);
     let mut served = Served::default();
     let result = match scope.admit() {
         Ok(permit) => {
             let admitted = Arc::new(permit);
-            accounting::scope(
-                Arc::clone(&cost),
-                infer_accounted(
-                    state,
-                    scope,
-                    name,
-                    version,
-                    headers,
-                    body,
-                    &cost,
-                    &mut served,
-                    &admitted,
-                ),
+            infer_accounted(
+                state,
+                scope,
+                name,
+                version,
+                headers,
+                body,
+                &request,
+                &mut served,
+                &admitted,
             )
             .await
         }
@@ -431,8 +425,8 @@ async fn run_infer(
                 ok: result.is_ok(),
                 duration,
                 rows: served.rows,
-                queue: micros(&cost.queue_us),
-                compute: micros(&cost.compute_us),
+                queue: micros(&request.cost().queue_us),
+                compute: micros(&request.cost().compute_us),
             },
         );
     }
@@ -457,7 +451,7 @@ async fn infer_accounted(
     version: Option<&str>,
     headers: &HeaderMap,
     body: Body,
-    cost: &Arc<Cost>,
+    context: &RequestContext,
     served: &mut Served,
     admitted: &Arc<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Response, ApiError> {
@@ -538,17 +532,21 @@ async fn infer_accounted(
         let permit = Arc::clone(&permit);
         let model = Arc::clone(&model);
         let parameters = request.parameters.clone();
-        tokio::spawn(accounting::scope(Arc::clone(cost), async move {
-            let result = model.infer_with_parameters(inputs, &parameters).await;
+        let context = context.clone();
+        tokio::spawn(async move {
+            let result = model
+                .infer_with_parameters(&context, inputs, &parameters)
+                .await;
             drop((admitted, permit));
             result
-        }))
+        })
     };
     let (outputs, mut parameters) = work
         .await
         .map_err(|error| Error::internal(format!("the inference task failed: {error}")))?
         .map_err(|error| error.context(format!("{what} '{name}' version {number}")))?;
     // What the request cost, so a tenant can see it.
+    let cost = context.cost();
     let load =
         |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
     parameters.insert("compute_us".into(), load(&cost.compute_us).into());

@@ -104,7 +104,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let call = move || {
             let model = Arc::clone(&model);
             let inputs = inputs.clone();
-            async move { model.infer(inputs).await.is_ok() }
+            async move {
+                let request = weft_core::RequestContext::background();
+                model.infer(&request, inputs).await.is_ok()
+            }
         };
         drive(&args, call).await
     } else {
@@ -386,7 +389,7 @@ pub async fn bench_plugins(args: BenchPluginsArgs) -> anyhow::Result<()> {
         &format!("{} called directly (Model::infer)", args.model),
         &time_calls(n, || async {
             model
-                .infer(inputs.clone())
+                .infer(&weft_core::RequestContext::background(), inputs.clone())
                 .await
                 .map(drop)
                 .map_err(anyhow::Error::from)

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use weft_core::{BoxFuture, Error, ErrorKind, Model, ModelMetadata, NamedTensor, Result};
-use weft_engine::accounting::{self, Spent};
+use weft_core::{
+    BoxFuture, Error, ErrorKind, Model, ModelMetadata, NamedTensor, RequestContext, Result, Spent,
+};
 use weft_engine::graph::{
     Catalog, GraphModel, GraphObserver, GraphSpec, NodeContext, NodeLimits, NodeRunner, PluginCall,
     PluginReply, PluginRole, validate,
@@ -98,9 +99,6 @@ pub struct RepositoryRunner {
     provenance: HashMap<String, serde_json::Value>,
     /// Per plugin name, its `/metrics` label when it is not the name (`tenant/name@version`).
     metric_labels: HashMap<String, String>,
-    /// Whether the runtime meters fuel (`--meter-fuel`): only then does a call carry a sink
-    /// for the request's `parameters.fuel`.
-    meters_fuel: bool,
 }
 
 impl RepositoryRunner {
@@ -121,7 +119,6 @@ impl RepositoryRunner {
             metrics,
             provenance: HashMap::new(),
             metric_labels: HashMap::new(),
-            meters_fuel: runtime.config().meter_fuel,
         }
     }
 
@@ -144,7 +141,7 @@ impl RepositoryRunner {
         &self.plugins
     }
 
-    fn call_context(&self, context: &NodeContext) -> CallContext {
+    fn call_context(&self, request: &RequestContext, context: &NodeContext) -> CallContext {
         let grants = context
             .models
             .iter()
@@ -167,8 +164,7 @@ impl RepositoryRunner {
             assets: None,
             // Repository plugins serve every tenant that shares their graph: warm instances
             // stay with the tenant whose call left them.
-            isolation: accounting::tenant(),
-            fuel_used: None,
+            request: request.clone(),
         }
     }
 }
@@ -176,6 +172,7 @@ impl RepositoryRunner {
 impl NodeRunner for RepositoryRunner {
     fn model<'a>(
         &'a self,
+        request: &'a RequestContext,
         model: &'a str,
         version: Option<&'a str>,
         inputs: Vec<NamedTensor>,
@@ -187,12 +184,13 @@ impl NodeRunner for RepositoryRunner {
                 .metadata()
                 .validate_inputs(&inputs)
                 .map_err(context)?;
-            served.infer(inputs).await.map_err(context)
+            served.infer(request, inputs).await.map_err(context)
         })
     }
 
     fn plugin<'a>(
         &'a self,
+        request: &'a RequestContext,
         context: &'a NodeContext,
         call: PluginCall<'a>,
     ) -> BoxFuture<'a, Result<PluginReply>> {
@@ -206,13 +204,9 @@ impl NodeRunner for RepositoryRunner {
                 .plugins
                 .get(name)
                 .ok_or_else(|| Error::unavailable(format!("plugin '{name}' is not loaded")))?;
-            let mut call_context = self.call_context(context);
-            let fuel = self
-                .meters_fuel
-                .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
-            call_context.fuel_used = fuel.clone();
+            let call_context = self.call_context(request, context);
             if let Some(entry) = self.provenance.get(name) {
-                accounting::note_plugin(entry);
+                request.note_plugin(entry);
             }
             let started = Instant::now();
             let reply = match call {
@@ -230,10 +224,7 @@ impl NodeRunner for RepositoryRunner {
                     .map(PluginReply::Route),
             };
             let elapsed = started.elapsed();
-            accounting::add(Spent::Plugin, elapsed);
-            if let Some(fuel) = fuel {
-                accounting::add_fuel(fuel.load(std::sync::atomic::Ordering::Relaxed));
-            }
+            request.add(Spent::Plugin, elapsed);
             if let Some(metrics) = &self.metrics {
                 let label = self.metric_labels.get(name).map_or(name, String::as_str);
                 metrics.plugin_call(label, elapsed);

@@ -17,9 +17,9 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use weft_core::Spent;
 use weft_core::{BoxFuture, Model, ModelMetadata, NamedTensor, Result};
 use weft_engine::BatchObserver;
-use weft_engine::accounting::{self, Spent};
 use weft_engine::graph::GraphObserver;
 use weft_runtime::{FailureCause, Plugin, PluginRuntime};
 
@@ -575,13 +575,17 @@ impl Model for MeteredModel {
         self.inner.health()
     }
 
-    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
+    fn infer<'a>(
+        &'a self,
+        request: &'a weft_core::RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
         Box::pin(async move {
             let started = Instant::now();
-            let result = self.inner.infer(inputs).await;
+            let result = self.inner.infer(request, inputs).await;
             let elapsed = started.elapsed();
             self.compute.observe(elapsed.as_secs_f64());
-            accounting::add(Spent::Compute, elapsed);
+            request.add(Spent::Compute, elapsed);
             result
         })
     }

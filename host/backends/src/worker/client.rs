@@ -328,7 +328,11 @@ impl Model for WorkerModel {
         self.worker.health(&self.broken)
     }
 
-    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
+    fn infer<'a>(
+        &'a self,
+        _request: &'a weft_core::RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
         Box::pin(async move {
             if let Some(reason) = self.broken.get() {
                 return Err(Error::unavailable(reason.clone()));

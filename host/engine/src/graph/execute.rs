@@ -17,7 +17,7 @@ use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use weft_core::{BoxFuture, Error, ErrorKind, NamedTensor, Result};
+use weft_core::{BoxFuture, Error, ErrorKind, NamedTensor, RequestContext, Result};
 
 use super::schema::{BuiltinRouter, NodeKind, NodeSpec};
 use super::validate::{GraphPlan, Source};
@@ -62,6 +62,7 @@ pub struct NodeContext {
 pub trait NodeRunner: Send + Sync {
     fn model<'a>(
         &'a self,
+        request: &'a RequestContext,
         model: &'a str,
         version: Option<&'a str>,
         inputs: Vec<NamedTensor>,
@@ -69,6 +70,7 @@ pub trait NodeRunner: Send + Sync {
 
     fn plugin<'a>(
         &'a self,
+        request: &'a RequestContext,
         context: &'a NodeContext,
         call: PluginCall<'a>,
     ) -> BoxFuture<'a, Result<PluginReply>>;
@@ -122,19 +124,30 @@ enum State {
 }
 
 /// Runs `plan` on the request's inputs and parameters within `deadline`.
+/// The request's own deadline, when it comes first, bounds the run too.
 pub async fn execute(
     plan: &GraphPlan,
     runner: &dyn NodeRunner,
+    request: &RequestContext,
     inputs: Vec<NamedTensor>,
     request_params: &BTreeMap<String, String>,
     deadline: Duration,
 ) -> Result<Execution> {
     let name = &plan.spec.name;
-    match tokio::time::timeout(deadline, run(plan, runner, inputs, request_params)).await {
+    let (limit, whose) = match request.remaining() {
+        Some(left) if left < deadline => (left, "the request's deadline"),
+        _ => (deadline, "its deadline"),
+    };
+    let run = run(plan, runner, request, inputs, request_params);
+    match tokio::time::timeout(limit, run).await {
         Ok(result) => result,
-        Err(_) => Err(Error::new(
+        Err(_) if whose == "its deadline" => Err(Error::new(
             ErrorKind::DeadlineExceeded,
             format!("graph '{name}' exceeded its deadline of {deadline:?}"),
+        )),
+        Err(_) => Err(Error::new(
+            ErrorKind::DeadlineExceeded,
+            format!("graph '{name}' did not finish before {whose}"),
         )),
     }
 }
@@ -170,6 +183,7 @@ impl Schedule {
 async fn run(
     plan: &GraphPlan,
     runner: &dyn NodeRunner,
+    request_context: &RequestContext,
     inputs: Vec<NamedTensor>,
     request_params: &BTreeMap<String, String>,
 ) -> Result<Execution> {
@@ -201,6 +215,7 @@ async fn run(
             running.push(run_node(
                 plan,
                 runner,
+                request_context,
                 index,
                 node_inputs,
                 request_params,
@@ -379,6 +394,7 @@ type NodeResult = Result<(Vec<NamedTensor>, Option<String>)>;
 fn run_node<'a>(
     plan: &'a GraphPlan,
     runner: &'a dyn NodeRunner,
+    request: &'a RequestContext,
     index: usize,
     inputs: NodeInputs,
     request_params: &'a BTreeMap<String, String>,
@@ -401,7 +417,7 @@ fn run_node<'a>(
         let result = match (node.kind, inputs) {
             (NodeKind::Model, NodeInputs::Tensors(tensors)) => {
                 let model = node.model.as_deref().unwrap_or_default();
-                let call = runner.model(model, node.version.as_deref(), tensors);
+                let call = runner.model(request, model, node.version.as_deref(), tensors);
                 // A plugin's deadline is enforced inside the sandbox; a model's here.
                 match context.deadline {
                     Some(deadline) => tokio::time::timeout(deadline, call).await.unwrap_or_else(
@@ -427,7 +443,7 @@ fn run_node<'a>(
                             plugin,
                             inputs: tensors.clone(),
                         };
-                        match runner.plugin(&context, call).await {
+                        match runner.plugin(request, &context, call).await {
                             Ok(PluginReply::Route(route)) => Ok((tensors, Some(route))),
                             Ok(PluginReply::Tensors(_)) => {
                                 Err(Error::internal("router returned tensors"))
@@ -442,7 +458,7 @@ fn run_node<'a>(
                 let plugin = node.plugin.as_deref().unwrap_or_default();
                 tensors_of(
                     runner
-                        .plugin(&context, PluginCall::Combine { plugin, branches })
+                        .plugin(request, &context, PluginCall::Combine { plugin, branches })
                         .await,
                 )
             }
@@ -451,6 +467,7 @@ fn run_node<'a>(
                 tensors_of(
                     runner
                         .plugin(
+                            request,
                             &context,
                             PluginCall::Transform {
                                 plugin,

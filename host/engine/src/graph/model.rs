@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use weft_core::{
-    BoxFuture, Error, Model, ModelMetadata, NamedTensor, Parameters, Result, TensorSpec,
+    BoxFuture, Error, Model, ModelMetadata, NamedTensor, Parameters, RequestContext, Result,
+    TensorSpec,
 };
 
 use super::execute::{NodeRunner, NodeTrace, execute};
@@ -125,6 +126,7 @@ impl GraphModel {
 
     async fn run(
         &self,
+        request: &RequestContext,
         inputs: Vec<NamedTensor>,
         parameters: &Parameters,
     ) -> Result<(Vec<NamedTensor>, Parameters)> {
@@ -133,6 +135,7 @@ impl GraphModel {
         let execution = execute(
             &self.plan,
             self.runner.as_ref(),
+            request,
             inputs,
             &request_params,
             self.deadline,
@@ -209,18 +212,23 @@ impl Model for GraphModel {
         &self.metadata
     }
 
-    fn infer(&self, inputs: Vec<NamedTensor>) -> BoxFuture<'_, Result<Vec<NamedTensor>>> {
+    fn infer<'a>(
+        &'a self,
+        request: &'a RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
         Box::pin(async move {
             let parameters = Parameters::new();
-            Ok(self.run(inputs, &parameters).await?.0)
+            Ok(self.run(request, inputs, &parameters).await?.0)
         })
     }
 
     fn infer_with_parameters<'a>(
         &'a self,
+        request: &'a RequestContext,
         inputs: Vec<NamedTensor>,
         parameters: &'a Parameters,
     ) -> BoxFuture<'a, Result<(Vec<NamedTensor>, Parameters)>> {
-        Box::pin(self.run(inputs, parameters))
+        Box::pin(self.run(request, inputs, parameters))
     }
 }
