@@ -684,8 +684,17 @@ async fn a_request_deadline_shorter_than_the_queue_timeout_ends_its_wait() {
         .await
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::DeadlineExceeded);
-    assert!(started.elapsed() < Duration::from_millis(300), "waited for the busy batch");
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "waited for the busy batch"
+    );
     busy.await.unwrap().unwrap();
     assert_eq!(fake.calls(), vec![1], "the expired request never ran");
-    assert!(hurried.cost().queue_us.load(std::sync::atomic::Ordering::Relaxed) >= 20_000);
+    assert!(
+        hurried
+            .cost()
+            .queue_us
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 20_000
+    );
 }

@@ -729,8 +729,8 @@ inputs = ["request"]
 "#
     ));
     let started = Instant::now();
-    let hurried =
-        RequestContext::for_tenant("acme").with_deadline(Instant::now() + Duration::from_millis(50));
+    let hurried = RequestContext::for_tenant("acme")
+        .with_deadline(Instant::now() + Duration::from_millis(50));
     let error = execute(
         &plan,
         &FakeRunner::default(),
@@ -742,6 +742,9 @@ inputs = ["request"]
     .await
     .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::DeadlineExceeded);
-    assert!(error.to_string().contains("the request's deadline"), "{error}");
+    assert!(
+        error.to_string().contains("the request's deadline"),
+        "{error}"
+    );
     assert!(started.elapsed() < Duration::from_millis(400));
 }

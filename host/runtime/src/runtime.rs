@@ -849,6 +849,11 @@ impl Plugin {
         self.role
     }
 
+    /// The runtime it was compiled by (its default limits apply to its calls).
+    pub fn runtime(&self) -> &PluginRuntime {
+        &self.runtime
+    }
+
     /// This plugin's call counters (shared by its clones).
     pub fn stats(&self) -> &Arc<PluginStats> {
         &self.stats

@@ -143,10 +143,10 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
         parts: &mut axum::http::request::Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let scope = state.tenancy.authenticate(&parts.headers)?;
+        let scope = crate::tenants::authenticate(&state.tenancy, &parts.headers)?;
         // Every authenticated request pays the tenant's rate quota: metadata, statistics and
         // control-plane reads included, not only inference.
-        scope.charge()?;
+        scope.charge().map_err(crate::tenants::refused)?;
         Ok(Caller(scope))
     }
 }
@@ -384,7 +384,7 @@ async fn run_infer(
     let started = Instant::now();
     let request = RequestContext::for_tenant(&scope.name);
     let mut served = Served::default();
-    let result = match scope.admit() {
+    let result = match scope.admit().map_err(crate::tenants::refused) {
         Ok(permit) => {
             let admitted = Arc::new(permit);
             infer_accounted(
@@ -592,6 +592,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
         plugins: scopes
             .iter()
             .flat_map(|scope| scope.plugin_labels.clone())
+            .filter_map(|(label, plugin)| {
+                Some((
+                    label,
+                    crate::graphs::WasmPlugin::of(plugin.as_ref())?.clone(),
+                ))
+            })
             .collect(),
         tenants: scopes
             .iter()

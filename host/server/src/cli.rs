@@ -351,7 +351,7 @@ fn graph_check(args: GraphCheckArgs) -> anyhow::Result<()> {
     let models = weft_engine::ModelRegistry::load(&args.repository, &RepositoryLoader::default())?;
     let runtime = weft_runtime::PluginRuntime::new(weft_runtime::RuntimeConfig::default())?;
     let plugins = crate::graphs::load_plugins(&args.repository, &runtime)?;
-    let catalog = crate::graphs::RepositoryCatalog {
+    let catalog = weft_tenancy::graphs::ScopeCatalog {
         models: &models,
         plugins: &plugins,
         limits: Some(crate::graphs::runtime_node_limits(&runtime)),
@@ -401,26 +401,36 @@ fn load_repository(
         ..weft_runtime::RuntimeConfig::default()
     })?;
     let plugins = crate::graphs::load_plugins(repository, &runtime)?;
-    let catalog = crate::graphs::RepositoryCatalog {
+    let catalog = weft_tenancy::graphs::ScopeCatalog {
         models: &models,
         plugins: &plugins,
         limits: Some(crate::graphs::runtime_node_limits(&runtime)),
     };
-    let runner = Arc::new(crate::graphs::RepositoryRunner::new(
+    let compiler = crate::graphs::WasmCompiler(runtime.clone());
+    let runner = Arc::new(weft_tenancy::graphs::ScopeRunner::new(
         Arc::clone(&models),
         &plugins,
-        &runtime,
-        Some(Arc::clone(metrics)),
+        weft_tenancy::backends::PluginCompiler::defaults(&compiler),
+        Arc::new(crate::metrics::TenancyMetrics(Arc::clone(metrics))),
     ));
     let scrape = ScrapeSources {
         runtime: Some(runtime.clone()),
-        plugins: Arc::clone(runner.plugins()),
+        plugins: Arc::new(
+            runner
+                .plugins()
+                .iter()
+                .filter_map(|(name, plugin)| {
+                    let wasm = crate::graphs::WasmPlugin::of(plugin.as_ref())?;
+                    Some((name.clone(), wasm.clone()))
+                })
+                .collect(),
+        ),
     };
     let mut registry = (*models).clone();
-    let unserved = crate::graphs::load_graphs(
+    let unserved = weft_tenancy::graphs::load_repository_graphs(
         repository,
         &catalog,
-        runner,
+        &runner,
         Some(metrics.graph_observer()),
         &mut registry,
     )?;
@@ -559,9 +569,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let tenancy = crate::tenants::Tenancy::new(crate::tenants::TenancyConfig {
             store: Arc::new(store),
             platform: loaded.registry.clone(),
-            runtime: loaded.runtime.clone(),
-            loader: loaded.loader.clone(),
-            metrics: Some(Arc::clone(&loading_metrics)),
+            plugins: Arc::new(crate::graphs::WasmCompiler(loaded.runtime.clone())),
+            models: Arc::new(loaded.loader.clone()),
+            observer: Arc::new(crate::metrics::TenancyMetrics(Arc::clone(&loading_metrics))),
             admin_key,
             bootstrap_key,
         })

@@ -19,16 +19,16 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind, Result};
-use weft_engine::ModelConfig;
-use weft_store::signing::{PublicKey, SignatureScheme, sha256_hex};
-use weft_store::{Quotas, State as StoreState, Tenant, api_keys, check_name};
+use weft_store::signing::PublicKey;
+use weft_store::{Quotas, Tenant, api_keys, check_name};
+use weft_tenancy::lifecycle::{
+    ArtifactKind, GraphUpload, ModelUpload, PluginUpload, new_tenant, parse_version, tenant_mut,
+    tenant_of,
+};
 
 use crate::app::{AppState, Caller, read_body};
 use crate::error::{ApiError, Path};
-use crate::tenants::{
-    Removal, Tenancy, check_model_config, graph_needs, graph_path, new_tenant, signing_key,
-    unix_now, validate_graph,
-};
+use crate::tenants::{Tenancy, authenticate_admin, graph_path, refused, unix_now};
 use crate::uploads::{Limit, MAX_GRAPH_BYTES, MAX_MODEL_CONFIG_BYTES, Received};
 
 /// The OpenAPI description of every route, served at `/api/v1/openapi.json`.
@@ -151,20 +151,6 @@ fn ok(value: Value) -> Response {
     axum::Json(value).into_response()
 }
 
-fn tenant_of<'a>(state: &'a StoreState, name: &str) -> Result<&'a Tenant> {
-    state
-        .tenants
-        .get(name)
-        .ok_or_else(|| Error::not_found(format!("unknown tenant '{name}'")))
-}
-
-fn tenant_mut<'a>(state: &'a mut StoreState, name: &str) -> Result<&'a mut Tenant> {
-    state
-        .tenants
-        .get_mut(name)
-        .ok_or_else(|| Error::not_found(format!("unknown tenant '{name}'")))
-}
-
 /// What a tenant looks like over the API: never a key or a key hash.
 fn tenant_view(tenant: &Tenant) -> Value {
     let (plugins, models, graphs) = tenant.counts();
@@ -202,7 +188,7 @@ async fn create_tenant(
     headers: HeaderMap,
     body: Body,
 ) -> std::result::Result<Response, ApiError> {
-    state.tenancy.authenticate_admin(&headers)?;
+    authenticate_admin(&state.tenancy, &headers)?;
     let request: CreateTenant = parse_json(&json_body(&headers, body).await?)?;
     check_name("tenant", &request.name)?;
     request.quotas.validate()?;
@@ -239,7 +225,7 @@ async fn list_tenants(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> std::result::Result<Response, ApiError> {
-    state.tenancy.authenticate_admin(&headers)?;
+    authenticate_admin(&state.tenancy, &headers)?;
     let store = state.tenancy.store().state();
     let tenants: Vec<Value> = store.tenants.values().map(tenant_view).collect();
     Ok(ok(json!({ "tenants": tenants })))
@@ -250,7 +236,7 @@ async fn get_tenant(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> std::result::Result<Response, ApiError> {
-    state.tenancy.authenticate_admin(&headers)?;
+    authenticate_admin(&state.tenancy, &headers)?;
     let store = state.tenancy.store().state();
     Ok(ok(tenant_view(tenant_of(&store, &name)?)))
 }
@@ -269,7 +255,7 @@ async fn update_tenant(
     Path(name): Path<String>,
     body: Body,
 ) -> std::result::Result<Response, ApiError> {
-    state.tenancy.authenticate_admin(&headers)?;
+    authenticate_admin(&state.tenancy, &headers)?;
     let request: UpdateTenant = parse_json(&json_body(&headers, body).await?)?;
     let view = blocking(&state, move |tenancy| {
         tenancy.change(Some(&name), |store| {
@@ -292,7 +278,7 @@ async fn delete_tenant(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> std::result::Result<Response, ApiError> {
-    state.tenancy.authenticate_admin(&headers)?;
+    authenticate_admin(&state.tenancy, &headers)?;
     let deleted = name.clone();
     blocking(&state, move |tenancy| {
         tenancy.change(None, |store| {
@@ -314,7 +300,7 @@ async fn issue_key(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> std::result::Result<Response, ApiError> {
-    state.tenancy.authenticate_admin(&headers)?;
+    authenticate_admin(&state.tenancy, &headers)?;
     let (id, key) = api_keys::generate()?;
     let hash = api_keys::hash(&key);
     let key_id = id.clone();
@@ -338,7 +324,7 @@ async fn revoke_key(
     headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
 ) -> std::result::Result<Response, ApiError> {
-    state.tenancy.authenticate_admin(&headers)?;
+    authenticate_admin(&state.tenancy, &headers)?;
     let revoked = id.clone();
     blocking(&state, move |tenancy| {
         tenancy.change(Some(&name), |store| {
@@ -531,7 +517,7 @@ async fn push_plugin(
     body: Body,
 ) -> std::result::Result<Response, ApiError> {
     // Uploads count against the tenant's rate and concurrency quotas like inference does.
-    let _permit = scope.admit()?;
+    let _permit = scope.admit().map_err(refused)?;
     let result = push_plugin_checked(&state, &scope.name, name, version, &headers, body).await;
     answer_upload(&state, "plugin", result)
 }
@@ -574,74 +560,17 @@ async fn push_plugin_checked(
     )
     .await?;
     let tenant = tenant.to_string();
-    blocking(state, move |tenancy| {
-        // Held until the commit below counts the bytes (or the push fails).
-        let _reservation = reservation;
-        let digest = staged.digest().to_string();
-        let add = |record: &mut Tenant| {
-            record
-                .plugins
-                .entry(name.clone())
-                .or_default()
-                .push(weft_store::PluginVersion {
-                    version: version.clone(),
-                    digest: digest.clone(),
-                    size,
-                    signature: signature.clone(),
-                    signature_scheme: SignatureScheme::V2,
-                    key_id: key_id.clone(),
-                    created_unix: unix_now(),
-                });
-        };
-        // Version, signature and quota: checked before the (slow) compile, so a refused upload
-        // costs no compile, and again under the writer, since a key may have been revoked or
-        // the same version pushed meanwhile.
-        let check = |current: &StoreState| -> Result<()> {
-            let record = tenant_of(current, &tenant)?;
-            if record
-                .plugins
-                .get(&name)
-                .is_some_and(|versions| versions.iter().any(|v| v.version == version))
-            {
-                return Err(Error::conflict(format!(
-                    "plugin '{name}' version {version} already exists; versions are immutable, \
-                     push a new version"
-                )));
-            }
-            // Over the uploading tenant's name: a signature made for another tenant (which may
-            // hold the same key in state from before keys were unique) does not verify here.
-            signing_key(record, &key_id)?
-                .verify_plugin_upload(&signature, &tenant, &digest, &name, &version)
-                .map_err(|error| {
-                    error.context(format!(
-                        "plugin '{name}' version {version} (sha256 {digest}) refused"
-                    ))
-                })?;
-            let mut projected = record.clone();
-            add(&mut projected);
-            weft_tenancy::storage::check_stored(&projected)
-        };
-        check(&tenancy.store().state())?;
-        // Compiled without holding the writer: other tenants' changes do not wait for it. The
-        // component is read back from its temporary file once, for the compile.
-        let plugin = tenancy.runtime().load(&name, &staged.read()?)?;
-        let role = plugin.role().as_str();
-        // Checks, blob store and commit under the one writer: nothing can change in between.
-        // (A shared store's upload of the bytes happens before, outside it.)
-        tenancy.store().share_staged(&staged)?;
-        let writer = tenancy.writer()?;
-        check(&writer.state())?;
-        tenancy.store().put_staged(staged)?;
-        writer.commit(Some(&tenant), |store| {
-            add(tenant_mut(store, &tenant)?);
-            Ok(())
-        })?;
-        Ok(json!({
-            "name": name, "version": version, "digest": format!("sha256:{digest}"),
-            "key_id": key_id, "role": role,
-        }))
-    })
-    .await
+    let upload = PluginUpload {
+        name,
+        version,
+        signature,
+        key_id,
+        staged,
+        size,
+        reservation,
+    };
+    let pushed = blocking(state, move |tenancy| tenancy.push_plugin(&tenant, upload)).await?;
+    to_json(&pushed)
 }
 
 /// One kind of the caller's records (plugins, models or graphs) by name.
@@ -726,90 +655,32 @@ struct VersionedName {
     version: Option<String>,
 }
 
-/// Refuses (409) a delete that graphs of the tenant still need.
-fn refuse_if_needed(tenancy: &Tenancy, tenant: &Tenant, removal: Removal<'_>) -> Result<()> {
-    let mut users = Vec::new();
-    for (graph, versions) in &tenant.graphs {
-        for (version, record) in versions {
-            let text = String::from_utf8(tenancy.store().read_blob(&record.toml_digest)?)
-                .unwrap_or_default();
-            if graph_needs(&text, removal) {
-                users.push(format!("'{graph}' version {version}"));
-            }
-        }
-    }
-    if users.is_empty() {
-        return Ok(());
-    }
-    let what = match removal {
-        Removal::Plugin { name, .. } => format!("plugin '{name}'"),
-        Removal::Model {
-            name,
-            version: Some(version),
-            ..
-        } => format!("model '{name}' version {version}"),
-        Removal::Model { name, .. } => format!("model '{name}'"),
-    };
-    Err(Error::conflict(format!(
-        "{what} is used by graph {}; delete or change those first",
-        users.join(", ")
-    )))
-}
-
 /// `DELETE /plugins/{name}` (every version) and `.../versions/{version}` (one).
 async fn delete_plugin(
     state: State<AppState>,
     caller: Caller,
     Path(VersionedName { name, version }): Path<VersionedName>,
 ) -> std::result::Result<Response, ApiError> {
-    remove_plugin(state, caller, name, version).await
+    delete_artifact(state, caller, ArtifactKind::Plugin, name, version).await
 }
 
-async fn remove_plugin(
+/// Deletes one version of an artifact, or all of it (see `Tenancy::delete_artifact`).
+async fn delete_artifact(
     State(state): State<AppState>,
     Caller(scope): Caller,
+    kind: ArtifactKind,
     name: String,
     version: Option<String>,
 ) -> std::result::Result<Response, ApiError> {
+    if kind != ArtifactKind::Plugin
+        && let Some(text) = &version
+    {
+        parse_version(text, kind.what())?;
+    }
     let tenant = scope.name.clone();
     let answer = json!({ "deleted": name, "version": version });
     blocking(&state, move |tenancy| {
-        let writer = tenancy.writer()?;
-        let current = writer.state();
-        let record = tenant_of(&current, &tenant)?;
-        let versions = record
-            .plugins
-            .get(&name)
-            .ok_or_else(|| Error::not_found(format!("unknown plugin '{name}'")))?;
-        let last = match &version {
-            None => true,
-            Some(version) => {
-                if !versions.iter().any(|v| &v.version == version) {
-                    return Err(Error::not_found(format!(
-                        "unknown version '{version}' of plugin '{name}'"
-                    )));
-                }
-                versions.len() == 1
-            }
-        };
-        refuse_if_needed(tenancy, record, Removal::Plugin { name: &name, last })?;
-        writer.commit(Some(&tenant), |store| {
-            let record = tenant_mut(store, &tenant)?;
-            match &version {
-                None => {
-                    record.plugins.remove(&name);
-                }
-                Some(version) => {
-                    if let Some(versions) = record.plugins.get_mut(&name) {
-                        versions.retain(|v| &v.version != version);
-                        if versions.is_empty() {
-                            record.plugins.remove(&name);
-                        }
-                    }
-                }
-            }
-            Ok(())
-        })
+        tenancy.delete_artifact(&tenant, kind, &name, version.as_deref())
     })
     .await?;
     Ok(ok(answer))
@@ -825,17 +696,9 @@ async fn push_model(
     body: Body,
 ) -> std::result::Result<Response, ApiError> {
     // Uploads count against the tenant's rate and concurrency quotas like inference does.
-    let _permit = scope.admit()?;
+    let _permit = scope.admit().map_err(refused)?;
     let result = push_model_checked(&state, &scope, name, version, &headers, body).await;
     answer_upload(&state, "model", result)
-}
-
-fn parse_version(text: &str, what: &str) -> Result<u64> {
-    text.parse::<u64>().ok().filter(|v| *v >= 1).ok_or_else(|| {
-        Error::invalid(format!(
-            "{what} version must be a number >= 1, not '{text}'"
-        ))
-    })
 }
 
 async fn push_model_checked(
@@ -888,138 +751,17 @@ async fn push_model_checked(
     }
     let config_text =
         String::from_utf8(config_bytes).map_err(|_| Error::invalid("model.toml is not UTF-8"))?;
-    let config = check_model_config(&name, &config_text)?;
-    if staged.is_empty() {
-        return Err(Error::invalid(
-            "the body has no ONNX bytes after model.toml",
-        ));
-    }
-    if scope.registry.is_graph(&name) {
-        return Err(Error::conflict(format!(
-            "'{name}' is a graph; graphs and models share one namespace"
-        )));
-    }
     let tenant = scope.name.clone();
-    blocking(state, move |tenancy| {
-        // Held until the commit below counts the bytes (or the push fails).
-        let _reservation = reservation;
-        let onnx_digest = staged.digest().to_string();
-        let config_digest = sha256_hex(config_text.as_bytes());
-        let add = |record: &mut Tenant| {
-            record.models.entry(name.clone()).or_default().insert(
-                number,
-                weft_store::ModelVersion {
-                    onnx_digest: onnx_digest.clone(),
-                    config_digest: config_digest.clone(),
-                    size,
-                    created_unix: unix_now(),
-                },
-            );
-        };
-        // Name, version and quota: checked before the (slow) load and again under the writer.
-        let check = |current: &StoreState| -> Result<()> {
-            let record = tenant_of(current, &tenant)?;
-            if record.graphs.contains_key(&name) {
-                return Err(Error::conflict(format!(
-                    "'{name}' is a graph; graphs and models share one namespace"
-                )));
-            }
-            if record
-                .models
-                .get(&name)
-                .is_some_and(|versions| versions.contains_key(&number))
-            {
-                return Err(Error::conflict(format!(
-                    "model '{name}' version {number} already exists; versions are immutable"
-                )));
-            }
-            let mut projected = record.clone();
-            add(&mut projected);
-            weft_tenancy::storage::check_stored(&projected)
-        };
-        let current = tenancy.store().state();
-        check(&current)?;
-        // The model's memory: instance_count sessions of its size, against what the tenant's
-        // stored models already take of its model_memory_mb.
-        let quotas = tenant_of(&current, &tenant)?.quotas.clone();
-        let budget = crate::tenants::model_budget(&quotas);
-        // The ONNX bytes, read back once from the temporary file: the checks and loads below
-        // share this one copy.
-        let onnx = bytes::Bytes::from(staged.read()?);
-        // What the model is, before what it costs: a hostile model is refused as such.
-        tenancy
-            .loader()
-            .check_tenant_model(&onnx, budget)
-            .map_err(|error| error.context(format!("model '{name}' version {number}")))?;
-        // Checked before the loads and again under the writer, so concurrent pushes cannot
-        // overcommit the budget between them. Returns what is left for this model.
-        let fits = |current: &StoreState| -> Result<u64> {
-            let used = model_memory_used(tenancy, tenant_of(current, &tenant)?)?;
-            weft_tenancy::storage::check_model_memory(
-                &weft_tenancy::storage::ModelCost {
-                    what: format!("model '{name}' version {number}"),
-                    instances: tenancy.loader().instances(&config),
-                    bytes: onnx.len() as u64,
-                },
-                used,
-                quotas.model_memory_mb,
-                budget.worker_memory,
-            )
-        };
-        let left = fits(&current)?;
-        // Prove it loads within what is left, in a worker of its own (a model that blows its
-        // memory or the load timeout costs the tenant's serving worker nothing), then load it
-        // into the tenant's worker; all before the writer, since loads take seconds.
-        let context = |error: Error| error.context(format!("model '{name}' version {number}"));
-        tenancy
-            .loader()
-            .trial_load_tenant_model(&tenant, onnx.clone(), &config, left)
-            .map_err(context)?;
-        let model = tenancy
-            .loader()
-            .load_checked_tenant_model(
-                &tenant,
-                &crate::tenants::model_label(&tenant, &name),
-                onnx.clone(),
-                &config,
-                budget,
-            )
-            .map_err(context)?;
-        tenancy.store().share_staged(&staged)?;
-        let writer = tenancy.writer()?;
-        check(&writer.state())?;
-        fits(&writer.state())?;
-        tenancy.store().put_staged(staged)?;
-        tenancy.store().put_blob(config_text.as_bytes())?;
-        tenancy.remember_model(&tenant, &name, &onnx_digest, &config_digest, model)?;
-        let committed = writer.commit(Some(&tenant), |store| {
-            add(tenant_mut(store, &tenant)?);
-            Ok(())
-        });
-        if committed.is_err() {
-            tenancy.forget_model(&tenant, &name, &onnx_digest, &config_digest)?;
-        }
-        committed?;
-        Ok(json!({
-            "name": name, "version": number.to_string(),
-            "onnx_digest": format!("sha256:{onnx_digest}"), "size": size,
-        }))
-    })
-    .await
-}
-
-/// What a tenant's stored model versions take of its model memory: instance_count × size each.
-fn model_memory_used(tenancy: &Tenancy, tenant: &Tenant) -> Result<u64> {
-    let mut used = 0u64;
-    for (name, versions) in &tenant.models {
-        for record in versions.values() {
-            let text = String::from_utf8(tenancy.store().read_blob(&record.config_digest)?)
-                .map_err(|_| Error::invalid("the stored model.toml is not UTF-8"))?;
-            let config = ModelConfig::parse(&crate::tenants::model_config_path(name), &text)?;
-            used = used.saturating_add(tenancy.loader().instances(&config) * record.size);
-        }
-    }
-    Ok(used)
+    let upload = ModelUpload {
+        name,
+        version: number,
+        config_text,
+        staged,
+        size,
+        reservation,
+    };
+    let pushed = blocking(state, move |tenancy| tenancy.push_model(&tenant, upload)).await?;
+    to_json(&pushed)
 }
 
 fn model_view(
@@ -1063,65 +805,7 @@ async fn delete_model(
     caller: Caller,
     Path(VersionedName { name, version }): Path<VersionedName>,
 ) -> std::result::Result<Response, ApiError> {
-    let number = version
-        .map(|version| parse_version(&version, "model"))
-        .transpose()?;
-    remove_model(state, caller, name, number).await
-}
-
-async fn remove_model(
-    State(state): State<AppState>,
-    Caller(scope): Caller,
-    name: String,
-    version: Option<u64>,
-) -> std::result::Result<Response, ApiError> {
-    let tenant = scope.name.clone();
-    let answer = json!({ "deleted": name, "version": version.map(|v| v.to_string()) });
-    blocking(&state, move |tenancy| {
-        let writer = tenancy.writer()?;
-        let current = writer.state();
-        let record = tenant_of(&current, &tenant)?;
-        let versions = record
-            .models
-            .get(&name)
-            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
-        if let Some(number) = version
-            && !versions.contains_key(&number)
-        {
-            return Err(Error::not_found(format!(
-                "unknown version '{number}' of model '{name}'"
-            )));
-        }
-        let last = version.is_none() || versions.len() == 1;
-        refuse_if_needed(
-            tenancy,
-            record,
-            Removal::Model {
-                name: &name,
-                version,
-                last,
-            },
-        )?;
-        writer.commit(Some(&tenant), |store| {
-            let record = tenant_mut(store, &tenant)?;
-            match version {
-                None => {
-                    record.models.remove(&name);
-                }
-                Some(number) => {
-                    if let Some(versions) = record.models.get_mut(&name) {
-                        versions.remove(&number);
-                        if versions.is_empty() {
-                            record.models.remove(&name);
-                        }
-                    }
-                }
-            }
-            Ok(())
-        })
-    })
-    .await?;
-    Ok(ok(answer))
+    delete_artifact(state, caller, ArtifactKind::Model, name, version).await
 }
 
 // ---- tenant: graphs ----
@@ -1134,7 +818,7 @@ async fn apply_graph(
     body: Body,
 ) -> std::result::Result<Response, ApiError> {
     // Uploads count against the tenant's rate and concurrency quotas like inference does.
-    let _permit = scope.admit()?;
+    let _permit = scope.admit().map_err(refused)?;
     let dry_run = match header_text(&headers, DRY_RUN_HEADER) {
         None | Some("false") => false,
         Some("true") => true,
@@ -1179,72 +863,15 @@ async fn apply_graph_checked(
         .map(PathBuf::from)
         .unwrap_or_else(|| graph_path(&name));
     let tenant = scope.name.clone();
-    blocking(state, move |tenancy| {
-        // Held until the commit below counts the bytes (or the apply fails).
-        let _reservation = reservation;
-        let text = String::from_utf8(staged.read()?)
-            .map_err(|_| Error::invalid("the graph is not UTF-8 text"))?;
-        // Validation, blob write and commit under the one writer, so a delete cannot slip in
-        // between and leave the graph naming something gone. (Graphs are at most 1 MiB: their
-        // copy to a shared store may as well happen under it.)
-        let writer = tenancy.writer()?;
-        let scope = writer
-            .scope(&tenant)
-            .ok_or_else(|| Error::not_found(format!("unknown tenant '{tenant}'")))?;
-        let current = writer.state();
-        let record = tenant_of(&current, &tenant)?;
-        let plan = validate_graph(&scope, &file, &text)?;
-        if plan.spec.name != name {
-            return Err(Error::invalid(format!(
-                "{}: the graph is named '{}' but was applied as '{name}'",
-                file.display(),
-                plan.spec.name
-            )));
-        }
-        let version = plan.spec.version;
-        // One namespace: the tenant's models and the names shared with it are taken.
-        if !record.graphs.contains_key(&name) && scope.registry.versions(&name).is_some() {
-            return Err(Error::conflict(format!(
-                "'{name}' is already a model or shared name; graphs and models share one namespace"
-            )));
-        }
-        let digest = staged.digest().to_string();
-        if let Some(existing) = record.graphs.get(&name).and_then(|v| v.get(&version)) {
-            if existing.toml_digest == digest {
-                return Ok(
-                    json!({ "name": name, "version": version.to_string(), "unchanged": true }),
-                );
-            }
-            return Err(Error::conflict(format!(
-                "graph '{name}' version {version} already exists with other content; versions \
-                 are immutable, apply it with a new version"
-            )));
-        }
-        let size = text.len() as u64;
-        let add = |record: &mut Tenant| {
-            record.graphs.entry(name.clone()).or_default().insert(
-                version,
-                weft_store::GraphVersion {
-                    toml_digest: digest.clone(),
-                    size,
-                    created_unix: unix_now(),
-                },
-            );
-        };
-        let mut projected = record.clone();
-        add(&mut projected);
-        weft_tenancy::storage::check_stored(&projected)?;
-        if dry_run {
-            return Ok(json!({ "name": name, "version": version.to_string(), "dry_run": true }));
-        }
-        tenancy.store().put_staged(staged)?;
-        writer.commit(Some(&tenant), |store| {
-            add(tenant_mut(store, &tenant)?);
-            Ok(())
-        })?;
-        Ok(json!({ "name": name, "version": version.to_string() }))
-    })
-    .await
+    let upload = GraphUpload {
+        name,
+        file,
+        staged,
+        reservation,
+        dry_run,
+    };
+    let applied = blocking(state, move |tenancy| tenancy.apply_graph(&tenant, upload)).await?;
+    to_json(&applied)
 }
 
 async fn list_graphs(
@@ -1273,24 +900,18 @@ async fn get_graph(
     Path(name): Path<String>,
 ) -> std::result::Result<Response, ApiError> {
     let tenant = scope.name.clone();
-    let view = blocking(&state, move |tenancy| {
-        let store = tenancy.store().state();
-        let record = tenant_of(&store, &tenant)?;
-        let versions = record
-            .graphs
-            .get(&name)
-            .ok_or_else(|| Error::not_found(format!("unknown graph '{name}'")))?;
-        let mut listed = Vec::new();
-        for (version, graph) in versions {
-            let text = String::from_utf8(tenancy.store().read_blob(&graph.toml_digest)?)
-                .unwrap_or_default();
-            listed.push(json!({
-                "version": version.to_string(), "toml": text, "created_unix": graph.created_unix,
-            }));
-        }
-        Ok(json!({ "name": name, "versions": listed }))
+    let texts = blocking(&state, {
+        let name = name.clone();
+        move |tenancy| tenancy.graph_texts(&tenant, &name)
     })
     .await?;
+    let listed: Vec<Value> = texts
+        .into_iter()
+        .map(|(version, text, created_unix)| {
+            json!({ "version": version.to_string(), "toml": text, "created_unix": created_unix })
+        })
+        .collect();
+    let view = json!({ "name": name, "versions": listed });
     Ok(ok(view))
 }
 
@@ -1300,45 +921,11 @@ async fn delete_graph(
     caller: Caller,
     Path(VersionedName { name, version }): Path<VersionedName>,
 ) -> std::result::Result<Response, ApiError> {
-    let number = version
-        .map(|version| parse_version(&version, "graph"))
-        .transpose()?;
-    remove_graph(state, caller, name, number).await
+    delete_artifact(state, caller, ArtifactKind::Graph, name, version).await
 }
 
-async fn remove_graph(
-    State(state): State<AppState>,
-    Caller(scope): Caller,
-    name: String,
-    version: Option<u64>,
-) -> std::result::Result<Response, ApiError> {
-    let tenant = scope.name.clone();
-    let answer = json!({ "deleted": name, "version": version.map(|v| v.to_string()) });
-    blocking(&state, move |tenancy| {
-        tenancy.change(Some(&tenant), |store| {
-            let record = tenant_mut(store, &tenant)?;
-            let versions = record
-                .graphs
-                .get_mut(&name)
-                .ok_or_else(|| Error::not_found(format!("unknown graph '{name}'")))?;
-            match version {
-                None => {
-                    record.graphs.remove(&name);
-                }
-                Some(number) => {
-                    if versions.remove(&number).is_none() {
-                        return Err(Error::not_found(format!(
-                            "unknown version '{number}' of graph '{name}'"
-                        )));
-                    }
-                    if versions.is_empty() {
-                        record.graphs.remove(&name);
-                    }
-                }
-            }
-            Ok(())
-        })
-    })
-    .await?;
-    Ok(ok(answer))
+/// A typed answer as JSON.
+fn to_json(value: &impl serde::Serialize) -> Result<Value> {
+    serde_json::to_value(value)
+        .map_err(|error| Error::internal(format!("cannot encode the answer: {error}")))
 }

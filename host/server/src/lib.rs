@@ -7,7 +7,6 @@
 pub mod app;
 pub mod bench;
 pub mod body_timeout;
-pub mod challenges;
 pub mod cli;
 pub mod control;
 pub mod error;

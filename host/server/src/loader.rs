@@ -143,12 +143,8 @@ impl Default for RepositoryLoader {
     }
 }
 
-/// What a tenant's model may cost, from its quotas.
-#[derive(Clone, Copy, Debug)]
-pub struct TenantModelBudget {
-    /// The tenant's `model_memory_mb`, in bytes: its worker's memory limit.
-    pub worker_memory: u64,
-}
+/// What a tenant's model may cost, from its quotas (its `model_memory_mb` in bytes).
+pub type TenantModelBudget = weft_tenancy::backends::ModelBudget;
 
 impl RepositoryLoader {
     /// Session options for `config` on this machine.
@@ -191,22 +187,8 @@ impl RepositoryLoader {
         Ok(())
     }
 
-    /// Loads one of a tenant's model versions into the tenant's worker, after checking it.
-    /// Metrics name it `label` (`tenant/name`).
-    pub fn load_tenant_model(
-        &self,
-        tenant: &str,
-        label: &str,
-        onnx: Bytes,
-        config: &ModelConfig,
-        budget: TenantModelBudget,
-    ) -> Result<Arc<dyn Model>> {
-        self.check_tenant_model(&onnx, budget)?;
-        self.load_checked_tenant_model(tenant, label, onnx, config, budget)
-    }
-
-    /// [`RepositoryLoader::load_tenant_model`] for bytes [`RepositoryLoader::check_tenant_model`]
-    /// already accepted (a push checks once, then trial-loads and loads).
+    /// Loads one of a tenant's model versions into the tenant's worker, for bytes
+    /// [`RepositoryLoader::check_tenant_model`] already accepted (a push checks once, then trial-loads and loads).
     pub fn load_checked_tenant_model(
         &self,
         tenant: &str,
@@ -287,6 +269,33 @@ impl RepositoryLoader {
                 })
             }
         }
+    }
+}
+
+/// Tenant models, as the tenancy layer checks and loads them: in the tenant's model worker.
+impl weft_tenancy::backends::ModelBackend for RepositoryLoader {
+    fn instances(&self, config: &ModelConfig) -> u64 {
+        RepositoryLoader::instances(self, config)
+    }
+
+    fn check(&self, onnx: &Bytes, budget: TenantModelBudget) -> Result<()> {
+        self.check_tenant_model(onnx, budget)
+    }
+
+    fn trial_load(&self, tenant: &str, onnx: Bytes, config: &ModelConfig, left: u64) -> Result<()> {
+        self.trial_load_tenant_model(tenant, onnx, config, left)
+            .map(drop)
+    }
+
+    fn load_checked(
+        &self,
+        tenant: &str,
+        label: &str,
+        onnx: Bytes,
+        config: &ModelConfig,
+        budget: TenantModelBudget,
+    ) -> Result<Arc<dyn Model>> {
+        self.load_checked_tenant_model(tenant, label, onnx, config, budget)
     }
 }
 

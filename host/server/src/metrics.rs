@@ -476,6 +476,26 @@ fn prune<B: MetricVecBuilder>(family: &MetricVec<B>, keep: impl Fn(&HashMap<&str
     }
 }
 
+/// The metrics as the tenancy layer reports to them.
+pub struct TenancyMetrics(pub Arc<Metrics>);
+
+impl weft_tenancy::backends::TenancyObserver for TenancyMetrics {
+    fn plugin_call(&self, label: &str, elapsed: Duration) {
+        self.0.plugin_call(label, elapsed);
+    }
+
+    fn declare_models(&self, tenant: &str, registry: &weft_engine::ModelRegistry) {
+        self.0.declare_models(tenant, registry);
+    }
+
+    fn graph_observer(&self, tenant: Option<&str>) -> Option<Arc<dyn GraphObserver>> {
+        Some(match tenant {
+            Some(tenant) => self.0.tenant_graph_observer(tenant),
+            None => self.0.graph_observer(),
+        })
+    }
+}
+
 /// What `/metrics` reads at scrape time.
 #[derive(Clone, Default)]
 pub struct ScrapeSources {

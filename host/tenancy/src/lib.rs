@@ -1,15 +1,31 @@
-//! Weft's tenancy layer: the rules about tenants that do not depend on how requests arrive.
+//! Weft's tenancy layer: everything about tenants that does not depend on how requests arrive.
 //!
-//! This crate has no HTTP types (no axum, no status codes): the server decodes a request,
-//! calls in here, and encodes the answer, and everything here is unit-tested without starting a
-//! process. It starts with [`quotas`], the door every request of a tenant passes (rate and
-//! concurrency, divided between the replicas that share a store) and [`storage`], the storage
-//! quota reserved by uploads in progress, and [`inflight`], the budget of request bytes a tenant
-//! may hold in memory; the artifact lifecycles,
-//! scope building and the explicit request context move here next (issue 15).
+//! This crate has no HTTP types (no axum, no status codes) and depends on neither wasmtime nor
+//! ONNX Runtime: the server decodes a request, calls in here, and encodes the answer, and it
+//! plugs the sandbox, the model backends and metrics in through the traits of [`backends`]. So
+//! every rule here is unit-tested with fakes, in milliseconds, without starting a process.
+//!
+//! - [`tenancy`]: tenants and API keys, the single writer of changes, the hot swap of a
+//!   tenant's namespace, and following the other replicas of a shared store.
+//! - [`scope`]: building one tenant's namespace ([`TenantScope`]) from its store record.
+//! - [`lifecycle`]: one lifecycle for plugins, models and graphs (immutability, storage,
+//!   signatures, delete integrity).
+//! - [`graphs`]: the catalog, the [`NodeRunner`](weft_engine::graph::NodeRunner) of a namespace
+//!   and the one graph loader for repository and tenant graphs.
+//! - [`quotas`], [`storage`], [`inflight`]: every quota decision (rate and concurrency divided
+//!   between replicas, stored bytes and model memory, request bytes held in memory).
+//! - [`challenges`]: single-use signing-key registration challenges.
 
+pub mod backends;
+pub mod challenges;
+pub mod graphs;
 pub mod inflight;
+pub mod lifecycle;
 pub mod quotas;
+pub mod scope;
 pub mod storage;
+pub mod tenancy;
 
 pub use quotas::{Gate, Refusal};
+pub use scope::TenantScope;
+pub use tenancy::{BOOTSTRAP_TENANT, Tenancy, TenancyConfig, Writer, follow_shared_store};
