@@ -1,0 +1,579 @@
+//! The tenancy layer with fakes of the sandbox and the model backend (no wasmtime, no ONNX
+//! Runtime, no process): the artifact lifecycle (immutability, signatures, delete integrity),
+//! scope building (hot swap, namespace isolation, grants) and the quotas at the door.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::any::Any;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use weft_core::{
+    BoxFuture, DataType, ErrorKind, Model, ModelMetadata, NamedTensor, RequestContext, Result,
+    TensorSpec,
+};
+use weft_engine::graph::{NodeLimits, PluginCall, PluginReply, PluginRole};
+use weft_engine::{ModelConfig, ModelRegistry};
+use weft_store::signing::SecretKey;
+use weft_store::{Quotas, SigningKey, Store};
+use weft_tenancy::backends::{
+    ModelBackend, ModelBudget, NoObserver, PluginCompiler, PluginLimits, SandboxCall, SandboxPlugin,
+};
+use weft_tenancy::lifecycle::{ArtifactKind, GraphUpload, ModelUpload, PluginUpload, new_tenant};
+use weft_tenancy::storage::{StorageLedger, Want};
+use weft_tenancy::{Tenancy, TenancyConfig};
+
+/// A model that answers its input back.
+struct Echo(ModelMetadata);
+
+impl Model for Echo {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.0
+    }
+    fn infer<'a>(
+        &'a self,
+        _: &'a RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
+        Box::pin(async move {
+            Ok(inputs
+                .into_iter()
+                .map(|input| NamedTensor::new("y", input.tensor))
+                .collect())
+        })
+    }
+}
+
+fn spec(name: &str) -> TensorSpec {
+    TensorSpec {
+        name: name.into(),
+        datatype: DataType::Fp32,
+        shape: vec![-1, 2],
+    }
+}
+
+/// Loads any bytes that start with "onnx"; counts loads.
+#[derive(Default)]
+struct FakeModels {
+    loads: AtomicUsize,
+}
+
+impl ModelBackend for FakeModels {
+    fn instances(&self, _: &ModelConfig) -> u64 {
+        1
+    }
+    fn check(&self, onnx: &Bytes, _: ModelBudget) -> Result<()> {
+        if onnx.starts_with(b"onnx") {
+            Ok(())
+        } else {
+            Err(weft_core::Error::invalid("not an ONNX model"))
+        }
+    }
+    fn trial_load(&self, _: &str, _: Bytes, _: &ModelConfig, _: u64) -> Result<()> {
+        Ok(())
+    }
+    fn load_checked(
+        &self,
+        _: &str,
+        _: &str,
+        _: Bytes,
+        _: &ModelConfig,
+        _: ModelBudget,
+    ) -> Result<Arc<dyn Model>> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        Ok(Arc::new(Echo(ModelMetadata {
+            platform: "onnxruntime_onnx".into(),
+            inputs: vec![spec("x")],
+            outputs: vec![spec("y")],
+            max_batch_size: 0,
+        })))
+    }
+}
+
+/// Each call a fake plugin saw: its grants, limits and tenant.
+type Seen = Arc<Mutex<Vec<(Vec<String>, PluginLimits, Option<String>)>>>;
+
+/// A transformer plugin that records the grants and limits of each call.
+struct FakePlugin {
+    name: String,
+    seen: Seen,
+}
+
+impl SandboxPlugin for FakePlugin {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn role(&self) -> PluginRole {
+        PluginRole::Transformer
+    }
+    fn call<'a>(
+        &'a self,
+        call: SandboxCall,
+        plugin_call: PluginCall<'a>,
+    ) -> BoxFuture<'a, Result<PluginReply>> {
+        let mut grants: Vec<String> = call.grants.keys().cloned().collect();
+        grants.sort();
+        let tenant = call.request.tenant().map(|t| t.to_string());
+        self.seen
+            .lock()
+            .unwrap()
+            .push((grants, call.limits, tenant));
+        Box::pin(async move {
+            match plugin_call {
+                PluginCall::Transform { inputs, .. } => Ok(PluginReply::Tensors(inputs)),
+                _ => Ok(PluginReply::Tensors(Vec::new())),
+            }
+        })
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Compiles any bytes that start with "wasm".
+#[derive(Default)]
+struct FakeSandbox {
+    compiles: AtomicUsize,
+    seen: Seen,
+}
+
+impl PluginCompiler for FakeSandbox {
+    fn compile(&self, name: &str, bytes: &[u8]) -> Result<Arc<dyn SandboxPlugin>> {
+        if !bytes.starts_with(b"wasm") {
+            return Err(weft_core::Error::invalid("not a component"));
+        }
+        self.compiles.fetch_add(1, Ordering::SeqCst);
+        Ok(Arc::new(FakePlugin {
+            name: name.into(),
+            seen: Arc::clone(&self.seen),
+        }))
+    }
+    fn defaults(&self) -> PluginLimits {
+        PluginLimits {
+            deadline: Duration::from_secs(10),
+            memory_bytes: 512 << 20,
+        }
+    }
+    fn ceiling(&self) -> NodeLimits {
+        NodeLimits {
+            deadline_ms: 10_000,
+            memory_mb: 512,
+        }
+    }
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    store: Arc<Store>,
+    tenancy: Tenancy,
+    ledger: Arc<StorageLedger>,
+    sandbox: Arc<FakeSandbox>,
+    models: Arc<FakeModels>,
+}
+
+fn world(tenants: &[&str]) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let sandbox = Arc::new(FakeSandbox::default());
+    let models = Arc::new(FakeModels::default());
+    let tenancy = Tenancy::new(TenancyConfig {
+        store: Arc::clone(&store),
+        platform: ModelRegistry::default(),
+        plugins: Arc::clone(&sandbox) as _,
+        models: Arc::clone(&models) as _,
+        observer: Arc::new(NoObserver),
+        admin_key: None,
+        bootstrap_key: None,
+    })
+    .unwrap();
+    for name in tenants {
+        tenancy
+            .change(Some(name), |state| {
+                let quotas = Quotas {
+                    plugin_deadline_ms: 250,
+                    ..Quotas::default()
+                };
+                state
+                    .tenants
+                    .insert(name.to_string(), new_tenant(name, quotas, Vec::new()));
+                Ok(())
+            })
+            .unwrap();
+    }
+    World {
+        _dir: dir,
+        store,
+        tenancy,
+        ledger: Arc::new(StorageLedger::default()),
+        sandbox,
+        models,
+    }
+}
+
+impl World {
+    fn stage(
+        &self,
+        tenant: &str,
+        bytes: &[u8],
+    ) -> (weft_store::StagedBlob, weft_tenancy::storage::Reservation) {
+        let reservation = self
+            .ledger
+            .reserve(&self.store, tenant, Want::Exactly(bytes.len() as u64))
+            .unwrap();
+        let mut writer = self.store.blob_writer().unwrap();
+        writer.write(bytes).unwrap();
+        (writer.finish().unwrap(), reservation)
+    }
+
+    fn push_model(&self, tenant: &str, name: &str, version: u64) -> Result<()> {
+        let onnx = format!("onnx {name} {version}");
+        let (staged, reservation) = self.stage(tenant, onnx.as_bytes());
+        self.tenancy
+            .push_model(
+                tenant,
+                ModelUpload {
+                    name: name.into(),
+                    version,
+                    config_text: "platform = \"onnx\"\n".into(),
+                    staged,
+                    size: onnx.len() as u64,
+                    reservation,
+                },
+            )
+            .map(drop)
+    }
+
+    fn apply(&self, tenant: &str, name: &str, toml: &str) -> Result<()> {
+        let (staged, reservation) = self.stage(tenant, toml.as_bytes());
+        self.tenancy
+            .apply_graph(
+                tenant,
+                GraphUpload {
+                    name: name.into(),
+                    file: format!("graphs/{name}.toml").into(),
+                    staged,
+                    reservation,
+                    dry_run: false,
+                },
+            )
+            .map(drop)
+    }
+
+    fn register_key(&self, tenant: &str) -> SecretKey {
+        let secret = SecretKey::generate().unwrap();
+        let public = secret.public();
+        self.tenancy
+            .change(Some(tenant), |state| {
+                state.register_signing_key(
+                    tenant,
+                    SigningKey {
+                        id: public.key_id(),
+                        public_key: public.to_base64(),
+                        created_unix: 0,
+                        revoked: false,
+                    },
+                )
+            })
+            .unwrap();
+        secret
+    }
+
+    fn push_plugin(
+        &self,
+        tenant: &str,
+        secret: &SecretKey,
+        name: &str,
+        version: &str,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let signature = secret.sign_plugin(bytes, tenant, name, version);
+        let (staged, reservation) = self.stage(tenant, bytes);
+        self.tenancy
+            .push_plugin(
+                tenant,
+                PluginUpload {
+                    name: name.into(),
+                    version: version.into(),
+                    signature: signature.signature,
+                    key_id: signature.key_id,
+                    staged,
+                    size: bytes.len() as u64,
+                    reservation,
+                },
+            )
+            .map(drop)
+    }
+}
+
+fn graph(name: &str, version: u64, model: &str) -> String {
+    format!(
+        r#"name = "{name}"
+version = {version}
+[[input]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 2]
+[[output]]
+name = "y"
+datatype = "FP32"
+shape = [-1, 2]
+from = "m.y"
+[[node]]
+name = "m"
+kind = "model"
+model = "{model}"
+inputs = ["request"]
+"#
+    )
+}
+
+fn plugin_graph(name: &str, plugin: &str, grant: &str) -> String {
+    format!(
+        r#"name = "{name}"
+version = 1
+[[input]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 2]
+[[output]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 2]
+from = "p.x"
+[[node]]
+name = "p"
+kind = "transformer"
+plugin = "{plugin}"
+models = ["{grant}"]
+inputs = ["request"]
+"#
+    )
+}
+
+#[test]
+fn versions_are_immutable_and_a_push_swaps_the_scope() {
+    let world = world(&["acme"]);
+    let before = world.tenancy.scope("acme").unwrap();
+    world.push_model("acme", "m", 1).unwrap();
+    let error = world.push_model("acme", "m", 1).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Conflict, "{error}");
+    assert!(error.to_string().contains("immutable"), "{error}");
+    // The old scope (held by requests in flight) is untouched; the new one serves the model.
+    assert!(before.registry.resolve("m", None).is_err());
+    let after = world.tenancy.scope("acme").unwrap();
+    assert!(after.registry.resolve("m", Some("1")).is_ok());
+    // The push loaded it once and the rebuild reused it.
+    assert_eq!(world.models.loads.load(Ordering::SeqCst), 1);
+    // A refused model is never stored.
+    let (staged, reservation) = world.stage("acme", b"garbage");
+    let error = world
+        .tenancy
+        .push_model(
+            "acme",
+            ModelUpload {
+                name: "bad".into(),
+                version: 1,
+                config_text: "platform = \"onnx\"\n".into(),
+                staged,
+                size: 7,
+                reservation,
+            },
+        )
+        .unwrap_err();
+    assert!(error.to_string().contains("not an ONNX model"), "{error}");
+    assert!(
+        !world.store.state().tenants["acme"]
+            .models
+            .contains_key("bad")
+    );
+}
+
+#[test]
+fn a_model_a_graph_needs_cannot_be_deleted_until_the_graph_goes() {
+    let world = world(&["acme"]);
+    world.push_model("acme", "m", 1).unwrap();
+    world.push_model("acme", "m", 2).unwrap();
+    world.apply("acme", "g", &graph("g", 1, "m")).unwrap();
+    // One of two versions may go: the graph takes the latest left.
+    world
+        .tenancy
+        .delete_artifact("acme", ArtifactKind::Model, "m", Some("1"))
+        .unwrap();
+    let error = world
+        .tenancy
+        .delete_artifact("acme", ArtifactKind::Model, "m", None)
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Conflict);
+    assert!(error.to_string().contains("'g' version 1"), "{error}");
+    let unknown = world
+        .tenancy
+        .delete_artifact("acme", ArtifactKind::Model, "m", Some("7"))
+        .unwrap_err();
+    assert_eq!(unknown.kind(), ErrorKind::NotFound);
+    let bad = world
+        .tenancy
+        .delete_artifact("acme", ArtifactKind::Graph, "g", Some("one"))
+        .unwrap_err();
+    assert_eq!(bad.kind(), ErrorKind::InvalidArgument);
+    world
+        .tenancy
+        .delete_artifact("acme", ArtifactKind::Graph, "g", None)
+        .unwrap();
+    world
+        .tenancy
+        .delete_artifact("acme", ArtifactKind::Model, "m", None)
+        .unwrap();
+    let scope = world.tenancy.scope("acme").unwrap();
+    assert!(scope.registry.resolve("m", None).is_err());
+    assert!(scope.registry.resolve("g", None).is_err());
+}
+
+#[test]
+fn tenants_never_see_each_others_names() {
+    let world = world(&["acme", "rival"]);
+    world.push_model("acme", "m", 1).unwrap();
+    // The rival cannot build on it, delete it, or learn that it exists.
+    let error = world.apply("rival", "g", &graph("g", 1, "m")).unwrap_err();
+    assert!(error.to_string().contains("unknown model 'm'"), "{error}");
+    let error = world
+        .tenancy
+        .delete_artifact("rival", ArtifactKind::Model, "m", None)
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NotFound);
+    assert!(
+        world
+            .tenancy
+            .scope("rival")
+            .unwrap()
+            .registry
+            .resolve("m", None)
+            .is_err()
+    );
+    // The same name is the rival's own to use.
+    world.push_model("rival", "m", 1).unwrap();
+}
+
+#[tokio::test]
+async fn plugins_need_a_valid_signature_and_their_grants_resolve_once_per_node() {
+    let world = world(&["acme", "rival"]);
+    let secret = world.register_key("acme");
+    world.push_model("acme", "m", 1).unwrap();
+    // Signed for another tenant, or over other bytes: refused before any compile.
+    let forged = secret.sign_plugin(b"wasm a", "rival", "p", "1");
+    let (staged, reservation) = world.stage("acme", b"wasm a");
+    let error = world
+        .tenancy
+        .push_plugin(
+            "acme",
+            PluginUpload {
+                name: "p".into(),
+                version: "1".into(),
+                signature: forged.signature,
+                key_id: forged.key_id,
+                staged,
+                size: 6,
+                reservation,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::InvalidArgument, "{error}");
+    assert_eq!(world.sandbox.compiles.load(Ordering::SeqCst), 0);
+    // The rival has no such key.
+    let error = world
+        .push_plugin("rival", &secret, "p", "1", b"wasm a")
+        .unwrap_err();
+    assert!(error.to_string().contains("unknown signing key"), "{error}");
+    world
+        .push_plugin("acme", &secret, "p", "1", b"wasm a")
+        .unwrap();
+    let error = world
+        .push_plugin("acme", &secret, "p", "1", b"wasm b")
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Conflict);
+    world
+        .apply("acme", "g", &plugin_graph("g", "p", "m"))
+        .unwrap();
+    // The plugin cannot go while the graph uses it.
+    let error = world
+        .tenancy
+        .delete_artifact("acme", ArtifactKind::Plugin, "p", None)
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Conflict);
+    // A call runs for the request's tenant, with the node's grant and the tenant's deadline.
+    let scope = world.tenancy.scope("acme").unwrap();
+    let (_, served) = scope.registry.resolve("g", None).unwrap();
+    let x = weft_core::Tensor::new(DataType::Fp32, vec![1, 2], Bytes::from(vec![0u8; 8])).unwrap();
+    let request = RequestContext::for_tenant("acme");
+    for _ in 0..2 {
+        served
+            .infer(&request, vec![NamedTensor::new("x", x.clone())])
+            .await
+            .unwrap();
+    }
+    let seen = world.sandbox.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    for (grants, limits, tenant) in seen {
+        assert_eq!(grants, vec!["m".to_string()]);
+        assert_eq!(limits.deadline, Duration::from_millis(250));
+        assert_eq!(tenant.as_deref(), Some("acme"));
+    }
+    let provenance = request.cost().provenance.lock().unwrap().clone();
+    assert_eq!(provenance.len(), 1, "{provenance:?}");
+    assert_eq!(provenance[0]["plugin"], "p");
+}
+
+#[test]
+fn a_revoked_signing_key_makes_its_plugins_and_their_graphs_unavailable() {
+    let world = world(&["acme"]);
+    let secret = world.register_key("acme");
+    world.push_model("acme", "m", 1).unwrap();
+    world
+        .push_plugin("acme", &secret, "p", "1", b"wasm a")
+        .unwrap();
+    world
+        .apply("acme", "g", &plugin_graph("g", "p", "m"))
+        .unwrap();
+    let key_id = secret.public().key_id();
+    world
+        .tenancy
+        .change(Some("acme"), |state| {
+            for key in &mut state.tenants.get_mut("acme").unwrap().signing_keys {
+                if key.id == key_id {
+                    key.revoked = true;
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    let scope = world.tenancy.scope("acme").unwrap();
+    let error = scope.registry.resolve("g", None).err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    assert!(error.to_string().contains("revoked"), "{error}");
+}
+
+#[test]
+fn the_door_refuses_past_the_rate_quota_with_a_retry_hint() {
+    let world = world(&[]);
+    world
+        .tenancy
+        .change(Some("slow"), |state| {
+            let quotas = Quotas {
+                requests_per_second: 1.0,
+                burst: 2,
+                ..Quotas::default()
+            };
+            state
+                .tenants
+                .insert("slow".into(), new_tenant("slow", quotas, Vec::new()));
+            Ok(())
+        })
+        .unwrap();
+    let scope = world.tenancy.scope("slow").unwrap();
+    scope.charge().unwrap();
+    scope.charge().unwrap();
+    let refusal = scope.charge().unwrap_err();
+    assert_eq!(refusal.error.kind(), ErrorKind::ResourceExhausted);
+    assert!(refusal.retry_after_seconds.is_some());
+}
