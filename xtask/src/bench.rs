@@ -64,7 +64,7 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
         "--release",
         "--quiet",
         "-p",
-        "weft-server",
+        "weft-cli",
         "--bin",
         "weft",
     ]))?;

@@ -327,7 +327,7 @@ fn serve(root: &Path, extra: &[String]) -> Result<()> {
             "--release",
             "--quiet",
             "-p",
-            "weft-server",
+            "weft-cli",
             "--bin",
             "weft",
             "--",

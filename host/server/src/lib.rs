@@ -1,13 +1,13 @@
 //! The `weft` server: the Open Inference Protocol (KServe V2) HTTP API over axum.
 //!
-//! It owns the process edge — flags, logging, HTTP routes, error-to-status mapping, graceful
-//! shutdown, tenants and their control plane — and wires the engine's registry to the backends. Everything below the HTTP edge
+//! It owns the process edge — the serve flags, HTTP routes, error-to-status mapping, graceful
+//! shutdown, the control plane's HTTP face — and wires the engine's registry, the tenancy layer
+//! and the backends together. The `weft` command line lives in `host/cli`. Everything below the HTTP edge
 //! lives in the other crates, so `app(state)` is the whole server and tests serve exactly it.
 
 pub mod app;
-pub mod bench;
 pub mod body_timeout;
-pub mod cli;
+pub mod commands;
 pub mod control;
 pub mod error;
 pub mod graphs;

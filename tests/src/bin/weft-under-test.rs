@@ -2,5 +2,5 @@
 //! (`CARGO_BIN_EXE_weft-under-test`): the same code as the shipped binary, nothing added.
 
 fn main() -> std::process::ExitCode {
-    weft_server::cli::main()
+    weft_cli::main()
 }

@@ -15,8 +15,8 @@ use clap::ValueEnum;
 use weft_core::{DataType, Model, NamedTensor, Tensor, TensorSpec};
 use weft_engine::ModelRegistry;
 
-use crate::cli::OrtArgs;
-use crate::loader::RepositoryLoader;
+use weft_server::commands::{OrtArgs, bench_worker_pool};
+use weft_server::loader::RepositoryLoader;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -172,7 +172,7 @@ async fn load_in_process(args: &BenchArgs) -> anyhow::Result<Arc<dyn Model>> {
     // Models with `isolation = "process"` run in a model worker of this process, as in
     // `weft serve`, so the same call measures the process boundary.
     let loader = RepositoryLoader {
-        workers: Some(crate::cli::bench_worker_pool(&args.ort.library)?),
+        workers: Some(bench_worker_pool(&args.ort.library)?),
         ..RepositoryLoader::default()
     };
     let registry =

@@ -1,59 +1,20 @@
-//! The `weft` command line: flags with `WEFT_*` environment fallbacks, logging set-up, and the
-//! `serve` subcommand's start-up and graceful shutdown.
-//!
-//! It lives in the library (not `main.rs`) so the end-to-end tests run the exact same entry
-//! point as a binary of their own.
+//! The server's own subcommands, with their flags and `WEFT_*` environment fallbacks: `serve`
+//! (start-up, the store, the repository, graceful shutdown), the sandboxed model `worker`,
+//! `graph check` and `migrate`. The `weft` binary (`host/cli`) puts them on one command line
+//! next to the client and the benchmarks, which do not belong in the server.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 
 use crate::app::{AppState, app};
 use crate::loader::{RepositoryLoader, WorkerPool, WorkerSettings};
 use crate::metrics::{Metrics, ScrapeSources};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "weft",
-    version,
-    about = "Weft: WebAssembly-plugin inference serving (KServe V2 HTTP API)"
-)]
-pub struct Cli {
-    /// Log line format.
-    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve a model repository over the Open Inference Protocol (KServe V2) HTTP API.
-    Serve(ServeArgs),
-    /// Measure a model over HTTP (V2, JSON or binary) or in-process with the same input.
-    Bench(crate::bench::BenchArgs),
-    /// Work with inference graphs.
-    #[command(subcommand)]
-    Graph(GraphCommand),
-    /// Measure the plugin sandbox: instantiation, an empty call, and a model call through
-    /// wasi:nn against the same model called directly.
-    BenchPlugins(crate::bench::BenchPluginsArgs),
-    /// Copy every tenant and the blobs they use from one store into an empty other one
-    /// (embedded data directory to PostgreSQL + S3, or back), verified by digests.
-    Migrate(MigrateArgs),
-    #[command(flatten)]
-    Client(weft_client::ClientCommand),
-    /// Internal: a sandboxed model worker, started and supervised by `weft serve`.
-    #[command(hide = true)]
-    Worker(WorkerCliArgs),
-}
 
 /// `weft migrate`: a source and a destination, each an embedded data directory or a shared
 /// store (PostgreSQL + S3; endpoint and keys from the AWS_* variables).
@@ -108,7 +69,7 @@ fn open_side(
     }
 }
 
-fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let caches = tempfile::tempdir().context("cannot create a temporary cache directory")?;
     let from = open_side(
         "from",
@@ -156,15 +117,6 @@ pub struct WorkerCliArgs {
     pub probe_connect: Vec<SocketAddr>,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum GraphCommand {
-    /// Validate graph files against a repository's models and plugins, as loading would
-    /// (dry run: no server). Exits 1 if any file is invalid.
-    Check(GraphCheckArgs),
-    #[command(flatten)]
-    Client(weft_client::GraphClientCommand),
-}
-
 #[derive(Debug, clap::Args)]
 pub struct GraphCheckArgs {
     /// Repository whose models/ and plugins/ the graphs refer to.
@@ -189,14 +141,6 @@ pub struct OrtArgs {
         default_value = "target/onnxruntime/libonnxruntime.so.1.22.1"
     )]
     pub library: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, for log collectors.
-    Json,
 }
 
 #[derive(Debug, clap::Args)]
@@ -291,62 +235,8 @@ pub struct ServeArgs {
     pub shutdown_grace_seconds: u64,
 }
 
-/// Parses the command line, runs it, and turns any error into a message and exit code 1.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
-    // A model worker must still have a single thread when it closes its sandbox: it runs
-    // before any async runtime exists.
-    if let Command::Worker(args) = &cli.command {
-        return match worker(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("weft worker: {error}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime");
-    let result = runtime.and_then(|runtime| match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Bench(args) => runtime.block_on(crate::bench::bench(args)),
-        Command::BenchPlugins(args) => runtime.block_on(crate::bench::bench_plugins(args)),
-        Command::Graph(GraphCommand::Check(args)) => graph_check(args),
-        Command::Graph(GraphCommand::Client(command)) => {
-            runtime.block_on(weft_client::run_graph(command))
-        }
-        Command::Client(command) => runtime.block_on(weft_client::run(command)),
-        Command::Migrate(args) => migrate(args),
-        Command::Worker(_) => Ok(()),
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("weft: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
-
-fn graph_check(args: GraphCheckArgs) -> anyhow::Result<()> {
+/// `weft graph check`: validates graph files against a repository, as loading would.
+pub fn graph_check(args: GraphCheckArgs) -> anyhow::Result<()> {
     weft_backends::init_onnxruntime(&args.ort.library)?;
     let models = weft_engine::ModelRegistry::load(&args.repository, &RepositoryLoader::default())?;
     let runtime = weft_runtime::PluginRuntime::new(weft_runtime::RuntimeConfig::default())?;
@@ -443,8 +333,9 @@ fn load_repository(
     })
 }
 
-/// `weft worker`: serve the server's model calls, or probe the sandbox.
-fn worker(args: &WorkerCliArgs) -> weft_core::Result<()> {
+/// `weft worker`: serve the server's model calls, or probe the sandbox. It must run before
+/// any async runtime exists: the worker closes its sandbox while it has a single thread.
+pub fn worker(args: &WorkerCliArgs) -> weft_core::Result<()> {
     let policy = weft_backends::worker::SandboxPolicy {
         memory_limit: args.memory_limit_bytes,
         allow_weak: args.allow_weak_model_sandbox,
