@@ -84,6 +84,24 @@ impl Tenancy {
         tenant_plugin_limits(self.plugins.defaults(), self.plugins.ceiling(), quotas)
     }
 
+    /// Loads the models and compiles the plugins `tenant` stores that are not loaded yet (into
+    /// the same caches [`Tenancy::build_scope`] reads), without building a scope: the slow part
+    /// of a rebuild, done before the writer lock is taken so that following other replicas does
+    /// not hold up this replica's own changes. Failures are left to the build that follows,
+    /// which reports them.
+    pub(crate) fn preload(&self, tenant: &Tenant) {
+        for (name, versions) in &tenant.models {
+            for record in versions.values() {
+                let _ = self.tenant_model(tenant, name, record);
+            }
+        }
+        for (name, versions) in &tenant.plugins {
+            if let Some(record) = versions.last() {
+                let _ = self.tenant_plugin(tenant, name, record);
+            }
+        }
+    }
+
     /// Builds one tenant's scope: its models (loaded or taken from the cache), the shared
     /// repository names, its current plugins (signature verified again), and its graphs
     /// (validated again). Anything that fails is served as UNAVAILABLE with the reason.

@@ -335,15 +335,27 @@ impl Tenancy {
     /// Applies what other replicas committed to a shared store: brings the snapshot up to date
     /// and rebuilds the scopes of the tenants that changed (with the same hot swap as a local
     /// change). Returns whether anything changed. Blocking (loads models and plugins).
+    ///
+    /// The new models and plugins are loaded before the writer lock is taken, so this
+    /// replica's own pushes wait only for the swap. Reading the database outside the lock is
+    /// safe: another replica can commit at any moment anyway, so every change re-checks on the
+    /// latest state inside its transaction; and a local commit that picks up the same delta
+    /// first only means the rebuild below finds its tenants already current.
     pub fn follow(&self) -> Result<bool> {
         let Some(shared) = self.store.shared() else {
             return Ok(false);
         };
-        let _writer = lock(&self.writer)?;
         let before = self.store.state();
         if !shared.refresh()? {
             return Ok(false);
         }
+        let fetched = self.store.state();
+        for (name, tenant) in &fetched.tenants {
+            if before.tenants.get(name) != Some(tenant) {
+                self.preload(tenant);
+            }
+        }
+        let _writer = lock(&self.writer)?;
         let after = self.store.state();
         self.rebuild(&after, &|name: &str| {
             before.tenants.get(name) != after.tenants.get(name)
