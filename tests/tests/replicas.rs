@@ -6,7 +6,8 @@
 //! what they have and pick up changes made after it is back; each replica enforces its share of
 //! a tenant's quotas, and takes all of it again when the other leaves; `weft migrate` moves an
 //! embedded store into the shared one and back, served the same before and after; a
-//! key-registration challenge issued by one replica is spent through another, once.
+//! key-registration challenge issued by one replica is spent through another, once; a deleted
+//! version's blobs leave the bucket after the grace while live ones stay.
 //!
 //! Convergence times are printed (run with `--nocapture`).
 
@@ -41,13 +42,18 @@ impl Cluster {
     }
 
     fn replica_in(&self, data: tempfile::TempDir) -> Server {
+        self.replica_with(data, &[])
+    }
+
+    fn replica_with(&self, data: tempfile::TempDir, more: &[&str]) -> Server {
         let blob_url = self.s3.blob_url("replicas");
-        let extra = [
+        let mut extra = vec![
             "--database-url",
             self.database_url.as_str(),
             "--blob-url",
             blob_url.as_str(),
         ];
+        extra.extend_from_slice(more);
         match Server::try_start_with_env(self.repo.path(), &extra, &self.s3.env(), data) {
             Ok(server) => server,
             Err(log) => panic!("a replica did not start:\n{log}"),
@@ -460,4 +466,93 @@ async fn a_challenge_from_one_replica_registers_a_key_through_another_once() {
             "{body}"
         );
     }
+}
+
+/// The replicas' bucket, as the servers see it.
+fn bucket(cluster: &Cluster) -> weft_store::s3::S3Blobs {
+    let settings = weft_store::s3::S3Settings {
+        endpoint: Some(cluster.s3.endpoint()),
+        region: Some("us-east-1".to_string()),
+        access_key_id: Some(cluster.s3.access_key().to_string()),
+        secret_access_key: Some(cluster.s3.secret_key().to_string()),
+        session_token: None,
+    };
+    weft_store::s3::S3Blobs::connect(&cluster.s3.blob_url("replicas"), &settings).unwrap()
+}
+
+async fn in_bucket(bucket: &std::sync::Arc<weft_store::s3::S3Blobs>, digest: &str) -> bool {
+    let bucket = std::sync::Arc::clone(bucket);
+    let digest = digest.to_string();
+    tokio::task::spawn_blocking(move || bucket.contains(&digest).unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_versions_blobs_leave_the_bucket_after_the_grace_and_live_ones_stay() {
+    let cluster = Cluster::start();
+    let one = cluster.replica_with(
+        tempfile::tempdir().unwrap(),
+        &["--blob-gc-grace-seconds", "1"],
+    );
+    let bucket = std::sync::Arc::new(bucket(&cluster));
+    let key = create_tenant(&one, "acme", json!({})).await;
+    let onnx = mlp_onnx();
+    let first_config = format!("{MLP_CONFIG}# version 1\n");
+    let second_config = format!("{MLP_CONFIG}# version 2\n");
+    for (version, config) in [(1, &first_config), (2, &second_config)] {
+        let (status, body) = push_model(&one, &key, "m", version, config, &onnx).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let onnx_digest = weft_store::signing::sha256_hex(&onnx);
+    let first_digest = weft_store::signing::sha256_hex(first_config.as_bytes());
+    let second_digest = weft_store::signing::sha256_hex(second_config.as_bytes());
+    for digest in [&onnx_digest, &first_digest, &second_digest] {
+        assert!(
+            in_bucket(&bucket, digest).await,
+            "{digest} was never uploaded"
+        );
+    }
+
+    // Version 1 deleted: its model.toml is referenced by nothing; the ONNX bytes still are.
+    let (status, body) =
+        send(client_with_key(&key).delete(one.url("/api/v1/models/m/versions/1"))).await;
+    assert_eq!(status, 200, "{body}");
+    let started = Instant::now();
+    loop {
+        if !in_bucket(&bucket, &first_digest).await {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the deleted version's blob is still in the bucket after 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "a deleted version's blob left the bucket after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        in_bucket(&bucket, &onnx_digest).await,
+        "a live version's ONNX blob was deleted"
+    );
+    assert!(
+        in_bucket(&bucket, &second_digest).await,
+        "a live version's config was deleted"
+    );
+    assert_eq!(infer(&one, &key, "m").await.0, 200);
+
+    // The same bytes pushed again are stored again, and served by a replica that never had them.
+    let (status, body) = push_model(&one, &key, "m", 3, &first_config, &onnx).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(in_bucket(&bucket, &first_digest).await);
+    let two = cluster.replica();
+    let (status, body) = send(
+        client_with_key(&key)
+            .post(two.url("/v2/models/m/versions/3/infer"))
+            .json(&row()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
 }

@@ -169,6 +169,13 @@ pub struct ServeArgs {
     /// with --database-url.
     #[arg(long, env = "WEFT_BLOB_URL", requires = "database_url")]
     pub blob_url: Option<String>,
+    /// Seconds a blob in the shared object store that no stored version references any more
+    /// (a deleted version) is kept before it is deleted. Longer than any upload takes from its
+    /// first byte to its commit; shared store only.
+    #[arg(long, env = "WEFT_BLOB_GC_GRACE_SECONDS",
+          default_value_t = weft_tenancy::tenancy::DEFAULT_BLOB_GRACE.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub blob_gc_grace_seconds: u64,
     /// Largest request body in bytes; larger requests get 413.
     #[arg(long, env = "WEFT_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_request_bytes: usize,
@@ -499,7 +506,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let tenancy = Arc::clone(&state.tenancy);
     if tenancy.store().shared().is_some() {
-        crate::tenants::follow_shared_store(Arc::clone(&tenancy))?;
+        crate::tenants::follow_shared_store(
+            Arc::clone(&tenancy),
+            Duration::from_secs(args.blob_gc_grace_seconds),
+        )?;
     }
     let accepting = state.accepting.clone();
     let listener = TcpListener::bind(args.listen)

@@ -21,4 +21,4 @@ pub use records::{
     ApiKey, GraphVersion, MAX_NAME_LEN, ModelVersion, PluginVersion, Quotas, SigningKey, State,
     Tenant, Usage, check_name, unix_now,
 };
-pub use store::{BlobWriter, SCRATCH_PREFIX, StagedBlob, Store};
+pub use store::{BlobWriter, MAX_COLLECTED_PER_ROUND, SCRATCH_PREFIX, StagedBlob, Store};

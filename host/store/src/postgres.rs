@@ -242,6 +242,34 @@ impl PostgresMeta {
         Ok(changed)
     }
 
+    /// Runs `work` on the latest state while holding the cluster-wide writer lock, changing
+    /// nothing: no replica can commit until it returns, so what `work` decides from the state
+    /// (which blobs nothing references) still holds while it acts on it. The snapshot is not
+    /// published here, so followers still see what changed at their next refresh.
+    pub fn while_writing<T>(&self, work: impl FnOnce(&State) -> Result<T>) -> Result<T> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let known = self.known_versions();
+        let pool = self.pool.clone();
+        let (tx, delta) = self.run(async move {
+            let mut tx = begin(&pool).await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(WRITER_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| database_error("cannot take the writer lock", &e))?;
+            let delta = read_delta(&mut tx, &known).await?;
+            Ok((tx, delta))
+        })?;
+        let out = work(&delta.apply(&self.state()));
+        // Read-only: ending the transaction releases the lock.
+        let _ = self.run(async move {
+            tx.rollback()
+                .await
+                .map_err(|e| database_error("cannot release the writer lock", &e))
+        });
+        out
+    }
+
     /// Runs `change` on the latest state under the cluster-wide writer lock and commits what it
     /// changed; see the module documentation. `check` runs on the new state before the commit
     /// (the store checks that new blobs exist).

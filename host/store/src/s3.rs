@@ -20,12 +20,14 @@ use std::fs::{self, File};
 use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt as _;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    GetOptions, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
+    GetOptions, ObjectStore, ObjectStoreExt as _, PutMultipartOptions, PutOptions, PutPayload,
+    WriteMultipart,
 };
 use sha2::{Digest as _, Sha256};
 use weft_core::{Error, Result};
@@ -239,6 +241,48 @@ impl S3Blobs {
                 .await
                 .map(|_| ())
                 .map_err(|error| object_error("cannot finish storing a blob", &error))
+        })
+    }
+
+    /// The digests of the blobs the object store says were written more than `age` ago, by
+    /// this machine's clock (objects under the prefix that are not blobs are left out).
+    pub fn written_before(&self, age: Duration) -> Result<Vec<String>> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let cutoff = i64::try_from(now.saturating_sub(age.as_secs())).unwrap_or(i64::MAX);
+        let store = Arc::clone(&self.store);
+        let folder = ObjectPath::from(if self.prefix.is_empty() {
+            "sha256".to_string()
+        } else {
+            format!("{}/sha256", self.prefix)
+        });
+        self.run(async move {
+            let mut listing = store.list(Some(&folder));
+            let mut old = Vec::new();
+            while let Some(object) = listing.next().await {
+                let object =
+                    object.map_err(|error| object_error("cannot list the blobs", &error))?;
+                if object.last_modified.timestamp() < cutoff
+                    && let Some(name) = object.location.filename()
+                    && is_sha256_hex(name)
+                {
+                    old.push(name.to_string());
+                }
+            }
+            Ok(old)
+        })
+    }
+
+    /// Deletes the blob `digest` (nothing happens when it is not there).
+    pub fn delete(&self, digest: &str) -> Result<()> {
+        let store = Arc::clone(&self.store);
+        let object = self.object(digest);
+        self.run(async move {
+            match store.delete(&object).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(error) => Err(object_error("cannot delete a blob", &error)),
+            }
         })
     }
 

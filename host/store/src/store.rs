@@ -48,6 +48,10 @@ const UPLOAD_DIR: &str = "tmp";
 /// Prefix of an upload's temporary file in [`UPLOAD_DIR`].
 const UPLOAD_PREFIX: &str = ".tmp-upload-";
 
+/// Most object-store blobs one [`Store::collect_shared_blobs`] deletes, so one round holds the
+/// cluster-wide writer lock for a bounded time; the rest wait for the next round.
+pub const MAX_COLLECTED_PER_ROUND: usize = 1000;
+
 /// Durable tenant state and blobs under `<data-dir>/store/`.
 #[derive(Debug)]
 pub struct Store {
@@ -350,14 +354,49 @@ impl Store {
     fn check_new_blobs(&self, current: &State, next: &State) -> Result<()> {
         let old = current.referenced_digests();
         for digest in next.referenced_digests() {
-            if !old.contains(digest) && !self.has_blob(digest) {
-                return Err(Error::internal(format!(
-                    "refusing to commit a record that references blob {digest:?}, which is not \
-                     stored"
-                )));
+            if old.contains(digest) || self.has_blob(digest) {
+                continue;
             }
+            // Shared: the upload found the blob in the object store and skipped it, and then
+            // [`Store::collect_shared_blobs`] took it (it was unreferenced past its grace).
+            // This runs under the cluster-wide writer lock, so putting it back from the local
+            // copy cannot race another collection.
+            if self.remote.is_some() && self.blob_dir.join(digest).is_file() {
+                self.upload(digest)?;
+                continue;
+            }
+            return Err(Error::internal(format!(
+                "refusing to commit a record that references blob {digest:?}, which is not stored"
+            )));
         }
         Ok(())
+    }
+
+    /// Shared store only: deletes from the object store the blobs no tenant references that
+    /// were written more than `grace` ago (deleted versions), at most [`MAX_COLLECTED_PER_ROUND`]
+    /// per call; returns how many. The decision and the deletes happen under the cluster-wide
+    /// writer lock, so no replica commits a reference to a blob meanwhile. The grace protects
+    /// uploads that are in the object store but not committed yet: it must be longer than an
+    /// upload takes from its first byte to its commit (a commit that still finds its blob gone
+    /// puts it back from its local copy, so a too-short grace costs time, not data). Blocking.
+    pub fn collect_shared_blobs(&self, grace: std::time::Duration) -> Result<usize> {
+        let (Some(shared), Some(remote)) = (&self.shared, &self.remote) else {
+            return Ok(0);
+        };
+        shared.while_writing(|state| {
+            let referenced = state.referenced_digests();
+            let mut removed = 0;
+            for digest in remote.written_before(grace)? {
+                if removed == MAX_COLLECTED_PER_ROUND {
+                    break;
+                }
+                if !referenced.contains(digest.as_str()) {
+                    remote.delete(&digest)?;
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
     }
 
     /// Deletes temporary leftovers and blobs the state does not reference. Runs only in `open`,

@@ -447,20 +447,35 @@ impl Tenancy {
 /// (notifications are lost while its database connection is down).
 pub const RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long an object-store blob that no version references is kept before it is deleted, by
+/// default: far longer than any upload takes from its first byte to its commit.
+pub const DEFAULT_BLOB_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How often a replica looks for object-store blobs to delete, given their grace: half the
+/// grace, within [`RECONCILE_INTERVAL`] and ten minutes (a listing of the bucket per round).
+pub fn blob_collection_interval(grace: std::time::Duration) -> std::time::Duration {
+    (grace / 2).clamp(RECONCILE_INTERVAL, std::time::Duration::from_secs(600))
+}
+
 /// Keeps `tenancy` in step with other replicas of a shared store: applies their changes as
 /// soon as a notification arrives, and every [`RECONCILE_INTERVAL`] in any case, when it also
-/// announces this replica (so the quota shares follow the number of live replicas). Runs until
-/// the process ends; a failed round (database down) is logged and retried.
-pub fn follow_shared_store(tenancy: Arc<Tenancy>) -> Result<()> {
+/// announces this replica (so the quota shares follow the number of live replicas). Every
+/// [`blob_collection_interval`] it also deletes the object-store blobs of deleted versions that
+/// have been unreferenced for `blob_grace` ([`Store::collect_shared_blobs`]), so a tenant that
+/// deletes and pushes again does not grow the bucket without end. Runs until the process ends;
+/// a failed round (database down) is logged and retried.
+pub fn follow_shared_store(tenancy: Arc<Tenancy>, blob_grace: std::time::Duration) -> Result<()> {
     let Some(shared) = tenancy.store().shared() else {
         return Ok(());
     };
     let mut notifications = shared.listen()?;
     tenancy.heartbeat()?;
+    let collect_every = blob_collection_interval(blob_grace);
     tokio::spawn(async move {
         let mut timer = tokio::time::interval(RECONCILE_INTERVAL);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listening = true;
+        let mut collected = std::time::Instant::now();
         loop {
             tokio::select! {
                 message = notifications.recv(), if listening => {
@@ -471,10 +486,27 @@ pub fn follow_shared_store(tenancy: Arc<Tenancy>) -> Result<()> {
             }
             // Several notifications in a burst are one refresh.
             while notifications.try_recv().is_ok() {}
+            let collect = collected.elapsed() >= collect_every;
+            if collect {
+                collected = std::time::Instant::now();
+            }
             let tenancy = Arc::clone(&tenancy);
             let round = move || {
                 if let Err(error) = tenancy.heartbeat() {
                     tracing::warn!(%error, "cannot announce this replica yet");
+                }
+                if collect {
+                    match tenancy.store().collect_shared_blobs(blob_grace) {
+                        Ok(0) => {}
+                        Ok(removed) => tracing::info!(
+                            removed,
+                            "deleted the object-store blobs of deleted versions"
+                        ),
+                        Err(error) => tracing::warn!(
+                            %error,
+                            "cannot delete the object-store blobs of deleted versions yet"
+                        ),
+                    }
                 }
                 tenancy.follow()
             };
