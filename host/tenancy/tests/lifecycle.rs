@@ -1,6 +1,9 @@
 //! The tenancy layer with fakes of the sandbox and the model backend (no wasmtime, no ONNX
 //! Runtime, no process): the artifact lifecycle (immutability, signatures, delete integrity),
-//! scope building (hot swap, namespace isolation, grants) and the quotas at the door.
+//! scope building (hot swap, namespace isolation, shared platform models, grants) and the
+//! quotas at the door. The store is the real embedded one in a temporary directory: it is as
+//! fast as a fake (the whole file runs in well under a second) and cannot drift from the real
+//! behaviour.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -174,13 +177,18 @@ struct World {
 }
 
 fn world(tenants: &[&str]) -> World {
+    world_sharing(tenants, ModelRegistry::default(), &[])
+}
+
+/// A world whose operator repository is `platform`, of which each tenant shares `shared`.
+fn world_sharing(tenants: &[&str], platform: ModelRegistry, shared: &[&str]) -> World {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let sandbox = Arc::new(FakeSandbox::default());
     let models = Arc::new(FakeModels::default());
     let tenancy = Tenancy::new(TenancyConfig {
         store: Arc::clone(&store),
-        platform: ModelRegistry::default(),
+        platform,
         plugins: Arc::clone(&sandbox) as _,
         models: Arc::clone(&models) as _,
         observer: Arc::new(NoObserver),
@@ -195,9 +203,10 @@ fn world(tenants: &[&str]) -> World {
                     plugin_deadline_ms: 250,
                     ..Quotas::default()
                 };
+                let shared = shared.iter().map(|model| model.to_string()).collect();
                 state
                     .tenants
-                    .insert(name.to_string(), new_tenant(name, quotas, Vec::new()));
+                    .insert(name.to_string(), new_tenant(name, quotas, shared));
                 Ok(())
             })
             .unwrap();
@@ -576,4 +585,57 @@ fn the_door_refuses_past_the_rate_quota_with_a_retry_hint() {
     let refusal = scope.charge().unwrap_err();
     assert_eq!(refusal.error.kind(), ErrorKind::ResourceExhausted);
     assert!(refusal.retry_after_seconds.is_some());
+}
+
+fn echo() -> Arc<dyn Model> {
+    Arc::new(Echo(ModelMetadata {
+        platform: "onnxruntime_onnx".into(),
+        inputs: vec![spec("x")],
+        outputs: vec![spec("y")],
+        max_batch_size: 0,
+    }))
+}
+
+#[test]
+fn a_scope_holds_the_platform_models_it_shares_and_its_own_models_over_them() {
+    let mut platform = ModelRegistry::default();
+    for name in ["shared", "private", "m"] {
+        platform
+            .add_model_version(name, 1, weft_engine::ModelState::Ready(echo()))
+            .unwrap();
+    }
+    let world = world_sharing(&["acme"], platform, &["shared", "m"]);
+    let scope = world.tenancy.scope("acme").unwrap();
+    assert!(scope.registry.resolve("shared", None).is_ok());
+    assert!(
+        scope.registry.resolve("private", None).is_err(),
+        "an operator model the tenant does not share is in its scope"
+    );
+    // A graph can use what is shared, and not what is not, with the same answer as a name
+    // that exists nowhere.
+    world.apply("acme", "g", &graph("g", 1, "shared")).unwrap();
+    let error = world
+        .apply("acme", "h", &graph("h", 1, "private"))
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("unknown model 'private'"),
+        "{error}"
+    );
+    // Rebuilding the scope for a graph loaded no model of the tenant's.
+    assert_eq!(world.models.loads.load(Ordering::SeqCst), 0);
+    assert!(
+        world
+            .tenancy
+            .scope("acme")
+            .unwrap()
+            .registry
+            .resolve("g", None)
+            .is_ok()
+    );
+    // The tenant's own model of a shared name hides the operator's in its scope only.
+    world.push_model("acme", "m", 7).unwrap();
+    let scope = world.tenancy.scope("acme").unwrap();
+    assert_eq!(scope.registry.resolve("m", None).unwrap().0, 7);
+    assert!(scope.registry.resolve("m", Some("1")).is_err());
+    assert!(world.tenancy.platform().resolve("m", Some("1")).is_ok());
 }
