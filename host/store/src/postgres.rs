@@ -250,16 +250,7 @@ impl PostgresMeta {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let known = self.known_versions();
         let pool = self.pool.clone();
-        let (tx, delta) = self.run(async move {
-            let mut tx = begin(&pool).await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(WRITER_LOCK)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| database_error("cannot take the writer lock", &e))?;
-            let delta = read_delta(&mut tx, &known).await?;
-            Ok((tx, delta))
-        })?;
+        let (tx, delta) = self.run(begin_writing(pool, known))?;
         let out = work(&delta.apply(&self.state()));
         // Read-only: ending the transaction releases the lock.
         let _ = self.run(async move {
@@ -281,16 +272,7 @@ impl PostgresMeta {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let known = self.known_versions();
         let pool = self.pool.clone();
-        let (tx, delta) = self.run(async move {
-            let mut tx = begin(&pool).await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(WRITER_LOCK)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| database_error("cannot take the writer lock", &e))?;
-            let delta = read_delta(&mut tx, &known).await?;
-            Ok((tx, delta))
-        })?;
+        let (tx, delta) = self.run(begin_writing(pool, known))?;
         let current = delta.apply(&self.state());
         if !delta.is_empty(&self.state().revision) {
             // Publish what other replicas committed even if this change fails.
@@ -583,6 +565,21 @@ pub(crate) fn wait_on<T: Send + 'static>(
     receiver
         .recv()
         .map_err(|_| Error::internal("the database runtime stopped during a call"))
+}
+
+/// Starts a transaction holding the cluster-wide writer lock, with what changed since `known`.
+async fn begin_writing(
+    pool: PgPool,
+    known: BTreeMap<String, i64>,
+) -> Result<(Transaction<'static, Postgres>, Delta)> {
+    let mut tx = begin(&pool).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(WRITER_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| database_error("cannot take the writer lock", &e))?;
+    let delta = read_delta(&mut tx, &known).await?;
+    Ok((tx, delta))
 }
 
 async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>> {
