@@ -4,7 +4,8 @@
 
 use axum::http::{HeaderMap, header};
 use weft_core::{Error, ErrorKind, Result};
-pub use weft_tenancy::lifecycle::{check_model_config, graph_path, unix_now};
+pub use weft_store::unix_now;
+pub use weft_tenancy::lifecycle::{check_model_config, graph_path};
 pub use weft_tenancy::{
     BOOTSTRAP_TENANT, Tenancy, TenancyConfig, TenantScope, follow_shared_store,
 };

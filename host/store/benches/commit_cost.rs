@@ -14,7 +14,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use sqlx::ConnectOptions as _;
@@ -22,21 +21,6 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use weft_store::{ModelVersion, Quotas, State, Store, Tenant};
 
 const TENANTS: usize = 50;
-
-fn tenant(name: &str) -> Tenant {
-    Tenant {
-        name: name.to_string(),
-        created_unix: 1_700_000_000,
-        quotas: Quotas::default(),
-        shared_models: Vec::new(),
-        api_keys: Vec::new(),
-        signing_keys: Vec::new(),
-        plugins: BTreeMap::new(),
-        models: BTreeMap::new(),
-        graphs: BTreeMap::new(),
-        revision: 0,
-    }
-}
 
 fn version(onnx: &str, config: &str) -> ModelVersion {
     ModelVersion {
@@ -75,7 +59,7 @@ fn embedded(stored: usize, commits: usize) -> Embedded {
     store
         .transact(|state| {
             for t in 0..TENANTS {
-                let mut record = tenant(&tenant_name(t));
+                let mut record = Tenant::new(tenant_name(t), 1_700_000_000, Quotas::default());
                 for v in (t..stored).step_by(TENANTS) {
                     record
                         .models

@@ -20,7 +20,7 @@ use std::fs::{self, File};
 use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use object_store::aws::AmazonS3Builder;
@@ -247,10 +247,8 @@ impl S3Blobs {
     /// The digests of the blobs the object store says were written more than `age` ago, by
     /// this machine's clock (objects under the prefix that are not blobs are left out).
     pub fn written_before(&self, age: Duration) -> Result<Vec<String>> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_secs());
-        let cutoff = i64::try_from(now.saturating_sub(age.as_secs())).unwrap_or(i64::MAX);
+        let cutoff =
+            i64::try_from(crate::unix_now().saturating_sub(age.as_secs())).unwrap_or(i64::MAX);
         let store = Arc::clone(&self.store);
         let folder = ObjectPath::from(if self.prefix.is_empty() {
             "sha256".to_string()

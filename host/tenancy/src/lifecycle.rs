@@ -19,6 +19,7 @@ use weft_engine::graph::{GraphSpec, PluginRole, validate};
 use weft_store::signing::{PublicKey, SignatureScheme, sha256_hex};
 use weft_store::{
     GraphVersion, ModelVersion, PluginVersion, Quotas, StagedBlob, State, Tenant, check_name,
+    unix_now,
 };
 
 use crate::backends::ModelBudget;
@@ -650,13 +651,6 @@ pub fn new_tenant(name: &str, quotas: Quotas, shared_models: Vec<String>) -> Ten
     let mut tenant = Tenant::new(name, unix_now(), quotas);
     tenant.shared_models = shared_models;
     tenant
-}
-
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// A tenant's registered, unrevoked signing key.
