@@ -73,6 +73,23 @@ fn y(body: &Value) -> Vec<f32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_mixed_requests_get_exactly_their_own_rows() {
+    mixed_requests_get_their_own_rows(&[]).await;
+}
+
+/// The same with every session on one process-wide ONNX Runtime thread pool (`--ort-threads`):
+/// sessions sharing threads still answer each request with its own rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_mixed_requests_get_their_own_rows_on_a_shared_onnx_runtime_pool() {
+    let server = mixed_requests_get_their_own_rows(&["--ort-threads", "2"]).await;
+    let log = server.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ONNX Runtime loaded") && l.contains("shared_threads=2")),
+        "{log}"
+    );
+}
+
+async fn mixed_requests_get_their_own_rows(extra: &[&str]) -> std::sync::Arc<Server> {
     let quickstart_mlp = quickstart().join("models/mlp/1");
     let repo = Repo::new()
         .with_model(&quickstart(), "mlp")
@@ -83,7 +100,7 @@ async fn concurrent_mixed_requests_get_exactly_their_own_rows() {
             call_model_graph("via-plugin", 1, "call_model", "batched", "batched").as_bytes(),
         );
     std::os::unix::fs::symlink(&quickstart_mlp, repo.path().join("models/batched/1")).unwrap();
-    let server = Server::start(repo.path());
+    let server = Server::start_with(repo.path(), extra);
 
     // The reference: the unbatched model, one request at a time.
     let cases: Vec<(String, Vec<f32>)> = (0..48)
@@ -157,6 +174,7 @@ async fn concurrent_mixed_requests_get_exactly_their_own_rows() {
         "{executions} executions for {} requests: nothing was batched",
         cases.len()
     );
+    server
 }
 
 /// Two tenants' own signed plugins call one shared, batched platform model through `wasi:nn`

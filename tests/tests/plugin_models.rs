@@ -16,7 +16,7 @@ use weft_runtime::{CallContext, PluginRuntime, RuntimeConfig};
 
 #[tokio::test]
 async fn plugin_calls_the_onnx_mlp_through_wasi_nn_bit_exactly() {
-    weft_backends::init_onnxruntime(&ort_library()).unwrap();
+    weft_backends::init_onnxruntime(&ort_library(), 0).unwrap();
     let path = quickstart().join("models/mlp/1/model.onnx");
     let options = OnnxOptions {
         max_batch_size: 64,

@@ -2,9 +2,13 @@
 //!
 //! Generates the `wide` model (bench/make_bench_models.py) if missing, builds the release
 //! binary, serves bench/repository on a free port, and runs `weft bench` over HTTP for the bare
-//! models and the classify-style graph, at concurrency 1 and 64, with batching off and on, then
-//! the in-process limits (one row, and batches of 64 from one and from two callers: the model
-//! has one session per core). Prints each `weft bench` line and a table.
+//! models and the "graph3" graphs (normalize -> model -> softmax: `classify` on `mlp`, `wide3`
+//! on `wide`), at concurrency 1 and 64, with batching off and on, then the in-process limits
+//! (one row, and batches of 64 from one and from two callers: the model has one session per
+//! core), then the plugin `wasi:nn` overhead. With `--peers` it also installs MLServer 1.7.1
+//! and KServe 0.21 into virtual environments under target/peers/, serves the same graph3 work
+//! with each (bench/peers/graph3.py), and drives them and Weft with the same JSON requests.
+//! Prints each `weft bench` line, a table, and the issue-20 targets as ratios of this run.
 //! The load generator shares the machine with the server; compare rows of one run.
 
 use std::io::{BufRead, BufReader};
@@ -17,6 +21,9 @@ struct Options {
     duration: String,
     warmup: String,
     only: Option<String>,
+    /// `weft serve --ort-threads`: one shared ONNX Runtime pool of this many threads.
+    ort_threads: String,
+    peers: bool,
 }
 
 fn options(args: &[String]) -> Result<Options> {
@@ -24,9 +31,19 @@ fn options(args: &[String]) -> Result<Options> {
         duration: "8".into(),
         warmup: "2".into(),
         only: None,
+        // One shared ONNX Runtime pool over every core: the configuration BENCHMARKS.md
+        // recommends (`--ort-threads 0` measures one pool per session instead).
+        ort_threads: std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .to_string(),
+        peers: false,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
+        if arg == "--peers" {
+            options.peers = true;
+            continue;
+        }
         let value = args
             .next()
             .with_context(|| format!("{arg} needs a value"))?
@@ -35,19 +52,67 @@ fn options(args: &[String]) -> Result<Options> {
             "--duration" => options.duration = value,
             "--warmup" => options.warmup = value,
             "--only" => options.only = Some(value),
-            other => bail!("unknown bench option {other} (--duration, --warmup, --only)"),
+            "--ort-threads" => options.ort_threads = value,
+            other => bail!(
+                "unknown bench option {other} (--duration, --warmup, --only, --ort-threads, --peers)"
+            ),
         }
     }
     Ok(options)
 }
 
-/// Kills the server when the matrix ends, however it ends.
+impl Options {
+    fn skips(&self, model: &str) -> bool {
+        self.only.as_deref().is_some_and(|only| !model.contains(only))
+    }
+}
+
+/// Kills a server when the matrix ends, however it ends.
 struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// What one `weft bench` line measured.
+#[derive(Clone, Copy, Debug)]
+struct Figure {
+    requests_per_second: f64,
+    rows_per_second: f64,
+    p50_us: f64,
+}
+
+/// Reads "... : N req/s, N rows/s, p50 N us, ..." from a `weft bench` line.
+fn figure(line: &str) -> Option<Figure> {
+    let number_before = |unit: &str| -> Option<f64> {
+        let at = line.find(unit)?;
+        line[..at].split_whitespace().last()?.parse().ok()
+    };
+    let p50 = line.split("p50 ").nth(1)?.split_whitespace().next()?;
+    Some(Figure {
+        requests_per_second: number_before(" req/s")?,
+        rows_per_second: number_before(" rows/s")?,
+        p50_us: p50.parse().ok()?,
+    })
+}
+
+/// Every row of the run, by name, in order.
+#[derive(Default)]
+struct Rows(Vec<(String, String)>);
+
+impl Rows {
+    fn push(&mut self, name: String, line: String) {
+        self.0.push((name, line));
+    }
+
+    fn get(&self, name: &str) -> Option<Figure> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, line)| figure(line))
     }
 }
 
@@ -70,10 +135,177 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
     ]))?;
     let weft = root.join("target/release/weft");
     let library = crate::ort_library(root);
+    let mut rows = Rows::default();
+
+    let (server, url) = serve_weft(root, &weft, &library, &options)?;
+    let http = [
+        ("mlp", "mlp", "off"),
+        ("mlp", "mlp-batched", "on"),
+        ("wide", "wide", "off"),
+        ("wide", "wide-batched", "on"),
+        ("mlp in a model worker", "mlp-worker", "off"),
+        ("mlp in a model worker", "mlp-worker-batched", "on"),
+        ("wide in a model worker", "wide-worker", "off"),
+        ("wide in a model worker", "wide-worker-batched", "on"),
+        ("mlp graph3 (classify)", "classify", "off"),
+        ("mlp graph3 (classify)", "classify-batched", "on"),
+        ("wide graph3 (wide3)", "wide3", "off"),
+        ("wide graph3 (wide3)", "wide3-batched", "on"),
+    ];
+    for concurrency in ["1", "64"] {
+        for (label, model, batching) in http {
+            if options.skips(model) {
+                continue;
+            }
+            let line = weft_bench(&weft, root, &http_args(model, &url, concurrency, &options))?;
+            rows.push(
+                format!("{label}, HTTP binary, batching {batching}, c={concurrency}"),
+                line,
+            );
+        }
+    }
+    if options.peers {
+        // The same JSON requests for Weft as for the peers below.
+        for concurrency in ["1", "64"] {
+            for graph in ["classify-batched", "wide3-batched"] {
+                let mut args = http_args(graph, &url, concurrency, &options);
+                args.extend(["--encoding".to_string(), "json".to_string()]);
+                let line = weft_bench(&weft, root, &args)?;
+                rows.push(format!("Weft {graph}, JSON, c={concurrency}"), line);
+            }
+        }
+    }
+    drop(server);
+    for model in ["mlp", "mlp-worker", "wide", "wide-worker"] {
+        if options.skips(model) {
+            continue;
+        }
+        for (batch, concurrency) in [("1", "1"), ("1", "64"), ("64", "1"), ("64", "2")] {
+            let mut args: Vec<String> = [
+                "--model",
+                model,
+                "--in-process",
+                "--repository",
+                "bench/repository",
+                "--rows",
+                batch,
+                "--concurrency",
+                concurrency,
+                "--duration",
+                &options.duration,
+                "--warmup",
+                &options.warmup,
+                "--ort-threads",
+                &options.ort_threads,
+                "--ort-library",
+            ]
+            .map(String::from)
+            .to_vec();
+            args.push(library.to_string_lossy().into_owned());
+            let line = weft_bench(&weft, root, &args)?;
+            rows.push(
+                format!("{model}, in-process, batch of {batch}, c={concurrency}"),
+                line,
+            );
+        }
+    }
+    // A model call from a plugin through wasi:nn, the model in process and in a worker.
+    let mut sandbox_overhead = None;
+    for model in ["mlp", "mlp-worker"] {
+        if options.skips(model) {
+            continue;
+        }
+        let output = Command::new(&weft)
+            .current_dir(root)
+            .args([
+                "bench-plugins",
+                "--repository",
+                "bench/repository",
+                "--model",
+                model,
+            ])
+            .args(["--iterations", "20000", "--ort-library"])
+            .arg(&library)
+            .env("WEFT_LOG", "warn")
+            .output()
+            .context("cannot run weft bench-plugins")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "weft bench-plugins failed: {stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        for line in stdout.lines() {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("sandbox overhead per model call") {
+                rows.push(format!("wasi:nn overhead, {model}"), rest.trim().to_string());
+                if model == "mlp" {
+                    sandbox_overhead = rest
+                        .split_whitespace()
+                        .find_map(|word| word.parse::<f64>().ok());
+                }
+            }
+        }
+    }
+    if options.peers {
+        for peer in ["mlserver", "kserve"] {
+            let server = serve_peer(root, peer)?;
+            let url = format!("http://127.0.0.1:{}", server.1);
+            for concurrency in ["1", "64"] {
+                for (graph, width) in [("classify", 64), ("wide3", 512)] {
+                    let mut args = http_args(graph, &url, concurrency, &options);
+                    args.extend([
+                        "--encoding".to_string(),
+                        "json".to_string(),
+                        "--input".to_string(),
+                        format!("x:FP32:-1,{width}"),
+                    ]);
+                    let line = weft_bench(&weft, root, &args)?;
+                    rows.push(format!("{peer} {graph}, JSON, c={concurrency}"), line);
+                }
+            }
+            drop(server);
+        }
+    }
+
+    println!("\n| run | result |\n|---|---|");
+    for (name, line) in &rows.0 {
+        let result = line.split_once(": ").map_or(line.as_str(), |(_, r)| r);
+        println!("| {name} | {result} |");
+    }
+    print_targets(&rows, sandbox_overhead);
+    Ok(())
+}
+
+fn http_args(model: &str, url: &str, concurrency: &str, options: &Options) -> Vec<String> {
+    [
+        "--model",
+        model,
+        "--url",
+        url,
+        "--concurrency",
+        concurrency,
+        "--duration",
+        &options.duration,
+        "--warmup",
+        &options.warmup,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Starts `weft serve` on bench/repository with a fresh store; returns it and its URL.
+fn serve_weft(
+    root: &Path,
+    weft: &Path,
+    library: &Path,
+    options: &Options,
+) -> Result<(Server, String)> {
     let data_dir = root.join("target/bench-data");
     // A fresh store each run: the benchmark's tenant starts with the bootstrap quotas.
     let _ = std::fs::remove_dir_all(data_dir.join("store"));
-    let mut child = Command::new(&weft)
+    let mut child = Command::new(weft)
         .current_dir(root)
         .args([
             "serve",
@@ -85,7 +317,8 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
         .arg("--data-dir")
         .arg(&data_dir)
         .arg("--ort-library")
-        .arg(&library)
+        .arg(library)
+        .args(["--ort-threads", &options.ort_threads])
         .args(["--bootstrap-key", BENCH_KEY])
         .env("WEFT_LOG", "warn")
         .stdout(Stdio::piped())
@@ -101,129 +334,145 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
         }
     }
     let url = address.context("weft serve exited before listening")?;
+    Ok((server, url))
+}
 
-    let mut rows = Vec::new();
-    let http = [
-        ("mlp", "mlp", "off"),
-        ("mlp", "mlp-batched", "on"),
-        ("wide", "wide", "off"),
-        ("wide", "wide-batched", "on"),
-        ("mlp in a model worker", "mlp-worker", "off"),
-        ("mlp in a model worker", "mlp-worker-batched", "on"),
-        ("wide in a model worker", "wide-worker", "off"),
-        ("wide in a model worker", "wide-worker-batched", "on"),
-        ("classify graph", "classify", "off"),
-        ("classify graph", "classify-batched", "on"),
-    ];
-    for concurrency in ["1", "64"] {
-        for (label, model, batching) in http {
-            if options
-                .only
-                .as_deref()
-                .is_some_and(|only| !model.contains(only))
-            {
-                continue;
-            }
-            let line = weft_bench(
-                &weft,
-                root,
-                &[
-                    "--model",
-                    model,
-                    "--url",
-                    &url,
-                    "--concurrency",
-                    concurrency,
-                    "--duration",
-                    &options.duration,
-                    "--warmup",
-                    &options.warmup,
-                ],
-            )?;
-            rows.push((
-                format!("{label}, HTTP binary, batching {batching}, c={concurrency}"),
-                line,
-            ));
-        }
+/// The pinned packages of each peer's virtual environment (target/peers/<peer>).
+const PEER_PACKAGES: [(&str, &[&str]); 2] = [
+    (
+        "mlserver",
+        &["mlserver==1.7.1", "onnxruntime==1.22.1", "numpy<2.3"],
+    ),
+    (
+        "kserve",
+        &["kserve==0.21.0", "onnxruntime==1.22.1", "numpy<2.3"],
+    ),
+];
+
+/// Creates (once per set of pins) the peer's virtual environment; returns its Python.
+fn peer_env(root: &Path, peer: &str) -> Result<std::path::PathBuf> {
+    let packages = PEER_PACKAGES
+        .iter()
+        .find(|(name, _)| *name == peer)
+        .map(|(_, packages)| *packages)
+        .with_context(|| format!("unknown peer {peer}"))?;
+    let folder = root.join("target/peers").join(peer);
+    let python = folder.join("bin/python");
+    let stamp = folder.join("weft-packages.txt");
+    let wanted = packages.join("\n");
+    if python.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
+        return Ok(python);
     }
-    drop(server);
-    for model in ["mlp", "mlp-worker", "wide", "wide-worker"] {
-        if options
-            .only
-            .as_deref()
-            .is_some_and(|only| !model.contains(only))
-        {
-            continue;
+    eprintln!("xtask: installing {} into {}", packages.join(" "), folder.display());
+    crate::run(Command::new("python3").args(["-m", "venv"]).arg(&folder))?;
+    crate::run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args(packages),
+    )?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
+}
+
+/// Starts a peer server (bench/peers/graph3.py) on a free port and waits until both graph3
+/// models answer ready; returns it and its port.
+fn serve_peer(root: &Path, peer: &str) -> Result<(Server, u16)> {
+    let python = peer_env(root, peer)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let child = Command::new(python)
+        .current_dir(root.join("bench/peers"))
+        .arg("graph3.py")
+        .arg(peer)
+        .arg(root.join("bench/repository"))
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // One process, as the peers run by default; no thread oversubscription from NumPy.
+        .env("OMP_NUM_THREADS", "1")
+        .spawn()
+        .with_context(|| format!("cannot start {peer}"))?;
+    let mut server = Server(child);
+    let started = std::time::Instant::now();
+    loop {
+        if ready(port, "classify") && ready(port, "wide3") {
+            return Ok((server, port));
         }
-        for (batch, concurrency) in [("1", "1"), ("1", "64"), ("64", "1"), ("64", "2")] {
-            let line = weft_bench(
-                &weft,
-                root,
-                &[
-                    "--model",
-                    model,
-                    "--in-process",
-                    "--repository",
-                    "bench/repository",
-                    "--ort-library",
-                    &library.to_string_lossy(),
-                    "--rows",
-                    batch,
-                    "--concurrency",
-                    concurrency,
-                    "--duration",
-                    &options.duration,
-                    "--warmup",
-                    &options.warmup,
-                ],
-            )?;
-            rows.push((
-                format!("{model}, in-process, batch of {batch}, c={concurrency}"),
-                line,
-            ));
+        if let Ok(Some(status)) = server.0.try_wait() {
+            bail!("{peer} exited with {status} before it was ready");
         }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            bail!("{peer} was not ready after 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
     }
-    // A model call from a plugin through wasi:nn, the model in process and in a worker.
-    for model in ["mlp", "mlp-worker"] {
-        if options
-            .only
-            .as_deref()
-            .is_some_and(|only| !model.contains(only))
-        {
-            continue;
-        }
-        let output = Command::new(&weft)
-            .current_dir(root)
-            .args([
-                "bench-plugins",
-                "--repository",
-                "bench/repository",
-                "--model",
-                model,
-            ])
-            .args(["--iterations", "5000", "--ort-library"])
-            .arg(&library)
-            .env("WEFT_LOG", "warn")
-            .output()
-            .context("cannot run weft bench-plugins")?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        if !output.status.success() {
-            bail!(
-                "weft bench-plugins failed: {stdout}{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        for line in stdout.lines().filter(|line| line.contains(model)) {
-            println!("{line}");
-            rows.push((format!("bench-plugins {model}"), line.trim().to_string()));
-        }
-    }
-    println!("\n| run | result |\n|---|---|");
-    for (name, line) in rows {
-        let result = line.split_once(": ").map_or(line.as_str(), |(_, r)| r);
-        println!("| {name} | {result} |");
-    }
-    Ok(())
+}
+
+/// Whether `GET /v2/models/<model>/ready` answers 200.
+fn ready(port: u16, model: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let request = format!(
+        "GET /v2/models/{model}/ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    );
+    let mut answer = String::new();
+    stream.write_all(request.as_bytes()).is_ok()
+        && stream.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.1 200")
+}
+
+/// The issue-20 targets, as ratios of figures of this run (missing rows print as n/a).
+fn print_targets(rows: &Rows, sandbox_overhead: Option<f64>) {
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "n/a".to_string(),
+    };
+    let rows_s = |name: &str| rows.get(name).map(|f| f.rows_per_second);
+    let req_s = |name: &str| rows.get(name).map(|f| f.requests_per_second);
+    let p50 = |name: &str| rows.get(name).map(|f| f.p50_us);
+    let limit = rows_s("wide, in-process, batch of 64, c=2");
+    println!("\n| target | this run |\n|---|---|");
+    println!(
+        "| wide graph3 c=64 >= 0.6x limit | {} |",
+        ratio(
+            rows_s("wide graph3 (wide3), HTTP binary, batching on, c=64"),
+            limit
+        )
+    );
+    println!(
+        "| bare wide batched c=64 >= 0.75x limit | {} |",
+        ratio(rows_s("wide, HTTP binary, batching on, c=64"), limit)
+    );
+    println!(
+        "| wide graph3 c=1 >= 1.2x MLServer | {} (JSON both) |",
+        ratio(
+            req_s("Weft wide3-batched, JSON, c=1"),
+            req_s("mlserver wide3, JSON, c=1")
+        )
+    );
+    println!(
+        "| mlp graph3 c=64 >= 10x MLServer | {} (JSON both) |",
+        ratio(
+            req_s("Weft classify-batched, JSON, c=64"),
+            req_s("mlserver classify, JSON, c=64")
+        )
+    );
+    println!(
+        "| mlp graph3 c=1 p50 <= 0.25x KServe's | {} (JSON both) |",
+        ratio(
+            p50("Weft classify-batched, JSON, c=1"),
+            p50("kserve classify, JSON, c=1")
+        )
+    );
+    println!(
+        "| bare mlp-batched c=64 >= 50,000 req/s | {} |",
+        req_s("mlp, HTTP binary, batching on, c=64").map_or("n/a".into(), |r| format!("{r:.0}"))
+    );
+    println!(
+        "| wasi:nn call <= 10 us over direct (p50) | {} |",
+        sandbox_overhead.map_or("n/a".into(), |us| format!("{us:.1} us"))
+    );
 }
 
 /// Runs `weft bench` and returns its result line (also printed).
@@ -231,7 +480,7 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
 /// as in production).
 const BENCH_KEY: &str = "weft-bench-bootstrap-key";
 
-fn weft_bench(weft: &Path, root: &Path, args: &[&str]) -> Result<String> {
+fn weft_bench(weft: &Path, root: &Path, args: &[String]) -> Result<String> {
     let output = Command::new(weft)
         .current_dir(root)
         .arg("bench")

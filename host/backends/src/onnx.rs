@@ -33,7 +33,13 @@ const HOW_TO_GET_ORT: &str = "get it with `cargo xtask setup` (it unpacks libonn
 
 /// Loads the ONNX Runtime shared library from `path` and checks that it works. Returns its build
 /// information. Call once, before any model is loaded.
-pub fn init_onnxruntime(path: &Path) -> Result<String> {
+///
+/// `shared_threads` > 0 gives the process one ONNX Runtime intra-op thread pool of that many
+/// threads (spinning while work is likely), used by every session that does not ask for its
+/// own ([`OnnxOptions::own_threads`]): a lone request then runs on every core, and concurrent
+/// ones share the same threads instead of oversubscribing the machine with a pool per
+/// session. 0 keeps one pool per session (`intra_op_threads` each).
+pub fn init_onnxruntime(path: &Path, shared_threads: usize) -> Result<String> {
     if !path.is_file() {
         return Err(Error::unavailable(format!(
             "ONNX Runtime library not found at {}; {HOW_TO_GET_ORT}",
@@ -46,10 +52,17 @@ pub fn init_onnxruntime(path: &Path) -> Result<String> {
     let previous_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        ort::init_from(path_text.clone())
-            .with_name("weft")
-            .commit()
-            .map(|_| ort::info().to_string())
+        let builder = ort::init_from(path_text.clone()).with_name("weft");
+        let builder = if shared_threads > 0 {
+            let pool = ort::environment::GlobalThreadPoolOptions::default()
+                .with_intra_threads(shared_threads)
+                .and_then(|pool| pool.with_inter_threads(1))
+                .and_then(|pool| pool.with_spin_control(true))?;
+            builder.with_global_thread_pool(pool)
+        } else {
+            builder
+        };
+        builder.commit().map(|_| ort::info().to_string())
     }));
     std::panic::set_hook(previous_hook);
     match outcome {
@@ -82,6 +95,10 @@ pub struct OnnxOptions {
     pub optimization_level: GraphOptimization,
     /// 0: the model does not batch; otherwise dim 0 of every input and output must be variable.
     pub max_batch_size: usize,
+    /// Each session gets its own `intra_op_threads` pool even when the process has a shared
+    /// one (see [`init_onnxruntime`]); set when model.toml names a thread count.
+    #[serde(default)]
+    pub own_threads: bool,
 }
 
 /// ONNX Runtime's graph optimization levels.
@@ -101,6 +118,7 @@ impl Default for OnnxOptions {
             inter_op_threads: 1,
             optimization_level: GraphOptimization::All,
             max_batch_size: 0,
+            own_threads: false,
         }
     }
 }
@@ -172,7 +190,14 @@ pub fn build_sessions(
         let builder = Session::builder()
             .and_then(|builder| builder.with_optimization_level(level()))
             .and_then(|builder| builder.with_intra_threads(options.intra_op_threads.max(1)))
-            .and_then(|builder| builder.with_inter_threads(options.inter_op_threads.max(1)));
+            .and_then(|builder| builder.with_inter_threads(options.inter_op_threads.max(1)))
+            .and_then(|builder| {
+                if options.own_threads {
+                    builder.with_independent_thread_pool()
+                } else {
+                    Ok(builder)
+                }
+            });
         let session = match source {
             SessionSource::Bytes(bytes) => {
                 builder.and_then(|builder| builder.commit_from_memory(bytes))

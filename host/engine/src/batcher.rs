@@ -14,6 +14,16 @@
 //! waited past its queue timeout gets 504; a caller that went away is dropped from the queue
 //! without running.
 //!
+//! Two things differ from a plain timer wait, so that batching costs a lone request nothing and
+//! the delay is the one configured:
+//! - **Adaptive:** the batcher counts the model's requests in flight (queued, in a batch, or
+//!   computing, until their answer is sent). When every request in flight is already in the
+//!   batch being formed, no other can join it in time, so the batch goes at once instead of
+//!   waiting out the delay: at concurrency 1 a batched model answers as fast as an unbatched
+//!   one, and under load the wait still fills batches. The count falling also wakes the wait.
+//! - **Exact:** the delay ends on [`crate::precise_timer`] (a condition-variable wait of the
+//!   requested length), not at tokio's next 1 ms tick.
+//!
 //! Tenants share a model's queue fairly ([`FairQueue`]): each tenant (the request's
 //! [`RequestContext::tenant`]) has its own first-in-first-out line, the first request of a batch
 //! comes from the tenants in turn, and the batch is filled one request per tenant in turn. So a
@@ -37,7 +47,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use weft_core::fair::{FairGate, ShareKey};
 use weft_core::{
     BoxFuture, DataType, Error, ErrorKind, Model, ModelMetadata, NamedTensor, RequestContext,
@@ -119,6 +129,33 @@ struct Waiting {
     /// Set when the scheduler takes the request into a batch: from then on the caller waits
     /// for the answer even past its queue timeout (the timeout is for queueing, not compute).
     dispatched: Arc<AtomicBool>,
+    /// Counts the request in flight until its answer is sent (or it is dropped unanswered).
+    in_flight: InFlight,
+}
+
+/// How many of a model's batchable requests are in flight, and a signal when one ends.
+#[derive(Default)]
+struct InFlightCount {
+    count: AtomicUsize,
+    fell: Notify,
+}
+
+/// One request's share of [`InFlightCount`], given back when dropped.
+struct InFlight(Arc<InFlightCount>);
+
+impl InFlight {
+    fn enter(count: &Arc<InFlightCount>) -> Self {
+        count.count.fetch_add(1, Ordering::SeqCst);
+        InFlight(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        // One waiter at most (the scheduler); a stored permit just makes it check again.
+        self.0.fell.notify_one();
+    }
 }
 
 /// A model behind a dynamic batcher.
@@ -134,6 +171,7 @@ pub struct BatchedModel {
     shares: Arc<Mutex<QueueShares>>,
     /// The scheduler starts with the first request, inside the async runtime.
     queue: OnceLock<mpsc::UnboundedSender<Waiting>>,
+    in_flight: Arc<InFlightCount>,
 }
 
 impl BatchedModel {
@@ -147,6 +185,7 @@ impl BatchedModel {
             turns: FairGate::new(instances, instances),
             shares: Arc::default(),
             queue: OnceLock::new(),
+            in_flight: Arc::default(),
         }
     }
 
@@ -174,6 +213,7 @@ impl BatchedModel {
                 observer: self.observer.clone(),
                 turns: self.turns.clone(),
                 queue: FairQueue::default(),
+                in_flight: Arc::clone(&self.in_flight),
             };
             tokio::spawn(scheduler.run(receiver));
             sender
@@ -225,6 +265,7 @@ impl BatchedModel {
             enqueued: Instant::now(),
             reply,
             dispatched: Arc::clone(&dispatched),
+            in_flight: InFlight::enter(&self.in_flight),
         };
         if self.sender().send(waiting).is_err() {
             self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
@@ -494,6 +535,7 @@ struct Scheduler {
     turns: FairGate,
     /// Requests taken off the channel and not yet in a batch.
     queue: FairQueue,
+    in_flight: Arc<InFlightCount>,
 }
 
 impl Scheduler {
@@ -585,7 +627,7 @@ impl Scheduler {
         first: Waiting,
         receiver: &mut mpsc::UnboundedReceiver<Waiting>,
     ) -> Vec<Waiting> {
-        let deadline = tokio::time::Instant::from_std(first.enqueued + self.config.max_queue_delay);
+        let deadline = first.enqueued + self.config.max_queue_delay;
         let mut rows = first.rows;
         let mut batch = vec![first];
         while !self.ready(rows) {
@@ -603,14 +645,21 @@ impl Scheduler {
                 // hold them back.
                 break;
             }
-            // Checked first: tokio's timer fires even a past deadline only at its next
-            // millisecond tick.
-            if tokio::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 break;
             }
-            match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                Ok(Some(waiting)) => self.queue.push(waiting),
-                Ok(None) | Err(_) => break,
+            // Every request in flight is in this batch: no other can join it, go now.
+            if self.in_flight.count.load(Ordering::SeqCst) <= batch.len() {
+                break;
+            }
+            tokio::select! {
+                received = receiver.recv() => match received {
+                    Some(waiting) => self.queue.push(waiting),
+                    None => break,
+                },
+                // A request ended (answered or abandoned): check the count again.
+                () = self.in_flight.fell.notified() => {}
+                () = crate::precise_timer::sleep_until(deadline) => break,
             }
         }
         batch
@@ -638,10 +687,13 @@ async fn run_batch(
     let mut inputs = Vec::with_capacity(requests);
     let mut members = Vec::with_capacity(requests);
     let mut replies = Vec::with_capacity(requests);
+    // The members stay counted in flight until run_batch returns, their answers sent.
+    let mut counted = Vec::with_capacity(requests);
     for waiting in batch {
         inputs.push(waiting.inputs);
         members.push(waiting.request);
         replies.push(waiting.reply);
+        counted.push(waiting.in_flight);
     }
     if requests == 1 {
         // Alone already: its result, error included, is its own.

@@ -698,3 +698,109 @@ async fn a_request_deadline_shorter_than_the_queue_timeout_ends_its_wait() {
             >= 20_000
     );
 }
+
+#[tokio::test]
+async fn a_lone_request_does_not_wait_for_the_queue_delay() {
+    let fake = Doubler::new(Duration::ZERO);
+    let batched = BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            max_queue_delay: Duration::from_secs(30),
+            ..config(1)
+        },
+    );
+    let started = Instant::now();
+    for i in 0..3 {
+        let answer = batched
+            .infer(&RequestContext::background(), request(1, 2, i as f32))
+            .await
+            .unwrap();
+        check_answer(&request(1, 2, i as f32), &answer);
+    }
+    // Nothing else was in flight, so none of the three waited out the 30 s delay.
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(fake.calls(), vec![1, 1, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_others_in_flight_still_waits_to_be_batched() {
+    // One instance, busy 200 ms with the first request; two more arrive meanwhile, a few ms
+    // apart. The second waits (the third is in flight) instead of going alone, so they share
+    // the next call.
+    let fake = Doubler::new(Duration::from_millis(200));
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            max_queue_delay: Duration::from_secs(5),
+            ..config(1)
+        },
+    ));
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let batched = Arc::clone(&batched);
+        tasks.push(tokio::spawn(async move {
+            batched
+                .infer(&RequestContext::background(), request(1, 2, i as f32))
+                .await
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(fake.calls(), vec![1, 2]);
+    // The second batch went when the first answer was sent and both were in it, not after 5 s.
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// Records how long each request waited in the queue.
+#[derive(Default)]
+struct Waits(Mutex<Vec<Duration>>);
+
+impl weft_engine::BatchObserver for Waits {
+    fn batch(&self, _rows: usize, _requests: usize, _compute: Duration) {}
+    fn waited(&self, queued: Duration) {
+        self.0.lock().unwrap().push(queued);
+    }
+    fn depth(&self, _depth: usize) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_another_computing_waits_out_the_delay_then_runs_on_the_free_instance() {
+    let fake = Doubler::new(Duration::from_millis(300));
+    let waits = Arc::new(Waits::default());
+    let batched = Arc::new(
+        BatchedModel::new(
+            fake.clone(),
+            BatchingConfig {
+                max_queue_delay: Duration::from_micros(400),
+                ..config(2)
+            },
+        )
+        .with_observer(waits.clone()),
+    );
+    let first = {
+        let batched = Arc::clone(&batched);
+        tokio::spawn(async move {
+            batched
+                .infer(&RequestContext::background(), request(1, 2, 0.0))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The first is computing (in flight, not in this batch): the second waits for the
+    // delay in case it joins, then goes alone to the second instance.
+    let started = Instant::now();
+    batched
+        .infer(&RequestContext::background(), request(1, 2, 1.0))
+        .await
+        .unwrap();
+    assert!(!first.is_finished() || started.elapsed() < Duration::from_millis(600));
+    first.await.unwrap().unwrap();
+    assert_eq!(fake.calls(), vec![1, 1]);
+    let waits = waits.0.lock().unwrap().clone();
+    assert_eq!(waits.len(), 2, "{waits:?}");
+    assert!(waits[1] >= Duration::from_micros(400), "{waits:?}");
+    assert!(waits[1] < Duration::from_millis(250), "{waits:?}");
+}

@@ -141,6 +141,19 @@ pub struct OrtArgs {
         default_value = "target/onnxruntime/libonnxruntime.so.1.22.1"
     )]
     pub library: PathBuf,
+    /// Threads of one ONNX Runtime intra-op pool shared by every model session that does not
+    /// set `intra_op_threads` in its model.toml (0 = no shared pool: each session gets
+    /// `intra_op_threads` = cores / instance_count of its own). A shared pool lets one request
+    /// use every core and concurrent ones share them; its threads spin briefly between calls.
+    #[arg(long = "ort-threads", env = "WEFT_ORT_THREADS", default_value_t = 0)]
+    pub shared_threads: usize,
+}
+
+impl OrtArgs {
+    /// Loads the library with these settings (see [`weft_backends::init_onnxruntime`]).
+    pub fn init(&self) -> weft_core::Result<String> {
+        weft_backends::init_onnxruntime(&self.library, self.shared_threads)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -244,7 +257,7 @@ pub struct ServeArgs {
 
 /// `weft graph check`: validates graph files against a repository, as loading would.
 pub fn graph_check(args: GraphCheckArgs) -> anyhow::Result<()> {
-    weft_backends::init_onnxruntime(&args.ort.library)?;
+    args.ort.init()?;
     let models = weft_engine::ModelRegistry::load(&args.repository, &RepositoryLoader::default())?;
     let runtime = weft_runtime::PluginRuntime::new(weft_runtime::RuntimeConfig::default())?;
     let plugins = crate::graphs::load_plugins(&args.repository, &runtime)?;
@@ -418,8 +431,13 @@ fn worker_pool(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<W
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
-    let ort_info = weft_backends::init_onnxruntime(&args.ort.library)?;
-    tracing::info!(library = %args.ort.library.display(), build = %ort_info, "ONNX Runtime loaded");
+    let ort_info = args.ort.init()?;
+    tracing::info!(
+        library = %args.ort.library.display(),
+        build = %ort_info,
+        shared_threads = args.ort.shared_threads,
+        "ONNX Runtime loaded"
+    );
 
     for (flag, key) in [
         ("--admin-key", &args.admin_key),

@@ -161,6 +161,9 @@ impl RepositoryLoader {
                 OptimizationLevel::All => GraphOptimization::All,
             },
             max_batch_size: config.max_batch_size,
+            // A thread count in model.toml is the operator's choice for this model: it keeps
+            // its own pools even when the process shares one (--ort-threads).
+            own_threads: config.ort.intra_op_threads != 0,
         }
     }
 

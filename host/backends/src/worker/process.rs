@@ -98,7 +98,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     let socket = control_socket()?;
     let arena_fd = receive_fd(&socket)?;
-    init_onnxruntime(&args.ort_library)?;
+    init_onnxruntime(&args.ort_library, 0)?;
     let arena = Arc::new(SharedArena::open(arena_fd, args.slots, args.slot_bytes)?);
     let writer: Writer = Arc::new(Mutex::new(socket.try_clone().map_err(io("clone"))?));
     let sandbox = sandbox::apply(&args.policy)?;
@@ -355,7 +355,7 @@ pub fn probe(
     paths: &[PathBuf],
     connect: &[std::net::SocketAddr],
 ) -> Result<ProbeReport> {
-    init_onnxruntime(ort_library)?;
+    init_onnxruntime(ort_library, 0)?;
     let sandbox = sandbox::apply(policy)?;
     let mut attempts = Vec::new();
     for path in paths {
