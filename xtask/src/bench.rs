@@ -9,6 +9,8 @@
 //! and KServe 0.21 into virtual environments under target/peers/, serves the same graph3 work
 //! with each (bench/peers/graph3.py), and drives them and Weft with the same JSON requests.
 //! Prints each `weft bench` line, a table, and the issue-20 targets as ratios of this run.
+//! Weft runs in the configuration BENCHMARKS.md recommends for speed: `--ort-threads <cores>`
+//! and `--busy-poll-us 2000` (`--ort-threads 0 --busy-poll-us 0` measures the defaults).
 //! The load generator shares the machine with the server; compare rows of one run.
 
 use std::io::{BufRead, BufReader};
@@ -23,6 +25,8 @@ struct Options {
     only: Option<String>,
     /// `weft serve --ort-threads`: one shared ONNX Runtime pool of this many threads.
     ort_threads: String,
+    /// `weft serve --busy-poll-us`.
+    busy_poll_us: String,
     peers: bool,
 }
 
@@ -36,6 +40,7 @@ fn options(args: &[String]) -> Result<Options> {
         ort_threads: std::thread::available_parallelism()
             .map_or(1, usize::from)
             .to_string(),
+        busy_poll_us: "2000".into(),
         peers: false,
     };
     let mut args = args.iter();
@@ -53,8 +58,10 @@ fn options(args: &[String]) -> Result<Options> {
             "--warmup" => options.warmup = value,
             "--only" => options.only = Some(value),
             "--ort-threads" => options.ort_threads = value,
+            "--busy-poll-us" => options.busy_poll_us = value,
             other => bail!(
-                "unknown bench option {other} (--duration, --warmup, --only, --ort-threads, --peers)"
+                "unknown bench option {other} (--duration, --warmup, --only, --ort-threads, \
+                 --busy-poll-us, --peers)"
             ),
         }
     }
@@ -63,7 +70,9 @@ fn options(args: &[String]) -> Result<Options> {
 
 impl Options {
     fn skips(&self, model: &str) -> bool {
-        self.only.as_deref().is_some_and(|only| !model.contains(only))
+        self.only
+            .as_deref()
+            .is_some_and(|only| !model.contains(only))
     }
 }
 
@@ -239,7 +248,10 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
         for line in stdout.lines() {
             println!("{line}");
             if let Some(rest) = line.strip_prefix("sandbox overhead per model call") {
-                rows.push(format!("wasi:nn overhead, {model}"), rest.trim().to_string());
+                rows.push(
+                    format!("wasi:nn overhead, {model}"),
+                    rest.trim().to_string(),
+                );
                 if model == "mlp" {
                     sandbox_overhead = rest
                         .split_whitespace()
@@ -319,6 +331,7 @@ fn serve_weft(
         .arg("--ort-library")
         .arg(library)
         .args(["--ort-threads", &options.ort_threads])
+        .args(["--busy-poll-us", &options.busy_poll_us])
         .args(["--bootstrap-key", BENCH_KEY])
         .env("WEFT_LOG", "warn")
         .stdout(Stdio::piped())
@@ -363,11 +376,21 @@ fn peer_env(root: &Path, peer: &str) -> Result<std::path::PathBuf> {
     if python.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
         return Ok(python);
     }
-    eprintln!("xtask: installing {} into {}", packages.join(" "), folder.display());
+    eprintln!(
+        "xtask: installing {} into {}",
+        packages.join(" "),
+        folder.display()
+    );
     crate::run(Command::new("python3").args(["-m", "venv"]).arg(&folder))?;
     crate::run(
         Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args(packages),
     )?;
     std::fs::write(&stamp, wanted)?;
@@ -378,7 +401,9 @@ fn peer_env(root: &Path, peer: &str) -> Result<std::path::PathBuf> {
 /// models answer ready; returns it and its port.
 fn serve_peer(root: &Path, peer: &str) -> Result<(Server, u16)> {
     let python = peer_env(root, peer)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let child = Command::new(python)
         .current_dir(root.join("bench/peers"))
         .arg("graph3.py")

@@ -63,7 +63,9 @@ fn parse_input_spec(text: &str) -> Result<TensorSpec, String> {
     let mut parts = text.splitn(3, ':');
     let (Some(name), Some(datatype), Some(dims)) = (parts.next(), parts.next(), parts.next())
     else {
-        return Err(format!("'{text}' is not NAME:DATATYPE:DIMS (e.g. x:FP32:-1,64)"));
+        return Err(format!(
+            "'{text}' is not NAME:DATATYPE:DIMS (e.g. x:FP32:-1,64)"
+        ));
     };
     let datatype = datatype
         .parse::<DataType>()
@@ -169,8 +171,12 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let url = format!("{}/v2/models/{}/infer", args.url, args.model);
         let call = move || {
             let mut request = client.post(&url).body(body.clone());
-            if let Some(length) = &header_length {
-                request = request.header("Inference-Header-Content-Length", length.as_str());
+            match &header_length {
+                Some(length) => {
+                    request = request.header("Inference-Header-Content-Length", length.as_str());
+                }
+                // Some servers (KServe) refuse a JSON body without its content type.
+                None => request = request.header(reqwest::header::CONTENT_TYPE, "application/json"),
             }
             async move {
                 match request.send().await {

@@ -63,7 +63,9 @@ struct TimerThread {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data, never left half-updated: a poisoned lock is still consistent.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The timer thread, started on first use. `None` if the thread could not be spawned (then
@@ -221,11 +223,13 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_sleep_does_not_disturb_the_next() {
         let start = Instant::now();
-        drop(tokio::time::timeout(
-            Duration::from_millis(1),
-            sleep_until(start + Duration::from_millis(50)),
-        )
-        .await);
+        drop(
+            tokio::time::timeout(
+                Duration::from_millis(1),
+                sleep_until(start + Duration::from_millis(50)),
+            )
+            .await,
+        );
         sleep_until(start + Duration::from_millis(5)).await;
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(5) && took < Duration::from_millis(50));

@@ -69,6 +69,8 @@ pub struct AppState {
     pub body_budget: Arc<weft_tenancy::inflight::BodyBudget>,
     /// A request body that sends nothing for this long fails with 408 (see `body_timeout.rs`).
     pub body_idle_timeout: Duration,
+    /// Spinners that keep the cores awake while requests arrive (`--busy-poll`).
+    pub busy_poll: Option<Arc<crate::busy_poll::BusyPoll>>,
 }
 
 impl AppState {
@@ -85,6 +87,7 @@ impl AppState {
             uploads: Arc::default(),
             body_budget: Arc::default(),
             body_idle_timeout: crate::body_timeout::DEFAULT_BODY_IDLE_TIMEOUT,
+            busy_poll: None,
         }
     }
 }
@@ -93,6 +96,7 @@ impl AppState {
 pub fn app(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID);
     let idle = state.body_idle_timeout;
+    let busy_poll = state.busy_poll.clone();
     Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -113,9 +117,15 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         // Every body fails with 408 once its client stops sending (see `body_timeout.rs`).
+        // (and a request keeps the busy-poll spinners going, see `busy_poll.rs`).
         .layer(axum::middleware::map_request(
-            move |request: Request<Body>| async move {
-                request.map(|body| Body::new(crate::body_timeout::IdleBody::new(body, idle)))
+            move |request: Request<Body>| {
+                if let Some(busy_poll) = &busy_poll {
+                    busy_poll.touch();
+                }
+                async move {
+                    request.map(|body| Body::new(crate::body_timeout::IdleBody::new(body, idle)))
+                }
             },
         ))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))

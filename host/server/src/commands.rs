@@ -253,6 +253,12 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "WEFT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+    /// Microseconds after each request during which one lowest-priority thread per core
+    /// spins instead of letting the core halt, so the hand-offs between threads of a request
+    /// do not each pay a core's wake-up (0 = off). Costs CPU time while busy; see
+    /// BENCHMARKS.md.
+    #[arg(long = "busy-poll-us", env = "WEFT_BUSY_POLL_US", default_value_t = 0)]
+    pub busy_poll_us: u64,
 }
 
 /// `weft graph check`: validates graph files against a repository, as loading would.
@@ -520,6 +526,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         body_budget: Arc::new(weft_tenancy::inflight::BodyBudget::new(
             args.max_tenant_inflight_bytes,
         )),
+        busy_poll: match args.busy_poll_us {
+            0 => None,
+            window => Some(
+                crate::busy_poll::BusyPoll::start(
+                    std::thread::available_parallelism().map_or(1, usize::from),
+                    Duration::from_micros(window),
+                )
+                .context("cannot start the --busy-poll-us spinners")?,
+            ),
+        },
         ..AppState::new(Arc::new(tenancy), args.max_request_bytes)
     };
     let tenancy = Arc::clone(&state.tenancy);

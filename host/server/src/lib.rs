@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod body_timeout;
+pub mod busy_poll;
 pub mod commands;
 pub mod control;
 pub mod error;
