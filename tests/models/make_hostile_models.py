@@ -120,9 +120,10 @@ def load_bomb():
     return model(nodes, "load_bomb", [shape])
 
 
-def slow_matmul(steps=48):
+def slow_matmul(steps=192):
     """Not hostile: x[n,n] through `steps` chained MatMuls, seconds of compute for n = 1024 on
-    one thread, so a test can kill its worker while a call is running."""
+    one thread, so a test can kill its worker while a call is running (or time it out after
+    1 s). 48 steps took only 0.66 s on an AVX-512 core, so 192: 2.6 s there, more elsewhere."""
     xs = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "N"])
     ys = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "N"])
     nodes, prev = [], "x"
