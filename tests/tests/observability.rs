@@ -267,8 +267,9 @@ async fn every_response_says_what_the_request_cost() {
 
     let (_, batched) = post_json(&server.url("/v2/models/batched/infer"), &x(1)).await;
     let cost = &batched["parameters"];
-    // Alone, the request waits for the batch delay (20 ms) before it runs.
-    assert!(cost["queue_us"].as_u64().unwrap() >= 15_000, "{cost}");
+    // Its time in the batch queue is reported; alone (nothing else in flight that could join
+    // its batch), it does not wait out the 20 ms batch delay.
+    assert!(cost["queue_us"].as_u64().unwrap() < 15_000, "{cost}");
     assert!(cost["compute_us"].as_u64().unwrap() > 0, "{cost}");
 }
 
