@@ -7,7 +7,12 @@
 wasmtime::component::bindgen!({
     path: "../../wit",
     world: "weft:plugin/imports",
-    imports: { default: async | trappable },
+    // Only `compute` awaits (the model); every other import returns at once, so it is a plain
+    // call: no boxed future and no poll per call (a model call makes about a dozen of them).
+    imports: {
+        "wasi:nn/inference.[method]graph-execution-context.compute": async | trappable,
+        default: trappable,
+    },
     with: {
         "weft:plugin/types.tensor": crate::tensors::HostTensor,
         "wasi:nn/tensor.tensor": crate::nn::NnTensor,

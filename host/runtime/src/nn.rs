@@ -113,15 +113,15 @@ impl PluginState {
 impl errors::Host for PluginState {}
 
 impl errors::HostError for PluginState {
-    async fn code(&mut self, error: Resource<NnError>) -> wasmtime::Result<ErrorCode> {
+    fn code(&mut self, error: Resource<NnError>) -> wasmtime::Result<ErrorCode> {
         Ok(self.table.get(&error)?.code)
     }
 
-    async fn data(&mut self, error: Resource<NnError>) -> wasmtime::Result<String> {
+    fn data(&mut self, error: Resource<NnError>) -> wasmtime::Result<String> {
         Ok(self.table.get(&error)?.message.clone())
     }
 
-    async fn drop(&mut self, error: Resource<NnError>) -> wasmtime::Result<()> {
+    fn drop(&mut self, error: Resource<NnError>) -> wasmtime::Result<()> {
         self.delete_owned(error)?;
         Ok(())
     }
@@ -130,7 +130,7 @@ impl errors::HostError for PluginState {
 impl tensor::Host for PluginState {}
 
 impl tensor::HostTensor for PluginState {
-    async fn new(
+    fn new(
         &mut self,
         dimensions: Vec<u32>,
         ty: TensorType,
@@ -146,26 +146,26 @@ impl tensor::HostTensor for PluginState {
         self.push_owned(tensor, Owned::NnTensor, bytes, "wasi-nn tensor")
     }
 
-    async fn dimensions(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<Vec<u32>> {
+    fn dimensions(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<Vec<u32>> {
         Ok(self.table.get(&tensor)?.dimensions.clone())
     }
 
-    async fn ty(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<TensorType> {
+    fn ty(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<TensorType> {
         Ok(self.table.get(&tensor)?.ty)
     }
 
-    async fn data(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<Vec<u8>> {
+    fn data(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<Vec<u8>> {
         Ok(self.table.get(&tensor)?.data.to_vec())
     }
 
-    async fn drop(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<()> {
+    fn drop(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<()> {
         self.delete_owned(tensor)?;
         Ok(())
     }
 }
 
 impl graph::Host for PluginState {
-    async fn load(
+    fn load(
         &mut self,
         _builder: Vec<Vec<u8>>,
         _encoding: GraphEncoding,
@@ -178,7 +178,7 @@ impl graph::Host for PluginState {
         )
     }
 
-    async fn load_by_name(
+    fn load_by_name(
         &mut self,
         name: String,
     ) -> wasmtime::Result<Result<Resource<NnGraph>, Resource<NnError>>> {
@@ -198,7 +198,7 @@ impl graph::Host for PluginState {
 }
 
 impl graph::HostGraph for PluginState {
-    async fn init_execution_context(
+    fn init_execution_context(
         &mut self,
         graph: Resource<NnGraph>,
     ) -> wasmtime::Result<Result<Resource<NnContext>, Resource<NnError>>> {
@@ -216,7 +216,7 @@ impl graph::HostGraph for PluginState {
         )?))
     }
 
-    async fn drop(&mut self, graph: Resource<NnGraph>) -> wasmtime::Result<()> {
+    fn drop(&mut self, graph: Resource<NnGraph>) -> wasmtime::Result<()> {
         self.delete_owned(graph)?;
         Ok(())
     }
@@ -289,7 +289,7 @@ impl inference::HostGraphExecutionContext for PluginState {
         Ok(Ok(converted))
     }
 
-    async fn drop(&mut self, context: Resource<NnContext>) -> wasmtime::Result<()> {
+    fn drop(&mut self, context: Resource<NnContext>) -> wasmtime::Result<()> {
         self.delete_owned(context)?;
         Ok(())
     }

@@ -61,7 +61,7 @@ impl PluginState {
 impl types::Host for PluginState {}
 
 impl types::HostTensor for PluginState {
-    async fn create(
+    fn create(
         &mut self,
         datatype: Datatype,
         shape: Vec<u32>,
@@ -80,11 +80,11 @@ impl types::HostTensor for PluginState {
         }
     }
 
-    async fn datatype(&mut self, handle: Resource<HostTensor>) -> wasmtime::Result<Datatype> {
+    fn datatype(&mut self, handle: Resource<HostTensor>) -> wasmtime::Result<Datatype> {
         Ok(to_wit(self.tensor(&handle)?.datatype()))
     }
 
-    async fn shape(&mut self, handle: Resource<HostTensor>) -> wasmtime::Result<Vec<u32>> {
+    fn shape(&mut self, handle: Resource<HostTensor>) -> wasmtime::Result<Vec<u32>> {
         let shape = self.tensor(&handle)?.shape();
         Ok(shape
             .iter()
@@ -92,22 +92,22 @@ impl types::HostTensor for PluginState {
             .collect())
     }
 
-    async fn byte_length(&mut self, handle: Resource<HostTensor>) -> wasmtime::Result<u64> {
+    fn byte_length(&mut self, handle: Resource<HostTensor>) -> wasmtime::Result<u64> {
         Ok(self.tensor(&handle)?.data().len() as u64)
     }
 
-    async fn data(&mut self, handle: Resource<HostTensor>) -> wasmtime::Result<Vec<u8>> {
+    fn data(&mut self, handle: Resource<HostTensor>) -> wasmtime::Result<Vec<u8>> {
         Ok(self.tensor(&handle)?.data().to_vec())
     }
 
-    async fn drop(&mut self, handle: Resource<HostTensor>) -> wasmtime::Result<()> {
+    fn drop(&mut self, handle: Resource<HostTensor>) -> wasmtime::Result<()> {
         self.delete_owned(handle)?;
         Ok(())
     }
 }
 
 impl host::Host for PluginState {
-    async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+    fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
         let level = match level {
             Level::Trace => tracing::Level::TRACE,
             Level::Debug => tracing::Level::DEBUG,
