@@ -198,12 +198,6 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
                 "bench/repository",
                 "--rows",
                 batch,
-                "--concurrency",
-                concurrency,
-                "--duration",
-                &options.duration,
-                "--warmup",
-                &options.warmup,
                 "--ort-threads",
                 &options.ort_threads,
                 "--ort-library",
@@ -211,6 +205,7 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
             .map(String::from)
             .to_vec();
             args.push(library.to_string_lossy().into_owned());
+            args.extend(timing_args(concurrency, &options));
             let line = weft_bench(&weft, root, &args)?;
             rows.push(
                 format!("{model}, in-process, batch of {batch}, c={concurrency}"),
@@ -291,11 +286,14 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
 }
 
 fn http_args(model: &str, url: &str, concurrency: &str, options: &Options) -> Vec<String> {
+    let mut args: Vec<String> = ["--model", model, "--url", url].map(String::from).to_vec();
+    args.extend(timing_args(concurrency, options));
+    args
+}
+
+/// Concurrency, duration and warm-up, the same for every `weft bench` row.
+fn timing_args(concurrency: &str, options: &Options) -> Vec<String> {
     [
-        "--model",
-        model,
-        "--url",
-        url,
         "--concurrency",
         concurrency,
         "--duration",
@@ -369,32 +367,7 @@ fn peer_env(root: &Path, peer: &str) -> Result<std::path::PathBuf> {
         .find(|(name, _)| *name == peer)
         .map(|(_, packages)| *packages)
         .with_context(|| format!("unknown peer {peer}"))?;
-    let folder = root.join("target/peers").join(peer);
-    let python = folder.join("bin/python");
-    let stamp = folder.join("weft-packages.txt");
-    let wanted = packages.join("\n");
-    if python.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
-        return Ok(python);
-    }
-    eprintln!(
-        "xtask: installing {} into {}",
-        packages.join(" "),
-        folder.display()
-    );
-    crate::run(Command::new("python3").args(["-m", "venv"]).arg(&folder))?;
-    crate::run(
-        Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(packages),
-    )?;
-    std::fs::write(&stamp, wanted)?;
-    Ok(python)
+    crate::pinned_venv(&root.join("target/peers").join(peer), packages)
 }
 
 /// Starts a peer server (bench/peers/graph3.py) on a free port and waits until both graph3

@@ -269,18 +269,30 @@ pub fn venv_python(root: &Path) -> PathBuf {
 
 /// A virtual environment with the pinned test packages; re-installed when the pins change.
 fn python_env(root: &Path) -> Result<()> {
-    let python = venv_python(root);
-    let stamp = root.join("target/venv/weft-packages.txt");
-    let wanted = PYTHON_PACKAGES.join("\n");
+    pinned_venv(&root.join("target/venv"), PYTHON_PACKAGES).map(drop)
+}
+
+/// A virtual environment at `folder` holding `packages` (pip pins), created or re-installed
+/// when the pins recorded in it differ; returns its Python.
+pub fn pinned_venv(folder: &Path, packages: &[&str]) -> Result<PathBuf> {
+    let python = folder.join("bin/python");
+    let stamp = folder.join("weft-packages.txt");
+    let wanted = packages.join("\n");
     if python.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
-        return Ok(());
+        return Ok(python);
     }
     if !python.is_file() {
-        eprintln!("xtask: creating the Python test environment in target/venv");
-        run(Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(root.join("target/venv")))?;
+        eprintln!(
+            "xtask: creating the Python environment {}",
+            folder.display()
+        );
+        run(Command::new("python3").args(["-m", "venv"]).arg(folder))?;
     }
+    eprintln!(
+        "xtask: installing {} into {}",
+        packages.join(" "),
+        folder.display()
+    );
     run(Command::new(&python)
         .args([
             "-m",
@@ -289,9 +301,9 @@ fn python_env(root: &Path) -> Result<()> {
             "--quiet",
             "--disable-pip-version-check",
         ])
-        .args(PYTHON_PACKAGES))?;
+        .args(packages))?;
     std::fs::write(stamp, wanted)?;
-    Ok(())
+    Ok(python)
 }
 
 /// Models the tests build for themselves (identity models for every datatype and the like).

@@ -131,6 +131,25 @@ impl Model for Doubler {
     }
 }
 
+/// Starts `count` one-row requests, `gap` apart (request `i` starts at value `i`).
+async fn spawn_staggered(
+    batched: &Arc<BatchedModel>,
+    count: usize,
+    gap: Duration,
+) -> Vec<tokio::task::JoinHandle<Result<Vec<NamedTensor>>>> {
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let batched = Arc::clone(batched);
+        tasks.push(tokio::spawn(async move {
+            batched
+                .infer(&RequestContext::background(), request(1, 2, i as f32))
+                .await
+        }));
+        tokio::time::sleep(gap).await;
+    }
+    tasks
+}
+
 fn config(instances: usize) -> BatchingConfig {
     BatchingConfig {
         max_batch_size: 8,
@@ -262,16 +281,7 @@ async fn a_full_queue_refuses_with_unavailable() {
         },
     ));
     // One runs (holding the only instance); two wait; the fourth is refused.
-    let mut tasks = Vec::new();
-    for i in 0..3 {
-        let batched = Arc::clone(&batched);
-        tasks.push(tokio::spawn(async move {
-            batched
-                .infer(&RequestContext::background(), request(1, 2, i as f32))
-                .await
-        }));
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
+    let tasks = spawn_staggered(&batched, 3, Duration::from_millis(30)).await;
     let error = batched
         .infer(&RequestContext::background(), request(1, 2, 9.0))
         .await
@@ -735,16 +745,7 @@ async fn a_request_with_others_in_flight_still_waits_to_be_batched() {
             ..config(1)
         },
     ));
-    let mut tasks = Vec::new();
-    for i in 0..3 {
-        let batched = Arc::clone(&batched);
-        tasks.push(tokio::spawn(async move {
-            batched
-                .infer(&RequestContext::background(), request(1, 2, i as f32))
-                .await
-        }));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let tasks = spawn_staggered(&batched, 3, Duration::from_millis(20)).await;
     let started = Instant::now();
     for task in tasks {
         task.await.unwrap().unwrap();
