@@ -627,7 +627,14 @@ impl Scheduler {
         first: Waiting,
         receiver: &mut mpsc::UnboundedReceiver<Waiting>,
     ) -> Vec<Waiting> {
-        let deadline = first.enqueued + self.config.max_queue_delay;
+        // The delay is bounded by model.toml's validation (10 s); should a deadline ever be past
+        // what Instant can hold, the batch goes without waiting rather than panicking.
+        let deadline = first
+            .enqueued
+            .checked_add(self.config.max_queue_delay)
+            .unwrap_or(first.enqueued);
+        // One timer for the whole wait, however many times the loop below goes round.
+        let mut timer = std::pin::pin!(crate::precise_timer::sleep_until(deadline));
         let mut rows = first.rows;
         let mut batch = vec![first];
         while !self.ready(rows) {
@@ -659,7 +666,7 @@ impl Scheduler {
                 },
                 // A request ended (answered or abandoned): check the count again.
                 () = self.in_flight.fell.notified() => {}
-                () = crate::precise_timer::sleep_until(deadline) => break,
+                () = &mut timer => break,
             }
         }
         batch

@@ -133,6 +133,13 @@ pub struct DynamicBatching {
     pub default_timeout_microseconds: u64,
 }
 
+/// The longest batch delay a model may ask for (a tenant's model too): far above any useful
+/// delay, and far below what would overflow a deadline or hold requests for minutes.
+pub const MAX_QUEUE_DELAY_MICROSECONDS: u64 = 10_000_000;
+
+/// The longest queue timeout a model may ask for.
+pub const MAX_QUEUE_TIMEOUT_MICROSECONDS: u64 = 3_600_000_000;
+
 fn default_queue_delay() -> u64 {
     100
 }
@@ -230,6 +237,20 @@ impl ModelConfig {
             }
             if batching.max_queue_size == 0 {
                 return fail("max_queue_size must be above 0".into());
+            }
+            if batching.max_queue_delay_microseconds > MAX_QUEUE_DELAY_MICROSECONDS {
+                return fail(format!(
+                    "max_queue_delay_microseconds {} is more than {MAX_QUEUE_DELAY_MICROSECONDS} \
+                     (10 s): a batch delay is a few hundred microseconds",
+                    batching.max_queue_delay_microseconds
+                ));
+            }
+            if batching.default_timeout_microseconds > MAX_QUEUE_TIMEOUT_MICROSECONDS {
+                return fail(format!(
+                    "default_timeout_microseconds {} is more than \
+                     {MAX_QUEUE_TIMEOUT_MICROSECONDS} (1 h)",
+                    batching.default_timeout_microseconds
+                ));
             }
         }
         Ok(config)
@@ -480,6 +501,27 @@ dims = [10]
                 .unwrap_err()
                 .to_string();
         assert!(error.contains("unknown field `max_delay`"), "{error}");
+    }
+
+    #[test]
+    fn batch_delays_and_timeouts_past_their_bounds_are_refused() {
+        let config = |batching: &str| {
+            ModelConfig::parse(
+                Path::new("m/model.toml"),
+                &format!(
+                    "platform = \"onnx\"\nmax_batch_size = 8\n[dynamic_batching]\n{batching}\n"
+                ),
+            )
+        };
+        let error = config("max_queue_delay_microseconds = 18446744073709551615")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("max_queue_delay_microseconds"), "{error}");
+        let error = config("default_timeout_microseconds = 18446744073709551615")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("default_timeout_microseconds"), "{error}");
+        assert!(config("max_queue_delay_microseconds = 10000000").is_ok());
     }
 
     #[test]

@@ -8,9 +8,9 @@
 //! (a futex wait on Linux, ending within the kernel's timer slack, ~50 µs) and wakes the
 //! future's task when the deadline passes.
 //!
-//! The thread holds a min-heap of deadlines; a sleep dropped before its deadline leaves a stale
-//! entry that the thread discards when it comes up (its waker slot is empty by then). Only the
-//! batcher uses it, once per batch that waits, so the heap stays small.
+//! The thread holds a min-heap of deadlines. A sleep dropped before its deadline leaves a stale
+//! entry (its waker slot emptied); once stale entries are half the heap they are swept out, so
+//! the heap holds at most about twice the live sleeps, whatever the deadlines.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -54,7 +54,12 @@ impl Ord for Entry {
 struct Deadlines {
     heap: BinaryHeap<Reverse<Entry>>,
     sequence: u64,
+    /// Entries of sleeps dropped before their deadline, still in the heap.
+    stale: usize,
 }
+
+/// The smallest heap worth sweeping for stale entries.
+const SWEEP_FLOOR: usize = 64;
 
 struct TimerThread {
     deadlines: Mutex<Deadlines>,
@@ -104,8 +109,9 @@ impl TimerThread {
                         slot.fired = true;
                         slot.waker.take()
                     };
-                    if let Some(waker) = waker {
-                        waker.wake();
+                    match waker {
+                        Some(waker) => waker.wake(),
+                        None => deadlines.stale = deadlines.stale.saturating_sub(1),
                     }
                 }
             }
@@ -197,9 +203,26 @@ impl Future for PreciseSleep {
 
 impl Drop for PreciseSleep {
     fn drop(&mut self) {
-        // The heap entry stays until its deadline; with no waker it wakes no one.
-        if let Some(slot) = &self.slot {
-            lock(slot).waker = None;
+        let Some(slot) = &self.slot else {
+            return;
+        };
+        let pending = {
+            let mut slot = lock(slot);
+            slot.waker = None;
+            !slot.fired
+        };
+        // Its entry is stale now (it wakes no one); sweep the stale ones out once they are
+        // half the heap.
+        if let (true, Some(timer)) = (pending, timer()) {
+            let mut deadlines = lock(&timer.deadlines);
+            deadlines.stale += 1;
+            if deadlines.heap.len() >= SWEEP_FLOOR && deadlines.stale * 2 >= deadlines.heap.len() {
+                deadlines.heap.retain(|Reverse(entry)| {
+                    let slot = lock(&entry.slot);
+                    slot.waker.is_some() && !slot.fired
+                });
+                deadlines.stale = 0;
+            }
         }
     }
 }
@@ -218,6 +241,22 @@ mod tests {
         assert!(!later.is_finished());
         later.await.unwrap();
         assert!(start.elapsed() >= Duration::from_millis(30));
+    }
+
+    #[tokio::test]
+    async fn sleeps_dropped_early_do_not_pile_up_in_the_heap() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        for _ in 0..10_000 {
+            let mut sleep = std::pin::pin!(sleep_until(far));
+            let waker = futures_util::task::noop_waker();
+            let _ = sleep.as_mut().poll(&mut Context::from_waker(&waker));
+        }
+        let held = timer().map(|t| lock(&t.deadlines).heap.len()).unwrap_or(0);
+        // Other tests' sleeps may be live at the same time; never thousands.
+        assert!(
+            held < 1_000,
+            "{held} entries held for 10,000 dropped sleeps"
+        );
     }
 
     #[tokio::test]
