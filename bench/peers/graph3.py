@@ -96,10 +96,9 @@ def kserve(repository, port):
         def __init__(self, name):
             super().__init__(name)
             self.graph = None
-            self.name_ = name
 
         def load(self):
-            self.graph = Graph3(repository, self.name_)
+            self.graph = Graph3(repository, self.name)
             self.ready = True
             return True
 

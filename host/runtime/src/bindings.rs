@@ -22,14 +22,14 @@ wasmtime::component::bindgen!({
     },
 });
 
-/// Generates one role world's bindings, mapping every import onto the shared ones above.
+/// Generates one role world's bindings, mapping every import onto the shared ones above (so the
+/// imports keep the flags chosen there: only `compute` is async).
 macro_rules! role_world {
     ($module:ident, $world:literal) => {
         pub mod $module {
             wasmtime::component::bindgen!({
                 path: "../../wit",
                 world: $world,
-                imports: { default: async | trappable },
                 exports: { default: async },
                 with: {
                     "weft:plugin/types": super::weft::plugin::types,

@@ -69,7 +69,7 @@ pub struct AppState {
     pub body_budget: Arc<weft_tenancy::inflight::BodyBudget>,
     /// A request body that sends nothing for this long fails with 408 (see `body_timeout.rs`).
     pub body_idle_timeout: Duration,
-    /// Spinners that keep the cores awake while requests arrive (`--busy-poll`).
+    /// Spinners that keep the cores awake while requests arrive (`--busy-poll-us`).
     pub busy_poll: Option<Arc<crate::busy_poll::BusyPoll>>,
 }
 
@@ -116,8 +116,8 @@ pub fn app(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-        // Every body fails with 408 once its client stops sending (see `body_timeout.rs`).
-        // (and a request keeps the busy-poll spinners going, see `busy_poll.rs`).
+        // Every body fails with 408 once its client stops sending (see `body_timeout.rs`), and
+        // every request keeps the busy-poll spinners going (see `busy_poll.rs`).
         .layer(axum::middleware::map_request(
             move |request: Request<Body>| {
                 if let Some(busy_poll) = &busy_poll {

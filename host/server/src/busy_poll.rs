@@ -1,4 +1,4 @@
-//! Busy-polling the cores while the server is busy (`weft serve --busy-poll`).
+//! Busy-polling the cores while the server is busy (`weft serve --busy-poll-us`).
 //!
 //! One request crosses several threads: the HTTP task, the model's batcher, the thread that
 //! runs ONNX Runtime, plugin calls, and back. Each hand-off wakes a thread; when its core went
@@ -14,9 +14,9 @@
 //! within the last `window`, then sleeps until the next request. The scheduler preempts an
 //! idle-policy thread as soon as any other thread wakes on its core, so it only fills time the
 //! core would have spent halted (at nice 19 instead, a woken thread sometimes waited for the
-//! next scheduler tick: p99 latencies of 2 ms at concurrency 1). It costs CPU time while the server is busy
-//! (counted against a container's CPU quota), which is why it is off by default, as in
-//! ONNX Runtime's and DPDK's spin-waiting.
+//! next scheduler tick: p99 latencies of 2 ms at concurrency 1). It costs CPU time while the
+//! server is busy (counted against a container's CPU quota), which is why it is off by default,
+//! as ONNX Runtime's and DPDK's spin-waiting are opt-in.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -107,8 +107,9 @@ impl BusyPoll {
         }
     }
 
-    /// Whether every spinner is asleep (for tests: no request within the window).
-    pub fn sleeping(&self) -> usize {
+    /// How many spinners are asleep (no request within the window).
+    #[cfg(test)]
+    fn sleeping(&self) -> usize {
         self.asleep.load(Ordering::SeqCst)
     }
 }
