@@ -479,3 +479,24 @@ pub async fn bench_plugins(args: BenchPluginsArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_input_spec_names_the_tensor_its_datatype_and_dims() {
+        let spec = parse_input_spec("x:FP32:-1, 64").unwrap();
+        assert_eq!(spec.name, "x");
+        assert_eq!(spec.datatype, DataType::Fp32);
+        assert_eq!(spec.shape, vec![-1, 64]);
+        for bad in ["x:FP32", "x:FLOAT9:1", "x:FP32:1,a", "x:FP32:"] {
+            let error = parse_input_spec(bad).unwrap_err();
+            assert!(
+                error.contains(bad) || error.contains("NAME:DATATYPE:DIMS"),
+                "{bad}: {error}"
+            );
+        }
+    }
+}
