@@ -57,6 +57,9 @@ impl ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    /// Whether a plugin trapped (or ran out of fuel or memory) on the way: rollouts count
+    /// these apart from other failures, and [`Error::context`] keeps the mark.
+    trapped: bool,
 }
 
 /// Result with Weft's [`Error`].
@@ -67,7 +70,19 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            trapped: false,
         }
+    }
+
+    /// The same error, marked as a plugin trap (see [`Error::is_trap`]).
+    pub fn trapped(mut self) -> Self {
+        self.trapped = true;
+        self
+    }
+
+    /// Whether a sandboxed plugin trapped, or ran out of fuel or memory, on the way here.
+    pub fn is_trap(&self) -> bool {
+        self.trapped
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -103,6 +118,7 @@ impl Error {
         Error {
             kind: self.kind,
             message: format!("{context}: {}", self.message),
+            trapped: self.trapped,
         }
     }
 }

@@ -50,6 +50,12 @@ pub trait Model: Send + Sync {
         inputs: Vec<NamedTensor>,
     ) -> BoxFuture<'a, Result<Vec<NamedTensor>>>;
 
+    /// The request header whose value assigns a client to an arm, for a model that routes
+    /// (a rollout): the edge copies it into [`RequestContext::sticky_key`]. Others have none.
+    fn sticky_header(&self) -> Option<&str> {
+        None
+    }
+
     /// Runs with the request's `parameters` and returns the outputs with response parameters.
     /// Plain models ignore the parameters and add none; graphs read `trace` and report it back.
     fn infer_with_parameters<'a>(

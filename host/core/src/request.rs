@@ -36,6 +36,9 @@ pub struct RequestContext {
     tenant: Option<Arc<str>>,
     deadline: Option<Instant>,
     cost: Arc<Cost>,
+    /// The value of the header a rollout assigns clients by (see
+    /// [`crate::Model::sticky_header`]), when the edge found it on the request.
+    sticky_key: Option<Arc<str>>,
 }
 
 impl RequestContext {
@@ -57,6 +60,17 @@ impl RequestContext {
     pub fn with_deadline(mut self, deadline: Instant) -> Self {
         self.deadline = Some(self.deadline.map_or(deadline, |held| held.min(deadline)));
         self
+    }
+
+    /// The same request, carrying the value a rollout assigns its client by.
+    pub fn with_sticky_key(mut self, key: &str) -> Self {
+        self.sticky_key = Some(Arc::from(key));
+        self
+    }
+
+    /// The client's assignment key, if the edge set one.
+    pub fn sticky_key(&self) -> Option<&str> {
+        self.sticky_key.as_deref()
     }
 
     /// The tenant the request runs for; `None` for background work. Pools key their fair

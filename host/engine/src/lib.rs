@@ -15,7 +15,9 @@ pub mod graph;
 pub mod precise_timer;
 pub mod registry;
 pub mod repository;
+pub mod rollout;
 pub mod shared;
+pub mod sticky;
 
 pub use batcher::{BatchObserver, BatchStats, BatchedModel, BatchingConfig};
 pub use config::{DynamicBatching, Isolation, ModelConfig, OrtOptions, VersionPolicy};

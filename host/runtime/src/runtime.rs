@@ -1206,7 +1206,8 @@ impl Plugin {
             error: Error::new(
                 ErrorKind::Internal,
                 format!("plugin '{}': {message}", self.name),
-            ),
+            )
+            .trapped(),
         }
     }
 

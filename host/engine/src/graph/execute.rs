@@ -491,22 +491,6 @@ fn tensors_of(reply: Result<PluginReply>) -> NodeResult {
 }
 
 /// The splitter (weighted, optionally sticky) and the switch.
-/// A stable ticket in 0..100 for a sticky value: FNV-1a, then splitmix64's finalizer so that
-/// keys differing in one character spread over every ticket.
-fn sticky_ticket(value: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in value.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash ^= hash >> 30;
-    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    hash ^= hash >> 27;
-    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
-    hash ^= hash >> 31;
-    hash % 100
-}
-
 fn builtin_route(
     node: &NodeSpec,
     builtin: BuiltinRouter,
@@ -516,7 +500,7 @@ fn builtin_route(
         BuiltinRouter::Splitter => {
             let ticket = match node.sticky.as_ref().and_then(|key| request.get(key)) {
                 // The same value lands on the same route, across restarts and Rust releases.
-                Some(value) => sticky_ticket(value),
+                Some(value) => crate::sticky::sticky_hash(value) % 100,
                 None => {
                     std::collections::hash_map::RandomState::new().hash_one(Instant::now()) % 100
                 }
