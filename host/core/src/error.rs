@@ -130,3 +130,17 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trap_mark_survives_context_and_plain_errors_have_none() {
+        let trap = Error::internal("plugin 'p': trapped: unreachable").trapped();
+        let wrapped = trap.context("graph 'g' version 1");
+        assert!(wrapped.is_trap());
+        assert_eq!(wrapped.kind(), ErrorKind::Internal);
+        assert!(!Error::internal("x").context("y").is_trap());
+    }
+}

@@ -252,6 +252,8 @@ async fn a_trap_fails_only_its_call() {
         .unwrap_err();
     assert_eq!(failure.cause, FailureCause::Trap);
     assert!(failure.to_string().contains("unreachable"), "{failure}");
+    // Marked as a trap, and the mark survives the context callers add (rollouts count it).
+    assert!(failure.error.clone().context("graph 'g'").is_trap());
     let echo = load(&runtime, "runtime_echo");
     assert!(
         echo.transform(&CallContext::default(), vec![])

@@ -260,29 +260,11 @@ mod tests {
 
     #[test]
     fn steps_advance_after_their_hold_and_the_last_one_promotes() {
-        let spec = crate::rollout::spec::RolloutSpec::parse(
-            "r.toml",
-            r#"
-name = "r"
-target = "m"
-[stable]
-model = "m"
-version = 1
-[candidate]
-model = "m"
-version = 2
-[[steps]]
-weight = 10
-hold_seconds = 5
-[[steps]]
-weight = 100
-hold_seconds = 5
-"#,
-        )
-        .unwrap();
-        assert_eq!(next_action(&spec, 0, 4, &Verdict::Pass), Action::Hold);
-        assert_eq!(next_action(&spec, 0, 5, &Verdict::Pass), Action::Advance(1));
-        assert_eq!(next_action(&spec, 1, 5, &Verdict::Pass), Action::Promote);
+        // Two steps (10 % then 50 %), each holding 1 s.
+        let spec = crate::rollout::tests::canary("");
+        assert_eq!(next_action(&spec, 0, 0, &Verdict::Pass), Action::Hold);
+        assert_eq!(next_action(&spec, 0, 1, &Verdict::Pass), Action::Advance(1));
+        assert_eq!(next_action(&spec, 1, 1, &Verdict::Pass), Action::Promote);
         assert_eq!(next_action(&spec, 0, 99, &Verdict::Pending), Action::Hold);
         assert_eq!(
             next_action(&spec, 0, 0, &Verdict::Fail(vec!["x".into()])),

@@ -20,7 +20,7 @@ use weft_core::{
 
 use super::spec::{DriftMetric, MetricReduce, RolloutKind, RolloutSpec};
 use super::window::{Counts, Outcome, Window};
-use crate::sticky::{mix, sticky_hash};
+use crate::sticky::{mix, sticky_hash_scoped};
 
 /// Tickets per hundred percent: weights are kept in basis points.
 const TICKETS: u32 = 10_000;
@@ -204,7 +204,7 @@ impl RolloutLive {
     /// A ticket in 0..10000: the client's own when it sent a key, else a fresh random one.
     fn ticket(&self, key: Option<&str>) -> u32 {
         let hash = match key {
-            Some(key) => sticky_hash(&format!("{}\u{0}{key}", self.spec.name)),
+            Some(key) => sticky_hash_scoped(self.spec.name.as_bytes(), key),
             None => mix(self.seed ^ self.draws.fetch_add(1, Ordering::Relaxed)),
         };
         (hash % u64::from(TICKETS)) as u32
@@ -413,21 +413,21 @@ fn output<'a>(outputs: &'a [NamedTensor], name: &str) -> Option<&'a Tensor> {
 }
 
 /// The client's sticky key: the configured request parameter, or the header the edge copied.
-fn sticky_key(
+fn sticky_key<'a>(
     spec: &RolloutSpec,
-    request: &RequestContext,
-    parameters: &Parameters,
-) -> Option<String> {
+    request: &'a RequestContext,
+    parameters: &'a Parameters,
+) -> Option<std::borrow::Cow<'a, str>> {
     let sticky = spec.sticky.as_ref()?;
     if let Some(parameter) = &sticky.parameter {
         return match parameters.get(parameter)? {
-            serde_json::Value::String(text) => Some(text.clone()),
-            serde_json::Value::Number(number) => Some(number.to_string()),
-            serde_json::Value::Bool(flag) => Some(flag.to_string()),
+            serde_json::Value::String(text) => Some(text.as_str().into()),
+            serde_json::Value::Number(number) => Some(number.to_string().into()),
+            serde_json::Value::Bool(flag) => Some(flag.to_string().into()),
             _ => None,
         };
     }
-    request.sticky_key().map(str::to_owned)
+    request.sticky_key().map(Into::into)
 }
 
 impl RolloutModel {

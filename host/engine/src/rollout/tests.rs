@@ -83,7 +83,7 @@ impl Model for Fake {
     }
 }
 
-fn canary(extra: &str) -> Arc<RolloutSpec> {
+pub(super) fn canary(extra: &str) -> Arc<RolloutSpec> {
     canary_with("", extra)
 }
 
@@ -117,21 +117,26 @@ hold_seconds = 1
     )
 }
 
+/// A canary's two arms: the stable at version 1, the candidate at version 2.
+fn canary_arms(stable: Arc<dyn Model>, candidate: Arc<dyn Model>) -> Vec<RolloutArm> {
+    vec![
+        RolloutArm {
+            name: "stable".into(),
+            version: 1,
+            model: stable,
+        },
+        RolloutArm {
+            name: "candidate".into(),
+            version: 2,
+            model: candidate,
+        },
+    ]
+}
+
 fn served(live: &Arc<RolloutLive>, stable: Fake, candidate: Fake) -> RolloutModel {
     RolloutModel::new(
         Arc::clone(live),
-        vec![
-            RolloutArm {
-                name: "stable".into(),
-                version: 1,
-                model: Arc::new(stable),
-            },
-            RolloutArm {
-                name: "candidate".into(),
-                version: 2,
-                model: Arc::new(candidate),
-            },
-        ],
+        canary_arms(Arc::new(stable), Arc::new(candidate)),
     )
     .unwrap()
 }
@@ -243,18 +248,7 @@ async fn failures_and_traps_are_the_candidates_and_client_errors_count_for_nobod
     let live = RolloutLive::new(canary(""));
     let model = RolloutModel::new(
         Arc::clone(&live),
-        vec![
-            RolloutArm {
-                name: "stable".into(),
-                version: 1,
-                model: Arc::new(fake(0.0)),
-            },
-            RolloutArm {
-                name: "candidate".into(),
-                version: 2,
-                model: Arc::new(Refuses(fake(0.0).metadata)),
-            },
-        ],
+        canary_arms(Arc::new(fake(0.0)), Arc::new(Refuses(fake(0.0).metadata))),
     )
     .unwrap();
     live.set_canary(100.0, 0.0);
@@ -382,23 +376,9 @@ fn arms_must_serve_the_same_tensors() {
     let live = RolloutLive::new(canary(""));
     let mut other = fake(0.0);
     other.metadata.outputs[0].name = "z".into();
-    let error = RolloutModel::new(
-        live,
-        vec![
-            RolloutArm {
-                name: "stable".into(),
-                version: 1,
-                model: Arc::new(fake(0.0)),
-            },
-            RolloutArm {
-                name: "candidate".into(),
-                version: 2,
-                model: Arc::new(other),
-            },
-        ],
-    )
-    .err()
-    .unwrap();
+    let error = RolloutModel::new(live, canary_arms(Arc::new(fake(0.0)), Arc::new(other)))
+        .err()
+        .unwrap();
     assert!(
         error.message().contains("same inputs and outputs"),
         "{error}"
@@ -428,4 +408,49 @@ fn drift_metrics_measure_what_they_say() {
     )
     .unwrap();
     assert_eq!(drift(DriftMetric::MeanAbsDiff, &text, &text), None);
+}
+
+#[tokio::test]
+async fn a_header_key_from_the_edge_keeps_a_client_on_its_arm() {
+    let live = RolloutLive::new(canary("[sticky]\nheader = \"x-user\""));
+    let model = served(&live, fake(0.0), fake(0.0));
+    assert_eq!(model.sticky_header(), Some("x-user"));
+    live.set_canary(50.0, 0.0);
+    let inputs = || vec![NamedTensor::new("x", tensor(&[1.0]))];
+    let parameters = Parameters::new();
+    let mut arms = std::collections::BTreeSet::new();
+    for user in 0..40 {
+        let request = RequestContext::for_tenant("acme").with_sticky_key(&format!("u{user}"));
+        let first = model
+            .infer_with_parameters(&request, inputs(), &parameters)
+            .await;
+        let first = arm_of(&first);
+        for _ in 0..5 {
+            let again = model
+                .infer_with_parameters(&request, inputs(), &parameters)
+                .await;
+            assert_eq!(arm_of(&again), first, "u{user}");
+        }
+        arms.insert(first);
+    }
+    // At 50 %, forty clients land on both arms.
+    assert_eq!(arms.len(), 2, "{arms:?}");
+}
+
+#[tokio::test]
+async fn a_new_step_is_judged_on_its_own_traffic() {
+    let live = RolloutLive::new(canary(""));
+    let mut candidate = fake(0.0);
+    candidate.fail_every = 1;
+    let model = served(&live, fake(0.0), candidate);
+    live.set_canary(100.0, 0.0);
+    for _ in 0..5 {
+        let _ = call(&model, None).await;
+    }
+    assert_eq!(live.canary_window(Instant::now()).1.failures, 5);
+    live.clear_recent();
+    assert_eq!(live.canary_window(Instant::now()).1.requests, 0);
+    let report = live.report(Instant::now());
+    assert_eq!(report[1].total.failures, 5, "totals stay");
+    assert_eq!(report[1].weight, 100.0);
 }
