@@ -72,6 +72,62 @@ pub enum ClientCommand {
     Tenant(TenantCommand),
     /// Send a V2 JSON inference request to a model or graph and print the response.
     Infer(InferArgs),
+    /// Canary rollouts and A/B experiments: apply a rollout file, watch it, end it by hand.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+/// `weft rollout ...`
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Apply a rollout TOML file (its `name` key names it). The same file again changes
+    /// nothing; a changed file starts the rollout again at its first step.
+    Apply(RolloutApplyArgs),
+    /// Show a rollout: its phase, step, weights, each arm's numbers and every decision with
+    /// the numbers behind it. Without a name, every rollout of this tenant.
+    Status(RolloutStatusArgs),
+    /// End a rollout now: a canary's candidate (or an experiment's --arm) takes all traffic.
+    Promote(RolloutPromoteArgs),
+    /// Stop a rollout now: the stable (an experiment's first arm) takes all traffic again.
+    Abort(RolloutNameArgs),
+    /// Delete a rollout: its target name serves as it did before the rollout.
+    Delete(RolloutNameArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RolloutApplyArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Rollout TOML file.
+    #[arg(value_name = "FILE.toml")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RolloutStatusArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Rollout name (default: list every rollout).
+    pub name: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RolloutPromoteArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Rollout name.
+    pub name: String,
+    /// The winning arm of an experiment.
+    #[arg(long)]
+    pub arm: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RolloutNameArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Rollout name.
+    pub name: String,
 }
 
 /// `weft key ...`

@@ -16,13 +16,15 @@ mod keys;
 mod models;
 mod plugins;
 mod progress;
+mod rollouts;
 mod tenants;
 
 pub use cli::{
     AdminConnection, ClientCommand, DEFAULT_SERVER, GraphApplyArgs, GraphClientCommand,
     GraphDeleteArgs, InferArgs, KeyCommand, KeyGenArgs, KeyRegisterArgs, KeyRevokeArgs,
     ModelCommand, ModelDeleteArgs, ModelPushArgs, PluginCommand, PluginDeleteArgs, PluginPushArgs,
-    PluginSignArgs, TenantCommand, TenantConnection, TenantCreateArgs, TenantKeyCommand,
+    PluginSignArgs, RolloutApplyArgs, RolloutCommand, RolloutNameArgs, RolloutPromoteArgs,
+    RolloutStatusArgs, TenantCommand, TenantConnection, TenantCreateArgs, TenantKeyCommand,
     TenantKeyRevokeArgs, TenantNameArgs, TenantUpdateArgs,
 };
 
@@ -35,6 +37,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Model(command) => models::run(command).await,
         ClientCommand::Tenant(command) => tenants::run(command).await,
         ClientCommand::Infer(args) => infer::run(args).await,
+        ClientCommand::Rollout(command) => rollouts::run(command).await,
     }
 }
 

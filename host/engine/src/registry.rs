@@ -57,6 +57,9 @@ struct ModelEntry {
     failure: Option<String>,
     /// A graph, added with [`ModelRegistry::add_graph`], rather than a repository model.
     graph: bool,
+    /// A rollout serving the name's unversioned calls, with the version it reports
+    /// ([`ModelRegistry::set_route`]); versioned calls still reach their exact version.
+    route: Option<(u64, ModelState)>,
 }
 
 /// Every model of the repository, keyed by name.
@@ -108,6 +111,13 @@ impl ModelRegistry {
                     state: state.clone(),
                 });
             }
+            if let (Some((version, state)), true) = (&entry.route, entry.versions.is_empty()) {
+                index.push(ModelVersion {
+                    name: name.clone(),
+                    version: Some(*version),
+                    state: state.clone(),
+                });
+            }
         }
         index
     }
@@ -136,6 +146,17 @@ impl ModelRegistry {
             .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
         let what = if entry.graph { "graph" } else { "model" };
         let Some(version) = version else {
+            match &entry.route {
+                Some((version, ModelState::Ready(model))) => {
+                    return Ok((*version, Arc::clone(model)));
+                }
+                Some((_, ModelState::Unavailable(reason))) => {
+                    return Err(Error::unavailable(format!(
+                        "'{name}' is served by a rollout that is not ready: {reason}"
+                    )));
+                }
+                None => {}
+            }
             let ready = entry
                 .versions
                 .iter()
@@ -233,6 +254,20 @@ impl ModelRegistry {
         }
     }
 
+    /// Sends the unversioned calls of `name` to a rollout (`state`), reporting `version`;
+    /// calls that name a version still reach it. A name nothing else serves is created.
+    pub fn set_route(&mut self, name: &str, version: u64, state: ModelState) {
+        let entry = self.models.entry(name.to_string()).or_default();
+        entry.route = Some((version, state));
+    }
+
+    /// Whether unversioned calls of `name` go through a rollout.
+    pub fn is_routed(&self, name: &str) -> bool {
+        self.models
+            .get(name)
+            .is_some_and(|entry| entry.route.is_some())
+    }
+
     /// Every model and graph name, ascending.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)
@@ -278,6 +313,7 @@ fn load_model(discovered: DiscoveredModel, loader: &dyn ModelLoader) -> ModelEnt
                 versions: BTreeMap::new(),
                 failure: Some(error.to_string()),
                 graph: false,
+                route: None,
             };
         }
     };
@@ -291,6 +327,7 @@ fn load_model(discovered: DiscoveredModel, loader: &dyn ModelLoader) -> ModelEnt
             versions: BTreeMap::new(),
             failure: Some(reason),
             graph: false,
+            route: None,
         };
     }
     let mut versions = BTreeMap::new();
@@ -315,6 +352,7 @@ fn load_model(discovered: DiscoveredModel, loader: &dyn ModelLoader) -> ModelEnt
         versions,
         failure: None,
         graph: false,
+        route: None,
     }
 }
 

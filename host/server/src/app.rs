@@ -542,7 +542,15 @@ async fn infer_accounted(
         let permit = Arc::clone(&permit);
         let model = Arc::clone(&model);
         let parameters = request.parameters.clone();
-        let context = context.clone();
+        // A rollout keeps a client on its arm by a header: hand its value to the rollout.
+        let sticky = model
+            .sticky_header()
+            .and_then(|name| headers.get(name))
+            .and_then(|value| value.to_str().ok());
+        let context = match sticky {
+            Some(key) => context.clone().with_sticky_key(key),
+            None => context.clone(),
+        };
         tokio::spawn(async move {
             let result = model
                 .infer_with_parameters(&context, inputs, &parameters)
@@ -617,7 +625,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
             })
             .collect(),
     };
-    let text = state.metrics.render(&state.scrape, &live);
+    let mut text = state.metrics.render(&state.scrape, &live);
+    text.push_str(&crate::metrics::render_rollouts(
+        &state.tenancy.rollout_metrics(),
+    ));
     (
         [(
             header::CONTENT_TYPE,

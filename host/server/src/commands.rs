@@ -545,6 +545,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Duration::from_secs(args.blob_gc_grace_seconds),
         )?;
     }
+    weft_tenancy::rollouts::run_rollout_controller(Arc::clone(&tenancy));
     let accepting = state.accepting.clone();
     let listener = TcpListener::bind(args.listen)
         .await

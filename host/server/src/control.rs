@@ -96,6 +96,13 @@ pub fn routes() -> Router<AppState> {
             "/api/v1/graphs/{name}/versions/{version}",
             axum::routing::delete(delete_graph),
         )
+        .route("/api/v1/rollouts", get(list_rollouts))
+        .route(
+            "/api/v1/rollouts/{name}",
+            put(apply_rollout).get(get_rollout).delete(delete_rollout),
+        )
+        .route("/api/v1/rollouts/{name}/promote", post(promote_rollout))
+        .route("/api/v1/rollouts/{name}/abort", post(abort_rollout))
 }
 
 async fn openapi() -> Response {
@@ -928,4 +935,98 @@ async fn delete_graph(
 fn to_json(value: &impl serde::Serialize) -> Result<Value> {
     serde_json::to_value(value)
         .map_err(|error| Error::internal(format!("cannot encode the answer: {error}")))
+}
+
+// ---- tenant: rollouts ----
+
+/// Largest rollout file (the engine refuses anything larger with its own message).
+const MAX_ROLLOUT_BODY: usize = 64 << 10;
+
+/// `PUT /api/v1/rollouts/{name}`: the rollout's TOML. 201 when it started a new generation,
+/// 200 when the same text was already applied.
+async fn apply_rollout(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> std::result::Result<Response, ApiError> {
+    let _permit = scope.admit().map_err(refused)?;
+    let body = read_body(MAX_ROLLOUT_BODY, &headers, body).await?;
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|_| Error::invalid("the rollout file is not UTF-8"))?;
+    let tenant = scope.name.clone();
+    let (view, changed) = blocking(&state, move |tenancy| {
+        tenancy.apply_rollout(&tenant, &name, &text)
+    })
+    .await?;
+    Ok(if changed { created(view) } else { ok(view) })
+}
+
+async fn list_rollouts(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+) -> std::result::Result<Response, ApiError> {
+    Ok(ok(state.tenancy.rollouts(&scope.name)?))
+}
+
+async fn get_rollout(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    Ok(ok(state.tenancy.rollout(&scope.name, &name)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteQuery {
+    arm: Option<String>,
+}
+
+/// `POST /api/v1/rollouts/{name}/promote[?arm=NAME]`: a canary's candidate, or an
+/// experiment's named arm, takes all traffic.
+async fn promote_rollout(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path(name): Path<String>,
+    query: axum::extract::Query<PromoteQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> std::result::Result<Response, ApiError> {
+    let tenant = scope.name.clone();
+    // The arm comes as `?arm=` or as a JSON body `{"arm": "..."}`.
+    let body: PromoteQuery = parse_json(&json_body(&headers, body).await?)?;
+    let arm = query.0.arm.or(body.arm);
+    let view = blocking(&state, move |tenancy| {
+        tenancy.promote_rollout(&tenant, &name, arm.as_deref())
+    })
+    .await?;
+    Ok(ok(view))
+}
+
+/// `POST /api/v1/rollouts/{name}/abort`: the stable (an experiment's first arm) takes all
+/// traffic again.
+async fn abort_rollout(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    let tenant = scope.name.clone();
+    let view = blocking(&state, move |tenancy| tenancy.abort_rollout(&tenant, &name)).await?;
+    Ok(ok(view))
+}
+
+async fn delete_rollout(
+    State(state): State<AppState>,
+    Caller(scope): Caller,
+    Path(name): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    let tenant = scope.name.clone();
+    let answer = json!({ "deleted": name });
+    blocking(&state, move |tenancy| {
+        tenancy.delete_rollout(&tenant, &name)
+    })
+    .await?;
+    Ok(ok(answer))
 }

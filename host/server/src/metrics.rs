@@ -610,3 +610,100 @@ impl Model for MeteredModel {
         })
     }
 }
+
+/// The `weft_rollout_*` families, built at scrape time from the rollouts this replica serves
+/// (rollouts come and go with their records, so nothing of a deleted one lingers): each arm's
+/// share of traffic, its requests by outcome since the rollout's generation started here, the
+/// mirrored calls, and the decisions this replica committed.
+pub fn render_rollouts(rollouts: &[weft_tenancy::rollouts::RolloutMetrics]) -> String {
+    let registry = prometheus::Registry::new();
+    let families = (|| -> prometheus::Result<_> {
+        let weight = prometheus::GaugeVec::new(
+            Opts::new(
+                "weft_rollout_weight",
+                "Share of a rollout's traffic each arm takes now, in percent",
+            ),
+            &["tenant", "rollout", "arm"],
+        )?;
+        let requests = prometheus::IntCounterVec::new(
+            Opts::new(
+                "weft_rollout_requests_total",
+                "Calls each rollout arm served on this replica, by outcome (ok, error, trap); \
+                 the arm candidate-shadow counts mirrored calls",
+            ),
+            &["tenant", "rollout", "arm", "outcome"],
+        )?;
+        let shadow = prometheus::IntCounterVec::new(
+            Opts::new(
+                "weft_rollout_shadow_total",
+                "Mirrored calls of a rollout: sent to the candidate, or dropped because the \
+                 shadow pool was full",
+            ),
+            &["tenant", "rollout", "outcome"],
+        )?;
+        let decisions = prometheus::IntCounterVec::new(
+            Opts::new(
+                "weft_rollout_decisions_total",
+                "Rollout decisions this replica committed, by action",
+            ),
+            &["tenant", "rollout", "action"],
+        )?;
+        let phase = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "weft_rollout_phase",
+                "1 for the phase each rollout is in (progressing, promoted, rolled_back, ...)",
+            ),
+            &["tenant", "rollout", "phase"],
+        )?;
+        registry.register(Box::new(weight.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(shadow.clone()))?;
+        registry.register(Box::new(decisions.clone()))?;
+        registry.register(Box::new(phase.clone()))?;
+        Ok((weight, requests, shadow, decisions, phase))
+    })();
+    let Ok((weight, requests, shadow, decisions, phase)) = families else {
+        return String::new();
+    };
+    for rollout in rollouts {
+        let (tenant, name) = (rollout.tenant.as_str(), rollout.name.as_str());
+        for arm in &rollout.arms {
+            weight
+                .with_label_values(&[tenant, name, &arm.name])
+                .set(arm.weight);
+            let total = &arm.total;
+            let errors = total.failures.saturating_sub(total.traps);
+            for (outcome, count) in [
+                ("ok", total.requests.saturating_sub(total.failures)),
+                ("error", errors),
+                ("trap", total.traps),
+            ] {
+                requests
+                    .with_label_values(&[tenant, name, &arm.name, outcome])
+                    .inc_by(count);
+            }
+        }
+        let (sent, dropped) = rollout.shadow;
+        shadow
+            .with_label_values(&[tenant, name, "sent"])
+            .inc_by(sent);
+        shadow
+            .with_label_values(&[tenant, name, "dropped"])
+            .inc_by(dropped);
+        for (action, count) in &rollout.decisions {
+            decisions
+                .with_label_values(&[tenant, name, action])
+                .inc_by(*count);
+        }
+        let phase_name = serde_json::to_value(rollout.phase)
+            .ok()
+            .and_then(|value| value.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        phase.with_label_values(&[tenant, name, &phase_name]).set(1);
+    }
+    let mut text = String::new();
+    if let Err(error) = TextEncoder::new().encode_utf8(&registry.gather(), &mut text) {
+        tracing::error!(%error, "cannot encode the rollout metrics");
+    }
+    text
+}

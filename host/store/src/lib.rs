@@ -18,7 +18,8 @@ pub mod signing;
 mod store;
 
 pub use records::{
-    ApiKey, GraphVersion, MAX_NAME_LEN, ModelVersion, PluginVersion, Quotas, SigningKey, State,
-    Tenant, Usage, check_name, unix_now,
+    ApiKey, GraphVersion, MAX_NAME_LEN, MAX_ROLLOUT_EVENTS, ModelVersion, PluginVersion, Quotas,
+    RolloutEvent, RolloutPhase, RolloutRecord, SigningKey, State, Tenant, Usage, check_name,
+    unix_now, unix_now_ms,
 };
 pub use store::{BlobWriter, MAX_COLLECTED_PER_ROUND, SCRATCH_PREFIX, StagedBlob, Store};

@@ -247,6 +247,9 @@ pub struct Tenant {
     /// Graph versions by graph name.
     #[serde(default)]
     pub graphs: BTreeMap<String, BTreeMap<u64, GraphVersion>>,
+    /// Rollouts by name: their TOML, where each stands, and what was decided.
+    #[serde(default)]
+    pub rollouts: BTreeMap<String, RolloutRecord>,
     /// Grows by one with every committed change to this tenant (its own count, so it says
     /// nothing about other tenants' activity).
     #[serde(default)]
@@ -279,6 +282,7 @@ impl Tenant {
             plugins: BTreeMap::new(),
             models: BTreeMap::new(),
             graphs: BTreeMap::new(),
+            rollouts: BTreeMap::new(),
             revision: 0,
         }
     }
@@ -429,6 +433,86 @@ pub struct ModelVersion {
     pub size: u64,
     /// When it was pushed.
     pub created_unix: u64,
+}
+
+/// Where a rollout stands. A canary is `Progressing` until it is promoted, rolled back or
+/// aborted; an experiment is `Running` until a winner concludes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutPhase {
+    Progressing,
+    Promoted,
+    RolledBack,
+    Aborted,
+    Running,
+    Concluded,
+}
+
+impl RolloutPhase {
+    /// Whether decisions are still being made (the controller watches it).
+    pub fn is_active(self) -> bool {
+        matches!(self, RolloutPhase::Progressing | RolloutPhase::Running)
+    }
+}
+
+/// Most decisions kept per rollout; the oldest go first.
+pub const MAX_ROLLOUT_EVENTS: usize = 64;
+
+/// One decision about a rollout, with the numbers that caused it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutEvent {
+    /// When it was decided, in milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// `applied`, `advanced`, `promoted`, `rolled_back`, `aborted`, `concluded`.
+    pub action: String,
+    /// The step it moved to (or was at).
+    pub step: usize,
+    /// Why, in words: the failed rules, or who asked.
+    pub reason: String,
+    /// The window's numbers behind an automatic decision.
+    #[serde(default)]
+    pub evidence: serde_json::Value,
+    /// The replica that decided.
+    #[serde(default)]
+    pub replica: String,
+}
+
+/// One rollout of a tenant: its TOML (parsed by the engine, which the store does not know)
+/// and its state. `generation` changes whenever a new TOML is applied, so every replica
+/// starts the new one with fresh windows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub toml: String,
+    pub generation: u64,
+    pub phase: RolloutPhase,
+    /// The canary's current step (index into its steps).
+    #[serde(default)]
+    pub step: usize,
+    /// When the current step began, in milliseconds since the Unix epoch.
+    pub step_started_unix_ms: u64,
+    /// The arm that takes all traffic once an experiment concluded.
+    #[serde(default)]
+    pub winner: Option<String>,
+    pub created_unix: u64,
+    /// Decisions, oldest first, at most [`MAX_ROLLOUT_EVENTS`].
+    #[serde(default)]
+    pub events: Vec<RolloutEvent>,
+}
+
+impl RolloutRecord {
+    /// Appends a decision, dropping the oldest past [`MAX_ROLLOUT_EVENTS`].
+    pub fn record(&mut self, event: RolloutEvent) {
+        self.events.push(event);
+        let excess = self.events.len().saturating_sub(MAX_ROLLOUT_EVENTS);
+        self.events.drain(..excess);
+    }
+}
+
+/// Milliseconds since the Unix epoch now (0 if the clock is before 1970).
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// One pushed graph version: its TOML, a blob.

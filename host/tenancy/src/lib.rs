@@ -14,6 +14,7 @@
 //!   and the one graph loader for repository and tenant graphs.
 //! - [`quotas`], [`storage`], [`inflight`]: every quota decision (rate and concurrency divided
 //!   between replicas, stored bytes and model memory, request bytes held in memory).
+//! - [`rollouts`]: rollouts as a tenant's resource and the controller that decides them.
 //! - [`challenges`]: single-use signing-key registration challenges.
 
 pub mod backends;
@@ -22,6 +23,7 @@ pub mod graphs;
 pub mod inflight;
 pub mod lifecycle;
 pub mod quotas;
+pub mod rollouts;
 pub mod scope;
 pub mod storage;
 pub mod tenancy;

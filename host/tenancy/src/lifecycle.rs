@@ -524,6 +524,16 @@ impl Tenancy {
             )));
         }
         let last = number.is_none() || versions.count() == 1;
+        let plugin = kind == ArtifactKind::Plugin;
+        if let Some(rollout) = Tenancy::rollout_using(record, name, plugin, number.as_deref()) {
+            let which = match &number {
+                Some(version) => format!("{what} '{name}' version {version}"),
+                None => format!("{what} '{name}'"),
+            };
+            return Err(Error::conflict(format!(
+                "{which} is an arm of rollout '{rollout}'; delete the rollout first"
+            )));
+        }
         let removal = match kind {
             ArtifactKind::Plugin => Some(Removal::Plugin { name, last }),
             ArtifactKind::Model => Some(Removal::Model {

@@ -193,6 +193,7 @@ impl Tenancy {
                 }
             }
         }
+        self.serve_rollouts(tenant, &scope, &mut registry);
         self.observer.declare_models(&tenant.name, &registry);
         scope.registry = registry;
         Ok(scope)
@@ -246,7 +247,7 @@ impl Tenancy {
 
     /// A tenant's plugin version: its signature is checked against the tenant's current keys
     /// every time (a revoked key stops it), and its bytes re-hashed whenever they are read.
-    fn tenant_plugin(
+    pub(crate) fn tenant_plugin(
         &self,
         tenant: &Tenant,
         name: &str,

@@ -56,6 +56,10 @@ pub struct Tenancy {
     /// Loaded tenant plugins by (tenant, name, digest). Keyed by tenant too: a plugin keeps warm
     /// instances, and instances never cross tenants.
     pub(crate) loaded_plugins: Mutex<HashMap<LoadedPluginKey, Arc<dyn SandboxPlugin>>>,
+    /// The live routing state of every rollout generation this replica serves; it outlives
+    /// scope rebuilds so windows and weights carry across them.
+    pub(crate) rollouts:
+        Mutex<HashMap<crate::rollouts::RolloutKey, Arc<crate::rollouts::LiveRollout>>>,
     /// Serialises control-plane changes (store transaction + rebuild).
     writer: Mutex<()>,
     /// Outstanding signing-key registration challenges (in memory, or in a shared store).
@@ -63,7 +67,7 @@ pub struct Tenancy {
     /// Live replicas sharing the store (1 for the embedded store): every gate takes its share.
     pub(crate) replicas: Arc<AtomicUsize>,
     /// This replica's name in the shared store's `weft_replicas` (random per process).
-    replica_id: String,
+    pub(crate) replica_id: String,
 }
 
 /// (tenant, plugin, digest): what makes a compiled tenant plugin reusable.
@@ -165,6 +169,7 @@ impl Tenancy {
             gates: Mutex::default(),
             loaded_models: Mutex::default(),
             loaded_plugins: Mutex::default(),
+            rollouts: Mutex::default(),
             writer: Mutex::default(),
             challenges,
             replicas: Arc::new(AtomicUsize::new(1)),
@@ -430,7 +435,17 @@ impl Tenancy {
                     live_plugins.insert((name.clone(), plugin.clone(), record.digest.clone()));
                 }
             }
+            for (plugin, version) in Tenancy::pinned_plugins(tenant) {
+                let pinned = tenant
+                    .plugins
+                    .get(&plugin)
+                    .and_then(|versions| versions.iter().find(|v| v.version == version));
+                if let Some(record) = pinned {
+                    live_plugins.insert((name.clone(), plugin, record.digest.clone()));
+                }
+            }
         }
+        self.forget_rollouts(state)?;
         lock(&self.gates)?.retain(|name, _| state.tenants.contains_key(name));
         lock(&self.loaded_models)?.retain(|key, _| live_models.contains(key));
         lock(&self.loaded_plugins)?.retain(|key, _| live_plugins.contains(key));
