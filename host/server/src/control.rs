@@ -940,7 +940,7 @@ fn to_json(value: &impl serde::Serialize) -> Result<Value> {
 // ---- tenant: rollouts ----
 
 /// Largest rollout file (the engine refuses anything larger with its own message).
-const MAX_ROLLOUT_BODY: usize = 64 << 10;
+const MAX_ROLLOUT_BODY: usize = weft_engine::rollout::spec::MAX_SPEC_BYTES;
 
 /// `PUT /api/v1/rollouts/{name}`: the rollout's TOML. 201 when it started a new generation,
 /// 200 when the same text was already applied.
@@ -952,7 +952,15 @@ async fn apply_rollout(
     body: Body,
 ) -> std::result::Result<Response, ApiError> {
     let _permit = scope.admit().map_err(refused)?;
-    let body = read_body(MAX_ROLLOUT_BODY, &headers, body).await?;
+    let body = read_body(MAX_ROLLOUT_BODY, &headers, body)
+        .await
+        .map_err(|error| match error.kind() {
+            ErrorKind::PayloadTooLarge => Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!("a rollout file may have at most {MAX_ROLLOUT_BODY} bytes"),
+            ),
+            _ => error,
+        })?;
     let text = String::from_utf8(body.to_vec())
         .map_err(|_| Error::invalid("the rollout file is not UTF-8"))?;
     let tenant = scope.name.clone();

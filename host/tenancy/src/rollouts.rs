@@ -37,7 +37,7 @@ use crate::tenancy::{Tenancy, lock};
 pub const MAX_ROLLOUTS: usize = 16;
 
 /// How often the controller judges every canary's window.
-pub const CONTROL_INTERVAL: Duration = Duration::from_millis(250);
+pub const CONTROL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// (tenant, rollout name).
 pub(crate) type RolloutKey = (String, String);
@@ -574,6 +574,10 @@ impl Tenancy {
                 .filter(|live| live.generation == record.generation)
                 .cloned()
         });
+        // The committed record leads: the rebuild that follows a commit sets the same weights.
+        if let Some(live) = &live {
+            follow_record(live, record);
+        }
         let now = Instant::now();
         let arms: Vec<Value> = live
             .as_ref()

@@ -454,3 +454,19 @@ async fn a_new_step_is_judged_on_its_own_traffic() {
     assert_eq!(report[1].total.failures, 5, "totals stay");
     assert_eq!(report[1].weight, 100.0);
 }
+
+#[test]
+fn every_example_rollout_parses() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/rollouts");
+    let mut parsed = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|ext| ext == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            RolloutSpec::parse(&path.display().to_string(), &text)
+                .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+            parsed += 1;
+        }
+    }
+    assert_eq!(parsed, 3, "canary, shadow and experiment");
+}
