@@ -774,3 +774,84 @@ async fn the_readme_canary_example_serves_the_classify_graph() {
     );
     assert_eq!(body["parameters"]["rollout_version"], 1, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_experiment_reports_each_arm_and_ends_with_the_winner_the_cli_names() {
+    let repo = Repo::new().with_model(&quickstart(), "mlp");
+    let server = Server::start(repo.path());
+    let key = acme(&server).await;
+    let text = r#"name = "ab"
+target = "svc-ab"
+kind = "experiment"
+[[arms]]
+name = "raw"
+graph = "svc"
+version = 1
+plugin = "pre"
+plugin_version = "1.0"
+weight = 50
+[[arms]]
+name = "zscored"
+graph = "svc"
+version = 1
+plugin = "pre"
+plugin_version = "3.0"
+weight = 50
+[sticky]
+parameter = "user_id"
+[metric]
+output = "y"
+reduce = "max"
+"#;
+    apply(&server, &key, "ab", text).await;
+    let http = client_with_key(&key);
+    let mut arms = std::collections::BTreeMap::new();
+    for user in 0..60 {
+        let mut body = request(0.5);
+        body["parameters"] = json!({ "user_id": format!("u{user}") });
+        let (code, answer) =
+            send(http.post(server.url("/v2/models/svc-ab/infer")).json(&body)).await;
+        assert_eq!(code, 200, "{answer}");
+        let arm = answer["parameters"]["rollout_arm"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // A user keeps its arm.
+        let (_, again) = send(http.post(server.url("/v2/models/svc-ab/infer")).json(&body)).await;
+        assert_eq!(again["parameters"]["rollout_arm"], arm.as_str());
+        *arms.entry(arm).or_insert(0) += 1;
+    }
+    assert_eq!(arms.len(), 2, "{arms:?}");
+    let view = status(&server, &key, "ab").await;
+    assert_eq!(view["phase"], "running");
+    for arm in view["arms"].as_array().unwrap() {
+        let total = &arm["total"];
+        assert!(total["requests"].as_u64().unwrap() > 0, "{arm}");
+        assert_eq!(total["failures"], 0, "{arm}");
+        assert!(total["metric"].is_number(), "{arm}");
+        assert!(total["p50_ms"].is_number(), "{arm}");
+        assert!(
+            !total["latency_ms_histogram"].as_array().unwrap().is_empty(),
+            "{arm}"
+        );
+    }
+    let ended: Value = serde_json::from_str(&weft(
+        &server,
+        &key,
+        &["rollout", "promote", "ab", "--arm", "zscored"],
+    ))
+    .unwrap();
+    assert_eq!(ended["phase"], "concluded", "{ended}");
+    assert_eq!(ended["winner"], "zscored");
+    for user in 0..10 {
+        let mut body = request(0.5);
+        body["parameters"] = json!({ "user_id": format!("u{user}") });
+        let (_, answer) = send(http.post(server.url("/v2/models/svc-ab/infer")).json(&body)).await;
+        assert_eq!(answer["parameters"]["rollout_arm"], "zscored", "{answer}");
+    }
+    let metrics = scrape(&server).await;
+    assert!(
+        metrics.contains("weft_rollout_weight{arm=\"zscored\",rollout=\"ab\",tenant=\"acme\"} 100"),
+        "{metrics}"
+    );
+}
