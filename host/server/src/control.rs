@@ -1002,6 +1002,7 @@ async fn promote_rollout(
     headers: HeaderMap,
     body: Body,
 ) -> std::result::Result<Response, ApiError> {
+    let _permit = scope.admit().map_err(refused)?;
     let tenant = scope.name.clone();
     // The arm comes as `?arm=` or as a JSON body `{"arm": "..."}`.
     let body: PromoteQuery = parse_json(&json_body(&headers, body).await?)?;
@@ -1020,6 +1021,7 @@ async fn abort_rollout(
     Caller(scope): Caller,
     Path(name): Path<String>,
 ) -> std::result::Result<Response, ApiError> {
+    let _permit = scope.admit().map_err(refused)?;
     let tenant = scope.name.clone();
     let view = blocking(&state, move |tenancy| tenancy.abort_rollout(&tenant, &name)).await?;
     Ok(ok(view))
@@ -1030,6 +1032,7 @@ async fn delete_rollout(
     Caller(scope): Caller,
     Path(name): Path<String>,
 ) -> std::result::Result<Response, ApiError> {
+    let _permit = scope.admit().map_err(refused)?;
     let tenant = scope.name.clone();
     let answer = json!({ "deleted": name });
     blocking(&state, move |tenancy| {

@@ -36,6 +36,10 @@ use crate::tenancy::{Tenancy, lock};
 /// Most rollouts one tenant keeps (every phase counts, until deleted).
 pub const MAX_ROLLOUTS: usize = 16;
 
+/// Most mirrored calls in flight for one tenant, all its rollouts together (each rollout's
+/// own `shadow_max_in_flight` bounds it further). Past it, mirrors are dropped and counted.
+pub const MAX_TENANT_SHADOW: usize = 64;
+
 /// How often the controller judges every canary's window.
 pub const CONTROL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -48,6 +52,9 @@ struct Applied {
     phase: RolloutPhase,
     step: usize,
     winner: Option<String>,
+    /// The tenant's revision of the record these came from: an older record never overwrites
+    /// a newer one (a status read racing a rebuild).
+    revision: u64,
 }
 
 /// One rollout generation's live state on this replica.
@@ -77,18 +84,31 @@ fn rollout_path(name: &str) -> String {
 }
 
 /// The weights a record asks for, set on `live`. A new step is judged on its own traffic.
-fn follow_record(live: &LiveRollout, record: &RolloutRecord) {
+/// `revision` is the tenant's revision the record was read at; a record older than the one
+/// already applied is ignored.
+fn follow_record(live: &LiveRollout, record: &RolloutRecord, revision: u64) {
     let spec = live.live.spec();
-    let wanted = Applied {
-        phase: record.phase,
-        step: record.step,
-        winner: record.winner.clone(),
-    };
     let mut applied = match live.applied.lock() {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
     };
-    if applied.as_ref() == Some(&wanted) {
+    if applied
+        .as_ref()
+        .is_some_and(|before| before.revision > revision)
+    {
+        return;
+    }
+    let wanted = Applied {
+        phase: record.phase,
+        step: record.step,
+        winner: record.winner.clone(),
+        revision,
+    };
+    let unchanged = applied.as_ref().is_some_and(|before| {
+        (&before.phase, before.step, &before.winner) == (&wanted.phase, wanted.step, &wanted.winner)
+    });
+    if unchanged {
+        *applied = Some(wanted);
         return;
     }
     let new_step = applied
@@ -142,9 +162,14 @@ impl Tenancy {
         {
             return Ok(Arc::clone(live));
         }
+        let slots = Arc::clone(
+            lock(&self.shadow_slots)?
+                .entry(tenant.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_TENANT_SHADOW))),
+        );
         let live = Arc::new(LiveRollout {
             generation,
-            live: RolloutLive::new(Arc::clone(spec)),
+            live: RolloutLive::with_tenant_slots(Arc::clone(spec), slots),
             applied: Mutex::new(None),
             decisions: Mutex::default(),
         });
@@ -211,7 +236,7 @@ impl Tenancy {
         let arms = self.rollout_arms(tenant, scope, registry, &spec)?;
         let live = self.live_rollout(&tenant.name, name, record.generation, &spec)?;
         let model = RolloutModel::new(Arc::clone(&live.live), arms.clone())?;
-        follow_record(&live, record);
+        follow_record(&live, record, tenant.revision);
         let version = arms.first().map_or(0, |arm| arm.version);
         Ok((spec.target.clone(), version, Arc::new(model)))
     }
@@ -324,6 +349,20 @@ impl Tenancy {
         Ok(model)
     }
 
+    /// Compiles the plugin versions `pins` names that `tenant` stores, into the cache the
+    /// scope build reads: the slow part, done before the writer lock is taken.
+    pub(crate) fn preload_pinned(&self, tenant: &Tenant, pins: &[(String, String)]) {
+        for (plugin, version) in pins {
+            let pinned = tenant
+                .plugins
+                .get(plugin)
+                .and_then(|versions| versions.iter().find(|v| &v.version == version));
+            if let Some(record) = pinned {
+                let _ = self.tenant_plugin(tenant, plugin, record);
+            }
+        }
+    }
+
     /// Every (plugin, version) a rollout of `tenant` pins, so their compiled plugins stay
     /// cached although they are not the current versions.
     pub(crate) fn pinned_plugins(tenant: &Tenant) -> Vec<(String, String)> {
@@ -354,6 +393,15 @@ impl Tenancy {
                 rollout_path(name),
                 spec.name
             )));
+        }
+        // Pinned plugin versions compile before the writer lock: other tenants' changes and
+        // the controller's decisions never wait on a compile.
+        let pins: Vec<(String, String)> = spec
+            .all_arms()
+            .filter_map(|arm| Some((arm.plugin.clone()?, arm.plugin_version.clone()?)))
+            .collect();
+        if let Ok(record) = tenant_of(&self.store.state(), tenant) {
+            self.preload_pinned(record, &pins);
         }
         let writer = self.writer()?;
         let state = writer.state();
@@ -477,8 +525,27 @@ impl Tenancy {
     pub fn delete_rollout(&self, tenant: &str, name: &str) -> Result<()> {
         let writer = self.writer()?;
         let state = writer.state();
-        if !tenant_of(&state, tenant)?.rollouts.contains_key(name) {
-            return Err(unknown_rollout(name));
+        let record = tenant_of(&state, tenant)?;
+        let rollout = record
+            .rollouts
+            .get(name)
+            .ok_or_else(|| unknown_rollout(name))?;
+        if let Ok(spec) = RolloutSpec::parse(&rollout_path(name), &rollout.toml)
+            && matches!(
+                rollout.phase,
+                RolloutPhase::RolledBack | RolloutPhase::Aborted
+            )
+            && let Some(candidate) = &spec.candidate
+            && falls_to(record, &spec.target, candidate)
+        {
+            return Err(Error::conflict(format!(
+                "deleting rollout '{name}' would send the calls of '{}' to the candidate it \
+                 rolled back ({}), which is what '{}' serves without a rollout: delete that \
+                 version first, or keep the rollout",
+                spec.target,
+                candidate.describe(),
+                spec.target
+            )));
         }
         writer.commit(Some(tenant), |state| {
             tenant_mut(state, tenant)?.rollouts.remove(name);
@@ -519,8 +586,13 @@ impl Tenancy {
             }
             (End::Abort, _) => (RolloutPhase::Aborted, None, "aborted"),
         };
+        if rollout.phase == phase && rollout.winner == winner {
+            // Already so: nothing to write (and nothing for the other replicas to rebuild).
+            drop(writer);
+            return self.rollout(tenant, name);
+        }
         let generation = rollout.generation;
-        let step = rollout.step;
+        let (from_phase, step) = (rollout.phase, rollout.step);
         let replica = self.replica_id.clone();
         let reason = match &winner {
             Some(arm) => format!("arm '{arm}' chosen by hand"),
@@ -530,8 +602,12 @@ impl Tenancy {
             let rollout = tenant_mut(state, tenant)?
                 .rollouts
                 .get_mut(name)
-                .filter(|rollout| rollout.generation == generation)
-                .ok_or_else(|| unknown_rollout(name))?;
+                .filter(|rollout| rollout.generation == generation && rollout.phase == from_phase)
+                .ok_or_else(|| {
+                    Error::conflict(format!(
+                        "rollout '{name}' changed meanwhile (another replica decided); look again"
+                    ))
+                })?;
             rollout.phase = phase;
             rollout.winner = winner;
             rollout.record(RolloutEvent {
@@ -576,7 +652,7 @@ impl Tenancy {
         });
         // The committed record leads: the rebuild that follows a commit sets the same weights.
         if let Some(live) = &live {
-            follow_record(live, record);
+            follow_record(live, record, tenant.revision);
         }
         let now = Instant::now();
         let arms: Vec<Value> = live
@@ -661,8 +737,11 @@ impl Tenancy {
     ) -> Option<String> {
         tenant.rollouts.iter().find_map(|(rollout, record)| {
             let spec = RolloutSpec::parse(&rollout_path(rollout), &record.toml).ok()?;
+            let serving = serving_arms(&spec, record);
             spec.all_arms()
-                .any(|arm| {
+                .enumerate()
+                .filter(|(index, _)| serving.contains(index))
+                .any(|(_, arm)| {
                     if plugin {
                         arm.plugin.as_deref() == Some(name)
                             && version.is_none_or(|v| arm.plugin_version.as_deref() == Some(v))
@@ -678,8 +757,8 @@ impl Tenancy {
     // ---- the controller ----
 
     /// Judges every progressing canary this replica serves and commits what it decides.
-    /// A rollback takes effect here before it is written. Returns the decisions committed.
-    /// Blocking (a commit writes the store).
+    /// Every rollback takes effect here, for all of them, before anything is written; then
+    /// the decisions are committed one by one. Returns the decisions committed. Blocking.
     pub fn control_rollouts(&self) -> Vec<(String, String, String)> {
         let lives: Vec<(RolloutKey, Arc<LiveRollout>)> = match lock(&self.rollouts) {
             Ok(rollouts) => rollouts
@@ -691,7 +770,7 @@ impl Tenancy {
         let state = self.store.state();
         let now = Instant::now();
         let now_ms = unix_now_ms();
-        let mut committed = Vec::new();
+        let mut decided = Vec::new();
         for ((tenant, name), live) in lives {
             let Some(record) = state
                 .tenants
@@ -708,36 +787,51 @@ impl Tenancy {
             let (stable, candidate) = live.live.canary_window(now);
             let (verdict, evidence) = judge(&spec.analysis, &stable, &candidate);
             let held = now_ms.saturating_sub(record.step_started_unix_ms) / 1000;
-            let action = next_action(spec, record.step, held, &verdict);
-            let (phase, step, label, reason) = match action {
+            let decision = match next_action(spec, record.step, held, &verdict) {
                 Action::Hold => continue,
                 Action::RollBack(reasons) => {
                     // At once, on this replica; the commit tells the others.
                     live.live.set_canary(0.0, 0.0);
-                    (
-                        RolloutPhase::RolledBack,
-                        record.step,
-                        "rolled_back",
-                        reasons.join("; "),
-                    )
+                    Decision {
+                        phase: RolloutPhase::RolledBack,
+                        step: record.step,
+                        action: "rolled_back",
+                        reason: reasons.join("; "),
+                    }
                 }
-                Action::Advance(next) => (
-                    RolloutPhase::Progressing,
-                    next,
-                    "advanced",
-                    format!("step {} held {held} s on a passing window", record.step + 1),
-                ),
-                Action::Promote => (
-                    RolloutPhase::Promoted,
-                    record.step,
-                    "promoted",
-                    "the last step held on a passing window".to_string(),
-                ),
+                Action::Advance(next) => Decision {
+                    phase: RolloutPhase::Progressing,
+                    step: next,
+                    action: "advanced",
+                    reason: format!("step {} held {held} s on a passing window", record.step + 1),
+                },
+                Action::Promote => Decision {
+                    phase: RolloutPhase::Promoted,
+                    step: record.step,
+                    action: "promoted",
+                    reason: "the last step held on a passing window".to_string(),
+                },
             };
             let evidence = serde_json::to_value(&evidence).unwrap_or(Value::Null);
-            let from_step = record.step;
-            let generation = record.generation;
+            decided.push((
+                tenant,
+                name,
+                live,
+                record.generation,
+                record.step,
+                decision,
+                evidence,
+            ));
+        }
+        let mut committed = Vec::new();
+        for (tenant, name, live, generation, from_step, decision, evidence) in decided {
             let replica = self.replica_id.clone();
+            let Decision {
+                phase,
+                step,
+                action,
+                reason,
+            } = decision;
             let result = self.change(Some(&tenant), |state| {
                 let Some(rollout) =
                     tenant_mut(state, &tenant)?
@@ -759,7 +853,7 @@ impl Tenancy {
                 }
                 rollout.record(RolloutEvent {
                     unix_ms: unix_now_ms(),
-                    action: label.into(),
+                    action: action.into(),
                     step,
                     reason: reason.clone(),
                     evidence,
@@ -769,11 +863,26 @@ impl Tenancy {
             });
             match result {
                 Ok(true) => {
-                    tracing::info!(tenant = %tenant, rollout = %name, action = label, %reason, "rollout decision");
-                    self.count_decision(&tenant, &name, label);
-                    committed.push((tenant, name, label.to_string()));
+                    tracing::info!(tenant = %tenant, rollout = %name, action, %reason, "rollout decision");
+                    self.count_decision(&tenant, &name, action);
+                    committed.push((tenant, name, action.to_string()));
                 }
-                Ok(false) => {}
+                Ok(false) => {
+                    // Another replica's decision stands: take its weights again, whatever
+                    // this replica set locally.
+                    let state = self.store.state();
+                    if let Some(current) = state.tenants.get(&tenant)
+                        && let Some(record) = current.rollouts.get(&name)
+                        && record.generation == live.generation
+                    {
+                        if let Ok(mut applied) = live.applied.lock() {
+                            *applied = None;
+                        }
+                        follow_record(&live, record, current.revision);
+                    }
+                }
+                // The candidate stays at 0 % here if this was a rollback (the safe side);
+                // the next round decides again.
                 Err(error) => {
                     tracing::warn!(tenant = %tenant, rollout = %name, %error, "cannot record a rollout decision yet")
                 }
@@ -781,6 +890,53 @@ impl Tenancy {
         }
         committed
     }
+}
+
+/// The arms (indices in [`RolloutSpec::all_arms`] order) that can still take traffic in the
+/// rollout's phase: all while it runs; the candidate once promoted; the stable (an
+/// experiment's first arm) once rolled back or aborted; the winner once concluded.
+fn serving_arms(spec: &RolloutSpec, record: &RolloutRecord) -> Vec<usize> {
+    match record.phase {
+        RolloutPhase::Progressing | RolloutPhase::Running => (0..spec.arm_names().len()).collect(),
+        RolloutPhase::Promoted => vec![1],
+        RolloutPhase::RolledBack | RolloutPhase::Aborted => vec![0],
+        RolloutPhase::Concluded => {
+            let winner = record
+                .winner
+                .as_ref()
+                .and_then(|winner| spec.arm_names().iter().position(|arm| arm == winner));
+            vec![winner.unwrap_or(0)]
+        }
+    }
+}
+
+/// Whether `target`, without its rollout, would serve what `arm` serves: the arm is the
+/// target's own latest version, or pins the current version of a plugin of the target graph.
+fn falls_to(tenant: &Tenant, target: &str, arm: &ArmSpec) -> bool {
+    if arm.served_name() != target {
+        return false;
+    }
+    if let (Some(plugin), Some(version)) = (&arm.plugin, &arm.plugin_version) {
+        return tenant
+            .plugins
+            .get(plugin)
+            .and_then(|versions| versions.last())
+            .is_some_and(|current| &current.version == version);
+    }
+    let latest = if arm.is_graph() {
+        tenant.graphs.get(target).and_then(|v| v.keys().next_back())
+    } else {
+        tenant.models.get(target).and_then(|v| v.keys().next_back())
+    };
+    latest == Some(&arm.version)
+}
+
+/// What the controller decided for one canary.
+struct Decision {
+    phase: RolloutPhase,
+    step: usize,
+    action: &'static str,
+    reason: String,
 }
 
 /// How a rollout is ended by hand.

@@ -100,6 +100,7 @@ impl Tenancy {
                 let _ = self.tenant_plugin(tenant, name, record);
             }
         }
+        self.preload_pinned(tenant, &Tenancy::pinned_plugins(tenant));
     }
 
     /// Builds one tenant's scope: its models (loaded or taken from the cache), the shared

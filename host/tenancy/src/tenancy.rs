@@ -60,6 +60,8 @@ pub struct Tenancy {
     /// scope rebuilds so windows and weights carry across them.
     pub(crate) rollouts:
         Mutex<HashMap<crate::rollouts::RolloutKey, Arc<crate::rollouts::LiveRollout>>>,
+    /// Each tenant's shadow pool, shared by all its rollouts.
+    pub(crate) shadow_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     /// Serialises control-plane changes (store transaction + rebuild).
     writer: Mutex<()>,
     /// Outstanding signing-key registration challenges (in memory, or in a shared store).
@@ -170,6 +172,7 @@ impl Tenancy {
             loaded_models: Mutex::default(),
             loaded_plugins: Mutex::default(),
             rollouts: Mutex::default(),
+            shadow_slots: Mutex::default(),
             writer: Mutex::default(),
             challenges,
             replicas: Arc::new(AtomicUsize::new(1)),
@@ -447,6 +450,7 @@ impl Tenancy {
         }
         self.forget_rollouts(state)?;
         lock(&self.gates)?.retain(|name, _| state.tenants.contains_key(name));
+        lock(&self.shadow_slots)?.retain(|name, _| state.tenants.contains_key(name));
         lock(&self.loaded_models)?.retain(|key, _| live_models.contains(key));
         lock(&self.loaded_plugins)?.retain(|key, _| live_plugins.contains(key));
         let view = Arc::new(View { tenants, keys });

@@ -496,3 +496,45 @@ async fn another_tenants_rollouts_and_targets_are_invisible() {
     assert_eq!(error.kind(), ErrorKind::NotFound, "{error}");
     assert!(!error.message().contains("acme"), "{error}");
 }
+
+#[tokio::test]
+async fn a_rolled_back_rollout_is_not_deleted_into_its_candidate_and_ends_are_idempotent() {
+    let world = rolled_out("fail", &canary(TWO_STEPS, ""));
+    world.tenancy.abort_rollout("acme", "m-canary").unwrap();
+    let revision = world.store.state().tenants["acme"].revision;
+    world.tenancy.abort_rollout("acme", "m-canary").unwrap();
+    assert_eq!(
+        world.store.state().tenants["acme"].revision,
+        revision,
+        "aborting again writes nothing"
+    );
+    // Without the rollout, `m` would serve its latest version: the candidate.
+    let error = world
+        .tenancy
+        .delete_rollout("acme", "m-canary")
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Conflict);
+    assert!(
+        error.message().contains("delete that version first"),
+        "{error}"
+    );
+    // The candidate no longer serves, so it may go; then the rollout may too.
+    world
+        .tenancy
+        .delete_artifact("acme", ArtifactKind::Model, "m", Some("2"))
+        .unwrap();
+    world.tenancy.delete_rollout("acme", "m-canary").unwrap();
+    let (outputs, _) = call(&world.tenancy, "acme", "m", None, 3.0).await.unwrap();
+    assert_eq!(
+        f32::from_le_bytes(outputs[0].tensor.data()[..4].try_into().unwrap()),
+        3.0
+    );
+    // The stable of a rolled-back canary still serves, so it stays.
+    let world = rolled_out("fail", &canary(TWO_STEPS, ""));
+    world.tenancy.abort_rollout("acme", "m-canary").unwrap();
+    let error = world
+        .tenancy
+        .delete_artifact("acme", ArtifactKind::Model, "m", Some("1"))
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Conflict, "{error}");
+}

@@ -51,6 +51,8 @@ pub struct RolloutLive {
     /// What the candidate answered on mirrored calls.
     mirrored: Mutex<Window>,
     shadow_slots: Arc<Semaphore>,
+    /// Mirrors in flight across all of the tenant's rollouts, when the tenant has a cap.
+    tenant_shadow_slots: Option<Arc<Semaphore>>,
     shadow_sent: AtomicU64,
     shadow_dropped: AtomicU64,
     draws: AtomicU64,
@@ -69,6 +71,16 @@ pub struct ArmReport {
 
 impl RolloutLive {
     pub fn new(spec: Arc<RolloutSpec>) -> Arc<Self> {
+        Self::build(spec, None)
+    }
+
+    /// Like [`RolloutLive::new`], with mirrors also bounded by `tenant_slots`, shared by every
+    /// rollout of one tenant (so many rollouts cannot multiply a tenant's shadow traffic).
+    pub fn with_tenant_slots(spec: Arc<RolloutSpec>, tenant_slots: Arc<Semaphore>) -> Arc<Self> {
+        Self::build(spec, Some(tenant_slots))
+    }
+
+    fn build(spec: Arc<RolloutSpec>, tenant_shadow_slots: Option<Arc<Semaphore>>) -> Arc<Self> {
         let origin = Instant::now();
         let window = spec.analysis.window_seconds;
         let served = spec
@@ -84,6 +96,7 @@ impl RolloutLive {
             served,
             mirrored: Mutex::new(Window::new(window, origin)),
             shadow_slots: Arc::new(Semaphore::new(spec.shadow_max_in_flight)),
+            tenant_shadow_slots,
             shadow_sent: AtomicU64::new(0),
             shadow_dropped: AtomicU64::new(0),
             draws: AtomicU64::new(0),
@@ -443,6 +456,16 @@ impl RolloutModel {
             live.shadow_dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         };
+        let tenant_slot = match &live.tenant_shadow_slots {
+            Some(slots) => match Arc::clone(slots).try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    live.shadow_dropped.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            },
+            None => None,
+        };
         let candidate = Arc::clone(&self.arms.get(1)?.model);
         live.shadow_sent.fetch_add(1, Ordering::Relaxed);
         // The mirror runs for the same tenant and deadline, on an account of its own: what it
@@ -464,7 +487,7 @@ impl RolloutModel {
             if let Some(outcome) = outcome_of(started, &result, None) {
                 lock(&live.mirrored).record(Instant::now(), &outcome);
             }
-            drop(slot);
+            drop((slot, tenant_slot));
             let drift_rule = live.spec.analysis.drift.clone();
             if let (Ok((outputs, _)), Some(rule), Ok(Some(stable))) =
                 (result, drift_rule, receiver.await)

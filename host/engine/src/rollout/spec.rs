@@ -6,7 +6,7 @@ use serde::Deserialize;
 use weft_core::{Error, Result};
 
 /// The most bytes a rollout file may have.
-pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+pub const MAX_SPEC_BYTES: usize = 16 * 1024;
 /// The most steps a canary may walk.
 pub const MAX_STEPS: usize = 32;
 /// The most arms an experiment may split over.

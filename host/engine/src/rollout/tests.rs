@@ -313,6 +313,34 @@ async fn a_full_shadow_pool_drops_mirrors_without_slowing_the_client() {
 }
 
 #[tokio::test]
+async fn a_tenants_shared_shadow_pool_bounds_all_its_rollouts_together() {
+    let tenant_pool = Arc::new(tokio::sync::Semaphore::new(3));
+    let lives = [
+        RolloutLive::with_tenant_slots(canary_with("", ""), Arc::clone(&tenant_pool)),
+        RolloutLive::with_tenant_slots(canary_with("", ""), Arc::clone(&tenant_pool)),
+    ];
+    let mut models = Vec::new();
+    for live in &lives {
+        let mut slow = fake(0.0);
+        slow.delay = Duration::from_secs(30);
+        models.push(served(live, fake(0.0), slow));
+        live.set_canary(0.0, 100.0);
+    }
+    for _ in 0..5 {
+        for model in &models {
+            call(model, None).await.unwrap();
+        }
+    }
+    let sent: u64 = lives.iter().map(|live| live.shadow_counts().0).sum();
+    let dropped: u64 = lives.iter().map(|live| live.shadow_counts().1).sum();
+    assert_eq!(
+        (sent, dropped),
+        (3, 7),
+        "3 in flight for the tenant, whatever the rollouts"
+    );
+}
+
+#[tokio::test]
 async fn an_experiment_splits_by_weight_reports_per_arm_metrics_and_a_winner_takes_all() {
     let spec = Arc::new(
         RolloutSpec::parse(
