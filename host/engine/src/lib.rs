@@ -12,6 +12,7 @@
 pub mod batcher;
 pub mod config;
 pub mod graph;
+pub mod jobs;
 pub mod precise_timer;
 pub mod registry;
 pub mod repository;

@@ -1,0 +1,282 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use weft_core::{BoxFuture, DataType, ModelMetadata, NamedTensor, Tensor, TensorSpec};
+
+use super::*;
+
+/// Doubles its FP32 input `x` into `y`; counts calls.
+struct Double {
+    metadata: ModelMetadata,
+    calls: AtomicU64,
+}
+
+impl Double {
+    fn new() -> Arc<Self> {
+        let spec = |name: &str| TensorSpec {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape: vec![-1, 2],
+        };
+        Arc::new(Double {
+            metadata: ModelMetadata {
+                platform: "fake".into(),
+                inputs: vec![spec("x")],
+                outputs: vec![spec("y")],
+                max_batch_size: 0,
+            },
+            calls: AtomicU64::new(0),
+        })
+    }
+}
+
+impl Model for Double {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+    fn infer<'a>(
+        &'a self,
+        _: &'a RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let input = &inputs[0].tensor;
+            let doubled: Vec<u8> = input
+                .data()
+                .chunks_exact(4)
+                .flat_map(|b| (f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * 2.0).to_le_bytes())
+                .collect();
+            let tensor = Tensor::new(DataType::Fp32, input.shape().to_vec(), doubled.into())?;
+            Ok(vec![NamedTensor::new("y", tensor)])
+        })
+    }
+}
+
+/// Keeps committed chunks in memory; can fail one commit (a crash) or cancel after some.
+#[derive(Default)]
+struct Memory {
+    chunks: Mutex<Vec<ChunkResult>>,
+    fail_commit_of: Mutex<Option<u64>>,
+    cancel_after: Mutex<Option<usize>>,
+    cancelled: AtomicBool,
+}
+
+impl JobCheckpoint for Memory {
+    fn committed(&self) -> Result<BTreeSet<u64>> {
+        Ok(self
+            .chunks
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.index)
+            .collect())
+    }
+    fn commit(&self, chunk: &ChunkResult) -> Result<()> {
+        if *self.fail_commit_of.lock().unwrap() == Some(chunk.index) {
+            return Err(Error::unavailable("the process died here"));
+        }
+        let mut chunks = self.chunks.lock().unwrap();
+        chunks.push(chunk.clone());
+        if *self.cancel_after.lock().unwrap() == Some(chunks.len()) {
+            self.cancelled.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+}
+
+impl Memory {
+    /// Every output and error line committed, chunks in order.
+    fn files(&self) -> (Vec<Value>, Vec<Value>) {
+        let mut chunks = self.chunks.lock().unwrap().clone();
+        chunks.sort_by_key(|c| c.index);
+        let lines = |bytes: &[u8]| -> Vec<Value> {
+            bytes
+                .split(|&b| b == b'\n')
+                .filter(|line| !line.is_empty())
+                .map(|line| serde_json::from_slice(line).unwrap())
+                .collect()
+        };
+        let outputs = chunks.iter().flat_map(|c| lines(&c.outputs)).collect();
+        let errors = chunks.iter().flat_map(|c| lines(&c.errors)).collect();
+        (outputs, errors)
+    }
+}
+
+fn row(value: f32) -> String {
+    format!(
+        r#"{{"id": "r{value}", "inputs": [{{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [{value}, 1.0]}}]}}"#
+    )
+}
+
+fn input(lines: &[String]) -> Box<dyn BufRead + Send> {
+    Box::new(std::io::Cursor::new(lines.join("\n").into_bytes()))
+}
+
+fn settings(chunk_rows: usize) -> JobSettings {
+    JobSettings {
+        chunk_rows,
+        concurrency: 4,
+        ..JobSettings::new("acme")
+    }
+}
+
+#[tokio::test]
+async fn every_row_is_answered_in_order_and_bad_lines_go_to_the_error_file() {
+    let mut lines: Vec<String> = (0..25).map(|i| row(i as f32)).collect();
+    lines[3] = "{not json".into();
+    lines[7] = String::new(); // blank: skipped, keeps its number
+    lines[9] =
+        r#"{"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}"#
+            .into();
+    lines[11] = format!(r#"{{"inputs": [], "pad": "{}"}}"#, "z".repeat(2000));
+    let checkpoint = Arc::new(Memory::default());
+    let end = run_job(
+        input(&lines),
+        Double::new(),
+        JobSettings {
+            max_line_bytes: 1000,
+            ..settings(10)
+        },
+        checkpoint.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        end,
+        JobEnd::Finished {
+            rows: 24,
+            failed: 3,
+            chunks: 3
+        }
+    );
+    let (outputs, errors) = checkpoint.files();
+    let numbers: Vec<u64> = outputs
+        .iter()
+        .map(|o| o["line"].as_u64().unwrap())
+        .collect();
+    let expected: Vec<u64> = (1..=25).filter(|n| ![4, 8, 10, 12].contains(n)).collect();
+    assert_eq!(numbers, expected, "input order, numbered from 1");
+    for output in &outputs {
+        let line = output["line"].as_u64().unwrap();
+        let value = (line - 1) as f64;
+        assert_eq!(output["id"], format!("r{value}"));
+        assert_eq!(output["outputs"][0]["name"], "y");
+        assert_eq!(output["outputs"][0]["data"], json!([value * 2.0, 2.0]));
+    }
+    let error_lines: Vec<u64> = errors.iter().map(|e| e["line"].as_u64().unwrap()).collect();
+    assert_eq!(error_lines, [4, 10, 12]);
+    assert!(
+        errors[2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("longer than 1000 bytes")
+    );
+    assert!(
+        errors[1]["error"].as_str().unwrap().contains("nope"),
+        "{}",
+        errors[1]
+    );
+}
+
+#[tokio::test]
+async fn a_job_killed_mid_way_resumes_without_redoing_or_duplicating_a_line() {
+    let lines: Vec<String> = (0..50).map(|i| row(i as f32)).collect();
+    let checkpoint = Arc::new(Memory::default());
+    *checkpoint.fail_commit_of.lock().unwrap() = Some(3);
+    let model = Double::new();
+    let error = run_job(
+        input(&lines),
+        model.clone(),
+        settings(10),
+        checkpoint.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unavailable);
+    assert_eq!(
+        model.calls.load(Ordering::SeqCst),
+        40,
+        "chunks 0-3 ran, 3 not committed"
+    );
+    *checkpoint.fail_commit_of.lock().unwrap() = None;
+    let end = run_job(
+        input(&lines),
+        model.clone(),
+        settings(10),
+        checkpoint.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        end,
+        JobEnd::Finished {
+            rows: 20,
+            failed: 0,
+            chunks: 5
+        }
+    );
+    assert_eq!(
+        model.calls.load(Ordering::SeqCst),
+        60,
+        "only chunks 3 and 4 again"
+    );
+    let (outputs, _) = checkpoint.files();
+    let numbers: Vec<u64> = outputs
+        .iter()
+        .map(|o| o["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..=50).collect::<Vec<_>>(),
+        "every line exactly once"
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_job_stops_before_its_next_row_and_commits_nothing_more() {
+    let lines: Vec<String> = (0..100).map(|i| row(i as f32)).collect();
+    let checkpoint = Arc::new(Memory::default());
+    *checkpoint.cancel_after.lock().unwrap() = Some(2);
+    let model = Double::new();
+    let end = run_job(
+        input(&lines),
+        model.clone(),
+        settings(10),
+        checkpoint.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(end, JobEnd::Cancelled);
+    assert_eq!(checkpoint.chunks.lock().unwrap().len(), 2);
+    assert_eq!(
+        model.calls.load(Ordering::SeqCst),
+        20,
+        "no row after the cancel"
+    );
+}
+
+#[tokio::test]
+async fn a_job_past_its_deadline_stops() {
+    let lines: Vec<String> = (0..10).map(|i| row(i as f32)).collect();
+    let checkpoint = Arc::new(Memory::default());
+    let end = run_job(
+        input(&lines),
+        Double::new(),
+        JobSettings {
+            deadline: Some(Instant::now()),
+            ..settings(5)
+        },
+        checkpoint.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(end, JobEnd::DeadlineExceeded);
+    assert!(checkpoint.chunks.lock().unwrap().is_empty());
+}
