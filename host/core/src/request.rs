@@ -39,6 +39,8 @@ pub struct RequestContext {
     /// The value of the header a rollout assigns clients by (see
     /// [`crate::Model::sticky_header`]), when the edge found it on the request.
     sticky_key: Option<Arc<str>>,
+    /// Batch-job work: it queues behind every real-time request (see [`RequestContext::batch`]).
+    batch: bool,
 }
 
 impl RequestContext {
@@ -66,6 +68,18 @@ impl RequestContext {
     pub fn with_sticky_key(mut self, key: &str) -> Self {
         self.sticky_key = Some(Arc::from(key));
         self
+    }
+
+    /// The same request, as a batch job's row: a dynamic batcher serves real-time requests
+    /// first and fills batches with batch rows only where real-time ones leave room.
+    pub fn as_batch(mut self) -> Self {
+        self.batch = true;
+        self
+    }
+
+    /// Whether this is a batch job's row ([`RequestContext::as_batch`]).
+    pub fn batch(&self) -> bool {
+        self.batch
     }
 
     /// The client's assignment key, if the edge set one.

@@ -35,6 +35,10 @@
 //! than `max_batch_size`) skip the queue but take the same instance turns, shared fairly between
 //! them and the batches ([`FairGate`]).
 //!
+//! Batch jobs' rows ([`RequestContext::batch`]) wait in a lane of their own: a batch starts
+//! from a real-time request whenever one waits and takes real-time requests before batch rows,
+//! which only fill the room left.
+//!
 //! One request must not fail the others it was batched with (they may be other tenants'). When
 //! a merged call fails, each member whose caller is still waiting runs again alone, one after
 //! another on the same instance, and gets the result of its own run; the merged call's error is
@@ -212,7 +216,7 @@ impl BatchedModel {
                 stats: Arc::clone(&self.stats),
                 observer: self.observer.clone(),
                 turns: self.turns.clone(),
-                queue: FairQueue::default(),
+                queue: Lanes::default(),
                 in_flight: Arc::clone(&self.in_flight),
             };
             tokio::spawn(scheduler.run(receiver));
@@ -527,6 +531,44 @@ impl FairQueue {
     }
 }
 
+/// The queue in two lanes: real-time requests and batch jobs' rows
+/// ([`RequestContext::batch`]). A batch starts from a real-time request whenever one waits, and
+/// takes real-time requests before batch rows, so real-time requests never wait behind batch
+/// rows in the queue; batch rows fill the room real-time ones leave.
+#[derive(Default)]
+struct Lanes {
+    realtime: FairQueue,
+    batch: FairQueue,
+}
+
+impl Lanes {
+    fn push(&mut self, waiting: Waiting) {
+        if waiting.request.batch() {
+            self.batch.push(waiting);
+        } else {
+            self.realtime.push(waiting);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.realtime.is_empty() && self.batch.is_empty()
+    }
+
+    fn pop_turn(&mut self) -> Option<Waiting> {
+        self.realtime.pop_turn().or_else(|| self.batch.pop_turn())
+    }
+
+    fn take_fitting(&mut self, signature: &Signature, room: usize) -> Option<Waiting> {
+        self.realtime
+            .take_fitting(signature, room)
+            .or_else(|| self.batch.take_fitting(signature, room))
+    }
+
+    fn purge_abandoned(&mut self) -> usize {
+        self.realtime.purge_abandoned() + self.batch.purge_abandoned()
+    }
+}
+
 struct Scheduler {
     inner: Arc<dyn Model>,
     config: BatchingConfig,
@@ -534,7 +576,7 @@ struct Scheduler {
     observer: Option<Arc<dyn BatchObserver>>,
     turns: FairGate,
     /// Requests taken off the channel and not yet in a batch.
-    queue: FairQueue,
+    queue: Lanes,
     in_flight: Arc<InFlightCount>,
 }
 

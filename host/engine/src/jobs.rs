@@ -11,9 +11,11 @@
 //! A bad line fails only itself: it becomes a line of the error file, keyed by its line number,
 //! and the job goes on. Lines are bounded in bytes before they are parsed; blank lines are
 //! skipped (they keep their numbers). Cancellation and the job's deadline are checked before
-//! every row, so a cancel stops a job within one row's time. The record, quotas, files and the
-//! API live in the tenancy layer and the server; this module needs none of them, so it is
-//! tested with fakes.
+//! every row, so a cancel stops a job within one row's time. Rows run as batch work
+//! ([`RequestContext::as_batch`]): a dynamic batcher serves real-time requests before them.
+//!
+//! The record, quotas, files and the API live in the tenancy layer and the server; this module
+//! needs none of them, so it is tested with fakes.
 
 use std::collections::BTreeSet;
 use std::io::BufRead;
@@ -267,7 +269,7 @@ pub async fn run_job(
                     if checkpoint.cancelled() {
                         return Err(Stop::Cancelled);
                     }
-                    let mut context = RequestContext::for_tenant(&settings.tenant);
+                    let mut context = RequestContext::for_tenant(&settings.tenant).as_batch();
                     if let Some(deadline) = settings.deadline {
                         if Instant::now() >= deadline {
                             return Err(Stop::Deadline);

@@ -805,3 +805,43 @@ async fn a_request_with_another_computing_waits_out_the_delay_then_runs_on_the_f
     assert!(waits[1] >= Duration::from_micros(400), "{waits:?}");
     assert!(waits[1] < Duration::from_millis(250), "{waits:?}");
 }
+
+#[tokio::test]
+async fn real_time_requests_go_before_a_batch_jobs_rows_and_the_rows_fill_the_room() {
+    let fake = Doubler::new(Duration::from_millis(40));
+    let batched = Arc::new(BatchedModel::new(
+        fake.clone(),
+        BatchingConfig {
+            max_queue_delay: Duration::from_millis(20),
+            ..config(1)
+        },
+    ));
+    // A batch runs first (holding the instance); then a job queues 16 one-row requests and a
+    // client 2 afterwards: the next batch of 8 leads with the client's two.
+    let blocker = spawn_as("a", &batched, request(8, 1, -100.0));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let batched = Arc::clone(&batched);
+        tasks.push(tokio::spawn(async move {
+            batched
+                .infer(&as_tenant("job").as_batch(), request(1, 1, i as f32))
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for i in 0..2 {
+        tasks.push(spawn_as("b", &batched, request(1, 1, 1000.0 + i as f32)));
+    }
+    blocker.await.unwrap().unwrap();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(fake.calls(), vec![8, 8, 8, 2]);
+    let seen = fake.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen[1],
+        vec![1000.0, 1001.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+        "{seen:?}"
+    );
+}
