@@ -305,6 +305,11 @@ async fn a_candidate_failing_a_fifth_of_requests_is_rolled_back_within_two_secon
         assert!(metrics.contains(line), "{line} not in:\n{metrics}");
     }
     assert!(metrics.contains("weft_rollout_requests_total{arm=\"candidate\",outcome=\"error\""));
+    // The pinned plugin versions keep their own series (they are not the current version).
+    for pinned in ["acme/pre@1.0", "acme/pre@2.0"] {
+        let series = format!("weft_plugin_calls_total{{plugin=\"{pinned}\"}}");
+        assert!(metrics.contains(&series), "{series} not in:\n{metrics}");
+    }
 }
 
 /// Inputs from [0.5, 1.5): half of them make the flaky plugin trap.

@@ -32,6 +32,9 @@ use weft_protocol::{decode_infer_request, tensor_json};
 pub const DEFAULT_CHUNK_ROWS: usize = 1000;
 /// Longest input line unless a job says otherwise.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
+/// Most input bytes one chunk holds in memory unless a job says otherwise: a chunk ends at
+/// `chunk_rows` rows or at this many bytes, whichever comes first.
+pub const DEFAULT_MAX_CHUNK_BYTES: usize = 16 << 20;
 
 /// How one job runs.
 #[derive(Clone, Debug)]
@@ -42,6 +45,9 @@ pub struct JobSettings {
     pub chunk_rows: usize,
     /// A longer line is an error line, read past without being held whole.
     pub max_line_bytes: usize,
+    /// A chunk ends once its lines hold this many bytes (so a chunk of long lines is not
+    /// `chunk_rows` times `max_line_bytes` in memory).
+    pub max_chunk_bytes: usize,
     /// Rows of one chunk in flight at once.
     pub concurrency: usize,
     /// When the job stops (checked before every row).
@@ -54,6 +60,7 @@ impl JobSettings {
             tenant: tenant.to_string(),
             chunk_rows: DEFAULT_CHUNK_ROWS,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            max_chunk_bytes: DEFAULT_MAX_CHUNK_BYTES,
             concurrency: 8,
             deadline: None,
         }
@@ -151,22 +158,33 @@ fn read_line(
     Ok(Some(Ok(line)))
 }
 
-/// The next chunk of up to `rows` non-blank lines, numbered from `next_line`; empty at the end.
+/// How much of the input one chunk takes.
+#[derive(Clone, Copy)]
+struct ChunkBounds {
+    rows: usize,
+    line_bytes: usize,
+    chunk_bytes: usize,
+}
+
+/// The next chunk of up to `bounds.rows` non-blank lines (fewer once they hold
+/// `bounds.chunk_bytes`), numbered from `next_line`; empty at the end. Chunk boundaries depend
+/// only on the input, so a resumed job cuts the same chunks.
 fn read_chunk(
     input: &mut dyn BufRead,
-    rows: usize,
-    max_line_bytes: usize,
+    bounds: ChunkBounds,
     next_line: &mut u64,
 ) -> Result<Vec<Line>> {
     let mut chunk = Vec::new();
-    while chunk.len() < rows {
-        let Some(line) = read_line(input, max_line_bytes)? else {
+    let mut bytes = 0usize;
+    while chunk.len() < bounds.rows && bytes < bounds.chunk_bytes {
+        let Some(line) = read_line(input, bounds.line_bytes)? else {
             break;
         };
         *next_line += 1;
         if matches!(&line, Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace)) {
             continue;
         }
+        bytes += line.as_ref().map_or(0, Vec::len);
         chunk.push((*next_line, line));
     }
     Ok(chunk)
@@ -229,7 +247,11 @@ pub async fn run_job(
     checkpoint: Arc<dyn JobCheckpoint>,
 ) -> Result<JobEnd> {
     let committed = checkpoint.committed()?;
-    let chunk_rows = settings.chunk_rows.max(1);
+    let bounds = ChunkBounds {
+        rows: settings.chunk_rows.max(1),
+        line_bytes: settings.max_line_bytes,
+        chunk_bytes: settings.max_chunk_bytes.max(1),
+    };
     let concurrency = settings.concurrency.max(1);
     let mut input = Some(input);
     let mut next_line = 0u64;
@@ -238,10 +260,9 @@ pub async fn run_job(
         let Some(mut reader) = input.take() else {
             return Err(Error::internal("the job's input went missing"));
         };
-        let max_line_bytes = settings.max_line_bytes;
         let (reader, chunk, line_after) = tokio::task::spawn_blocking(move || {
             let mut line = next_line;
-            let chunk = read_chunk(reader.as_mut(), chunk_rows, max_line_bytes, &mut line);
+            let chunk = read_chunk(reader.as_mut(), bounds, &mut line);
             (reader, chunk, line)
         })
         .await

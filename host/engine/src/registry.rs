@@ -261,13 +261,6 @@ impl ModelRegistry {
         entry.route = Some((version, state));
     }
 
-    /// Whether unversioned calls of `name` go through a rollout.
-    pub fn is_routed(&self, name: &str) -> bool {
-        self.models
-            .get(name)
-            .is_some_and(|entry| entry.route.is_some())
-    }
-
     /// Every model and graph name, ascending.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)

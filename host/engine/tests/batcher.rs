@@ -530,8 +530,10 @@ async fn one_tenants_backlog_delays_another_tenants_request_by_one_batch_not_the
     );
 }
 
-#[tokio::test]
-async fn a_batch_is_filled_one_request_per_tenant_in_turn() {
+/// The rows of the first batch formed after a backlog: a batch of 8 runs first (holding the
+/// only instance), then tenant "a" queues 16 one-row requests (as batch-job rows when
+/// `a_is_a_job`) and tenant "b" 2. Checks the calls were 8, 8, 8, 2.
+async fn first_batch_after_a_backlog(a_is_a_job: bool) -> Vec<f32> {
     let fake = Doubler::new(Duration::from_millis(40));
     let batched = Arc::new(BatchedModel::new(
         fake.clone(),
@@ -540,13 +542,19 @@ async fn a_batch_is_filled_one_request_per_tenant_in_turn() {
             ..config(1)
         },
     ));
-    // A batch of one runs first (holding the instance); then "a" queues 16 one-row requests
-    // and "b" 2: the next batch of 8 carries both of b's, not a's first 8.
     let blocker = spawn_as("a", &batched, request(8, 1, -100.0));
     tokio::time::sleep(Duration::from_millis(10)).await;
     let mut tasks = Vec::new();
     for i in 0..16 {
-        tasks.push(spawn_as("a", &batched, request(1, 1, i as f32)));
+        let batched = Arc::clone(&batched);
+        let context = if a_is_a_job {
+            as_tenant("a").as_batch()
+        } else {
+            as_tenant("a")
+        };
+        tasks.push(tokio::spawn(async move {
+            batched.infer(&context, request(1, 1, i as f32)).await
+        }));
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
     for i in 0..2 {
@@ -557,12 +565,24 @@ async fn a_batch_is_filled_one_request_per_tenant_in_turn() {
         task.await.unwrap().unwrap();
     }
     assert_eq!(fake.calls(), vec![8, 8, 8, 2]);
-    // The second call is the first fair batch: a and b in turn while b has requests.
-    let seen = fake.seen.lock().unwrap().clone();
+    fake.seen.lock().unwrap()[1].clone()
+}
+
+#[tokio::test]
+async fn a_batch_is_filled_one_request_per_tenant_in_turn() {
+    // The first fair batch: a and b in turn while b has requests, not a's first 8.
     assert_eq!(
-        seen[1],
-        vec![0.0, 1000.0, 1.0, 1001.0, 2.0, 3.0, 4.0, 5.0],
-        "{seen:?}"
+        first_batch_after_a_backlog(false).await,
+        vec![0.0, 1000.0, 1.0, 1001.0, 2.0, 3.0, 4.0, 5.0]
+    );
+}
+
+#[tokio::test]
+async fn real_time_requests_go_before_a_batch_jobs_rows_and_the_rows_fill_the_room() {
+    // The same backlog as a job's rows: b's two real-time requests lead the next batch.
+    assert_eq!(
+        first_batch_after_a_backlog(true).await,
+        vec![1000.0, 1001.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     );
 }
 
@@ -804,44 +824,4 @@ async fn a_request_with_another_computing_waits_out_the_delay_then_runs_on_the_f
     assert_eq!(waits.len(), 2, "{waits:?}");
     assert!(waits[1] >= Duration::from_micros(400), "{waits:?}");
     assert!(waits[1] < Duration::from_millis(250), "{waits:?}");
-}
-
-#[tokio::test]
-async fn real_time_requests_go_before_a_batch_jobs_rows_and_the_rows_fill_the_room() {
-    let fake = Doubler::new(Duration::from_millis(40));
-    let batched = Arc::new(BatchedModel::new(
-        fake.clone(),
-        BatchingConfig {
-            max_queue_delay: Duration::from_millis(20),
-            ..config(1)
-        },
-    ));
-    // A batch runs first (holding the instance); then a job queues 16 one-row requests and a
-    // client 2 afterwards: the next batch of 8 leads with the client's two.
-    let blocker = spawn_as("a", &batched, request(8, 1, -100.0));
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let mut tasks = Vec::new();
-    for i in 0..16 {
-        let batched = Arc::clone(&batched);
-        tasks.push(tokio::spawn(async move {
-            batched
-                .infer(&as_tenant("job").as_batch(), request(1, 1, i as f32))
-                .await
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    for i in 0..2 {
-        tasks.push(spawn_as("b", &batched, request(1, 1, 1000.0 + i as f32)));
-    }
-    blocker.await.unwrap().unwrap();
-    for task in tasks {
-        task.await.unwrap().unwrap();
-    }
-    assert_eq!(fake.calls(), vec![8, 8, 8, 2]);
-    let seen = fake.seen.lock().unwrap().clone();
-    assert_eq!(
-        seen[1],
-        vec![1000.0, 1001.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
-        "{seen:?}"
-    );
 }

@@ -975,7 +975,7 @@ async fn list_rollouts(
     State(state): State<AppState>,
     Caller(scope): Caller,
 ) -> std::result::Result<Response, ApiError> {
-    Ok(ok(state.tenancy.rollouts(&scope.name)?))
+    Ok(ok(state.tenancy.list_rollouts(&scope.name)?))
 }
 
 async fn get_rollout(

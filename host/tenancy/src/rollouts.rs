@@ -28,10 +28,11 @@ use weft_store::{
     RolloutEvent, RolloutPhase, RolloutRecord, State, Tenant, check_name, unix_now, unix_now_ms,
 };
 
-use crate::graphs::{PluginNotes, ScopeCatalog, ScopeRunner, load_graph};
+use crate::backends::SandboxPlugin;
+use crate::graphs::{ScopeCatalog, ScopeRunner, load_graph};
 use crate::lifecycle::{graph_path, tenant_mut, tenant_of};
-use crate::scope::TenantScope;
-use crate::tenancy::{Tenancy, lock};
+use crate::scope::{TenantScope, plugin_notes};
+use crate::tenancy::{LoadedPluginKey, Tenancy, lock};
 
 /// Most rollouts one tenant keeps (every phase counts, until deleted).
 pub const MAX_ROLLOUTS: usize = 16;
@@ -66,6 +67,13 @@ pub(crate) struct LiveRollout {
     decisions: Mutex<BTreeMap<String, u64>>,
 }
 
+/// A plugin version a rollout pins: its metrics label, the compiled plugin and its cache key.
+pub(crate) struct PinnedPlugin {
+    pub(crate) label: String,
+    pub(crate) plugin: Arc<dyn SandboxPlugin>,
+    pub(crate) key: LoadedPluginKey,
+}
+
 /// One rollout as `/metrics` reports it.
 pub struct RolloutMetrics {
     pub tenant: String,
@@ -88,9 +96,8 @@ fn rollout_path(name: &str) -> String {
 /// already applied is ignored.
 fn follow_record(live: &LiveRollout, record: &RolloutRecord, revision: u64) {
     let spec = live.live.spec();
-    let mut applied = match live.applied.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
+    let Ok(mut applied) = lock(&live.applied) else {
+        return;
     };
     if applied
         .as_ref()
@@ -132,13 +139,7 @@ fn follow_record(live: &LiveRollout, record: &RolloutRecord, revision: u64) {
             live.live.set_winner(Some(0));
         }
         RolloutPhase::Running => live.live.set_winner(None),
-        RolloutPhase::Concluded => {
-            let winner = record
-                .winner
-                .as_ref()
-                .and_then(|winner| spec.arm_names().iter().position(|arm| arm == winner));
-            live.live.set_winner(Some(winner.unwrap_or(0)));
-        }
+        RolloutPhase::Concluded => live.live.set_winner(Some(winner_index(spec, record))),
     }
     if new_step {
         live.live.clear_recent();
@@ -192,25 +193,38 @@ impl Tenancy {
     /// Serves the tenant's rollouts in `registry`: each target's unversioned calls go through
     /// its rollout. Arms resolve in `registry` as it is before any rollout is added. A rollout
     /// that cannot be built leaves its target as it was (or, for a name nothing else serves,
-    /// UNAVAILABLE with the reason).
+    /// UNAVAILABLE with the reason). Returns the plugin versions the rollouts pin.
     pub(crate) fn serve_rollouts(
         &self,
         tenant: &Tenant,
         scope: &TenantScope,
         registry: &mut ModelRegistry,
-    ) {
+    ) -> Vec<PinnedPlugin> {
         let arms_from = registry.clone();
+        let mut pinned = Vec::new();
         for (name, record) in &tenant.rollouts {
-            let built = self.build_rollout(tenant, scope, &arms_from, name, record);
+            let spec = match self.rollout_spec(&tenant.name, name, record) {
+                Ok(spec) => spec,
+                Err(error) => {
+                    tracing::error!(tenant = %tenant.name, rollout = %name, %error, "rollout not served");
+                    continue;
+                }
+            };
+            let built = self.build_rollout(
+                tenant,
+                scope,
+                &arms_from,
+                (name, record),
+                &spec,
+                &mut pinned,
+            );
             match built {
-                Ok((target, version, model)) => {
-                    registry.set_route(&target, version, ModelState::Ready(model))
+                Ok((version, model)) => {
+                    registry.set_route(&spec.target, version, ModelState::Ready(model))
                 }
                 Err(error) => {
                     tracing::error!(tenant = %tenant.name, rollout = %name, %error, "rollout not served");
-                    if let Ok(spec) = RolloutSpec::parse(&rollout_path(name), &record.toml)
-                        && registry.versions(&spec.target).is_none()
-                    {
+                    if registry.versions(&spec.target).is_none() {
                         registry.set_route(
                             &spec.target,
                             0,
@@ -220,41 +234,65 @@ impl Tenancy {
                 }
             }
         }
+        pinned
     }
 
-    /// One rollout, built: its target, the version it reports (the stable's, or the first
-    /// arm's) and the routing model, with its live state following the record.
+    /// A rollout's parsed file: the one its live state already holds for this generation
+    /// (parsed once per generation, not at every rebuild), or parsed now.
+    fn rollout_spec(
+        &self,
+        tenant: &str,
+        name: &str,
+        record: &RolloutRecord,
+    ) -> Result<Arc<RolloutSpec>> {
+        let held = lock(&self.rollouts)?
+            .get(&(tenant.to_string(), name.to_string()))
+            .filter(|live| live.generation == record.generation)
+            .map(|live| Arc::clone(live.live.spec()));
+        match held {
+            Some(spec) => Ok(spec),
+            None => Ok(Arc::new(RolloutSpec::parse(
+                &rollout_path(name),
+                &record.toml,
+            )?)),
+        }
+    }
+
+    /// One rollout (`name` and its record), built: the version it reports (the stable's, or
+    /// the first arm's) and the routing model, with its live state following the record.
     fn build_rollout(
         &self,
         tenant: &Tenant,
         scope: &TenantScope,
         registry: &ModelRegistry,
-        name: &str,
-        record: &RolloutRecord,
-    ) -> Result<(String, u64, Arc<dyn Model>)> {
-        let spec = Arc::new(RolloutSpec::parse(&rollout_path(name), &record.toml)?);
-        let arms = self.rollout_arms(tenant, scope, registry, &spec)?;
-        let live = self.live_rollout(&tenant.name, name, record.generation, &spec)?;
-        let model = RolloutModel::new(Arc::clone(&live.live), arms.clone())?;
-        follow_record(&live, record, tenant.revision);
+        (name, record): (&str, &RolloutRecord),
+        spec: &Arc<RolloutSpec>,
+        pinned: &mut Vec<PinnedPlugin>,
+    ) -> Result<(u64, Arc<dyn Model>)> {
+        let arms = self.rollout_arms(tenant, scope, registry, spec, pinned)?;
+        let live = self.live_rollout(&tenant.name, name, record.generation, spec)?;
         let version = arms.first().map_or(0, |arm| arm.version);
-        Ok((spec.target.clone(), version, Arc::new(model)))
+        let model = RolloutModel::new(Arc::clone(&live.live), arms)?;
+        follow_record(&live, record, tenant.revision);
+        Ok((version, Arc::new(model)))
     }
 
-    /// The arms of `spec`, in its order, resolved in the tenant's namespace.
+    /// The arms of `spec`, in its order, resolved in the tenant's namespace; the plugin
+    /// versions they pin are added to `pinned`.
     fn rollout_arms(
         &self,
         tenant: &Tenant,
         scope: &TenantScope,
         registry: &ModelRegistry,
         spec: &RolloutSpec,
+        pinned: &mut Vec<PinnedPlugin>,
     ) -> Result<Vec<RolloutArm>> {
         let names = spec.arm_names();
         let mut arms = Vec::new();
         for (arm, arm_name) in spec.all_arms().zip(names) {
             let model = match (&arm.plugin, &arm.plugin_version) {
                 (Some(plugin), Some(version)) => {
-                    self.graph_with_plugin(tenant, scope, arm, plugin, version)?
+                    self.graph_with_plugin(tenant, scope, arm, (plugin, version), pinned)?
                 }
                 _ => {
                     let version = arm.version.to_string();
@@ -284,14 +322,14 @@ impl Tenancy {
     }
 
     /// A graph version of the tenant built with one plugin at another version than its
-    /// current one (a canary of a plugin inside a graph).
+    /// current one (a canary of a plugin inside a graph); the pinned plugin goes to `pinned`.
     fn graph_with_plugin(
         &self,
         tenant: &Tenant,
         scope: &TenantScope,
         arm: &ArmSpec,
-        plugin: &str,
-        version: &str,
+        (plugin, version): (&str, &str),
+        pinned: &mut Vec<PinnedPlugin>,
     ) -> Result<Arc<dyn Model>> {
         let graph = arm.served_name();
         let record = tenant
@@ -304,29 +342,23 @@ impl Tenancy {
                     arm.version
                 ))
             })?;
-        let pinned = tenant
-            .plugins
-            .get(plugin)
-            .and_then(|versions| versions.iter().find(|v| v.version == version))
-            .ok_or_else(|| {
-                Error::not_found(format!("unknown version '{version}' of plugin '{plugin}'"))
-            })?;
-        let loaded = self.tenant_plugin(tenant, plugin, pinned)?;
+        let stored = plugin_version(tenant, plugin, version).ok_or_else(|| {
+            Error::not_found(format!("unknown version '{version}' of plugin '{plugin}'"))
+        })?;
+        let loaded = self.tenant_plugin(tenant, plugin, stored)?;
         let mut plugins = scope.plugins.clone();
         plugins.insert(plugin.to_string(), Ok(Arc::clone(&loaded)));
-        let mut notes = HashMap::new();
-        notes.insert(
-            plugin.to_string(),
-            PluginNotes {
-                provenance: Some(json!({
-                    "plugin": plugin,
-                    "version": pinned.version,
-                    "digest": format!("sha256:{}", pinned.digest),
-                    "key_id": pinned.key_id,
-                })),
-                label: Some(format!("{}/{plugin}@{}", tenant.name, pinned.version)),
-            },
-        );
+        let noted = plugin_notes(&tenant.name, plugin, stored);
+        pinned.push(PinnedPlugin {
+            label: noted.label.clone().unwrap_or_default(),
+            plugin: Arc::clone(&loaded),
+            key: (
+                tenant.name.clone(),
+                plugin.to_string(),
+                stored.digest.clone(),
+            ),
+        });
+        let notes = HashMap::from([(plugin.to_string(), noted)]);
         let runner = Arc::new(
             ScopeRunner::new(
                 Arc::clone(&scope.models),
@@ -353,11 +385,7 @@ impl Tenancy {
     /// scope build reads: the slow part, done before the writer lock is taken.
     pub(crate) fn preload_pinned(&self, tenant: &Tenant, pins: &[(String, String)]) {
         for (plugin, version) in pins {
-            let pinned = tenant
-                .plugins
-                .get(plugin)
-                .and_then(|versions| versions.iter().find(|v| &v.version == version));
-            if let Some(record) = pinned {
+            if let Some(record) = plugin_version(tenant, plugin, version) {
                 let _ = self.tenant_plugin(tenant, plugin, record);
             }
         }
@@ -436,7 +464,7 @@ impl Tenancy {
             .ok_or_else(|| Error::not_found(format!("unknown tenant '{tenant}'")))?;
         // The arms must serve now, with the same tensors, exactly as the scope will build them
         // (arms name exact versions, which no rollout's route takes over).
-        let arms = self.rollout_arms(record, &scope, &scope.registry, &spec)?;
+        let arms = self.rollout_arms(record, &scope, &scope.registry, &spec, &mut Vec::new())?;
         for arm in &arms {
             arm.model.health().map_err(|reason| {
                 Error::unavailable(format!("arm '{}' is not ready: {reason}", arm.name))
@@ -487,7 +515,7 @@ impl Tenancy {
     }
 
     /// The tenant's rollouts, each as [`Tenancy::rollout`] shows it.
-    pub fn rollouts(&self, tenant: &str) -> Result<Value> {
+    pub fn list_rollouts(&self, tenant: &str) -> Result<Value> {
         let state = self.store.state();
         let record = tenant_of(&state, tenant)?;
         let views: Vec<Value> = record
@@ -631,11 +659,9 @@ impl Tenancy {
                 .get(&(tenant.to_string(), name.to_string()))
                 .cloned()
         });
-        if let Some(live) = live {
-            let mut decisions = match live.decisions.lock() {
-                Ok(guard) => guard,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+        if let Some(live) = live
+            && let Ok(mut decisions) = lock(&live.decisions)
+        {
             *decisions.entry(action.to_string()).or_default() += 1;
         }
     }
@@ -718,10 +744,9 @@ impl Tenancy {
                     phase: record.phase,
                     arms: live.live.report(now),
                     shadow: live.live.shadow_counts(),
-                    decisions: match live.decisions.lock() {
-                        Ok(guard) => guard.clone(),
-                        Err(poisoned) => poisoned.into_inner().clone(),
-                    },
+                    decisions: lock(&live.decisions)
+                        .map(|decisions| decisions.clone())
+                        .unwrap_or_default(),
                 })
             })
             .collect()
@@ -875,7 +900,7 @@ impl Tenancy {
                         && let Some(record) = current.rollouts.get(&name)
                         && record.generation == live.generation
                     {
-                        if let Ok(mut applied) = live.applied.lock() {
+                        if let Ok(mut applied) = lock(&live.applied) {
                             *applied = None;
                         }
                         follow_record(&live, record, current.revision);
@@ -892,6 +917,28 @@ impl Tenancy {
     }
 }
 
+/// The index of a concluded experiment's winner among its arms (the first if it is unknown).
+fn winner_index(spec: &RolloutSpec, record: &RolloutRecord) -> usize {
+    record
+        .winner
+        .as_ref()
+        .and_then(|winner| spec.arm_names().iter().position(|arm| arm == winner))
+        .unwrap_or(0)
+}
+
+/// A stored version of one of the tenant's plugins.
+fn plugin_version<'a>(
+    tenant: &'a Tenant,
+    plugin: &str,
+    version: &str,
+) -> Option<&'a weft_store::PluginVersion> {
+    tenant
+        .plugins
+        .get(plugin)?
+        .iter()
+        .find(|stored| stored.version == version)
+}
+
 /// The arms (indices in [`RolloutSpec::all_arms`] order) that can still take traffic in the
 /// rollout's phase: all while it runs; the candidate once promoted; the stable (an
 /// experiment's first arm) once rolled back or aborted; the winner once concluded.
@@ -900,13 +947,7 @@ fn serving_arms(spec: &RolloutSpec, record: &RolloutRecord) -> Vec<usize> {
         RolloutPhase::Progressing | RolloutPhase::Running => (0..spec.arm_names().len()).collect(),
         RolloutPhase::Promoted => vec![1],
         RolloutPhase::RolledBack | RolloutPhase::Aborted => vec![0],
-        RolloutPhase::Concluded => {
-            let winner = record
-                .winner
-                .as_ref()
-                .and_then(|winner| spec.arm_names().iter().position(|arm| arm == winner));
-            vec![winner.unwrap_or(0)]
-        }
+        RolloutPhase::Concluded => vec![winner_index(spec, record)],
     }
 }
 

@@ -16,7 +16,7 @@ use weft_store::{Quotas, Tenant};
 use crate::backends::{PluginLimits, SandboxPlugin};
 use crate::graphs::{PluginNotes, PluginSet, ScopeCatalog, ScopeRunner, load_graph};
 use crate::lifecycle::{graph_path, model_budget, model_config_path, model_label, signing_key};
-use crate::tenancy::{Tenancy, lock};
+use crate::tenancy::{LoadedPluginKey, Tenancy, lock};
 use crate::{Gate, Refusal};
 
 /// One tenant's namespace and door, immutable once built.
@@ -33,8 +33,12 @@ pub struct TenantScope {
     /// The ceilings of this tenant's plugin calls.
     pub limits: PluginLimits,
     pub runner: Arc<ScopeRunner>,
-    /// The loaded plugins labelled `tenant/name@version`, for `/metrics`.
+    /// The loaded plugins labelled `tenant/name@version`, for `/metrics` (rollouts' pinned
+    /// versions included).
     pub plugin_labels: Vec<(String, Arc<dyn SandboxPlugin>)>,
+    /// The compiled plugin versions this scope's rollouts pin (not the current ones), kept
+    /// in the cache while the scope serves them.
+    pub(crate) pinned_plugins: Vec<LoadedPluginKey>,
 }
 
 impl TenantScope {
@@ -135,26 +139,15 @@ impl Tenancy {
                 continue;
             };
             let plugin = self.tenant_plugin(tenant, name, record);
-            let label = format!("{}/{name}@{}", tenant.name, record.version);
+            let noted = plugin_notes(&tenant.name, name, record);
             match &plugin {
-                Ok(loaded) => plugin_labels.push((label.clone(), Arc::clone(loaded))),
+                Ok(loaded) => plugin_labels
+                    .push((noted.label.clone().unwrap_or_default(), Arc::clone(loaded))),
                 Err(error) => {
                     tracing::error!(tenant = %tenant.name, plugin = %name, %error, "tenant plugin unavailable")
                 }
             }
-            let provenance = serde_json::json!({
-                "plugin": name,
-                "version": record.version,
-                "digest": format!("sha256:{}", record.digest),
-                "key_id": record.key_id,
-            });
-            notes.insert(
-                name.clone(),
-                PluginNotes {
-                    provenance: Some(provenance),
-                    label: Some(label),
-                },
-            );
+            notes.insert(name.clone(), noted);
             plugins.insert(name.clone(), plugin);
         }
         let limits = self.tenant_limits(&tenant.quotas);
@@ -178,6 +171,7 @@ impl Tenancy {
             limits,
             runner,
             plugin_labels,
+            pinned_plugins: Vec::new(),
         };
         let mut registry = scope.registry.clone();
         for (name, versions) in &tenant.graphs {
@@ -194,7 +188,10 @@ impl Tenancy {
                 }
             }
         }
-        self.serve_rollouts(tenant, &scope, &mut registry);
+        for pinned in self.serve_rollouts(tenant, &scope, &mut registry) {
+            scope.plugin_labels.push((pinned.label, pinned.plugin));
+            scope.pinned_plugins.push(pinned.key);
+        }
         self.observer.declare_models(&tenant.name, &registry);
         scope.registry = registry;
         Ok(scope)
@@ -300,6 +297,24 @@ impl Tenancy {
         )
         .map_err(|failure| failure.error)?;
         Ok(graph)
+    }
+}
+
+/// Where a tenant's plugin version is noted: its provenance (name, version, digest, signer) on
+/// each request that runs it, its `tenant/name@version` label in metrics.
+pub(crate) fn plugin_notes(
+    tenant: &str,
+    name: &str,
+    record: &weft_store::PluginVersion,
+) -> PluginNotes {
+    PluginNotes {
+        provenance: Some(serde_json::json!({
+            "plugin": name,
+            "version": record.version,
+            "digest": format!("sha256:{}", record.digest),
+            "key_id": record.key_id,
+        })),
+        label: Some(format!("{tenant}/{name}@{}", record.version)),
     }
 }
 

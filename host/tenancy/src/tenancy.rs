@@ -438,15 +438,10 @@ impl Tenancy {
                     live_plugins.insert((name.clone(), plugin.clone(), record.digest.clone()));
                 }
             }
-            for (plugin, version) in Tenancy::pinned_plugins(tenant) {
-                let pinned = tenant
-                    .plugins
-                    .get(&plugin)
-                    .and_then(|versions| versions.iter().find(|v| v.version == version));
-                if let Some(record) = pinned {
-                    live_plugins.insert((name.clone(), plugin, record.digest.clone()));
-                }
-            }
+        }
+        // The versions rollouts pin, as the scopes just built found them (no file parsed here).
+        for scope in tenants.values() {
+            live_plugins.extend(scope.pinned_plugins.iter().cloned());
         }
         self.forget_rollouts(state)?;
         lock(&self.gates)?.retain(|name, _| state.tenants.contains_key(name));

@@ -481,7 +481,7 @@ async fn another_tenants_rollouts_and_targets_are_invisible() {
         assert_eq!(error.message(), "unknown rollout 'm-canary'");
     }
     assert_eq!(
-        world.tenancy.rollouts("other").unwrap()["rollouts"],
+        world.tenancy.list_rollouts("other").unwrap()["rollouts"],
         serde_json::json!([])
     );
     let error = call(&world.tenancy, "other", "m", None, 1.0)

@@ -119,6 +119,29 @@ fn input(lines: &[String]) -> Box<dyn BufRead + Send> {
     Box::new(std::io::Cursor::new(lines.join("\n").into_bytes()))
 }
 
+/// Runs the job over `lines` with `settings(10)` against `model` and `checkpoint`.
+async fn run_ten_a_chunk(
+    lines: &[String],
+    model: &Arc<Double>,
+    checkpoint: &Arc<Memory>,
+) -> Result<JobEnd> {
+    run_job(
+        input(lines),
+        model.clone(),
+        settings(10),
+        checkpoint.clone(),
+    )
+    .await
+}
+
+/// The line numbers of answer or error lines.
+fn line_numbers(lines: &[Value]) -> Vec<u64> {
+    lines
+        .iter()
+        .map(|line| line["line"].as_u64().unwrap())
+        .collect()
+}
+
 fn settings(chunk_rows: usize) -> JobSettings {
     JobSettings {
         chunk_rows,
@@ -157,10 +180,7 @@ async fn every_row_is_answered_in_order_and_bad_lines_go_to_the_error_file() {
         }
     );
     let (outputs, errors) = checkpoint.files();
-    let numbers: Vec<u64> = outputs
-        .iter()
-        .map(|o| o["line"].as_u64().unwrap())
-        .collect();
+    let numbers = line_numbers(&outputs);
     let expected: Vec<u64> = (1..=25).filter(|n| ![4, 8, 10, 12].contains(n)).collect();
     assert_eq!(numbers, expected, "input order, numbered from 1");
     for output in &outputs {
@@ -170,7 +190,7 @@ async fn every_row_is_answered_in_order_and_bad_lines_go_to_the_error_file() {
         assert_eq!(output["outputs"][0]["name"], "y");
         assert_eq!(output["outputs"][0]["data"], json!([value * 2.0, 2.0]));
     }
-    let error_lines: Vec<u64> = errors.iter().map(|e| e["line"].as_u64().unwrap()).collect();
+    let error_lines = line_numbers(&errors);
     assert_eq!(error_lines, [4, 10, 12]);
     assert!(
         errors[2]["error"]
@@ -191,14 +211,9 @@ async fn a_job_killed_mid_way_resumes_without_redoing_or_duplicating_a_line() {
     let checkpoint = Arc::new(Memory::default());
     *checkpoint.fail_commit_of.lock().unwrap() = Some(3);
     let model = Double::new();
-    let error = run_job(
-        input(&lines),
-        model.clone(),
-        settings(10),
-        checkpoint.clone(),
-    )
-    .await
-    .unwrap_err();
+    let error = run_ten_a_chunk(&lines, &model, &checkpoint)
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Unavailable);
     assert_eq!(
         model.calls.load(Ordering::SeqCst),
@@ -206,14 +221,7 @@ async fn a_job_killed_mid_way_resumes_without_redoing_or_duplicating_a_line() {
         "chunks 0-3 ran, 3 not committed"
     );
     *checkpoint.fail_commit_of.lock().unwrap() = None;
-    let end = run_job(
-        input(&lines),
-        model.clone(),
-        settings(10),
-        checkpoint.clone(),
-    )
-    .await
-    .unwrap();
+    let end = run_ten_a_chunk(&lines, &model, &checkpoint).await.unwrap();
     assert_eq!(
         end,
         JobEnd::Finished {
@@ -228,10 +236,7 @@ async fn a_job_killed_mid_way_resumes_without_redoing_or_duplicating_a_line() {
         "only chunks 3 and 4 again"
     );
     let (outputs, _) = checkpoint.files();
-    let numbers: Vec<u64> = outputs
-        .iter()
-        .map(|o| o["line"].as_u64().unwrap())
-        .collect();
+    let numbers = line_numbers(&outputs);
     assert_eq!(
         numbers,
         (1..=50).collect::<Vec<_>>(),
@@ -245,14 +250,7 @@ async fn a_cancelled_job_stops_before_its_next_row_and_commits_nothing_more() {
     let checkpoint = Arc::new(Memory::default());
     *checkpoint.cancel_after.lock().unwrap() = Some(2);
     let model = Double::new();
-    let end = run_job(
-        input(&lines),
-        model.clone(),
-        settings(10),
-        checkpoint.clone(),
-    )
-    .await
-    .unwrap();
+    let end = run_ten_a_chunk(&lines, &model, &checkpoint).await.unwrap();
     assert_eq!(end, JobEnd::Cancelled);
     assert_eq!(checkpoint.chunks.lock().unwrap().len(), 2);
     assert_eq!(
@@ -279,4 +277,31 @@ async fn a_job_past_its_deadline_stops() {
     .unwrap();
     assert_eq!(end, JobEnd::DeadlineExceeded);
     assert!(checkpoint.chunks.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_chunk_of_long_lines_ends_at_its_byte_bound() {
+    let lines: Vec<String> = (0..10).map(|i| row(i as f32)).collect();
+    let checkpoint = Arc::new(Memory::default());
+    let end = run_job(
+        input(&lines),
+        Double::new(),
+        JobSettings {
+            max_chunk_bytes: lines[0].len() * 3,
+            ..settings(100)
+        },
+        checkpoint.clone(),
+    )
+    .await
+    .unwrap();
+    // About three lines a chunk, not all ten in one.
+    let JobEnd::Finished { rows, chunks, .. } = end else {
+        panic!("{end:?}")
+    };
+    assert_eq!(rows, 10);
+    assert!((3..=5).contains(&chunks), "{chunks} chunks");
+    assert_eq!(
+        line_numbers(&checkpoint.files().0),
+        (1..=10).collect::<Vec<_>>()
+    );
 }
