@@ -70,6 +70,8 @@ async fn keys_select_the_tenant_and_missing_or_bad_keys_get_401() {
         "/api/v1/graphs/{name}",
         "/api/v1/rollouts/{name}",
         "/api/v1/rollouts/{name}/promote",
+        "/api/v1/jobs",
+        "/api/v1/jobs/{id}/{file}",
     ] {
         assert!(openapi["paths"].get(path).is_some(), "OpenAPI lacks {path}");
     }

@@ -75,6 +75,101 @@ pub enum ClientCommand {
     /// Canary rollouts and A/B experiments: apply a rollout file, watch it, end it by hand.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Batch inference jobs: submit a JSON Lines file of V2 requests, follow it, fetch results.
+    #[command(subcommand)]
+    Job(JobCommand),
+}
+
+/// `weft job ...`
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Submit a job: FILE (JSON Lines, one V2 inference request per line) run through
+    /// --target, chunk by chunk, at a lower priority than real-time requests.
+    Submit(JobSubmitArgs),
+    /// Show a job (rows done, failed and total, rows/s, ETA); without an id, every job.
+    Status(JobStatusArgs),
+    /// Follow a job with a progress bar until it ends; fails unless it succeeded.
+    Wait(JobWaitArgs),
+    /// Cancel a job: a queued one at once, a running one at its next row.
+    Cancel(JobIdArgs),
+    /// Download a finished job's output file (or --errors), in input order.
+    Results(JobResultsArgs),
+    /// Delete an ended job and its files.
+    Delete(JobIdArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JobSubmitArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// The model or graph to run every row through.
+    #[arg(long)]
+    pub target: String,
+    /// Its version (default: the current one).
+    #[arg(long)]
+    pub version: Option<u64>,
+    /// Rows per committed chunk (what a crash can cost; default 1000).
+    #[arg(long)]
+    pub chunk_rows: Option<u64>,
+    /// Seconds the job may take (default and most: the tenant's max_job_seconds).
+    #[arg(long)]
+    pub deadline_seconds: Option<u64>,
+    /// Run a file the tenant's jobs already hold (its digest) instead of uploading FILE.
+    #[arg(long, value_name = "DIGEST")]
+    pub input: Option<String>,
+    /// Follow the job until it ends, as `weft job wait` does.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print upload and job progress even when stderr is not a terminal.
+    #[arg(long)]
+    pub progress: bool,
+    /// The input: JSON Lines of V2 inference requests.
+    #[arg(value_name = "FILE.jsonl")]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JobStatusArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Job id (default: list every job).
+    pub id: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JobWaitArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Job id.
+    pub id: String,
+    /// How often to ask, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub interval_ms: u64,
+    /// Print progress lines even when stderr is not a terminal.
+    #[arg(long)]
+    pub progress: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JobIdArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Job id.
+    pub id: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JobResultsArgs {
+    #[command(flatten)]
+    pub connection: TenantConnection,
+    /// Job id.
+    pub id: String,
+    /// The error file instead of the output file.
+    #[arg(long)]
+    pub errors: bool,
+    /// Write to this file instead of stdout.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
 }
 
 /// `weft rollout ...`

@@ -132,10 +132,22 @@ impl Server {
         segments: &[&str],
         payload: Payload,
     ) -> Result<(HeaderMap, Bytes)> {
+        self.call_raw_query(method, segments, &[], payload).await
+    }
+
+    /// [`Server::call_raw`] with query parameters (encoded by reqwest).
+    pub async fn call_raw_query(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, String)],
+        payload: Payload,
+    ) -> Result<(HeaderMap, Bytes)> {
         let url = self.url(segments)?;
         let mut request = self
             .http
             .request(method.clone(), &url)
+            .query(query)
             .bearer_auth(&self.key);
         request = match payload {
             Payload::Empty => request,
@@ -174,6 +186,34 @@ impl Server {
             bail!("server said {status}: {error}");
         }
         Ok((headers, body))
+    }
+
+    /// Streams the body of a 2xx answer to `GET segments` into `out`, block by block (a
+    /// file far larger than memory is fine); returns the bytes written.
+    pub async fn download(&self, segments: &[&str], out: &mut dyn std::io::Write) -> Result<u64> {
+        use futures_util::StreamExt as _;
+        let url = self.url(segments)?;
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .with_context(|| format!("GET {url} failed"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.bytes().await.unwrap_or_default();
+            bail!("server said {status}: {}", error_text(status, &body));
+        }
+        let mut blocks = response.bytes_stream();
+        let mut written = 0u64;
+        while let Some(block) = blocks.next().await {
+            let block = block.with_context(|| format!("GET {url}: reading the answer failed"))?;
+            out.write_all(&block).context("cannot write the file")?;
+            written += block.len() as u64;
+        }
+        out.flush().context("cannot write the file")?;
+        Ok(written)
     }
 
     /// [`Server::call_raw`] for JSON answers (an empty body reads as `null`).

@@ -12,6 +12,7 @@ mod cli;
 mod graphs;
 mod http;
 mod infer;
+mod jobs;
 mod keys;
 mod models;
 mod plugins;
@@ -21,7 +22,8 @@ mod tenants;
 
 pub use cli::{
     AdminConnection, ClientCommand, DEFAULT_SERVER, GraphApplyArgs, GraphClientCommand,
-    GraphDeleteArgs, InferArgs, KeyCommand, KeyGenArgs, KeyRegisterArgs, KeyRevokeArgs,
+    GraphDeleteArgs, InferArgs, JobCommand, JobIdArgs, JobResultsArgs, JobStatusArgs,
+    JobSubmitArgs, JobWaitArgs, KeyCommand, KeyGenArgs, KeyRegisterArgs, KeyRevokeArgs,
     ModelCommand, ModelDeleteArgs, ModelPushArgs, PluginCommand, PluginDeleteArgs, PluginPushArgs,
     PluginSignArgs, RolloutApplyArgs, RolloutCommand, RolloutNameArgs, RolloutPromoteArgs,
     RolloutStatusArgs, TenantCommand, TenantConnection, TenantCreateArgs, TenantKeyCommand,
@@ -38,6 +40,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Tenant(command) => tenants::run(command).await,
         ClientCommand::Infer(args) => infer::run(args).await,
         ClientCommand::Rollout(command) => rollouts::run(command).await,
+        ClientCommand::Job(command) => jobs::run(command).await,
     }
 }
 

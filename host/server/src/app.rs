@@ -113,6 +113,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/{model}/versions/{version}/stats", get(model_version_stats))
         .route("/metrics", get(metrics))
         .merge(crate::control::routes())
+        .merge(crate::jobs::routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

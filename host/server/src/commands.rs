@@ -208,7 +208,18 @@ pub struct ServeArgs {
     /// in memory only (hashed); for the quickstart and tests. At least 16 characters.
     #[arg(long, env = "WEFT_BOOTSTRAP_KEY", hide_env_values = true)]
     pub bootstrap_key: Option<String>,
-    /// Largest control-plane upload (plugin, model, graph) in bytes; larger uploads get 413.
+    /// Batch jobs this replica runs at once (all tenants together; a tenant's jobs beyond
+    /// them wait, queued, and tenants take turns).
+    #[arg(long, env = "WEFT_JOB_SLOTS", default_value_t = weft_tenancy::jobs::DEFAULT_JOB_SLOTS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub job_slots: usize,
+    /// Rows of one batch job in flight at once: the most of a model's batch slots one job
+    /// holds (real-time requests always go before its rows).
+    #[arg(long, env = "WEFT_JOB_ROWS_IN_FLIGHT",
+          default_value_t = weft_tenancy::jobs::DEFAULT_ROWS_IN_FLIGHT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    pub job_rows_in_flight: usize,
+    /// Largest control-plane upload (plugin, model, graph, job input) in bytes; larger uploads get 413.
     #[arg(long, env = "WEFT_MAX_UPLOAD_BYTES", default_value_t = crate::app::DEFAULT_MAX_UPLOAD_BYTES)]
     pub max_upload_bytes: usize,
     /// Bytes of inference request bodies one tenant may have in memory at once (read, decoded,
@@ -546,6 +557,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )?;
     }
     weft_tenancy::rollouts::run_rollout_controller(Arc::clone(&tenancy));
+    weft_tenancy::jobs::run_job_runner(
+        Arc::clone(&tenancy),
+        weft_tenancy::jobs::JobRunnerConfig {
+            slots: args.job_slots,
+            rows_in_flight: args.job_rows_in_flight,
+        },
+    );
     let accepting = state.accepting.clone();
     let listener = TcpListener::bind(args.listen)
         .await

@@ -12,6 +12,7 @@ pub mod commands;
 pub mod control;
 pub mod error;
 pub mod graphs;
+pub mod jobs;
 pub mod loader;
 pub mod metrics;
 pub mod stats;

@@ -72,6 +72,14 @@ pub struct Quotas {
     /// Signing keys registered, revoked ones included (a revoked key is kept so that it can
     /// never be registered again, and it still takes room in `state.json`).
     pub max_signing_keys: u32,
+    /// Batch jobs queued or running at once.
+    pub max_active_jobs: u32,
+    /// Batch job records kept (finished ones included, until deleted).
+    pub max_jobs: u32,
+    /// Rows (non-blank input lines) of one batch job.
+    pub max_job_rows: u64,
+    /// Longest deadline a batch job may ask for, in seconds (also its default).
+    pub max_job_seconds: u64,
 }
 
 impl Default for Quotas {
@@ -89,6 +97,10 @@ impl Default for Quotas {
             max_stored_bytes: 4 << 30,
             model_memory_mb: 2048,
             max_signing_keys: 16,
+            max_active_jobs: 2,
+            max_jobs: 64,
+            max_job_rows: 10_000_000,
+            max_job_seconds: 24 * 3600,
         }
     }
 }
@@ -114,6 +126,7 @@ impl Quotas {
             ("plugin_deadline_ms", self.plugin_deadline_ms),
             ("max_request_bytes", self.max_request_bytes),
             ("model_memory_mb", self.model_memory_mb),
+            ("max_job_seconds", self.max_job_seconds),
         ] {
             if value == 0 {
                 return Err(Error::invalid(format!("quota {field} must be at least 1")));
@@ -250,6 +263,9 @@ pub struct Tenant {
     /// Rollouts by name: their TOML, where each stands, and what was decided.
     #[serde(default)]
     pub rollouts: BTreeMap<String, RolloutRecord>,
+    /// Batch jobs by id: what they run, where they stand, their files.
+    #[serde(default)]
+    pub jobs: BTreeMap<String, JobRecord>,
     /// Grows by one with every committed change to this tenant (its own count, so it says
     /// nothing about other tenants' activity).
     #[serde(default)]
@@ -283,6 +299,7 @@ impl Tenant {
             models: BTreeMap::new(),
             graphs: BTreeMap::new(),
             rollouts: BTreeMap::new(),
+            jobs: BTreeMap::new(),
             revision: 0,
         }
     }
@@ -300,9 +317,15 @@ impl Tenant {
             .values()
             .flat_map(BTreeMap::values)
             .map(|v| v.size);
+        let jobs = self
+            .jobs
+            .values()
+            .flat_map(JobRecord::files)
+            .map(|file| file.bytes);
         plugins
             .chain(models)
             .chain(graphs)
+            .chain(jobs)
             .fold(0u64, u64::saturating_add)
     }
 
@@ -369,7 +392,12 @@ impl Tenant {
             .values()
             .flat_map(BTreeMap::values)
             .map(|v| v.toml_digest.as_str());
-        plugins.chain(models).chain(graphs)
+        let jobs = self
+            .jobs
+            .values()
+            .flat_map(JobRecord::files)
+            .map(|file| file.digest.as_str());
+        plugins.chain(models).chain(graphs).chain(jobs)
     }
 }
 
@@ -505,6 +533,91 @@ impl RolloutRecord {
         self.events.push(event);
         let excess = self.events.len().saturating_sub(MAX_ROLLOUT_EVENTS);
         self.events.drain(..excess);
+    }
+}
+
+/// Where a batch job stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a runner.
+    Queued,
+    /// A runner is working through it (or was, before a crash: it is taken up again).
+    Running,
+    /// Every row ran; failed rows are in the error file.
+    Succeeded,
+    /// Stopped by its tenant; the rows done by then are in the files.
+    Cancelled,
+    /// Its deadline passed; the rows done by then are in the files.
+    Expired,
+    /// It could not run (its target is gone, its output outgrew the storage quota).
+    Failed,
+}
+
+impl JobState {
+    /// Whether the job still holds (or waits for) a runner.
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// A file of a batch job in the blob store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobFile {
+    pub digest: String,
+    pub bytes: u64,
+}
+
+/// One batch job: a JSON Lines file of V2 requests run through a model or graph of the tenant.
+/// Its progress between chunks lives in the runner's chunk files, not here, so a chunk commit
+/// does not rewrite the tenant's record; the record changes when the job is submitted,
+/// started, cancelled and ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    /// The model or graph name, and the version asked for (none: the current one).
+    pub target: String,
+    #[serde(default)]
+    pub version: Option<u64>,
+    pub input: JobFile,
+    /// Non-blank input lines: the rows the job will run.
+    pub rows_total: u64,
+    /// Rows per committed chunk.
+    pub chunk_rows: u64,
+    pub state: JobState,
+    /// Set by a cancel; the runner stops at its next row.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    pub created_unix_ms: u64,
+    pub deadline_unix_ms: u64,
+    #[serde(default)]
+    pub started_unix_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_unix_ms: Option<u64>,
+    /// The replica running it, while it runs.
+    #[serde(default)]
+    pub runner: Option<String>,
+    /// Rows run and rows failed, once it ended.
+    #[serde(default)]
+    pub rows_done: u64,
+    #[serde(default)]
+    pub rows_failed: u64,
+    /// The output and error files (JSON Lines keyed by input line), once it ended.
+    #[serde(default)]
+    pub output: Option<JobFile>,
+    #[serde(default)]
+    pub errors: Option<JobFile>,
+    /// Why it failed, when it did.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl JobRecord {
+    /// The blobs this job holds: its input, and its output and error files once written.
+    pub fn files(&self) -> impl Iterator<Item = &JobFile> {
+        std::iter::once(&self.input)
+            .chain(self.output.as_ref())
+            .chain(self.errors.as_ref())
     }
 }
 

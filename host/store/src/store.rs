@@ -290,6 +290,22 @@ impl Store {
         }
     }
 
+    /// Opens the blob `digest` for streaming (a batch job's input or output), fetching it from
+    /// the object store first when only that has it. The bytes are not re-hashed: readers of
+    /// large files stream them once. Blocking.
+    pub fn open_blob(&self, digest: &str) -> Result<File> {
+        if !is_sha256_hex(digest) {
+            return Err(Error::invalid(format!(
+                "{digest:?} is not a sha256 digest (64 lowercase hex characters)"
+            )));
+        }
+        if !self.ensure_local(digest)? {
+            return Err(Error::not_found(format!("blob {digest} is not stored")));
+        }
+        let path = self.blob_dir.join(digest);
+        File::open(&path).map_err(|e| Error::internal(format!("cannot open a stored file: {e}")))
+    }
+
     /// Reads the blob `digest`, checking that its bytes still hash to it.
     pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
         if !is_sha256_hex(digest) {
@@ -555,6 +571,11 @@ impl StagedBlob {
         self.len == 0
     }
 
+    /// Opens the file for reading from its start (for checks that stream it). Blocking.
+    pub fn open(&self) -> Result<File> {
+        File::open(&self.temp.path).map_err(|e| upload_error("open", &e))
+    }
+
     /// Reads the bytes back into memory (for checks that need them whole: a component to
     /// compile, an ONNX model to inspect), refusing a file whose length changed. Blocking.
     pub fn read(&self) -> Result<Vec<u8>> {
@@ -574,6 +595,19 @@ impl StagedBlob {
 /// the tenant that sent the upload.
 fn upload_error(what: &str, err: &std::io::Error) -> Error {
     Error::internal(format!("cannot {what} an upload's temporary file: {err}"))
+}
+
+/// Replaces the file `path` with `bytes` so that after a crash it is either entirely old or
+/// entirely new (through `<path>.tmp`, fsynced, renamed, the directory fsynced): the batch
+/// job runner's chunk files use it. Blocking. Errors name the path: keep them in the
+/// operator's log.
+pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::internal("a durable file needs a parent directory"))?;
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    write_durably(Path::new(&temp), path, dir, bytes)
 }
 
 /// Writes `bytes` to `temp`, fsyncs it, renames it to `path` and fsyncs `dir` (their parent).

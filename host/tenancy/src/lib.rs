@@ -15,12 +15,14 @@
 //! - [`quotas`], [`storage`], [`inflight`]: every quota decision (rate and concurrency divided
 //!   between replicas, stored bytes and model memory, request bytes held in memory).
 //! - [`rollouts`]: rollouts as a tenant's resource and the controller that decides them.
+//! - [`jobs`]: batch jobs as a tenant's resource, and the runner that works through them.
 //! - [`challenges`]: single-use signing-key registration challenges.
 
 pub mod backends;
 pub mod challenges;
 pub mod graphs;
 pub mod inflight;
+pub mod jobs;
 pub mod lifecycle;
 pub mod quotas;
 pub mod rollouts;

@@ -60,6 +60,8 @@ pub struct Tenancy {
     /// scope rebuilds so windows and weights carry across them.
     pub(crate) rollouts:
         Mutex<HashMap<crate::rollouts::RolloutKey, Arc<crate::rollouts::LiveRollout>>>,
+    /// The batch jobs this replica is running, with their progress.
+    pub(crate) jobs: crate::jobs::LiveJobs,
     /// Each tenant's shadow pool, shared by all its rollouts.
     pub(crate) shadow_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     /// Serialises control-plane changes (store transaction + rebuild).
@@ -173,6 +175,7 @@ impl Tenancy {
             loaded_plugins: Mutex::default(),
             rollouts: Mutex::default(),
             shadow_slots: Mutex::default(),
+            jobs: Mutex::default(),
             writer: Mutex::default(),
             challenges,
             replicas: Arc::new(AtomicUsize::new(1)),
