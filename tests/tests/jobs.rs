@@ -1,7 +1,8 @@
 //! Batch jobs end to end on the real server and the quickstart's `mlp`: a job of good and bad
 //! rows finishes with every good row's output equal to direct inference and every bad row in
 //! the error file, keyed by line; another tenant cannot see or fetch it; a server SIGKILLed
-//! mid-job resumes after a restart and writes every line exactly once; cancel stops a job.
+//! mid-job resumes after a restart and writes every line exactly once; cancel stops a job; a
+//! 100,000-row job's every output equals direct inference of its row.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -190,6 +191,67 @@ async fn a_job_with_bad_rows_finishes_with_exact_outputs_and_stays_private() {
     assert_eq!(status, 200);
     let (status, _) = file(&server, TEST_KEY, &id, "output").await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_100k_row_job_matches_direct_inference_on_every_row() {
+    let repo = Repo::standard();
+    let server = Server::start(repo.path());
+    let rows = 100_000;
+    let (status, job) = submit(&server, TEST_KEY, "target=mlp", jsonl(rows)).await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let job = wait_end(&server, TEST_KEY, &id, Duration::from_secs(900)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["rows"]["done"], rows, "{job}");
+    assert_eq!(job["rows"]["failed"], 0, "{job}");
+    println!("100k rows: {} rows/s", job["rows_per_second"]);
+    let (status, output) = file(&server, TEST_KEY, &id, "output").await;
+    assert_eq!(status, 200);
+    let output = lines(&output);
+    assert_eq!(output.len(), rows);
+
+    // Direct inference of the same rows, 50 to a request (the model takes batches of <= 64).
+    let per_request = 50;
+    for first in (0..rows).step_by(per_request) {
+        let batch: Vec<f32> = (first..first + per_request)
+            .flat_map(|i| {
+                row(i)["inputs"][0]["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let request = json!({"inputs": [{"name": "x", "datatype": "FP32",
+            "shape": [per_request, 64], "data": batch}]});
+        let (status, direct) = send(
+            client()
+                .post(server.url("/v2/models/mlp/infer"))
+                .json(&request),
+        )
+        .await;
+        assert_eq!(status, 200, "{direct}");
+        let direct: Vec<f32> = direct["outputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        for (offset, expected) in direct.chunks(10).enumerate() {
+            let line = &output[first + offset];
+            assert_eq!(line["line"], first + offset + 1);
+            assert_eq!(line["id"], json!(format!("r{}", first + offset)));
+            let got: Vec<f32> = line["outputs"][0]["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            assert_eq!(got, expected, "row {}", first + offset);
+        }
+    }
 }
 
 #[tokio::test]

@@ -28,6 +28,8 @@ struct Options {
     /// `weft serve --busy-poll-us`.
     busy_poll_us: String,
     peers: bool,
+    /// Rows of the `bench-job` input file.
+    rows: String,
 }
 
 fn options(args: &[String]) -> Result<Options> {
@@ -42,6 +44,7 @@ fn options(args: &[String]) -> Result<Options> {
             .to_string(),
         busy_poll_us: "2000".into(),
         peers: false,
+        rows: "1000000".into(),
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -59,9 +62,10 @@ fn options(args: &[String]) -> Result<Options> {
             "--only" => options.only = Some(value),
             "--ort-threads" => options.ort_threads = value,
             "--busy-poll-us" => options.busy_poll_us = value,
+            "--rows" => options.rows = value,
             other => bail!(
                 "unknown bench option {other} (--duration, --warmup, --only, --ort-threads, \
-                 --busy-poll-us, --peers)"
+                 --busy-poll-us, --peers, and --rows for bench-job)"
             ),
         }
     }
@@ -133,16 +137,7 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
             Command::new(crate::venv_python(root)).arg(root.join("bench/make_bench_models.py")),
         )?;
     }
-    crate::run(Command::new(env!("CARGO")).current_dir(root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "weft-cli",
-        "--bin",
-        "weft",
-    ]))?;
-    let weft = root.join("target/release/weft");
+    let weft = build_release(root)?;
     let library = crate::ort_library(root);
     let mut rows = Rows::default();
 
@@ -282,6 +277,97 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
         println!("| {name} | {result} |");
     }
     print_targets(&rows, sandbox_overhead);
+    Ok(())
+}
+
+/// Builds the release `weft` binary; returns its path.
+fn build_release(root: &Path) -> Result<std::path::PathBuf> {
+    crate::run(Command::new(env!("CARGO")).current_dir(root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "weft-cli",
+        "--bin",
+        "weft",
+    ]))?;
+    Ok(root.join("target/release/weft"))
+}
+
+/// The model the batch-job benchmark runs: the reference `mlp` behind a dynamic batcher, so
+/// the job's rows and the real-time load share one batcher as the issue asks.
+const JOB_MODEL: &str = "mlp-batched";
+
+/// `cargo xtask bench-job`: the batch-job figures of BENCHMARKS.md (issue 18). The in-process
+/// limit of `mlp` in batches of 64 (one and two callers), then `weft bench-job` against a
+/// server of bench/repository: a `--rows` (1,000,000) job alone, a real-time c=8 load alone
+/// and beside a second run of the job. Prints the job's rows/s against the limit and the p99
+/// ratio, the issue's two targets (>= 0.5x and <= 1.5x).
+pub fn run_job_bench(root: &Path, args: &[String]) -> Result<()> {
+    let options = options(args)?;
+    let weft = build_release(root)?;
+    let library = crate::ort_library(root);
+    let mut limits = Vec::new();
+    for callers in ["1", "2"] {
+        let mut args: Vec<String> = [
+            "--model",
+            JOB_MODEL,
+            "--in-process",
+            "--repository",
+            "bench/repository",
+            "--rows",
+            "64",
+            "--ort-threads",
+            &options.ort_threads,
+            "--ort-library",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push(library.to_string_lossy().into_owned());
+        args.extend(timing_args(callers, &options));
+        let line = weft_bench(&weft, root, &args)?;
+        let figure = figure(&line).context("no figure in the in-process line")?;
+        limits.push((callers, figure.rows_per_second));
+    }
+    let (server, url) = serve_weft(root, &weft, &library, &options)?;
+    let output = Command::new(&weft)
+        .current_dir(root)
+        .args(["bench-job", "--model", JOB_MODEL, "--url", &url])
+        .args(["--rows", &options.rows, "--concurrency", "8"])
+        .args(["--duration", &options.duration, "--warmup", &options.warmup])
+        .env("WEFT_LOG", "warn")
+        .env("WEFT_API_KEY", BENCH_KEY)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run weft bench-job")?;
+    drop(server);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    print!("{stdout}");
+    if !output.status.success() {
+        bail!("weft bench-job failed");
+    }
+    let job_rate = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("job rows/s "))
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|rate| rate.trim().parse::<f64>().ok())
+        .context("no job rows/s in weft bench-job's output")?;
+    println!("\n| target | this run |\n|---|---|");
+    for (callers, limit) in limits {
+        println!(
+            "| job rows/s >= 0.5x in-process batch-64 ({callers} caller(s), {limit:.0} rows/s) | {job_rate:.0} = {:.2}x |",
+            job_rate / limit
+        );
+    }
+    if let Some(ratio) = stdout.lines().find_map(|line| {
+        line.rsplit_once(": ")
+            .filter(|_| line.starts_with("job rows/s "))
+    }) {
+        println!(
+            "| real-time c=8 p99 beside the job <= 1.5x alone | {} |",
+            ratio.1
+        );
+    }
     Ok(())
 }
 

@@ -65,9 +65,13 @@ fn main() -> Result<()> {
             setup(&root, true)?;
             bench::run_matrix(&root, &args[1..])
         }
+        Some("bench-job") => {
+            setup(&root, true)?;
+            bench::run_job_bench(&root, &args[1..])
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|serve|test|bench|fuzz> [args]\n\
+                "usage: cargo xtask <setup|serve|test|bench|bench-job|fuzz> [args]\n\
                  \x20 setup  install the wasm target, ONNX Runtime library, Python test packages\n\
                  \x20 serve  set up, then serve examples/quickstart (or examples/<name> named\n\
                  \x20        first, e.g. `serve classify`) on 127.0.0.1:8000; further args go to\n\
@@ -76,6 +80,9 @@ fn main() -> Result<()> {
                  \x20        every fuzz target for 20 s\n\
                  \x20 bench  set up, build release, serve bench/repository and run the benchmark\n\
                  \x20        matrix of BENCHMARKS.md (--duration S, --warmup S, --only NAME)\n\
+                 \x20 bench-job  set up, build release, and measure a batch job (--rows N,\n\
+                 \x20        default 1000000) against the in-process limit, and its effect on\n\
+                 \x20        a real-time c=8 load's p99\n\
                  \x20 test-shared  only the tenancy suites on a shared store (PostgreSQL + S3)\n\
                  \x20 fuzz   run the fuzz/ targets (all, or those named) for --seconds N each\n\
                  \x20        (default 30); installs cargo-fuzz if missing"

@@ -98,7 +98,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn percentile(&self, p: f64) -> Duration {
+    pub fn percentile(&self, p: f64) -> Duration {
         if self.latencies.is_empty() {
             return Duration::ZERO;
         }
@@ -137,57 +137,25 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 model.infer(&request, inputs).await.is_ok()
             }
         };
-        drive(&args, call).await
+        drive(&Timing::of(&args), call).await
     } else {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(key) = &args.api_key {
-            let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
-                .context("--api-key is not a valid header value")?;
-            headers.insert(reqwest::header::AUTHORIZATION, value);
-        }
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(args.concurrency)
-            .default_headers(headers)
-            .build()
-            .context("cannot build the HTTP client")?;
-        let specs: Vec<TensorSpec> = if args.inputs.is_empty() {
-            let metadata: serde_json::Value = client
-                .get(format!("{}/v2/models/{}", args.url, args.model))
-                .send()
-                .await
-                .and_then(reqwest::Response::error_for_status)
-                .with_context(|| {
-                    format!("cannot read metadata of '{}' from {}", args.model, args.url)
-                })?
-                .json()
-                .await?;
-            serde_json::from_value(metadata["inputs"].clone())
-                .context("model metadata has no usable inputs")?
+        let specs = if args.inputs.is_empty() {
+            None
         } else {
-            args.inputs.clone()
+            Some(args.inputs.clone())
         };
-        let inputs = sample_inputs(&specs, args.rows)?;
-        let (body, header_length) = request_body(&inputs, args.encoding)?;
-        let url = format!("{}/v2/models/{}/infer", args.url, args.model);
-        let call = move || {
-            let mut request = client.post(&url).body(body.clone());
-            match &header_length {
-                Some(length) => {
-                    request = request.header("Inference-Header-Content-Length", length.as_str());
-                }
-                // Some servers (KServe) refuse a JSON body without its content type.
-                None => request = request.header(reqwest::header::CONTENT_TYPE, "application/json"),
-            }
-            async move {
-                match request.send().await {
-                    Ok(response) if response.status().is_success() => {
-                        response.bytes().await.is_ok()
-                    }
-                    _ => false,
-                }
-            }
-        };
-        drive(&args, call).await
+        let caller = HttpCaller::new(&HttpTarget {
+            url: &args.url,
+            model: &args.model,
+            api_key: args.api_key.as_deref(),
+            connections: args.concurrency,
+            rows: args.rows,
+            encoding: args.encoding,
+            inputs: specs,
+        })
+        .await?;
+        let call = move || caller.call();
+        drive(&Timing::of(&args), call).await
     };
     let label = if args.in_process {
         format!(
@@ -219,19 +187,132 @@ async fn load_in_process(args: &BenchArgs) -> anyhow::Result<Arc<dyn Model>> {
     Ok(model)
 }
 
-/// Runs `call` from `concurrency` tasks: warm-up, then measurement.
-async fn drive<F, Fut>(args: &BenchArgs, call: F) -> Report
+/// How long and how wide a load runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Concurrent requests in flight.
+    pub concurrency: usize,
+    /// Seconds run before measuring.
+    pub warmup: f64,
+    /// Seconds measured.
+    pub duration: f64,
+}
+
+impl Timing {
+    fn of(args: &BenchArgs) -> Self {
+        Timing {
+            concurrency: args.concurrency,
+            warmup: args.warmup,
+            duration: args.duration,
+        }
+    }
+}
+
+/// What one HTTP load sends: `rows` rows of `model`'s inputs (from its metadata unless
+/// `inputs` names them) to the server at `url`.
+pub struct HttpTarget<'a> {
+    pub url: &'a str,
+    pub model: &'a str,
+    pub api_key: Option<&'a str>,
+    /// Keep-alive connections to hold open (one per concurrent caller).
+    pub connections: usize,
+    pub rows: usize,
+    pub encoding: Encoding,
+    pub inputs: Option<Vec<TensorSpec>>,
+}
+
+/// Sends the same V2 inference request again and again over keep-alive connections.
+#[derive(Clone)]
+pub struct HttpCaller {
+    client: reqwest::Client,
+    url: String,
+    body: Bytes,
+    header_length: Option<String>,
+}
+
+impl HttpCaller {
+    /// Builds the request once (reading the model's metadata for its inputs if needed).
+    pub async fn new(target: &HttpTarget<'_>) -> anyhow::Result<Self> {
+        let client = api_client(target.api_key, target.connections)?;
+        let specs: Vec<TensorSpec> = match &target.inputs {
+            Some(inputs) => inputs.clone(),
+            None => model_inputs(&client, target.url, target.model).await?,
+        };
+        let inputs = sample_inputs(&specs, target.rows)?;
+        let (body, header_length) = request_body(&inputs, target.encoding)?;
+        Ok(HttpCaller {
+            client,
+            url: format!("{}/v2/models/{}/infer", target.url, target.model),
+            body,
+            header_length,
+        })
+    }
+
+    /// One request; whether it succeeded.
+    pub fn call(&self) -> impl std::future::Future<Output = bool> + Send + use<> {
+        let mut request = self.client.post(&self.url).body(self.body.clone());
+        match &self.header_length {
+            Some(length) => {
+                request = request.header("Inference-Header-Content-Length", length.as_str());
+            }
+            // Some servers (KServe) refuse a JSON body without its content type.
+            None => request = request.header(reqwest::header::CONTENT_TYPE, "application/json"),
+        }
+        async move {
+            match request.send().await {
+                Ok(response) if response.status().is_success() => response.bytes().await.is_ok(),
+                _ => false,
+            }
+        }
+    }
+}
+
+/// An HTTP client that sends `Authorization: Bearer <key>` when given a key.
+pub fn api_client(api_key: Option<&str>, connections: usize) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = api_key {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("--api-key is not a valid header value")?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .default_headers(headers)
+        .build()
+        .context("cannot build the HTTP client")
+}
+
+/// The inputs a server's model metadata lists.
+pub async fn model_inputs(
+    client: &reqwest::Client,
+    url: &str,
+    model: &str,
+) -> anyhow::Result<Vec<TensorSpec>> {
+    let metadata: serde_json::Value = client
+        .get(format!("{url}/v2/models/{model}"))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .with_context(|| format!("cannot read metadata of '{model}' from {url}"))?
+        .json()
+        .await?;
+    serde_json::from_value(metadata["inputs"].clone())
+        .context("model metadata has no usable inputs")
+}
+
+/// Runs `call` from `timing.concurrency` tasks: warm-up, then measurement.
+pub async fn drive<F, Fut>(timing: &Timing, call: F) -> Report
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
-    let warmup = Duration::from_secs_f64(args.warmup.max(0.0));
-    let duration = Duration::from_secs_f64(args.duration.max(0.1));
+    let warmup = Duration::from_secs_f64(timing.warmup.max(0.0));
+    let duration = Duration::from_secs_f64(timing.duration.max(0.1));
     let start = Instant::now();
     let measure_from = start + warmup;
     let stop_at = measure_from + duration;
     let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
+    for _ in 0..timing.concurrency {
         let call = call.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();

@@ -1,6 +1,6 @@
 //! The `weft` command line: one binary for the server (`serve`, `graph check`, `migrate`, the
 //! hidden model `worker`), the client commands that talk to a running server (`weft-client`),
-//! and the benchmarks (`bench`, `bench-plugins`).
+//! and the benchmarks (`bench`, `bench-plugins`, `bench-job`).
 //!
 //! Each command's work lives in the crate that owns it; this crate only parses, sets up logging
 //! and dispatches, so the server library carries no HTTP client and no load generator. It is a
@@ -8,6 +8,7 @@
 //! a binary of their own.
 
 pub mod bench;
+pub mod bench_job;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,9 @@ pub enum Command {
     /// Measure the plugin sandbox: instantiation, an empty call, and a model call through
     /// wasi:nn against the same model called directly.
     BenchPlugins(crate::bench::BenchPluginsArgs),
+    /// Measure a batch job against a running server: its rows/s, and the p99 of a real-time
+    /// load on the same model with and without the job running.
+    BenchJob(crate::bench_job::BenchJobArgs),
     /// Copy every tenant and the blobs they use from one store into an empty other one
     /// (embedded data directory to PostgreSQL + S3, or back), verified by digests.
     Migrate(MigrateArgs),
@@ -93,6 +97,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Bench(args) => runtime.block_on(crate::bench::bench(args)),
         Command::BenchPlugins(args) => runtime.block_on(crate::bench::bench_plugins(args)),
+        Command::BenchJob(args) => runtime.block_on(crate::bench_job::bench_job(args)),
         Command::Graph(GraphCommand::Check(args)) => graph_check(args),
         Command::Graph(GraphCommand::Client(command)) => {
             runtime.block_on(weft_client::run_graph(command))

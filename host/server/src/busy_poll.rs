@@ -84,7 +84,7 @@ impl BusyPoll {
     fn spin(&self) {
         // Lowest priority: any other runnable thread of the machine runs first. Failing to
         // lower it would make spinning compete with real work: stop instead.
-        if let Err(error) = become_idle_priority() {
+        if let Err(error) = crate::thread_priority::become_idle() {
             tracing::warn!(%error, "--busy-poll-us: cannot use SCHED_IDLE; busy polling is off");
             return;
         }
@@ -111,20 +111,6 @@ impl BusyPoll {
     #[cfg(test)]
     fn sleeping(&self) -> usize {
         self.asleep.load(Ordering::SeqCst)
-    }
-}
-
-/// Moves the calling thread to the `SCHED_IDLE` scheduling policy.
-#[allow(unsafe_code)]
-fn become_idle_priority() -> std::io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param that outlives the
-    // call, which only reads it.
-    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -562,6 +562,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         weft_tenancy::jobs::JobRunnerConfig {
             slots: args.job_slots,
             rows_in_flight: args.job_rows_in_flight,
+            on_thread_start: Some(crate::thread_priority::become_background),
         },
     );
     let accepting = state.accepting.clone();

@@ -17,6 +17,7 @@ pub mod loader;
 pub mod metrics;
 pub mod stats;
 pub mod tenants;
+pub mod thread_priority;
 pub mod uploads;
 
 pub use app::{AppState, app};

@@ -58,6 +58,9 @@ pub struct JobRunnerConfig {
     pub slots: usize,
     /// Rows of one job in flight at once.
     pub rows_in_flight: usize,
+    /// Runs first on each job's reader and writer threads (the server lowers their priority
+    /// there: see [`weft_engine::jobs::JobSettings::on_thread_start`]).
+    pub on_thread_start: Option<fn()>,
 }
 
 impl Default for JobRunnerConfig {
@@ -65,6 +68,7 @@ impl Default for JobRunnerConfig {
         JobRunnerConfig {
             slots: DEFAULT_JOB_SLOTS,
             rows_in_flight: DEFAULT_ROWS_IN_FLIGHT,
+            on_thread_start: None,
         }
     }
 }
@@ -805,6 +809,7 @@ impl Tenancy {
         let mut settings = JobSettings::new(&claim.tenant);
         settings.chunk_rows = usize::try_from(job.chunk_rows).unwrap_or(usize::MAX);
         settings.concurrency = config.rows_in_flight;
+        settings.on_thread_start = config.on_thread_start;
         settings.deadline = Some(Instant::now() + Duration::from_millis(left));
         run_job(
             Box::new(BufReader::with_capacity(1 << 20, input)),

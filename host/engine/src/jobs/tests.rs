@@ -63,6 +63,8 @@ struct Memory {
     fail_commit_of: Mutex<Option<u64>>,
     cancel_after: Mutex<Option<usize>>,
     cancelled: AtomicBool,
+    /// Runs when the cancel lands (to note what had run by then).
+    on_cancel: Mutex<Option<Box<dyn Fn() + Send>>>,
 }
 
 impl JobCheckpoint for Memory {
@@ -82,6 +84,9 @@ impl JobCheckpoint for Memory {
         let mut chunks = self.chunks.lock().unwrap();
         chunks.push(chunk.clone());
         if *self.cancel_after.lock().unwrap() == Some(chunks.len()) {
+            if let Some(note) = self.on_cancel.lock().unwrap().as_ref() {
+                note();
+            }
             self.cancelled.store(true, Ordering::SeqCst);
         }
         Ok(())
@@ -215,10 +220,15 @@ async fn a_job_killed_mid_way_resumes_without_redoing_or_duplicating_a_line() {
         .await
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Unavailable);
+    let first_run = model.calls.load(Ordering::SeqCst);
+    assert!(
+        (40..=50).contains(&first_run),
+        "chunks 0-3 ran (and maybe rows of 4 beside 3's commit): {first_run}"
+    );
     assert_eq!(
-        model.calls.load(Ordering::SeqCst),
-        40,
-        "chunks 0-3 ran, 3 not committed"
+        checkpoint.committed().unwrap(),
+        BTreeSet::from([0, 1, 2]),
+        "nothing after the failed commit"
     );
     *checkpoint.fail_commit_of.lock().unwrap() = None;
     let end = run_ten_a_chunk(&lines, &model, &checkpoint).await.unwrap();
@@ -231,8 +241,8 @@ async fn a_job_killed_mid_way_resumes_without_redoing_or_duplicating_a_line() {
         }
     );
     assert_eq!(
-        model.calls.load(Ordering::SeqCst),
-        60,
+        model.calls.load(Ordering::SeqCst) - first_run,
+        20,
         "only chunks 3 and 4 again"
     );
     let (outputs, _) = checkpoint.files();
@@ -250,13 +260,28 @@ async fn a_cancelled_job_stops_before_its_next_row_and_commits_nothing_more() {
     let checkpoint = Arc::new(Memory::default());
     *checkpoint.cancel_after.lock().unwrap() = Some(2);
     let model = Double::new();
+    let calls_at_cancel = Arc::new(AtomicU64::new(u64::MAX));
+    *checkpoint.on_cancel.lock().unwrap() = Some(Box::new({
+        let model = Arc::clone(&model);
+        let calls_at_cancel = Arc::clone(&calls_at_cancel);
+        move || {
+            let calls = model.calls.load(Ordering::SeqCst);
+            calls_at_cancel.store(calls, Ordering::SeqCst);
+        }
+    }));
     let end = run_ten_a_chunk(&lines, &model, &checkpoint).await.unwrap();
     assert_eq!(end, JobEnd::Cancelled);
     assert_eq!(checkpoint.chunks.lock().unwrap().len(), 2);
-    assert_eq!(
-        model.calls.load(Ordering::SeqCst),
-        20,
-        "no row after the cancel"
+    let at_cancel = calls_at_cancel.load(Ordering::SeqCst);
+    let calls = model.calls.load(Ordering::SeqCst);
+    assert!(
+        (20..100).contains(&at_cancel),
+        "the cancel landed after two commits: {at_cancel}"
+    );
+    assert!(
+        calls <= at_cancel + 4,
+        "no row starts after the cancel, beyond the 4 already in flight: {calls} calls, \
+         {at_cancel} when it landed"
     );
 }
 
@@ -304,4 +329,43 @@ async fn a_chunk_of_long_lines_ends_at_its_byte_bound() {
         line_numbers(&checkpoint.files().0),
         (1..=10).collect::<Vec<_>>()
     );
+}
+
+/// Threads that ran [`JobSettings::on_thread_start`], by name (only the test below sets it).
+static STARTED_THREADS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn note_thread_start() {
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    STARTED_THREADS.lock().unwrap().push(name);
+}
+
+#[tokio::test]
+async fn decoding_and_encoding_run_on_the_jobs_own_threads_started_with_its_hook() {
+    let lines: Vec<String> = (0..25).map(|i| row(i as f32)).collect();
+    let checkpoint = Arc::new(Memory::default());
+    let end = run_job(
+        input(&lines),
+        Double::new(),
+        JobSettings {
+            on_thread_start: Some(note_thread_start),
+            ..settings(10)
+        },
+        checkpoint.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        end,
+        JobEnd::Finished {
+            rows: 25,
+            failed: 0,
+            chunks: 3
+        }
+    );
+    let mut started = STARTED_THREADS.lock().unwrap().clone();
+    started.sort();
+    assert_eq!(started, ["weft-job-read", "weft-job-write"]);
+    let (outputs, _) = checkpoint.files();
+    assert_eq!(outputs.len(), 25);
+    assert_eq!(outputs[24]["outputs"][0]["data"], json!([48.0, 2.0]));
 }
