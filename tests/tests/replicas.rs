@@ -7,7 +7,8 @@
 //! a tenant's quotas, and takes all of it again when the other leaves; `weft migrate` moves an
 //! embedded store into the shared one and back, served the same before and after; a
 //! key-registration challenge issued by one replica is spent through another, once; a deleted
-//! version's blobs leave the bucket after the grace while live ones stay.
+//! version's blobs leave the bucket after the grace while live ones stay; a batch job whose
+//! replica is SIGKILLed is finished by another, every output line exactly once.
 //!
 //! Convergence times are printed (run with `--nocapture`).
 
@@ -555,4 +556,106 @@ async fn a_deleted_versions_blobs_leave_the_bucket_after_the_grace_and_live_ones
     )
     .await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// A job input of `rows` lines for `mlp`, each 64 values.
+fn job_input(rows: usize) -> String {
+    (0..rows)
+        .map(|i| {
+            let x: Vec<f32> = (0..64).map(|j| ((i + j) % 13) as f32 / 13.0).collect();
+            let row =
+                json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": x}]});
+            format!("{row}\n")
+        })
+        .collect()
+}
+
+/// The job as `server` shows it.
+async fn job_on(server: &Server, key: &str, id: &str) -> serde_json::Value {
+    let (status, job) =
+        send(client_with_key(key).get(server.url(&format!("/api/v1/jobs/{id}")))).await;
+    assert_eq!(status, 200, "{job}");
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_orphaned_by_a_killed_replica_is_finished_by_another_every_line_once() {
+    let cluster = Cluster::start();
+    let one = cluster.replica();
+    let two = cluster.replica();
+    let key = create_tenant(&one, "acme", json!({ "shared_models": ["mlp"] })).await;
+    tenant_known(&two, &key).await;
+    let rows = 30_000u64;
+    let (status, job) = send(
+        client_with_key(&key)
+            .post(one.url("/api/v1/jobs?target=mlp&chunk_rows=500"))
+            .body(job_input(rows as usize)),
+    )
+    .await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+
+    // The runner is the replica that shows progress (the other reads the record only).
+    let started = Instant::now();
+    let one_runs = loop {
+        let (a, b) = (job_on(&one, &key, &id).await, job_on(&two, &key, &id).await);
+        let done = |job: &serde_json::Value| job["rows"]["done"].as_u64().unwrap();
+        assert!(
+            done(&a) < rows && done(&b) < rows,
+            "the job ended before the kill; make it longer"
+        );
+        if done(&a) >= 1000 {
+            break true;
+        }
+        if done(&b) >= 1000 {
+            break false;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{a}\n{b}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (runner, survivor) = if one_runs { (one, two) } else { (two, one) };
+    let _ = runner.crash();
+    let killed = Instant::now();
+
+    // Once the dead replica stops announcing itself, the survivor takes the job over.
+    let job = loop {
+        let job = job_on(&survivor, &key, &id).await;
+        if !matches!(job["state"].as_str(), Some("queued" | "running")) {
+            break job;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(180),
+            "not finished after the kill: {job}\n{}",
+            survivor.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "kill to finished on the other replica: {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["rows"]["done"], rows, "{job}");
+    let response = client_with_key(&key)
+        .get(survivor.url(&format!("/api/v1/jobs/{id}/output")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let numbers: Vec<u64> = response
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["line"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..=rows).collect::<Vec<_>>(),
+        "every line exactly once, in order"
+    );
 }

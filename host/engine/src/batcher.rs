@@ -117,7 +117,19 @@ struct Reply {
 }
 
 /// Input names, datatypes and dims after the first: requests batch only with their own kind.
-type Signature = Vec<(String, DataType, Vec<usize>)>;
+/// The runtime every batch scheduler runs on, once the server names one.
+static SCHEDULER_RUNTIME: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+
+/// Makes every model's batch scheduler (started by the model's first call) run on `runtime`,
+/// the server's request runtime, whichever runtime that first call came from: batch jobs'
+/// rows run on a low-priority runtime of their own and must not take a model's scheduler
+/// there. Without it a scheduler starts on the runtime of the first call. The first call of
+/// this function wins.
+pub fn run_schedulers_on(runtime: tokio::runtime::Handle) {
+    let _ = SCHEDULER_RUNTIME.set(runtime);
+}
+
+pub(crate) type Signature = Vec<(String, DataType, Vec<usize>)>;
 
 struct Waiting {
     inputs: Vec<NamedTensor>,
@@ -219,7 +231,10 @@ impl BatchedModel {
                 queue: Lanes::default(),
                 in_flight: Arc::clone(&self.in_flight),
             };
-            tokio::spawn(scheduler.run(receiver));
+            match SCHEDULER_RUNTIME.get() {
+                Some(runtime) => drop(runtime.spawn(scheduler.run(receiver))),
+                None => drop(tokio::spawn(scheduler.run(receiver))),
+            }
             sender
         })
     }
@@ -345,7 +360,7 @@ impl Model for BatchedModel {
 
 /// The rows (dimension 0, the same across inputs) and signature of a request; `None` when it
 /// cannot be merged with others.
-fn batch_signature(inputs: &[NamedTensor]) -> Option<(usize, Signature)> {
+pub(crate) fn batch_signature(inputs: &[NamedTensor]) -> Option<(usize, Signature)> {
     let rows = *inputs.first()?.tensor.shape().first()?;
     let mut signature = Vec::with_capacity(inputs.len());
     for input in inputs {
@@ -849,7 +864,7 @@ fn compute_share(compute: Duration, rows: usize, total_rows: usize, requests: us
 }
 
 /// Concatenates same-signature requests along dimension 0, inputs in the first request's order.
-fn merge(requests: &[Vec<NamedTensor>]) -> Result<Vec<NamedTensor>> {
+pub(crate) fn merge(requests: &[Vec<NamedTensor>]) -> Result<Vec<NamedTensor>> {
     let Some(first) = requests.first() else {
         return Ok(Vec::new());
     };
@@ -879,7 +894,7 @@ fn merge(requests: &[Vec<NamedTensor>]) -> Result<Vec<NamedTensor>> {
 }
 
 /// Splits each output along dimension 0 into the callers' row counts (zero-copy slices).
-fn split(outputs: Vec<NamedTensor>, rows: &[usize]) -> Result<Vec<Vec<NamedTensor>>> {
+pub(crate) fn split(outputs: Vec<NamedTensor>, rows: &[usize]) -> Result<Vec<Vec<NamedTensor>>> {
     let total: usize = rows.iter().sum();
     let mut parts: Vec<Vec<NamedTensor>> = rows.iter().map(|_| Vec::new()).collect();
     for output in outputs {

@@ -21,13 +21,16 @@
 use std::collections::BTreeSet;
 use std::io::BufRead;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind, Model, NamedTensor, Parameters, RequestContext, Result};
-use weft_protocol::{decode_infer_request, tensor_json};
+use weft_protocol::{JsonTensors, decode_infer_request};
+
+use crate::batcher::{Signature, batch_signature, merge, split};
 
 /// Rows per chunk unless a job says otherwise.
 pub const DEFAULT_CHUNK_ROWS: usize = 1000;
@@ -57,6 +60,13 @@ pub struct JobSettings {
     /// writer, which encodes and commits them): the server lowers their scheduling priority
     /// there, so a job's parsing and encoding yield the cores to real-time requests.
     pub on_thread_start: Option<fn()>,
+    /// The replica's real-time requests: while any is in flight, each unit of the job waits
+    /// up to `realtime_pause` for them first (see [`RealtimeLoad`]).
+    pub yield_to: Option<Arc<RealtimeLoad>>,
+    /// The longest a unit waits for real-time requests before it runs anyway (default
+    /// [`REALTIME_PAUSE`]): under unbroken real-time load a job still runs one unit per pause
+    /// per window slot.
+    pub realtime_pause: Duration,
 }
 
 impl JobSettings {
@@ -69,6 +79,52 @@ impl JobSettings {
             concurrency: 8,
             deadline: None,
             on_thread_start: None,
+            yield_to: None,
+            realtime_pause: REALTIME_PAUSE,
+        }
+    }
+}
+
+/// The longest a unit of a job waits for real-time requests to finish before it runs anyway,
+/// unless the job says otherwise ([`JobSettings::realtime_pause`]).
+pub const REALTIME_PAUSE: Duration = Duration::from_millis(20);
+
+/// Real-time inference requests in flight on this replica, counted by the server around each
+/// one. A job yields the machine to them: measured on a 2-core VM, any other busy thread, even
+/// one at the idle scheduling priority, doubled the p99 of a c=8 real-time load, so priority
+/// alone cannot keep a job from hurting real-time latency; using no CPU while they run can.
+#[derive(Debug, Default)]
+pub struct RealtimeLoad {
+    in_flight: AtomicUsize,
+}
+
+/// One real-time request in flight, until dropped.
+pub struct RealtimeRequest(Arc<RealtimeLoad>);
+
+impl Drop for RealtimeRequest {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl RealtimeLoad {
+    /// Counts a real-time request until the returned guard drops.
+    pub fn enter(self: &Arc<Self>) -> RealtimeRequest {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        RealtimeRequest(Arc::clone(self))
+    }
+
+    /// Whether any real-time request is in flight.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// Waits until no real-time request is in flight, or `at_most`, checking every
+    /// millisecond.
+    pub async fn wait_quiet(&self, at_most: Duration) {
+        let started = Instant::now();
+        while self.busy() && started.elapsed() < at_most {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }
@@ -260,20 +316,44 @@ async fn run_row(
     })
 }
 
-/// A row's answer line (`{"line": n, "id": ..., "outputs": [...], "parameters": {...}}`).
-fn answer_line(number: u64, row: &RowOutputs) -> std::result::Result<Value, RowError> {
-    let mut encoded = Vec::new();
-    for output in &row.outputs {
-        if row.wanted.is_empty() || row.wanted.contains(&output.name) {
-            encoded.push(tensor_json(output).map_err(|e| row_error(&e))?);
-        }
+/// A row's answer line, keys in the order a `serde_json::Value` would print them.
+#[derive(serde::Serialize)]
+struct AnswerLine<'a> {
+    id: &'a Option<String>,
+    line: u64,
+    outputs: JsonTensors<'a>,
+    parameters: &'a Parameters,
+}
+
+/// Appends a row's answer line (`{"id": ..., "line": n, "outputs": [...], "parameters":
+/// {...}}`) to `file`, written straight from the tensors; on error `file` is left as it was.
+fn push_answer_line(
+    file: &mut Vec<u8>,
+    number: u64,
+    row: &RowOutputs,
+) -> std::result::Result<(), RowError> {
+    let outputs = JsonTensors::new(
+        row.outputs
+            .iter()
+            .filter(|output| row.wanted.is_empty() || row.wanted.contains(&output.name)),
+    )
+    .map_err(|e| row_error(&e))?;
+    let line = AnswerLine {
+        id: &row.id,
+        line: number,
+        outputs,
+        parameters: &row.parameters,
+    };
+    let start = file.len();
+    if let Err(error) = serde_json::to_writer(&mut *file, &line) {
+        file.truncate(start);
+        return Err((
+            ErrorKind::Internal,
+            format!("cannot encode the row's answer: {error}"),
+        ));
     }
-    Ok(json!({
-        "id": row.id,
-        "outputs": encoded,
-        "parameters": row.parameters,
-        "line": number,
-    }))
+    file.push(b'\n');
+    Ok(())
 }
 
 fn push_line(file: &mut Vec<u8>, value: &Value) {
@@ -298,8 +378,8 @@ fn encode_chunk(chunk: ChunkAnswers) -> ChunkResult {
     };
     for (number, answer) in chunk.rows {
         result.rows += 1;
-        match answer.and_then(|row| answer_line(number, &row)) {
-            Ok(line) => push_line(&mut result.outputs, &line),
+        match answer.and_then(|row| push_answer_line(&mut result.outputs, number, &row)) {
+            Ok(()) => {}
             Err((kind, message)) => {
                 result.failed += 1;
                 push_line(
@@ -324,18 +404,62 @@ enum Stop {
 /// few enough that a job holds at most this many chunks' rows in memory.
 const CHUNKS_AHEAD: usize = 2;
 
-/// A chunk read and decoded off the input: its number and its non-blank lines.
-struct Chunk {
-    index: u64,
-    rows: Vec<(u64, std::result::Result<ReadyRow, RowError>)>,
+/// A line's number and its decoded row (or the error its line gets).
+type NumberedRow = (u64, std::result::Result<ReadyRow, RowError>);
+
+/// Rows that run as one model call: one row, or consecutive rows of one signature merged
+/// along dimension 0 (see [`group_rows`]).
+struct Unit {
+    chunk: u64,
+    /// Whether this unit ends its chunk (the chunk is complete once it is answered).
+    last_of_chunk: bool,
+    rows: Vec<NumberedRow>,
 }
 
-/// One row to run: its chunk, whether it is that chunk's last, its line number and the row.
-struct RowTask {
-    chunk: u64,
-    last_of_chunk: bool,
-    number: u64,
-    row: std::result::Result<ReadyRow, RowError>,
+/// How many rows of a job one model call may carry: half the model's `max_batch_size`, so a
+/// job's calls go through the dynamic batcher's queue like other requests (a full batch
+/// would skip it) and every batch they join leaves room for real-time rows, which the batcher
+/// takes first. 1 (no merging) for models that do not batch, and for graphs, whose plugins
+/// may treat a request as a whole.
+fn group_rows(model: &dyn Model) -> usize {
+    (model.metadata().max_batch_size / 2).max(1)
+}
+
+/// Cuts a chunk's rows into units: consecutive rows that can be merged (no request
+/// parameters, one signature, at most `limit` rows together) share one; any other row is a
+/// unit of its own.
+fn units_of(chunk: u64, rows: Vec<NumberedRow>, limit: usize) -> Vec<Unit> {
+    let mut units: Vec<Unit> = Vec::new();
+    // The unit being filled, with its signature and rows so far.
+    let mut open: Option<(Signature, usize)> = None;
+    for (number, row) in rows {
+        let key = match &row {
+            Ok(ready) if limit > 1 && ready.parameters.is_empty() => {
+                batch_signature(&ready.inputs).filter(|(count, _)| *count <= limit)
+            }
+            _ => None,
+        };
+        match (key, open.as_mut(), units.last_mut()) {
+            (Some((count, signature)), Some((open_signature, open_rows)), Some(unit))
+                if *open_signature == signature && *open_rows + count <= limit =>
+            {
+                *open_rows += count;
+                unit.rows.push((number, row));
+            }
+            (key, _, _) => {
+                open = key.map(|(count, signature)| (signature, count));
+                units.push(Unit {
+                    chunk,
+                    last_of_chunk: false,
+                    rows: vec![(number, row)],
+                });
+            }
+        }
+    }
+    if let Some(last) = units.last_mut() {
+        last.last_of_chunk = true;
+    }
+    units
 }
 
 /// Starts one of the job's own threads (see [`JobSettings::on_thread_start`]).
@@ -356,14 +480,14 @@ fn job_thread<T: Send + 'static>(
 }
 
 /// The reader thread: reads the input chunk by chunk, decodes every chunk not yet committed
-/// and sends it on; at the end sends how many chunks the input holds. Stops early once
+/// and sends it on as units; at the end sends how many chunks the input holds. Stops early once
 /// nobody listens.
 fn read_chunks(
     mut input: Box<dyn BufRead + Send>,
     model: &dyn Model,
     bounds: ChunkBounds,
     committed: &BTreeSet<u64>,
-    sender: &tokio::sync::mpsc::Sender<Result<Chunk>>,
+    sender: &tokio::sync::mpsc::Sender<Result<Vec<Unit>>>,
 ) -> Option<u64> {
     let mut next_line = 0u64;
     let mut index = 0u64;
@@ -380,7 +504,8 @@ fn read_chunks(
                         .into_iter()
                         .map(|(number, line)| (number, prepare_row(model, line)))
                         .collect();
-                    if sender.blocking_send(Ok(Chunk { index, rows })).is_err() {
+                    let units = units_of(index, rows, group_rows(model));
+                    if sender.blocking_send(Ok(units)).is_err() {
                         return None;
                     }
                 }
@@ -390,49 +515,113 @@ fn read_chunks(
     }
 }
 
-/// A chunk's rows, in order, for the row stream (a read error is one item).
-fn chunk_rows(chunk: Result<Chunk>) -> Vec<std::result::Result<RowTask, Stop>> {
+/// A chunk's units, in order, for the unit stream (a read error is one item).
+fn chunk_units(chunk: Result<Vec<Unit>>) -> Vec<std::result::Result<Unit, Stop>> {
     match chunk {
         Err(error) => vec![Err(Stop::Failed(error))],
-        Ok(Chunk { index, rows }) => {
-            let count = rows.len();
-            rows.into_iter()
-                .enumerate()
-                .map(|(position, (number, row))| {
-                    Ok(RowTask {
-                        chunk: index,
-                        last_of_chunk: position + 1 == count,
-                        number,
-                        row,
-                    })
-                })
-                .collect()
-        }
+        Ok(units) => units.into_iter().map(Ok).collect(),
     }
 }
 
-/// What the writer thread is asked to commit, and where it answers with the chunk's counts.
-type CommitOrder = (
-    ChunkAnswers,
-    tokio::sync::oneshot::Sender<Result<(u64, u64)>>,
-);
+/// Runs a unit: one row alone, or its rows merged into one call and the outputs split back.
+/// If a merged call fails, its rows run again one by one, so a row's error is its own.
+async fn run_unit(
+    model: &dyn Model,
+    context: &RequestContext,
+    rows: Vec<NumberedRow>,
+) -> Vec<(u64, std::result::Result<RowOutputs, RowError>)> {
+    if rows.len() > 1 {
+        let ready: Vec<(u64, &ReadyRow)> = rows
+            .iter()
+            .filter_map(|(number, row)| row.as_ref().ok().map(|row| (*number, row)))
+            .collect();
+        if ready.len() == rows.len()
+            && let Some(answers) = run_merged(model, context, &ready).await
+        {
+            return answers;
+        }
+    }
+    let mut answers = Vec::with_capacity(rows.len());
+    for (number, row) in rows {
+        let answer = match row {
+            Ok(row) => run_row(model, context, row).await,
+            Err(error) => Err(error),
+        };
+        answers.push((number, answer));
+    }
+    answers
+}
+
+/// One call for rows of one signature; `None` if it failed (the rows then run alone).
+async fn run_merged(
+    model: &dyn Model,
+    context: &RequestContext,
+    rows: &[(u64, &ReadyRow)],
+) -> Option<Vec<(u64, std::result::Result<RowOutputs, RowError>)>> {
+    let requests: Vec<Vec<NamedTensor>> = rows.iter().map(|(_, row)| row.inputs.clone()).collect();
+    let counts: Vec<usize> = rows
+        .iter()
+        .map(|(_, row)| {
+            row.inputs
+                .first()
+                .and_then(|t| t.tensor.shape().first())
+                .copied()
+        })
+        .collect::<Option<_>>()?;
+    let merged = merge(&requests).ok()?;
+    let outputs = model.infer(context, merged).await.ok()?;
+    let parts = split(outputs, &counts).ok()?;
+    Some(
+        rows.iter()
+            .zip(parts)
+            .map(|((number, row), outputs)| {
+                let answer = RowOutputs {
+                    id: row.id.clone(),
+                    outputs,
+                    parameters: Parameters::new(),
+                    wanted: row.wanted.clone(),
+                };
+                (*number, Ok(answer))
+            })
+            .collect(),
+    )
+}
+
+/// Chunks handed to the writer thread and not yet committed: two, so the rows never wait for
+/// a commit unless the writer is a whole chunk behind.
+const COMMITS_QUEUED: usize = 2;
+
+/// What the writer thread answers for one chunk: its rows and failed rows once committed,
+/// `None` when it was not committed because the job was cancelled meanwhile.
+type CommitReply = Result<Option<(u64, u64)>>;
+
+/// What the writer thread is asked to commit, and where it answers.
+type CommitOrder = (ChunkAnswers, tokio::sync::oneshot::Sender<CommitReply>);
 
 /// The writer thread: encodes and commits chunks in the order it gets them, until the job
-/// drops its end of the channel.
+/// drops its end of the channel. After a cancel it commits nothing more, and after a failed
+/// commit nothing after it (a resumed job finds no gap before a committed chunk).
 fn write_chunks(orders: &std::sync::mpsc::Receiver<CommitOrder>, checkpoint: &dyn JobCheckpoint) {
+    let mut failed = false;
     while let Ok((chunk, reply)) = orders.recv() {
-        let result = encode_chunk(chunk);
-        let committed = checkpoint
-            .commit(&result)
-            .map(|()| (result.rows, result.failed));
-        let _ = reply.send(committed);
+        let answer = if failed {
+            Err(Error::unavailable(
+                "an earlier chunk of the job could not be committed",
+            ))
+        } else if checkpoint.cancelled() {
+            Ok(None)
+        } else {
+            let result = encode_chunk(chunk);
+            let committed = checkpoint.commit(&result);
+            failed = committed.is_err();
+            committed.map(|()| Some((result.rows, result.failed)))
+        };
+        let _ = reply.send(answer);
     }
 }
 
 /// Waits for the writer's answer to one commit.
-async fn finish_commit(
-    commit: tokio::sync::oneshot::Receiver<Result<(u64, u64)>>,
-) -> Result<(u64, u64)> {
+async fn finish_commit(commit: tokio::sync::oneshot::Receiver<CommitReply>) -> CommitReply {
     commit
         .await
         .map_err(|_| Error::internal("the job's writer stopped"))?
@@ -444,7 +633,8 @@ async fn finish_commit(
 /// runtime only calls the model: the job's reader thread reads and decodes chunks ahead
 /// ([`CHUNKS_AHEAD`]); the rows of consecutive chunks flow through one window of
 /// `concurrency` rows in flight; a finished chunk goes to the job's writer thread, which
-/// encodes and commits it while the next chunk's rows run (one commit at a time, in order).
+/// encodes and commits it while the next chunks' rows run (in order, up to
+/// [`COMMITS_QUEUED`] waiting).
 /// A row already in flight when a cancel lands finishes, but its chunk is not committed.
 pub async fn run_job(
     input: Box<dyn BufRead + Send>,
@@ -485,13 +675,22 @@ pub async fn run_job(
     let settings = &settings;
     let checkpoint_ref = &checkpoint;
     // Boxed to be pinned, and so that dropping it drops the rows in flight and the reader's end.
+    // Units in flight: `concurrency` rows' worth.
+    let window = (settings.concurrency.max(1) / group_rows(model.as_ref())).max(1);
+    // Boxed to be pinned, and so that dropping it drops the rows in flight and the reader's end.
     let mut answers = Box::pin(
         chunks
-            .flat_map(|chunk| futures_util::stream::iter(chunk_rows(chunk)))
-            .map(|task| async move {
-                let task = task?;
+            .flat_map(|chunk| futures_util::stream::iter(chunk_units(chunk)))
+            .map(|unit| async move {
+                let unit = unit?;
                 if checkpoint_ref.cancelled() {
                     return Err(Stop::Cancelled);
+                }
+                if let Some(realtime) = &settings.yield_to {
+                    realtime.wait_quiet(settings.realtime_pause).await;
+                    if checkpoint_ref.cancelled() {
+                        return Err(Stop::Cancelled);
+                    }
                 }
                 let mut context = RequestContext::for_tenant(&settings.tenant).as_batch();
                 if let Some(deadline) = settings.deadline {
@@ -500,29 +699,28 @@ pub async fn run_job(
                     }
                     context = context.with_deadline(deadline);
                 }
-                let answer = match task.row {
-                    Ok(row) => run_row(model.as_ref(), &context, row).await,
-                    Err(error) => Err(error),
-                };
-                Ok((task.chunk, task.last_of_chunk, task.number, answer))
+                let answers = run_unit(model.as_ref(), &context, unit.rows).await;
+                Ok((unit.chunk, unit.last_of_chunk, answers))
             })
-            .buffered(settings.concurrency.max(1)),
+            .buffered(window),
     );
 
     let (mut rows, mut failed) = (0u64, 0u64);
     let mut current: Option<ChunkAnswers> = None;
-    let mut committing = None;
+    let mut committing = std::collections::VecDeque::new();
     let stop = loop {
         let Some(answer) = answers.next().await else {
             break None;
         };
-        let (chunk, last_of_chunk, number, answer) = match answer {
+        let (chunk, last_of_chunk, unit_answers) = match answer {
             Ok(answer) => answer,
             Err(stop) => break Some(stop),
         };
-        if matches!(&answer, Err((ErrorKind::DeadlineExceeded, _)))
-            && settings.deadline.is_some_and(|d| Instant::now() >= d)
-        {
+        let out_of_time = unit_answers
+            .iter()
+            .any(|(_, answer)| matches!(answer, Err((ErrorKind::DeadlineExceeded, _))))
+            && settings.deadline.is_some_and(|d| Instant::now() >= d);
+        if out_of_time {
             // The job ran out of time mid-row: the chunk is not committed.
             break Some(Stop::Deadline);
         }
@@ -532,23 +730,26 @@ pub async fn run_job(
                 rows: Vec::new(),
             })
             .rows
-            .push((number, answer));
+            .extend(unit_answers);
         if !last_of_chunk {
             continue;
         }
         let Some(finished) = current.take() else {
             continue;
         };
-        if let Some(previous) = committing.take() {
-            match finish_commit(previous).await {
-                Ok((chunk_rows, chunk_failed)) => {
+        if committing.len() >= COMMITS_QUEUED
+            && let Some(oldest) = committing.pop_front()
+        {
+            match finish_commit(oldest).await {
+                Ok(Some((chunk_rows, chunk_failed))) => {
                     rows += chunk_rows;
                     failed += chunk_failed;
                 }
+                Ok(None) => break Some(Stop::Cancelled),
                 Err(error) => break Some(Stop::Failed(error)),
             }
         }
-        // Checked after the previous commit, which may itself have seen the cancel.
+        // Checked after the oldest commit, which may itself have seen the cancel.
         if checkpoint.cancelled() {
             break Some(Stop::Cancelled);
         }
@@ -556,14 +757,22 @@ pub async fn run_job(
         if orders.send((finished, reply)).is_err() {
             break Some(Stop::Failed(Error::internal("the job's writer stopped")));
         }
-        committing = Some(answer);
+        committing.push_back(answer);
     };
     // Rows still in flight are dropped with the stream (and the reader stops at its next send).
     drop(answers);
-    if let Some(last) = committing.take() {
-        let (chunk_rows, chunk_failed) = finish_commit(last).await?;
-        rows += chunk_rows;
-        failed += chunk_failed;
+    let mut stop = stop;
+    for pending in committing {
+        match finish_commit(pending).await {
+            Ok(Some((chunk_rows, chunk_failed))) => {
+                rows += chunk_rows;
+                failed += chunk_failed;
+            }
+            Ok(None) => {
+                stop.get_or_insert(Stop::Cancelled);
+            }
+            Err(error) => return Err(error),
+        }
     }
     // The writer ends once it has nothing more to do.
     drop(orders);

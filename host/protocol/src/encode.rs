@@ -93,6 +93,31 @@ pub fn tensor_json(tensor: &NamedTensor) -> Result<serde_json::Value> {
         .map_err(|error| weft_core::Error::internal(format!("cannot encode JSON: {error}")))
 }
 
+/// Tensors as a JSON array of V2 output objects (`name`, `datatype`, `shape`, `data`), ready
+/// to serialise straight to text with no `serde_json::Value` tree in between: what a batch
+/// job's output lines hold, written thousands of times a second.
+pub struct JsonTensors<'a>(Vec<WireTensor<'a>>);
+
+impl<'a> JsonTensors<'a> {
+    /// Checks every tensor can be written as JSON (BYTES elements must be UTF-8).
+    pub fn new(tensors: impl IntoIterator<Item = &'a NamedTensor>) -> Result<Self> {
+        tensors
+            .into_iter()
+            .map(|tensor| wire_tensor(tensor, false, Parameters::new()))
+            .collect::<Result<_>>()
+            .map(JsonTensors)
+    }
+}
+
+impl Serialize for JsonTensors<'_> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
 /// JSON header then the binary tensors, in order.
 fn assemble<'a>(
     header: &impl Serialize,

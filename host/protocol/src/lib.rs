@@ -14,8 +14,8 @@ mod types;
 
 pub use decode::{InferRequest, RequestInput, RequestedOutput, decode_infer_request};
 pub use encode::{
-    EncodedResponse, InferResponse, ResponseOutput, encode_infer_request, encode_infer_response,
-    tensor_json,
+    EncodedResponse, InferResponse, JsonTensors, ResponseOutput, encode_infer_request,
+    encode_infer_response, tensor_json,
 };
 pub use types::{
     ErrorResponse, MetadataTensor, ModelMetadataResponse, RepositoryIndexEntry,

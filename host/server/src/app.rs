@@ -71,6 +71,8 @@ pub struct AppState {
     pub body_idle_timeout: Duration,
     /// Spinners that keep the cores awake while requests arrive (`--busy-poll-us`).
     pub busy_poll: Option<Arc<crate::busy_poll::BusyPoll>>,
+    /// Inference requests in flight, which batch jobs yield to.
+    pub realtime: Arc<weft_engine::jobs::RealtimeLoad>,
 }
 
 impl AppState {
@@ -88,6 +90,7 @@ impl AppState {
             body_budget: Arc::default(),
             body_idle_timeout: crate::body_timeout::DEFAULT_BODY_IDLE_TIMEOUT,
             busy_poll: None,
+            realtime: Arc::default(),
         }
     }
 }
@@ -393,6 +396,7 @@ async fn run_infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let _realtime = state.realtime.enter();
     let request = RequestContext::for_tenant(&scope.name);
     let mut served = Served::default();
     let result = match scope.admit().map_err(crate::tenants::refused) {

@@ -219,6 +219,13 @@ pub struct ServeArgs {
           default_value_t = weft_tenancy::jobs::DEFAULT_ROWS_IN_FLIGHT,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub job_rows_in_flight: usize,
+    /// Batch jobs yield to real-time inference: while any request is in flight on this
+    /// replica, each group of a job's rows waits up to this many milliseconds for them to
+    /// finish before it runs anyway. Higher protects real-time latency more and slows jobs
+    /// under steady real-time load (0: jobs do not yield).
+    #[arg(long, env = "WEFT_JOB_REALTIME_PAUSE_MS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub job_realtime_pause_ms: u64,
     /// Largest control-plane upload (plugin, model, graph, job input) in bytes; larger uploads get 413.
     #[arg(long, env = "WEFT_MAX_UPLOAD_BYTES", default_value_t = crate::app::DEFAULT_MAX_UPLOAD_BYTES)]
     pub max_upload_bytes: usize,
@@ -557,12 +564,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )?;
     }
     weft_tenancy::rollouts::run_rollout_controller(Arc::clone(&tenancy));
+    // Batch jobs run on a runtime of their own at low priority; the models' batch schedulers
+    // stay on this one whoever calls a model first.
+    weft_engine::batcher::run_schedulers_on(tokio::runtime::Handle::current());
     weft_tenancy::jobs::run_job_runner(
         Arc::clone(&tenancy),
         weft_tenancy::jobs::JobRunnerConfig {
             slots: args.job_slots,
             rows_in_flight: args.job_rows_in_flight,
             on_thread_start: Some(crate::thread_priority::become_background),
+            runtime: Some(crate::thread_priority::background_runtime()?),
+            yield_to: Some(Arc::clone(&state.realtime)),
+            realtime_pause: Duration::from_millis(args.job_realtime_pause_ms),
         },
     );
     let accepting = state.accepting.clone();

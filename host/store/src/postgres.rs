@@ -353,9 +353,9 @@ impl PostgresMeta {
         Ok(out)
     }
 
-    /// Announces the replica `id` as alive and returns how many replicas are (itself
+    /// Announces the replica `id` as alive and returns the ids of the live replicas (itself
     /// included): those announced within [`REPLICA_TIMEOUT_SECONDS`]. Call it every few seconds.
-    pub fn heartbeat(&self, id: &str) -> Result<usize> {
+    pub fn heartbeat(&self, id: &str) -> Result<Vec<String>> {
         let pool = self.pool.clone();
         let id = id.to_string();
         self.run(async move {
@@ -371,16 +371,18 @@ impl PostgresMeta {
                 .execute(&pool)
                 .await
                 .map_err(|e| database_error("cannot forget old replicas", &e))?;
-            let live: i64 = sqlx::query(
-                "SELECT count(*) FROM weft_replicas
-                 WHERE seen_at > now() - make_interval(secs => $1)",
+            let rows = sqlx::query(
+                "SELECT id FROM weft_replicas
+                 WHERE seen_at > now() - make_interval(secs => $1) ORDER BY id",
             )
             .bind(REPLICA_TIMEOUT_SECONDS as f64)
-            .fetch_one(&pool)
+            .fetch_all(&pool)
             .await
-            .and_then(|row| row.try_get(0))
-            .map_err(|e| database_error("cannot count replicas", &e))?;
-            Ok(usize::try_from(live).unwrap_or(1).max(1))
+            .map_err(|e| database_error("cannot list live replicas", &e))?;
+            rows.iter()
+                .map(|row| row.try_get::<String, _>(0))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| database_error("cannot list live replicas", &e))
         })
     }
 

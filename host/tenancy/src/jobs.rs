@@ -61,6 +61,14 @@ pub struct JobRunnerConfig {
     /// Runs first on each job's reader and writer threads (the server lowers their priority
     /// there: see [`weft_engine::jobs::JobSettings::on_thread_start`]).
     pub on_thread_start: Option<fn()>,
+    /// The runtime claimed jobs run on (the server's low-priority one, so a job's own work
+    /// between model calls yields to requests); `None`: the runner's.
+    pub runtime: Option<tokio::runtime::Handle>,
+    /// The replica's real-time requests, which jobs yield to (see
+    /// [`weft_engine::jobs::RealtimeLoad`]).
+    pub yield_to: Option<Arc<weft_engine::jobs::RealtimeLoad>>,
+    /// The longest a job's unit waits for real-time requests before it runs anyway.
+    pub realtime_pause: Duration,
 }
 
 impl Default for JobRunnerConfig {
@@ -69,6 +77,9 @@ impl Default for JobRunnerConfig {
             slots: DEFAULT_JOB_SLOTS,
             rows_in_flight: DEFAULT_ROWS_IN_FLIGHT,
             on_thread_start: None,
+            runtime: None,
+            yield_to: None,
+            realtime_pause: weft_engine::jobs::REALTIME_PAUSE,
         }
     }
 }
@@ -610,18 +621,28 @@ impl Tenancy {
     }
 
     /// Takes the next job this replica should run, if any: a queued job, or a running one
-    /// whose runner is gone (this replica before a restart, with the embedded store). Among
-    /// tenants, the one with the fewest jobs running here goes first, then the oldest job.
+    /// whose runner is gone (this replica before a restart with the embedded store; on a
+    /// shared store, any replica that stopped announcing itself). Among tenants, the one with
+    /// the fewest jobs running here goes first, then the oldest job.
     fn claim_next_job(&self) -> Result<Option<Claim>> {
         let live: Vec<JobKey> = lock(&self.jobs)?.keys().cloned().collect();
-        let shared = self.store.shared().is_some();
+        // With the embedded store this process is the only runner: a running job it does not
+        // hold was interrupted by a crash. On a shared store, a running job is orphaned once
+        // its runner is no longer a live replica (unknown until this one's first heartbeat).
+        let live_replicas = match self.store.shared() {
+            None => None,
+            Some(_) => Some(lock(&self.live_replicas)?.clone().unwrap_or_default()),
+        };
+        let orphaned = |job: &JobRecord| match &live_replicas {
+            None => true,
+            Some(replicas) if replicas.is_empty() => false,
+            Some(replicas) => job.runner.as_ref().is_none_or(|r| !replicas.contains(r)),
+        };
         let runnable = |tenant: &Tenant, job: &JobRecord| {
             let key = (tenant.name.clone(), job.id.clone());
             match job.state {
                 JobState::Queued => true,
-                // With the embedded store this process is the only runner: a running job it
-                // does not hold was interrupted by a crash.
-                JobState::Running => !shared && !live.contains(&key),
+                JobState::Running => !live.contains(&key) && orphaned(job),
                 _ => false,
             }
         };
@@ -682,8 +703,8 @@ impl Tenancy {
         }))
     }
 
-    /// Sets the cancel flag of every job running here whose record asks for it, or whose
-    /// record (or tenant) is gone.
+    /// Sets the cancel flag of every job running here whose record asks for it, names another
+    /// runner, or is gone (with its tenant).
     fn notice_cancels(&self) -> Result<()> {
         let state = self.store.state();
         for ((tenant, id), live) in lock(&self.jobs)?.iter() {
@@ -691,7 +712,10 @@ impl Tenancy {
                 .tenants
                 .get(tenant)
                 .and_then(|record| record.jobs.get(id))
-                .is_none_or(|job| job.cancel_requested);
+                .is_none_or(|job| {
+                    // Cancelled, or taken over by another replica while this one was cut off.
+                    job.cancel_requested || job.runner.as_deref() != Some(&self.replica_id)
+                });
             if wanted {
                 live.cancel.store(true, Ordering::Relaxed);
             }
@@ -749,6 +773,7 @@ impl Tenancy {
             }
         };
         let (tenant, id) = (&claim.tenant, &claim.record.id);
+        let replica = self.replica_id.as_str();
         let result = self.change(Some(tenant), |store| {
             let Some(job) = store
                 .tenants
@@ -757,6 +782,11 @@ impl Tenancy {
             else {
                 return Ok(()); // deleted with its tenant
             };
+            if job.runner.as_deref() != Some(replica) {
+                // Another replica took the job over (this one was taken for dead): its run
+                // records the end, this one's chunks are dropped.
+                return Ok(());
+            }
             job.state = state;
             job.error = error;
             job.runner = None;
@@ -810,6 +840,8 @@ impl Tenancy {
         settings.chunk_rows = usize::try_from(job.chunk_rows).unwrap_or(usize::MAX);
         settings.concurrency = config.rows_in_flight;
         settings.on_thread_start = config.on_thread_start;
+        settings.yield_to = config.yield_to.clone();
+        settings.realtime_pause = config.realtime_pause;
         settings.deadline = Some(Instant::now() + Duration::from_millis(left));
         run_job(
             Box::new(BufReader::with_capacity(1 << 20, input)),
@@ -849,11 +881,15 @@ pub fn run_job_runner(tenancy: Arc<Tenancy>, config: JobRunnerConfig) {
                     }
                 };
                 let runner = Arc::clone(&tenancy);
-                let config = config.clone();
-                tokio::spawn(async move {
-                    runner.run_claimed(claim, config).await;
+                let job_config = config.clone();
+                let run = async move {
+                    runner.run_claimed(claim, job_config).await;
                     drop(permit);
-                });
+                };
+                match &config.runtime {
+                    Some(runtime) => drop(runtime.spawn(run)),
+                    None => drop(tokio::spawn(run)),
+                }
             }
         }
     });

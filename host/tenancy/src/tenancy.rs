@@ -72,6 +72,9 @@ pub struct Tenancy {
     pub(crate) replicas: Arc<AtomicUsize>,
     /// This replica's name in the shared store's `weft_replicas` (random per process).
     pub(crate) replica_id: String,
+    /// The live replicas at the last heartbeat (shared store only; `None` before the first):
+    /// a running job whose runner is not among them was orphaned by a crash.
+    pub(crate) live_replicas: Mutex<Option<Vec<String>>>,
 }
 
 /// (tenant, plugin, digest): what makes a compiled tenant plugin reusable.
@@ -179,6 +182,7 @@ impl Tenancy {
             writer: Mutex::default(),
             challenges,
             replicas: Arc::new(AtomicUsize::new(1)),
+            live_replicas: Mutex::default(),
             replica_id: format!(
                 "{}-{}",
                 std::process::id(),
@@ -383,8 +387,12 @@ impl Tenancy {
         let Some(shared) = self.store.shared() else {
             return Ok(1);
         };
-        let replicas = shared.heartbeat(&self.replica_id)?;
+        let live = shared.heartbeat(&self.replica_id)?;
+        let replicas = live.len().max(1);
         self.replicas.store(replicas, Ordering::Relaxed);
+        if let Ok(mut known) = self.live_replicas.lock() {
+            *known = Some(live);
+        }
         Ok(replicas)
     }
 

@@ -15,6 +15,13 @@ struct Double {
 }
 
 impl Double {
+    /// A model that batches up to `max_batch_size` rows per call.
+    fn batching(max_batch_size: usize) -> Arc<Self> {
+        let mut model = Arc::into_inner(Double::new()).unwrap();
+        model.metadata.max_batch_size = max_batch_size;
+        Arc::new(model)
+    }
+
     fn new() -> Arc<Self> {
         let spec = |name: &str| TensorSpec {
             name: name.into(),
@@ -45,6 +52,14 @@ impl Model for Double {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             let input = &inputs[0].tensor;
+            let values = input.data().chunks_exact(4);
+            if values
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .any(|v| v < 0.0)
+            {
+                // A poisoned row fails the whole call it is in.
+                return Err(Error::invalid("negative input"));
+            }
             let doubled: Vec<u8> = input
                 .data()
                 .chunks_exact(4)
@@ -368,4 +383,77 @@ async fn decoding_and_encoding_run_on_the_jobs_own_threads_started_with_its_hook
     let (outputs, _) = checkpoint.files();
     assert_eq!(outputs.len(), 25);
     assert_eq!(outputs[24]["outputs"][0]["data"], json!([48.0, 2.0]));
+}
+
+#[tokio::test]
+async fn rows_of_a_batching_model_share_calls_and_a_failing_call_fails_only_its_bad_row() {
+    let mut lines: Vec<String> = (0..25).map(|i| row(i as f32)).collect();
+    lines[5] = row(-1.0);
+    let checkpoint = Arc::new(Memory::default());
+    let model = Double::batching(8);
+    let end = run_ten_a_chunk(&lines, &model, &checkpoint).await.unwrap();
+    assert_eq!(
+        end,
+        JobEnd::Finished {
+            rows: 25,
+            failed: 1,
+            chunks: 3
+        }
+    );
+    // Up to 4 rows (half of 8) a call: chunks of 10 are calls of 4, 4 and 2 (5 in the last).
+    // The call holding the bad row fails and its 4 rows run again alone.
+    assert_eq!(model.calls.load(Ordering::SeqCst), 3 + 3 + 2 + 4);
+    let (outputs, errors) = checkpoint.files();
+    assert_eq!(
+        line_numbers(&outputs),
+        (1..=25).filter(|&n| n != 6).collect::<Vec<_>>()
+    );
+    for output in &outputs {
+        let n = output["line"].as_u64().unwrap() - 1;
+        assert_eq!(output["id"], json!(format!("r{n}")));
+        assert_eq!(output["outputs"][0]["data"], json!([2.0 * n as f64, 2.0]));
+        assert_eq!(output["outputs"][0]["shape"], json!([1, 2]));
+    }
+    assert_eq!(line_numbers(&errors), [6]);
+    assert!(errors[0]["error"].as_str().unwrap().contains("negative"));
+}
+
+/// Runs 20 rows, 10 a chunk, 4 at a time, yielding to `realtime`; returns how it ended and
+/// how long it took.
+async fn run_yielding(realtime: Arc<RealtimeLoad>) -> (JobEnd, Duration) {
+    let lines: Vec<String> = (0..20).map(|i| row(i as f32)).collect();
+    let started = Instant::now();
+    let end = run_job(
+        input(&lines),
+        Double::new(),
+        JobSettings {
+            yield_to: Some(realtime),
+            ..settings(10)
+        },
+        Arc::new(Memory::default()),
+    )
+    .await
+    .unwrap();
+    (end, started.elapsed())
+}
+
+#[tokio::test]
+async fn a_job_waits_for_real_time_requests_before_each_unit_but_still_moves() {
+    let realtime = Arc::new(RealtimeLoad::default());
+    let finished = JobEnd::Finished {
+        rows: 20,
+        failed: 0,
+        chunks: 2,
+    };
+    // A real-time request in flight the whole time: 20 rows, 4 at a time, each waits the
+    // full pause first, so at least 5 pauses pass; every row still runs.
+    let request = realtime.enter();
+    assert!(realtime.busy());
+    let (end, took) = run_yielding(Arc::clone(&realtime)).await;
+    assert_eq!(end, finished);
+    assert!(took >= REALTIME_PAUSE * 5, "{took:?}");
+    drop(request);
+    assert!(!realtime.busy(), "the request's guard counts it out");
+    let (end, _) = run_yielding(realtime).await;
+    assert_eq!(end, finished);
 }
