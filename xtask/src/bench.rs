@@ -185,22 +185,7 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
             continue;
         }
         for (batch, concurrency) in [("1", "1"), ("1", "64"), ("64", "1"), ("64", "2")] {
-            let mut args: Vec<String> = [
-                "--model",
-                model,
-                "--in-process",
-                "--repository",
-                "bench/repository",
-                "--rows",
-                batch,
-                "--ort-threads",
-                &options.ort_threads,
-                "--ort-library",
-            ]
-            .map(String::from)
-            .to_vec();
-            args.push(library.to_string_lossy().into_owned());
-            args.extend(timing_args(concurrency, &options));
+            let args = in_process_args(model, batch, concurrency, &library, &options);
             let line = weft_bench(&weft, root, &args)?;
             rows.push(
                 format!("{model}, in-process, batch of {batch}, c={concurrency}"),
@@ -280,6 +265,34 @@ pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `weft bench` arguments for `model` in process from bench/repository: `rows` a call from
+/// `concurrency` callers.
+fn in_process_args(
+    model: &str,
+    rows: &str,
+    concurrency: &str,
+    library: &Path,
+    options: &Options,
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--model",
+        model,
+        "--in-process",
+        "--repository",
+        "bench/repository",
+        "--rows",
+        rows,
+        "--ort-threads",
+        &options.ort_threads,
+        "--ort-library",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(library.to_string_lossy().into_owned());
+    args.extend(timing_args(concurrency, options));
+    args
+}
+
 /// Builds the release `weft` binary; returns its path.
 fn build_release(root: &Path) -> Result<std::path::PathBuf> {
     crate::run(Command::new(env!("CARGO")).current_dir(root).args([
@@ -319,22 +332,7 @@ pub fn run_job_bench(root: &Path, args: &[String]) -> Result<()> {
     let library = crate::ort_library(root);
     let mut limits = Vec::new();
     for callers in ["1", "2"] {
-        let mut args: Vec<String> = [
-            "--model",
-            JOB_MODEL,
-            "--in-process",
-            "--repository",
-            "bench/repository",
-            "--rows",
-            "64",
-            "--ort-threads",
-            &options.ort_threads,
-            "--ort-library",
-        ]
-        .map(String::from)
-        .to_vec();
-        args.push(library.to_string_lossy().into_owned());
-        args.extend(timing_args(callers, &options));
+        let args = in_process_args(JOB_MODEL, "64", callers, &library, &options);
         let line = weft_bench(&weft, root, &args)?;
         let figure = figure(&line).context("no figure in the in-process line")?;
         limits.push((callers, figure.rows_per_second));

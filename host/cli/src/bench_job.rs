@@ -175,20 +175,8 @@ impl Jobs<'_> {
             .header(reqwest::header::CONTENT_TYPE, "application/jsonl")
             .body(body)
             .send()
-            .await
-            .context("cannot submit the job")?;
-        let status = response.status();
-        let job: Value = response
-            .json()
-            .await
-            .context("the job answer is not JSON")?;
-        if !status.is_success() {
-            bail!(
-                "submitting a job on '{}' failed ({status}): {job}",
-                self.model
-            );
-        }
-        Ok(job)
+            .await;
+        job_answer(response, &format!("submitting a job on '{}'", self.model)).await
     }
 
     async fn get(&self, id: &str) -> anyhow::Result<Value> {
@@ -196,17 +184,8 @@ impl Jobs<'_> {
             .client
             .get(format!("{}/api/v1/jobs/{id}", self.url))
             .send()
-            .await
-            .context("cannot read the job")?;
-        let status = response.status();
-        let job: Value = response
-            .json()
-            .await
-            .context("the job answer is not JSON")?;
-        if !status.is_success() {
-            bail!("reading job {id} failed ({status}): {job}");
-        }
-        Ok(job)
+            .await;
+        job_answer(response, &format!("reading job {id}")).await
     }
 
     /// Polls until the job has started and done some rows.
@@ -238,6 +217,23 @@ impl Jobs<'_> {
             }
         }
     }
+}
+
+/// The job a jobs API call answered with, or what went wrong `doing` it.
+async fn job_answer(
+    response: reqwest::Result<reqwest::Response>,
+    doing: &str,
+) -> anyhow::Result<Value> {
+    let response = response.with_context(|| format!("{doing} failed"))?;
+    let status = response.status();
+    let job: Value = response
+        .json()
+        .await
+        .with_context(|| format!("{doing}: the answer is not JSON"))?;
+    if !status.is_success() {
+        bail!("{doing} failed ({status}): {job}");
+    }
+    Ok(job)
 }
 
 fn job_id(job: &Value) -> anyhow::Result<String> {

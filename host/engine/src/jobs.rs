@@ -12,8 +12,13 @@
 //! A bad line fails only itself: it becomes a line of the error file, keyed by its line number,
 //! and the job goes on. Lines are bounded in bytes before they are parsed; blank lines are
 //! skipped (they keep their numbers). Cancellation and the job's deadline are checked before
-//! every row, so a cancel stops a job within the time of the rows already in flight. Rows run as batch work
-//! ([`RequestContext::as_batch`]): a dynamic batcher serves real-time requests before them.
+//! every unit (a row, or rows merged into one call), so a cancel stops a job within the time
+//! of the units already in flight.
+//!
+//! Real-time requests come first. Rows run as batch work ([`RequestContext::as_batch`]): a
+//! dynamic batcher serves waiting real-time requests before them. While real-time requests
+//! are in flight each unit waits for them first ([`RealtimeLoad`]), and the decoding and
+//! encoding happen on the job's own threads, which the server runs at the idle priority.
 //!
 //! The record, quotas, files and the API live in the tenancy layer and the server; this module
 //! needs none of them, so it is tested with fakes.
