@@ -44,6 +44,10 @@ pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
 /// Most input bytes one chunk holds in memory unless a job says otherwise: a chunk ends at
 /// `chunk_rows` rows or at this many bytes, whichever comes first.
 pub const DEFAULT_MAX_CHUNK_BYTES: usize = 16 << 20;
+/// Most output bytes (tensor data, before JSON) one chunk's rows may produce unless a job
+/// says otherwise: a chunk's answers are held until it is committed, and the model decides
+/// their size, so this bounds what one job's outputs cost the host's memory.
+pub const DEFAULT_MAX_CHUNK_OUTPUT_BYTES: usize = 64 << 20;
 
 /// How one job runs.
 #[derive(Clone, Debug)]
@@ -57,6 +61,9 @@ pub struct JobSettings {
     /// A chunk ends once its lines hold this many bytes (so a chunk of long lines is not
     /// `chunk_rows` times `max_line_bytes` in memory).
     pub max_chunk_bytes: usize,
+    /// A chunk whose rows produce more output bytes than this fails the job, named so (a
+    /// smaller `chunk_rows` fits).
+    pub max_chunk_output_bytes: usize,
     /// Rows of one chunk in flight at once.
     pub concurrency: usize,
     /// When the job stops (checked before every row).
@@ -81,6 +88,7 @@ impl JobSettings {
             chunk_rows: DEFAULT_CHUNK_ROWS,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             max_chunk_bytes: DEFAULT_MAX_CHUNK_BYTES,
+            max_chunk_output_bytes: DEFAULT_MAX_CHUNK_OUTPUT_BYTES,
             concurrency: 8,
             deadline: None,
             on_thread_start: None,
@@ -373,6 +381,8 @@ fn push_line(file: &mut Vec<u8>, value: &Value) {
 struct ChunkAnswers {
     index: u64,
     rows: Vec<(u64, std::result::Result<RowOutputs, RowError>)>,
+    /// Output tensor bytes its rows hold (bounded by `max_chunk_output_bytes`).
+    output_bytes: usize,
 }
 
 /// Encodes a chunk's answer and error lines (on the writer thread).
@@ -405,9 +415,10 @@ enum Stop {
     Failed(Error),
 }
 
-/// Chunks read ahead of the rows being run: enough that the rows never wait for the reader,
-/// few enough that a job holds at most this many chunks' rows in memory.
-const CHUNKS_AHEAD: usize = 2;
+/// Chunks read ahead of the rows being run: one is enough for the rows not to wait for the
+/// reader (it decodes the next chunk while this one runs), and a decoded chunk can be several
+/// times its text (`1,` is 8 bytes as FP64), so a job holds no more than it needs.
+const CHUNKS_AHEAD: usize = 1;
 
 /// A line's number and its decoded row (or the error its line gets).
 type NumberedRow = (u64, std::result::Result<ReadyRow, RowError>);
@@ -729,13 +740,25 @@ pub async fn run_job(
             // The job ran out of time mid-row: the chunk is not committed.
             break Some(Stop::Deadline);
         }
-        current
-            .get_or_insert_with(|| ChunkAnswers {
-                index: chunk,
-                rows: Vec::new(),
-            })
-            .rows
-            .extend(unit_answers);
+        let chunk_answers = current.get_or_insert_with(|| ChunkAnswers {
+            index: chunk,
+            rows: Vec::new(),
+            output_bytes: 0,
+        });
+        chunk_answers.output_bytes += unit_answers
+            .iter()
+            .filter_map(|(_, answer)| answer.as_ref().ok())
+            .flat_map(|row| &row.outputs)
+            .map(|output| output.tensor.data().len())
+            .sum::<usize>();
+        if chunk_answers.output_bytes > settings.max_chunk_output_bytes {
+            break Some(Stop::Failed(Error::invalid(format!(
+                "the rows of chunk {chunk} (from 0) produced more than {} bytes of outputs, \
+                 the most a chunk may hold in memory: submit the job with a smaller chunk_rows",
+                settings.max_chunk_output_bytes
+            ))));
+        }
+        chunk_answers.rows.extend(unit_answers);
         if !last_of_chunk {
             continue;
         }

@@ -457,3 +457,44 @@ async fn a_job_waits_for_real_time_requests_before_each_unit_but_still_moves() {
     let (end, _) = run_yielding(realtime).await;
     assert_eq!(end, finished);
 }
+
+#[tokio::test]
+async fn a_chunk_whose_outputs_pass_their_bound_fails_the_job_naming_chunk_rows() {
+    let lines: Vec<String> = (0..30).map(|i| row(i as f32)).collect();
+    let checkpoint = Arc::new(Memory::default());
+    // Each row's output is 8 bytes: a chunk of 10 rows holds 80, more than the 50 allowed.
+    let error = run_job(
+        input(&lines),
+        Double::new(),
+        JobSettings {
+            max_chunk_output_bytes: 50,
+            ..settings(10)
+        },
+        checkpoint.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::InvalidArgument);
+    assert!(error.message().contains("smaller chunk_rows"), "{error}");
+    assert!(checkpoint.chunks.lock().unwrap().is_empty());
+    // Chunks of 5 rows (40 bytes) fit.
+    let end = run_job(
+        input(&lines),
+        Double::new(),
+        JobSettings {
+            max_chunk_output_bytes: 50,
+            ..settings(5)
+        },
+        checkpoint.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        end,
+        JobEnd::Finished {
+            rows: 30,
+            failed: 0,
+            chunks: 6
+        }
+    );
+}
