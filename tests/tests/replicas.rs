@@ -595,6 +595,10 @@ async fn a_job_orphaned_by_a_killed_replica_is_finished_by_another_every_line_on
     assert_eq!(status, 201, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
 
+    until("the job on the other replica", || async {
+        status_of(client_with_key(&key).get(two.url(&format!("/api/v1/jobs/{id}")))).await == 200
+    })
+    .await;
     // The runner is the replica that shows progress (the other reads the record only).
     let started = Instant::now();
     let one_runs = loop {
