@@ -130,4 +130,6 @@ def test_unknown_model_is_404(client):
     tensor.set_data_from_numpy(np.zeros((1, 64), dtype=np.float32))
     with pytest.raises(InferenceServerException) as error:
         client.infer("no_such_model", [tensor])
-    assert "404" in str(error.value.status()) and "unknown model 'no_such_model'" in error.value.message()
+    # Triton's own text: its clients look for the prefix "Request for unknown model".
+    assert "404" in str(error.value.status())
+    assert error.value.message() == "Request for unknown model: 'no_such_model' is not found"

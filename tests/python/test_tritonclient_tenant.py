@@ -47,4 +47,4 @@ def test_another_tenant_cannot_see_it():
     assert not other.is_model_ready("classify")
     with pytest.raises(InferenceServerException) as refused:
         other.get_model_metadata("classify")
-    assert "unknown model 'classify'" in str(refused.value)
+    assert "Request for unknown model: 'classify' is not found" in str(refused.value)

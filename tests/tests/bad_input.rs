@@ -66,7 +66,7 @@ async fn bad_inputs_get_clear_4xx_errors_and_the_server_keeps_serving() {
             None,
             x(json!([1, 64]), "FP32", floats(64)),
             404,
-            "unknown model 'nope'",
+            "Request for unknown model: 'nope' is not found",
         ),
         (
             "model name not UTF-8",
@@ -82,7 +82,7 @@ async fn bad_inputs_get_clear_4xx_errors_and_the_server_keeps_serving() {
             None,
             x(json!([1, 64]), "FP32", floats(64)),
             404,
-            "unknown version '3' of model 'mlp'",
+            "Request for unknown model: 'mlp' version 3 is not found",
         ),
         (
             "wrong datatype",

@@ -291,7 +291,8 @@ fn a_new_tenant_goes_from_key_gen_to_a_signed_plugin_in_a_graph() {
     assert!(!denied.status.success());
     let stderr = String::from_utf8_lossy(&denied.stderr);
     assert!(
-        stderr.contains("404") && stderr.contains("unknown model 'classify'"),
+        stderr.contains("404")
+            && stderr.contains("Request for unknown model: 'classify' is not found"),
         "{stderr}"
     );
     let listed: Value = serde_json::from_str(&ok(&server, &admin, &["tenant", "list"])).unwrap();

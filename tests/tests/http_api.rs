@@ -62,7 +62,10 @@ async fn model_metadata_reports_inputs_outputs_and_versions() {
     );
     let (status, body) = get_json(&server.url("/v2/models/mlp/versions/2")).await;
     assert_eq!(status, 404);
-    assert_eq!(body["error"], "unknown version '2' of model 'mlp'");
+    assert_eq!(
+        body["error"],
+        "Request for unknown model: 'mlp' version 2 is not found"
+    );
 }
 
 #[tokio::test]

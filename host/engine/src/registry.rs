@@ -140,10 +140,7 @@ impl ModelRegistry {
     /// failed to load is `Unavailable` with the reason. Without a version, the highest ready
     /// version serves. Returns the version number with the model.
     pub fn resolve(&self, name: &str, version: Option<&str>) -> Result<(u64, Arc<dyn Model>)> {
-        let entry = self
-            .models
-            .get(name)
-            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+        let entry = self.models.get(name).ok_or_else(|| unknown_model(name))?;
         let what = if entry.graph { "graph" } else { "model" };
         let Some(version) = version else {
             match &entry.route {
@@ -176,17 +173,13 @@ impl ModelRegistry {
             .parse::<u64>()
             .ok()
             .filter(|number| entry.versions.contains_key(number))
-            .ok_or_else(|| {
-                Error::not_found(format!("unknown version '{version}' of {what} '{name}'"))
-            })?;
+            .ok_or_else(|| unknown_version(name, version))?;
         match entry.versions.get(&number) {
             Some(ModelState::Ready(model)) => Ok((number, Arc::clone(model))),
             Some(ModelState::Unavailable(reason)) => Err(Error::unavailable(format!(
                 "{what} '{name}' version {number} is not ready: {reason}"
             ))),
-            None => Err(Error::not_found(format!(
-                "unknown version '{version}' of {what} '{name}'"
-            ))),
+            None => Err(unknown_version(name, version)),
         }
     }
 
@@ -277,6 +270,20 @@ impl ModelRegistry {
             .get(name)
             .map(|entry| entry.versions.keys().copied().collect())
     }
+}
+
+/// The answer for a model or graph name the caller cannot see (missing, or another
+/// tenant's: the same text), in Triton's words: its clients look for the prefix
+/// `Request for unknown model`.
+pub fn unknown_model(name: &str) -> Error {
+    Error::not_found(format!("Request for unknown model: '{name}' is not found"))
+}
+
+/// The answer for a version the name does not have, in Triton's words.
+pub fn unknown_version(name: &str, version: &str) -> Error {
+    Error::not_found(format!(
+        "Request for unknown model: '{name}' version {version} is not found"
+    ))
 }
 
 impl ModelEntry {

@@ -656,7 +656,7 @@ fn stats_response(
             scope
                 .registry
                 .versions(name)
-                .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+                .ok_or_else(|| weft_engine::registry::unknown_model(name))?;
             vec![name.to_string()]
         }
         None => {
@@ -677,10 +677,7 @@ fn stats_response(
             .collect();
         if let Some(version) = version {
             if !versions.iter().any(|v| v == version) {
-                return Err(Error::not_found(format!(
-                    "unknown version '{version}' of model '{name}'"
-                ))
-                .into());
+                return Err(weft_engine::registry::unknown_version(name, version).into());
             }
             versions = vec![version.to_string()];
         }

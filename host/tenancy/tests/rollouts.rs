@@ -398,7 +398,7 @@ async fn bad_rollouts_are_refused_and_arms_cannot_be_deleted_from_under_one() {
     let cases = [
         (
             text.replace("version = 2", "version = 7"),
-            "unknown version",
+            "'m' version 7 is not found",
         ),
         (text.clone(), "applied as 'other-name'"),
         (text.replace("[analysis]", "[analysis]\nbogus = 1"), "bogus"),
