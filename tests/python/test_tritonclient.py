@@ -57,6 +57,13 @@ def test_health_and_metadata(client):
     assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
     assert metadata["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, 10]}]
     assert client.get_model_metadata("mlp", model_version="1")["versions"] == ["1"]
+    # Triton's model_configuration extension, as get_model_config reads it.
+    assert "model_configuration" in server["extensions"]
+    config = client.get_model_config("mlp")
+    assert config["max_batch_size"] == 64
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [64]}]
+    assert config["output"] == [{"name": "y", "data_type": "TYPE_FP32", "dims": [10]}]
+    assert client.get_model_config("mlp", model_version="1") == config
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

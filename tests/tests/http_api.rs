@@ -325,3 +325,98 @@ async fn requested_outputs_subset_and_non_float_types() {
         json!([false, true, false, true])
     );
 }
+
+/// A copy of the quickstart `mlp` behind a dynamic batcher, one instance.
+const BATCHED_MLP: &str = r#"
+platform = "onnx"
+max_batch_size = 16
+[dynamic_batching]
+preferred_batch_size = [8, 16]
+max_queue_delay_microseconds = 2000
+[ort]
+instance_count = 1
+"#;
+
+#[tokio::test]
+async fn model_config_answers_in_tritons_shape_for_models_batchers_and_graphs() {
+    let onnx = std::fs::read(quickstart().join("models/mlp/1/model.onnx")).unwrap();
+    let repo = Repo::standard()
+        .with_file("models/batched/model.toml", BATCHED_MLP.as_bytes())
+        .with_file("models/batched/1/model.onnx", &onnx)
+        .with_file("graphs/g.toml", mlp_model_graph("g", 1).as_bytes());
+    let server = Server::start(repo.path());
+    let (_, metadata) = get_json(&server.url("/v2")).await;
+    assert!(
+        metadata["extensions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("model_configuration")),
+        "{metadata}"
+    );
+
+    // A plain model: dims without the batch dimension, its sessions as the instance group.
+    let (status, config) = get_json(&server.url("/v2/models/mlp/config")).await;
+    assert_eq!(status, 200, "{config}");
+    assert_eq!(config["name"], "mlp");
+    assert_eq!(config["platform"], "onnxruntime_onnx");
+    assert_eq!(config["backend"], "onnxruntime");
+    assert_eq!(config["max_batch_size"], 64);
+    assert_eq!(
+        config["input"],
+        json!([{"name": "x", "data_type": "TYPE_FP32", "dims": [64]}])
+    );
+    assert_eq!(
+        config["output"],
+        json!([{"name": "y", "data_type": "TYPE_FP32", "dims": [10]}])
+    );
+    assert_eq!(config["instance_group"][0]["kind"], "KIND_CPU");
+    assert!(config["instance_group"][0]["count"].as_u64().unwrap() >= 1);
+    assert!(config.get("dynamic_batching").is_none(), "{config}");
+    assert_eq!(
+        get_json(&server.url("/v2/models/mlp/versions/1/config")).await,
+        (200, config)
+    );
+    // BYTES is TYPE_STRING in Triton's names.
+    let (_, labeler) = get_json(&server.url("/v2/models/labeler/config")).await;
+    assert_eq!(
+        labeler["output"][0]["data_type"], "TYPE_STRING",
+        "{labeler}"
+    );
+
+    // Behind the dynamic batcher: its settings, one instance.
+    let (status, batched) = get_json(&server.url("/v2/models/batched/config")).await;
+    assert_eq!(status, 200, "{batched}");
+    assert_eq!(batched["max_batch_size"], 16);
+    assert_eq!(
+        batched["dynamic_batching"],
+        json!({"preferred_batch_size": [8, 16], "max_queue_delay_microseconds": 2000})
+    );
+    assert_eq!(
+        batched["instance_group"],
+        json!([{"name": "batched", "kind": "KIND_CPU", "count": 1}])
+    );
+
+    // A graph answers too: it does not batch, so its dims are whole.
+    let (status, graph) = get_json(&server.url("/v2/models/g/config")).await;
+    assert_eq!(status, 200, "{graph}");
+    assert_eq!(graph["platform"], "weft_graph");
+    assert_eq!(graph["max_batch_size"], 0);
+    assert_eq!(
+        graph["input"],
+        json!([{"name": "x", "data_type": "TYPE_FP32", "dims": [-1, 64]}])
+    );
+
+    // Unknown names and versions in Triton's words.
+    let (status, body) = get_json(&server.url("/v2/models/nope/config")).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        body["error"],
+        "Request for unknown model: 'nope' is not found"
+    );
+    let (status, body) = get_json(&server.url("/v2/models/mlp/versions/4/config")).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        body["error"],
+        "Request for unknown model: 'mlp' version 4 is not found"
+    );
+}

@@ -61,6 +61,7 @@ async fn keys_select_the_tenant_and_missing_or_bad_keys_get_401() {
     let (_, openapi) = send(anonymous.get(server.url("/api/v1/openapi.json"))).await;
     for path in [
         "/v2/models/{model}/infer",
+        "/v2/models/{model}/config",
         "/api/v1/tenants",
         "/api/v1/tenants/{tenant}/keys/{id}",
         "/api/v1/signing-keys",

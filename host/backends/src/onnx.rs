@@ -219,6 +219,13 @@ impl Model for OnnxModel {
         &self.metadata
     }
 
+    fn serving(&self) -> weft_core::ServingConfig {
+        weft_core::ServingConfig {
+            instances: self.sessions.sessions.len(),
+            dynamic_batching: None,
+        }
+    }
+
     fn infer<'a>(
         &'a self,
         _request: &'a weft_core::RequestContext,

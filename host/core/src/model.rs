@@ -30,10 +30,32 @@ pub struct ModelMetadata {
     pub max_batch_size: usize,
 }
 
+/// How a model version is served, beyond its metadata: what Triton's model configuration
+/// (`GET /v2/models/{m}/config`) reports as `instance_group` and `dynamic_batching`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServingConfig {
+    /// Calls it runs at once (its sessions); 0 for what is not one model (a graph).
+    pub instances: usize,
+    /// The dynamic batcher in front of it, if any.
+    pub dynamic_batching: Option<DynamicBatchingConfig>,
+}
+
+/// A dynamic batcher's settings, as Triton names them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DynamicBatchingConfig {
+    pub preferred_batch_size: Vec<usize>,
+    pub max_queue_delay_microseconds: u64,
+}
+
 /// A loaded model version that can run inference. Implementations never block the caller's
 /// thread: CPU-heavy work is moved off the async runtime's workers.
 pub trait Model: Send + Sync {
     fn metadata(&self) -> &ModelMetadata;
+
+    /// How it is served (instances, batching); wrappers pass their inner model's on.
+    fn serving(&self) -> ServingConfig {
+        ServingConfig::default()
+    }
 
     /// Whether it can serve right now; `Err` carries the reason readiness reports (a model
     /// worker that is restarting, say). In-process models are always healthy once loaded.

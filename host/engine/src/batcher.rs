@@ -349,6 +349,19 @@ impl Model for BatchedModel {
         self.inner.health()
     }
 
+    fn serving(&self) -> weft_core::ServingConfig {
+        weft_core::ServingConfig {
+            instances: self.config.instances,
+            dynamic_batching: Some(weft_core::DynamicBatchingConfig {
+                preferred_batch_size: self.config.preferred_batch_sizes.clone(),
+                max_queue_delay_microseconds: u64::try_from(
+                    self.config.max_queue_delay.as_micros(),
+                )
+                .unwrap_or(u64::MAX),
+            }),
+        }
+    }
+
     fn infer<'a>(
         &'a self,
         request: &'a RequestContext,

@@ -40,6 +40,10 @@ impl Model for FairShared {
         self.inner.health()
     }
 
+    fn serving(&self) -> weft_core::ServingConfig {
+        self.inner.serving()
+    }
+
     fn infer<'a>(
         &'a self,
         request: &'a RequestContext,

@@ -107,6 +107,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/versions/{version}", get(model_version_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/config", get(model_config))
+        .route("/v2/models/{model}/versions/{version}/config", get(model_version_config))
         .route("/v2/models/{model}/versions/{version}/ready", get(model_version_ready))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
@@ -181,7 +183,11 @@ async fn server_metadata() -> Json<ServerMetadataResponse> {
     Json(ServerMetadataResponse {
         name: "weft".to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        extensions: vec!["binary_tensor_data".to_string(), "statistics".to_string()],
+        extensions: vec![
+            "binary_tensor_data".to_string(),
+            "statistics".to_string(),
+            "model_configuration".to_string(),
+        ],
     })
 }
 
@@ -250,6 +256,90 @@ async fn model_version_metadata(
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     metadata_response(&scope, &model, Some(&version))
+}
+
+/// Triton's `model_configuration` extension: the model's (or graph's) configuration in
+/// Triton's JSON shape, which `get_model_config`, perf_analyzer and the like read for
+/// `max_batch_size`, the tensors' `data_type` and `dims` (without the batch dimension when
+/// the model batches), `dynamic_batching` and `instance_group`.
+fn config_response(
+    scope: &TenantScope,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Response, ApiError> {
+    let (_, model) = scope.registry.resolve(name, version)?;
+    Ok(Json(triton_config(name, model.as_ref())).into_response())
+}
+
+/// A model's configuration as Triton writes it (`config.pbtxt` as JSON).
+pub fn triton_config(name: &str, model: &dyn weft_core::Model) -> serde_json::Value {
+    let metadata = model.metadata();
+    let batches = metadata.max_batch_size > 0;
+    let tensors = |specs: &[weft_core::TensorSpec]| -> Vec<serde_json::Value> {
+        specs
+            .iter()
+            .map(|spec| {
+                let dims = match spec.shape.split_first() {
+                    Some((_, rest)) if batches => rest,
+                    _ => &spec.shape[..],
+                };
+                json!({
+                    "name": spec.name,
+                    "data_type": triton_data_type(spec.datatype),
+                    "dims": dims,
+                })
+            })
+            .collect()
+    };
+    let backend = match metadata.platform.as_str() {
+        "onnxruntime_onnx" => "onnxruntime",
+        other => other,
+    };
+    let mut config = json!({
+        "name": name,
+        "platform": metadata.platform,
+        "backend": backend,
+        "max_batch_size": metadata.max_batch_size,
+        "input": tensors(&metadata.inputs),
+        "output": tensors(&metadata.outputs),
+    });
+    let serving = model.serving();
+    if let Some(batching) = serving.dynamic_batching {
+        config["dynamic_batching"] = json!({
+            "preferred_batch_size": batching.preferred_batch_size,
+            "max_queue_delay_microseconds": batching.max_queue_delay_microseconds,
+        });
+    }
+    if serving.instances > 0 {
+        config["instance_group"] = json!([{
+            "name": name,
+            "kind": "KIND_CPU",
+            "count": serving.instances,
+        }]);
+    }
+    config
+}
+
+/// Triton's `TYPE_*` name of a V2 datatype (BYTES is `TYPE_STRING` there).
+fn triton_data_type(datatype: weft_core::DataType) -> String {
+    match datatype {
+        weft_core::DataType::Bytes => "TYPE_STRING".to_string(),
+        other => format!("TYPE_{}", other.as_str()),
+    }
+}
+
+async fn model_config(
+    Caller(scope): Caller,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    config_response(&scope, &model, None)
+}
+
+async fn model_version_config(
+    Caller(scope): Caller,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    config_response(&scope, &model, Some(&version))
 }
 
 fn ready_response(

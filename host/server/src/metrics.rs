@@ -595,6 +595,10 @@ impl Model for MeteredModel {
         self.inner.health()
     }
 
+    fn serving(&self) -> weft_core::ServingConfig {
+        self.inner.serving()
+    }
+
     fn infer<'a>(
         &'a self,
         request: &'a weft_core::RequestContext,

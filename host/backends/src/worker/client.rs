@@ -232,6 +232,7 @@ impl ModelWorker {
                     worker: self.clone(),
                     handle,
                     admitted: Arc::new(Semaphore::new(sessions)),
+                    sessions,
                     broken,
                     outputs: metadata.outputs.clone().into(),
                     metadata: ModelMetadata {
@@ -301,6 +302,8 @@ pub struct WorkerModel {
     /// One permit per session in the worker: calls beyond them wait here, so the call timeout
     /// measures a call the worker is running, not one queued behind others.
     admitted: Arc<Semaphore>,
+    /// Sessions the worker holds for it (its instance count).
+    sessions: usize,
     broken: Arc<std::sync::OnceLock<String>>,
     /// The declared outputs, shared with each pending call that checks its answer.
     outputs: Arc<[TensorSpec]>,
@@ -322,6 +325,13 @@ impl Drop for WorkerModel {
 impl Model for WorkerModel {
     fn metadata(&self) -> &ModelMetadata {
         &self.metadata
+    }
+
+    fn serving(&self) -> weft_core::ServingConfig {
+        weft_core::ServingConfig {
+            instances: self.sessions,
+            dynamic_batching: None,
+        }
     }
 
     fn health(&self) -> std::result::Result<(), String> {
