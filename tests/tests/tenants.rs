@@ -182,6 +182,14 @@ async fn isolation_matrix_another_tenants_names_are_404_like_unknown_ones() {
         let (status, body) =
             send(client_with_key(&b).get(server.url(&format!("/v2/models/{name}/stats")))).await;
         unknown(status, &body, &format!("stats {name}"));
+        let (status, body) =
+            send(client_with_key(&b).get(server.url(&format!("/v2/models/{name}/config")))).await;
+        unknown(status, &body, &format!("config {name}"));
+        assert_eq!(
+            body["error"],
+            format!("Request for unknown model: '{name}' is not found"),
+            "another tenant's name and a missing one answer the same"
+        );
     }
     let (_, index) = send(client_with_key(&b).post(server.url("/v2/repository/index"))).await;
     assert_eq!(index, json!([]), "B sees nothing");
