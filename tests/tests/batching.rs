@@ -11,16 +11,6 @@ mod support;
 use serde_json::{Value, json};
 use support::*;
 
-const BATCHED_MLP: &str = r#"
-platform = "onnx"
-max_batch_size = 16
-[dynamic_batching]
-preferred_batch_size = [8, 16]
-max_queue_delay_microseconds = 2000
-[ort]
-instance_count = 1
-"#;
-
 fn rows_of(seed: usize, rows: usize) -> Vec<f32> {
     (0..rows * 64)
         .map(|i| (((seed * 7919 + i * 31) % 997) as f32) / 97.0 - 5.0)

@@ -326,17 +326,6 @@ async fn requested_outputs_subset_and_non_float_types() {
     );
 }
 
-/// A copy of the quickstart `mlp` behind a dynamic batcher, one instance.
-const BATCHED_MLP: &str = r#"
-platform = "onnx"
-max_batch_size = 16
-[dynamic_batching]
-preferred_batch_size = [8, 16]
-max_queue_delay_microseconds = 2000
-[ort]
-instance_count = 1
-"#;
-
 #[tokio::test]
 async fn model_config_answers_in_tritons_shape_for_models_batchers_and_graphs() {
     let onnx = std::fs::read(quickstart().join("models/mlp/1/model.onnx")).unwrap();

@@ -116,7 +116,6 @@ struct Reply {
     compute: Duration,
 }
 
-/// Input names, datatypes and dims after the first: requests batch only with their own kind.
 /// The runtime every batch scheduler runs on, once the server names one.
 static SCHEDULER_RUNTIME: OnceLock<tokio::runtime::Handle> = OnceLock::new();
 
@@ -129,6 +128,7 @@ pub fn run_schedulers_on(runtime: tokio::runtime::Handle) {
     let _ = SCHEDULER_RUNTIME.set(runtime);
 }
 
+/// Input names, datatypes and dims after the first: requests batch only with their own kind.
 pub(crate) type Signature = Vec<(String, DataType, Vec<usize>)>;
 
 struct Waiting {

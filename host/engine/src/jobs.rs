@@ -68,6 +68,14 @@ pub struct JobSettings {
     pub concurrency: usize,
     /// When the job stops (checked before every row).
     pub deadline: Option<Instant>,
+    /// How the job keeps out of real-time traffic's way.
+    pub background: Background,
+}
+
+/// How a job keeps out of real-time traffic's way: the same for every job of a replica, so
+/// the runner hands one to each job it starts.
+#[derive(Clone, Debug)]
+pub struct Background {
     /// Called first on each of the job's own threads (the reader, which decodes rows, and the
     /// writer, which encodes and commits them): the server lowers their scheduling priority
     /// there, so a job's parsing and encoding yield the cores to real-time requests.
@@ -75,10 +83,19 @@ pub struct JobSettings {
     /// The replica's real-time requests: while any is in flight, each unit of the job waits
     /// up to `realtime_pause` for them first (see [`RealtimeLoad`]).
     pub yield_to: Option<Arc<RealtimeLoad>>,
-    /// The longest a unit waits for real-time requests before it runs anyway (default
-    /// [`REALTIME_PAUSE`]): under unbroken real-time load a job still runs one unit per pause
-    /// per window slot.
+    /// The longest a unit waits for real-time requests before it runs anyway: under unbroken
+    /// real-time load a job still runs one unit per pause per window slot.
     pub realtime_pause: Duration,
+}
+
+impl Default for Background {
+    fn default() -> Self {
+        Background {
+            on_thread_start: None,
+            yield_to: None,
+            realtime_pause: REALTIME_PAUSE,
+        }
+    }
 }
 
 impl JobSettings {
@@ -91,15 +108,13 @@ impl JobSettings {
             max_chunk_output_bytes: DEFAULT_MAX_CHUNK_OUTPUT_BYTES,
             concurrency: 8,
             deadline: None,
-            on_thread_start: None,
-            yield_to: None,
-            realtime_pause: REALTIME_PAUSE,
+            background: Background::default(),
         }
     }
 }
 
 /// The longest a unit of a job waits for real-time requests to finish before it runs anyway,
-/// unless the job says otherwise ([`JobSettings::realtime_pause`]).
+/// unless the replica says otherwise ([`Background::realtime_pause`]).
 pub const REALTIME_PAUSE: Duration = Duration::from_millis(20);
 
 /// Real-time inference requests in flight on this replica, counted by the server around each
@@ -112,9 +127,9 @@ pub struct RealtimeLoad {
 }
 
 /// One real-time request in flight, until dropped.
-pub struct RealtimeRequest(Arc<RealtimeLoad>);
+pub struct RealtimeRequest<'a>(&'a RealtimeLoad);
 
-impl Drop for RealtimeRequest {
+impl Drop for RealtimeRequest<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -122,9 +137,9 @@ impl Drop for RealtimeRequest {
 
 impl RealtimeLoad {
     /// Counts a real-time request until the returned guard drops.
-    pub fn enter(self: &Arc<Self>) -> RealtimeRequest {
+    pub fn enter(&self) -> RealtimeRequest<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        RealtimeRequest(Arc::clone(self))
+        RealtimeRequest(self)
     }
 
     /// Whether any real-time request is in flight.
@@ -478,20 +493,22 @@ fn units_of(chunk: u64, rows: Vec<NumberedRow>, limit: usize) -> Vec<Unit> {
     units
 }
 
-/// Starts one of the job's own threads (see [`JobSettings::on_thread_start`]).
-fn job_thread<T: Send + 'static>(
+/// Starts one of the job's own threads (see [`Background::on_thread_start`]); it reports
+/// back through channels, so nobody joins it.
+fn job_thread(
     name: &str,
     on_start: Option<fn()>,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<std::thread::JoinHandle<T>> {
+    work: impl FnOnce() + Send + 'static,
+) -> Result<()> {
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
             if let Some(on_start) = on_start {
                 on_start();
             }
-            work()
+            work();
         })
+        .map(drop)
         .map_err(|error| Error::unavailable(format!("cannot start a job thread: {error}")))
 }
 
@@ -501,6 +518,7 @@ fn job_thread<T: Send + 'static>(
 fn read_chunks(
     mut input: Box<dyn BufRead + Send>,
     model: &dyn Model,
+    group: usize,
     bounds: ChunkBounds,
     committed: &BTreeSet<u64>,
     sender: &tokio::sync::mpsc::Sender<Result<Vec<Unit>>>,
@@ -520,7 +538,7 @@ fn read_chunks(
                         .into_iter()
                         .map(|(number, line)| (number, prepare_row(model, line)))
                         .collect();
-                    let units = units_of(index, rows, group_rows(model));
+                    let units = units_of(index, rows, group);
                     if sender.blocking_send(Ok(units)).is_err() {
                         return None;
                     }
@@ -669,18 +687,27 @@ pub async fn run_job(
         line_bytes: settings.max_line_bytes,
         chunk_bytes: settings.max_chunk_bytes.max(1),
     };
+    let group = group_rows(model.as_ref());
+    let on_thread_start = settings.background.on_thread_start;
     let (sender, receiver) = tokio::sync::mpsc::channel(CHUNKS_AHEAD);
     let (count_sender, chunk_count) = tokio::sync::oneshot::channel();
     let reader_model = Arc::clone(&model);
-    job_thread("weft-job-read", settings.on_thread_start, move || {
-        let count = read_chunks(input, reader_model.as_ref(), bounds, &committed, &sender);
+    job_thread("weft-job-read", on_thread_start, move || {
+        let count = read_chunks(
+            input,
+            reader_model.as_ref(),
+            group,
+            bounds,
+            &committed,
+            &sender,
+        );
         if let Some(count) = count {
             let _ = count_sender.send(count);
         }
     })?;
     let (orders, writer_orders) = std::sync::mpsc::channel::<CommitOrder>();
     let writer_checkpoint = Arc::clone(&checkpoint);
-    job_thread("weft-job-write", settings.on_thread_start, move || {
+    job_thread("weft-job-write", on_thread_start, move || {
         write_chunks(&writer_orders, writer_checkpoint.as_ref());
     })?;
 
@@ -690,9 +717,8 @@ pub async fn run_job(
     let model = &model;
     let settings = &settings;
     let checkpoint_ref = &checkpoint;
-    // Boxed to be pinned, and so that dropping it drops the rows in flight and the reader's end.
     // Units in flight: `concurrency` rows' worth.
-    let window = (settings.concurrency.max(1) / group_rows(model.as_ref())).max(1);
+    let window = (settings.concurrency.max(1) / group).max(1);
     // Boxed to be pinned, and so that dropping it drops the rows in flight and the reader's end.
     let mut answers = Box::pin(
         chunks
@@ -702,8 +728,10 @@ pub async fn run_job(
                 if checkpoint_ref.cancelled() {
                     return Err(Stop::Cancelled);
                 }
-                if let Some(realtime) = &settings.yield_to {
-                    realtime.wait_quiet(settings.realtime_pause).await;
+                if let Some(realtime) = &settings.background.yield_to {
+                    realtime
+                        .wait_quiet(settings.background.realtime_pause)
+                        .await;
                     if checkpoint_ref.cancelled() {
                         return Err(Stop::Cancelled);
                     }

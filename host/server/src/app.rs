@@ -486,7 +486,6 @@ async fn run_infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let _realtime = state.realtime.enter();
     let request = RequestContext::for_tenant(&scope.name);
     let mut served = Served::default();
     let result = match scope.admit().map_err(crate::tenants::refused) {
@@ -600,6 +599,9 @@ async fn infer_accounted(
     permit.shrink_to(body.len());
     let body_len = body.len();
     let mut request = decode_infer_request(body, header_length)?;
+    // From here on the request costs CPU: batch jobs yield to it until it is answered (a
+    // body still arriving, however slowly, makes them wait for nothing).
+    let _realtime = state.realtime.enter();
     // JSON numbers can decode into more bytes than their text (`0,` is 8 bytes of FP64): the
     // decoded tensors count too, beyond what the body already holds.
     let decoded: usize = request

@@ -572,10 +572,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         weft_tenancy::jobs::JobRunnerConfig {
             slots: args.job_slots,
             rows_in_flight: args.job_rows_in_flight,
-            on_thread_start: Some(crate::thread_priority::become_background),
             runtime: Some(crate::thread_priority::background_runtime()?),
-            yield_to: Some(Arc::clone(&state.realtime)),
-            realtime_pause: Duration::from_millis(args.job_realtime_pause_ms),
+            background: weft_engine::jobs::Background {
+                on_thread_start: Some(crate::thread_priority::become_background),
+                yield_to: Some(Arc::clone(&state.realtime)),
+                realtime_pause: Duration::from_millis(args.job_realtime_pause_ms),
+            },
         },
     );
     let accepting = state.accepting.clone();

@@ -38,8 +38,8 @@ pub fn become_background() {
 }
 
 /// The runtime batch jobs run on: one worker thread, its blocking threads too, all at the idle
-/// priority ([`become_background`]). Made once per process and kept for its lifetime (a runtime must
-/// not be dropped from async code).
+/// priority ([`become_background`]). Made once per process and kept for its lifetime (a
+/// runtime must not be dropped from async code).
 pub fn background_runtime() -> anyhow::Result<tokio::runtime::Handle> {
     static RUNTIME: Mutex<Option<tokio::runtime::Runtime>> = Mutex::new(None);
     let mut held = RUNTIME

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind, Result};
-use weft_engine::jobs::{ChunkResult, JobCheckpoint, JobEnd, JobSettings, run_job};
+use weft_engine::jobs::{Background, ChunkResult, JobCheckpoint, JobEnd, JobSettings, run_job};
 use weft_store::{JobFile, JobRecord, JobState, StagedBlob, Tenant, unix_now_ms};
 
 use crate::lifecycle::{tenant_mut, tenant_of};
@@ -58,17 +58,11 @@ pub struct JobRunnerConfig {
     pub slots: usize,
     /// Rows of one job in flight at once.
     pub rows_in_flight: usize,
-    /// Runs first on each job's reader and writer threads (the server lowers their priority
-    /// there: see [`weft_engine::jobs::JobSettings::on_thread_start`]).
-    pub on_thread_start: Option<fn()>,
     /// The runtime claimed jobs run on (the server's low-priority one, so a job's own work
     /// between model calls yields to requests); `None`: the runner's.
     pub runtime: Option<tokio::runtime::Handle>,
-    /// The replica's real-time requests, which jobs yield to (see
-    /// [`weft_engine::jobs::RealtimeLoad`]).
-    pub yield_to: Option<Arc<weft_engine::jobs::RealtimeLoad>>,
-    /// The longest a job's unit waits for real-time requests before it runs anyway.
-    pub realtime_pause: Duration,
+    /// How every job keeps out of real-time traffic's way.
+    pub background: Background,
 }
 
 impl Default for JobRunnerConfig {
@@ -76,10 +70,8 @@ impl Default for JobRunnerConfig {
         JobRunnerConfig {
             slots: DEFAULT_JOB_SLOTS,
             rows_in_flight: DEFAULT_ROWS_IN_FLIGHT,
-            on_thread_start: None,
             runtime: None,
-            yield_to: None,
-            realtime_pause: weft_engine::jobs::REALTIME_PAUSE,
+            background: Background::default(),
         }
     }
 }
@@ -839,9 +831,7 @@ impl Tenancy {
         let mut settings = JobSettings::new(&claim.tenant);
         settings.chunk_rows = usize::try_from(job.chunk_rows).unwrap_or(usize::MAX);
         settings.concurrency = config.rows_in_flight;
-        settings.on_thread_start = config.on_thread_start;
-        settings.yield_to = config.yield_to.clone();
-        settings.realtime_pause = config.realtime_pause;
+        settings.background = config.background.clone();
         settings.deadline = Some(Instant::now() + Duration::from_millis(left));
         run_job(
             Box::new(BufReader::with_capacity(1 << 20, input)),

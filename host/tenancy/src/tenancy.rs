@@ -390,9 +390,7 @@ impl Tenancy {
         let live = shared.heartbeat(&self.replica_id)?;
         let replicas = live.len().max(1);
         self.replicas.store(replicas, Ordering::Relaxed);
-        if let Ok(mut known) = self.live_replicas.lock() {
-            *known = Some(live);
-        }
+        *lock(&self.live_replicas)? = Some(live);
         Ok(replicas)
     }
 

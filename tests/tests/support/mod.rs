@@ -419,6 +419,18 @@ inputs = ["request"]
     )
 }
 
+/// The `model.toml` of a copy of the quickstart `mlp` behind a dynamic batcher (batches of
+/// 8 or 16, up to 2 ms of delay), one instance.
+pub const BATCHED_MLP: &str = r#"
+platform = "onnx"
+max_batch_size = 16
+[dynamic_batching]
+preferred_batch_size = [8, 16]
+max_queue_delay_microseconds = 2000
+[ort]
+instance_count = 1
+"#;
+
 /// A graph `name` (version `version`) of one model node calling the shared `mlp`:
 /// FP32 `x` [-1, 64] in, FP32 `y` [-1, 10] out.
 pub fn mlp_model_graph(name: &str, version: u64) -> String {

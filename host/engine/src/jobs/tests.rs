@@ -346,7 +346,7 @@ async fn a_chunk_of_long_lines_ends_at_its_byte_bound() {
     );
 }
 
-/// Threads that ran [`JobSettings::on_thread_start`], by name (only the test below sets it).
+/// Threads that ran [`Background::on_thread_start`], by name (only the test below sets it).
 static STARTED_THREADS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 fn note_thread_start() {
@@ -362,7 +362,10 @@ async fn decoding_and_encoding_run_on_the_jobs_own_threads_started_with_its_hook
         input(&lines),
         Double::new(),
         JobSettings {
-            on_thread_start: Some(note_thread_start),
+            background: Background {
+                on_thread_start: Some(note_thread_start),
+                ..Background::default()
+            },
             ..settings(10)
         },
         checkpoint.clone(),
@@ -427,7 +430,10 @@ async fn run_yielding(realtime: Arc<RealtimeLoad>) -> (JobEnd, Duration) {
         input(&lines),
         Double::new(),
         JobSettings {
-            yield_to: Some(realtime),
+            background: Background {
+                yield_to: Some(realtime),
+                ..Background::default()
+            },
             ..settings(10)
         },
         Arc::new(Memory::default()),
