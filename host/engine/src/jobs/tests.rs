@@ -139,6 +139,15 @@ fn input(lines: &[String]) -> Box<dyn BufRead + Send> {
     Box::new(std::io::Cursor::new(lines.join("\n").into_bytes()))
 }
 
+/// Runs the job over `lines` with `settings` against a fresh [`Double`] and `checkpoint`.
+async fn run_double(
+    lines: &[String],
+    settings: JobSettings,
+    checkpoint: &Arc<Memory>,
+) -> Result<JobEnd> {
+    run_job(input(lines), Double::new(), settings, checkpoint.clone()).await
+}
+
 /// Runs the job over `lines` with `settings(10)` against `model` and `checkpoint`.
 async fn run_ten_a_chunk(
     lines: &[String],
@@ -180,14 +189,13 @@ async fn every_row_is_answered_in_order_and_bad_lines_go_to_the_error_file() {
             .into();
     lines[11] = format!(r#"{{"inputs": [], "pad": "{}"}}"#, "z".repeat(2000));
     let checkpoint = Arc::new(Memory::default());
-    let end = run_job(
-        input(&lines),
-        Double::new(),
+    let end = run_double(
+        &lines,
         JobSettings {
             max_line_bytes: 1000,
             ..settings(10)
         },
-        checkpoint.clone(),
+        &checkpoint,
     )
     .await
     .unwrap();
@@ -304,14 +312,13 @@ async fn a_cancelled_job_stops_before_its_next_row_and_commits_nothing_more() {
 async fn a_job_past_its_deadline_stops() {
     let lines: Vec<String> = (0..10).map(|i| row(i as f32)).collect();
     let checkpoint = Arc::new(Memory::default());
-    let end = run_job(
-        input(&lines),
-        Double::new(),
+    let end = run_double(
+        &lines,
         JobSettings {
             deadline: Some(Instant::now()),
             ..settings(5)
         },
-        checkpoint.clone(),
+        &checkpoint,
     )
     .await
     .unwrap();
@@ -323,14 +330,13 @@ async fn a_job_past_its_deadline_stops() {
 async fn a_chunk_of_long_lines_ends_at_its_byte_bound() {
     let lines: Vec<String> = (0..10).map(|i| row(i as f32)).collect();
     let checkpoint = Arc::new(Memory::default());
-    let end = run_job(
-        input(&lines),
-        Double::new(),
+    let end = run_double(
+        &lines,
         JobSettings {
             max_chunk_bytes: lines[0].len() * 3,
             ..settings(100)
         },
-        checkpoint.clone(),
+        &checkpoint,
     )
     .await
     .unwrap();
@@ -358,9 +364,8 @@ fn note_thread_start() {
 async fn decoding_and_encoding_run_on_the_jobs_own_threads_started_with_its_hook() {
     let lines: Vec<String> = (0..25).map(|i| row(i as f32)).collect();
     let checkpoint = Arc::new(Memory::default());
-    let end = run_job(
-        input(&lines),
-        Double::new(),
+    let end = run_double(
+        &lines,
         JobSettings {
             background: Background {
                 on_thread_start: Some(note_thread_start),
@@ -368,7 +373,7 @@ async fn decoding_and_encoding_run_on_the_jobs_own_threads_started_with_its_hook
             },
             ..settings(10)
         },
-        checkpoint.clone(),
+        &checkpoint,
     )
     .await
     .unwrap();
@@ -426,9 +431,8 @@ async fn rows_of_a_batching_model_share_calls_and_a_failing_call_fails_only_its_
 async fn run_yielding(realtime: Arc<RealtimeLoad>) -> (JobEnd, Duration) {
     let lines: Vec<String> = (0..20).map(|i| row(i as f32)).collect();
     let started = Instant::now();
-    let end = run_job(
-        input(&lines),
-        Double::new(),
+    let end = run_double(
+        &lines,
         JobSettings {
             background: Background {
                 yield_to: Some(realtime),
@@ -436,7 +440,7 @@ async fn run_yielding(realtime: Arc<RealtimeLoad>) -> (JobEnd, Duration) {
             },
             ..settings(10)
         },
-        Arc::new(Memory::default()),
+        &Arc::new(Memory::default()),
     )
     .await
     .unwrap();
@@ -469,14 +473,13 @@ async fn a_chunk_whose_outputs_pass_their_bound_fails_the_job_naming_chunk_rows(
     let lines: Vec<String> = (0..30).map(|i| row(i as f32)).collect();
     let checkpoint = Arc::new(Memory::default());
     // Each row's output is 8 bytes: a chunk of 10 rows holds 80, more than the 50 allowed.
-    let error = run_job(
-        input(&lines),
-        Double::new(),
+    let error = run_double(
+        &lines,
         JobSettings {
             max_chunk_output_bytes: 50,
             ..settings(10)
         },
-        checkpoint.clone(),
+        &checkpoint,
     )
     .await
     .unwrap_err();
@@ -484,14 +487,13 @@ async fn a_chunk_whose_outputs_pass_their_bound_fails_the_job_naming_chunk_rows(
     assert!(error.message().contains("smaller chunk_rows"), "{error}");
     assert!(checkpoint.chunks.lock().unwrap().is_empty());
     // Chunks of 5 rows (40 bytes) fit.
-    let end = run_job(
-        input(&lines),
-        Double::new(),
+    let end = run_double(
+        &lines,
         JobSettings {
             max_chunk_output_bytes: 50,
             ..settings(5)
         },
-        checkpoint.clone(),
+        &checkpoint,
     )
     .await
     .unwrap();
