@@ -1,9 +1,11 @@
-"""Bearer API keys for stock `tritonclient[http]`: Weft selects the tenant by
-`Authorization: Bearer <key>`, and tritonclient sends extra headers through a client plugin
-(`InferenceServerClient.register_plugin`), so user code needs no per-call `headers=`."""
+"""Bearer API keys for stock `tritonclient[http]` and `tritonclient[grpc]`: Weft selects the
+tenant by `Authorization: Bearer <key>` (gRPC metadata `authorization`), and tritonclient sends
+extra headers through a client plugin (`InferenceServerClient.register_plugin`), so user code
+needs no per-call `headers=`."""
 import os
 
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient._plugin import InferenceServerClientPlugin
 
@@ -15,7 +17,8 @@ class BearerAuth(InferenceServerClientPlugin):
         self._key = key
 
     def __call__(self, request):
-        request.headers["Authorization"] = f"Bearer {self._key}"
+        # Lower case: gRPC metadata keys must be, and HTTP headers ignore case.
+        request.headers["authorization"] = f"Bearer {self._key}"
 
 
 def required_env(name, runner="the Rust e2e tests"):
@@ -34,5 +37,11 @@ def api_key():
 
 def authenticated_client(url, key=None):
     client = httpclient.InferenceServerClient(url)
+    client.register_plugin(BearerAuth(key or api_key()))
+    return client
+
+
+def authenticated_grpc_client(url, key=None):
+    client = grpcclient.InferenceServerClient(url)
     client.register_plugin(BearerAuth(key or api_key()))
     return client

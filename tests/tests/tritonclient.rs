@@ -24,6 +24,8 @@ fn pytest(module: &str, env: &[(&str, &std::ffi::OsStr)], servers: &[&Server]) {
         .expect("cannot run pytest from the test environment (run `cargo xtask setup`)");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
+    // What ran, for `--nocapture`.
+    println!("{module}: {}", stdout.lines().last().unwrap_or_default());
     let logs: Vec<String> = servers.iter().map(|s| s.log()).collect();
     assert!(
         output.status.success(),
@@ -105,6 +107,38 @@ async fn tritonclient_calls_a_tenants_signed_graph() {
             ("WEFT_API_KEY", key.as_ref()),
             ("WEFT_OTHER_KEY", other.as_ref()),
             ("WEFT_SIGNER", signer.as_ref()),
+        ],
+        &[&server],
+    );
+}
+
+/// Stock `tritonclient[grpc]` on the gRPC endpoint: the default tenant calls the standard models
+/// and the classify graph; a second tenant owns a model `secret` the first must not see.
+#[tokio::test(flavor = "multi_thread")]
+async fn tritonclient_grpc_compatibility() {
+    let repo = Repo::standard()
+        .with_graph("classify", "classify.toml")
+        .with_plugin("normalize", "normalize")
+        .with_plugin("softmax", "softmax");
+    let max_request_bytes = "1048576";
+    let server = Server::start_with(repo.path(), &["--max-request-bytes", max_request_bytes]);
+    let grpc = server
+        .grpc_address
+        .clone()
+        .expect("the gRPC listener is on");
+    let other = create_tenant(&server, "bolt", json!({})).await;
+    let (status, body) = push_model(&server, &other, "secret", 1, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 201, "{body}");
+    let models = quickstart().join("models");
+    let examples = workspace_root().join("examples");
+    pytest(
+        "test_tritonclient_grpc.py",
+        &[
+            ("WEFT_GRPC_URL", grpc.as_ref()),
+            ("WEFT_OTHER_KEY", other.as_ref()),
+            ("WEFT_MAX_REQUEST_BYTES", max_request_bytes.as_ref()),
+            ("WEFT_QUICKSTART_MODELS", models.as_os_str()),
+            ("WEFT_EXAMPLES", examples.as_os_str()),
         ],
         &[&server],
     );

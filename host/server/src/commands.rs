@@ -156,11 +156,34 @@ impl OrtArgs {
     }
 }
 
+/// A listener's address, or `off` for none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenAddress(pub Option<SocketAddr>);
+
+impl std::str::FromStr for ListenAddress {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        if value.trim().eq_ignore_ascii_case("off") {
+            return Ok(ListenAddress(None));
+        }
+        value
+            .trim()
+            .parse()
+            .map(|address| ListenAddress(Some(address)))
+            .map_err(|_| format!("'{value}' is neither an address (host:port) nor 'off'"))
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (the chosen address is logged).
     #[arg(long, env = "WEFT_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
+    /// Address of the gRPC endpoint (Triton's GRPCInferenceService, which OIP gRPC clients
+    /// also speak), or `off`; port 0 picks a free port.
+    #[arg(long, env = "WEFT_GRPC_LISTEN", default_value = "127.0.0.1:8001")]
+    pub grpc_listen: ListenAddress,
     /// Model repository directory: models/<name>/model.toml and models/<name>/<version>/model.onnx.
     #[arg(long, env = "WEFT_REPOSITORY")]
     pub repository: PathBuf,
@@ -581,36 +604,73 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     let accepting = state.accepting.clone();
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = bind(args.listen).await?;
+    let grpc_listener = match args.grpc_listen.0 {
+        Some(address) => Some(bind(address).await?),
+        None => None,
+    };
+    // Machine-readable lines on stdout, for scripts and tests that listen on port 0; the
+    // HTTP line comes last, so whoever waits for it has seen the gRPC one.
+    if let Some(grpc) = &grpc_listener {
+        let address = grpc.local_addr().context("cannot read the bound address")?;
+        tracing::info!(%address, "gRPC listening");
+        println!("weft gRPC listening on {address}");
+    }
     let address = listener
         .local_addr()
         .context("cannot read the bound address")?;
     tracing::info!(%address, "listening");
-    // A machine-readable line on stdout, for scripts and tests that listen on port 0.
     println!("weft listening on http://{address}");
 
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    // Both listeners stop accepting on the signal and finish their connections' requests.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(crate::listen::serve(
+        listener,
+        app(state.clone()).into_service::<hyper::body::Incoming>(),
+        crate::listen::Protocols::Http,
+        stopped(),
+    ));
+    if let Some(grpc) = grpc_listener {
+        servers.spawn(crate::listen::serve(
+            grpc,
+            crate::grpc::service(state),
+            crate::listen::Protocols::Http2Only,
+            stopped(),
+        ));
+    }
+    shutdown_signal().await;
+    accepting.store(false, Ordering::Relaxed);
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+    let _ = stop_tx.send(true);
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        accepting.store(false, Ordering::Relaxed);
-        tracing::info!("shutdown signal received; finishing in-flight requests");
-        let _ = drained_tx.send(());
-    });
-    let server = tokio::spawn(async move { server.await });
-    tokio::pin!(server);
-    tokio::select! {
-        finished = &mut server => finished.context("server task failed")?.context("server failed")?,
-        _ = async {
-            let _ = drained_rx.await;
-            tokio::time::sleep(grace).await;
-        } => bail!("in-flight requests did not finish within {grace:?} of the shutdown signal"),
+    let drained = async {
+        while let Some(finished) = servers.join_next().await {
+            finished.context("server task failed")?;
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(grace, drained).await {
+        Ok(drained) => drained?,
+        Err(_) => {
+            bail!("in-flight requests did not finish within {grace:?} of the shutdown signal")
+        }
     }
     let _ = tokio::task::spawn_blocking(move || tenancy.leave()).await;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))
 }
 
 async fn shutdown_signal() {

@@ -190,6 +190,49 @@ impl BodyPermit {
     }
 }
 
+/// One request's permit shared by what reads its bytes and what holds them, counted exactly.
+///
+/// A gRPC call's body charges it frame by frame as the bytes arrive (the message is decoded
+/// before any handler runs, so the handler cannot take the budget first the way an HTTP
+/// handler does from `Content-Length`), the handler holds it until the response is built, and
+/// a stream gives back each message's bytes once that message is answered. An HTTP request
+/// moves its permit in here once its body is read.
+#[derive(Debug)]
+pub struct SharedPermit {
+    held: tokio::sync::Mutex<(BodyPermit, usize)>,
+}
+
+impl SharedPermit {
+    /// Shares `permit`, of which `bytes` are in use.
+    pub fn new(permit: BodyPermit, bytes: usize) -> Self {
+        SharedPermit {
+            held: tokio::sync::Mutex::new((permit, bytes)),
+        }
+    }
+
+    /// Takes `bytes` more, waiting as [`BodyBudget::admit`] does.
+    pub async fn grow_by(&self, bytes: usize) -> Result<(), Refusal> {
+        let mut held = self.held.lock().await;
+        let total = held.1.saturating_add(bytes);
+        held.0.grow_to(total).await?;
+        held.1 = total;
+        Ok(())
+    }
+
+    /// Gives back `bytes` (a finished message's).
+    pub async fn release(&self, bytes: usize) {
+        let mut held = self.held.lock().await;
+        let total = held.1.saturating_sub(bytes);
+        held.0.shrink_to(total);
+        held.1 = total;
+    }
+
+    /// Bytes in use.
+    pub async fn bytes(&self) -> usize {
+        self.held.lock().await.1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -232,6 +275,24 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(held);
         assert!(waiter.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_shared_permit_grows_by_frames_and_gives_back_by_messages() {
+        let budget = BodyBudget::new(10 * UNIT);
+        let shared = SharedPermit::new(budget.admit("acme", 0).await.unwrap(), 0);
+        for _ in 0..4 {
+            shared.grow_by(UNIT + 1).await.unwrap();
+        }
+        assert_eq!(shared.bytes().await, 4 * UNIT + 4);
+        // 5 KiB of the 10 are held: another request of 6 KiB does not fit.
+        let refused = budget.admit("acme", 6 * UNIT).await.unwrap_err();
+        assert_eq!(refused.error.kind(), ErrorKind::ResourceExhausted);
+        shared.release(2 * UNIT + 2).await;
+        let fits = budget.admit("acme", 6 * UNIT).await.unwrap();
+        assert!(shared.grow_by(5 * UNIT).await.is_err(), "over the budget");
+        drop((fits, shared));
+        budget.admit("acme", 10 * UNIT).await.unwrap();
     }
 
     #[tokio::test]

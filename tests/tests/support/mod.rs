@@ -202,6 +202,8 @@ fn shared_store_args(data: &Path) -> Vec<String> {
 pub struct Server {
     pub child: Child,
     pub address: String,
+    /// The gRPC endpoint's `host:port`, unless the test turned it off.
+    pub grpc_address: Option<String>,
     pub stderr: PathBuf,
     data: Option<tempfile::TempDir>,
 }
@@ -259,6 +261,9 @@ impl Server {
         if !extra.contains(&"--admin-key") {
             command.args(["--admin-key", ADMIN_KEY]);
         }
+        if !extra.contains(&"--grpc-listen") {
+            command.args(["--grpc-listen", "127.0.0.1:0"]);
+        }
         if !extra.contains(&"--database-url") {
             for arg in shared_store_args(data.path()) {
                 command.arg(arg);
@@ -279,16 +284,22 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let (sender, receiver) = mpsc::channel();
         std::thread::spawn(move || {
+            // The gRPC line, if any, comes before the HTTP one.
+            let mut grpc = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(address) = line.strip_prefix("weft gRPC listening on ") {
+                    grpc = Some(address.to_string());
+                }
                 if let Some(address) = line.strip_prefix("weft listening on http://") {
-                    let _ = sender.send(address.to_string());
+                    let _ = sender.send((address.to_string(), grpc.take()));
                 }
             }
         });
         match receiver.recv_timeout(Duration::from_secs(120)) {
-            Ok(address) => Ok(Server {
+            Ok((address, grpc_address)) => Ok(Server {
                 child,
                 address,
+                grpc_address,
                 stderr: stderr_path,
                 data: Some(data),
             }),
