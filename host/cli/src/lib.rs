@@ -34,8 +34,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve a model repository over the Open Inference Protocol (KServe V2) HTTP API.
-    Serve(ServeArgs),
+    /// Serve a model repository over the Open Inference Protocol (KServe V2): HTTP and gRPC.
+    Serve(Box<ServeArgs>),
     /// Measure a model over HTTP (V2, JSON or binary) or in-process with the same input.
     Bench(crate::bench::BenchArgs),
     /// Work with inference graphs.
@@ -94,7 +94,7 @@ pub fn main() -> ExitCode {
         .build()
         .context("cannot start the async runtime");
     let result = runtime.and_then(|runtime| match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Bench(args) => runtime.block_on(crate::bench::bench(args)),
         Command::BenchPlugins(args) => runtime.block_on(crate::bench::bench_plugins(args)),
         Command::BenchJob(args) => runtime.block_on(crate::bench_job::bench_job(args)),

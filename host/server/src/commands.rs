@@ -180,6 +180,22 @@ pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (the chosen address is logged).
     #[arg(long, env = "WEFT_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
+    /// PEM certificate chain for TLS on both listeners (HTTP and gRPC); with --tls-key.
+    /// Reloaded when the file changes (see --tls-reload-seconds).
+    #[arg(long, env = "WEFT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "WEFT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) for mutual TLS: clients must present a certificate issued by
+    /// one of them, or the handshake fails.
+    #[arg(long, env = "WEFT_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Seconds between checks of the TLS files for a new certificate; new connections get
+    /// it, open ones keep theirs.
+    #[arg(long, env = "WEFT_TLS_RELOAD_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub tls_reload_seconds: u64,
     /// Address of the gRPC endpoint (Triton's GRPCInferenceService, which OIP gRPC clients
     /// also speak), or `off`; port 0 picks a free port.
     #[arg(long, env = "WEFT_GRPC_LISTEN", default_value = "127.0.0.1:8001")]
@@ -604,6 +620,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     let accepting = state.accepting.clone();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let reloader = crate::tls::TlsReloader::load(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            })?;
+            reloader.watch(Duration::from_secs(args.tls_reload_seconds))?;
+            Some(reloader)
+        }
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = bind(args.listen).await?;
     let grpc_listener = match args.grpc_listen.0 {
         Some(address) => Some(bind(address).await?),
@@ -613,14 +642,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // HTTP line comes last, so whoever waits for it has seen the gRPC one.
     if let Some(grpc) = &grpc_listener {
         let address = grpc.local_addr().context("cannot read the bound address")?;
-        tracing::info!(%address, "gRPC listening");
+        tracing::info!(%address, tls = tls.is_some(), "gRPC listening");
         println!("weft gRPC listening on {address}");
     }
     let address = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    tracing::info!(%address, "listening");
-    println!("weft listening on http://{address}");
+    tracing::info!(%address, tls = tls.is_some(), "listening");
+    println!("weft listening on {scheme}://{address}");
 
     // Both listeners stop accepting on the signal and finish their connections' requests.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -635,6 +664,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listener,
         app(state.clone()).into_service::<hyper::body::Incoming>(),
         crate::listen::Protocols::Http,
+        tls.clone(),
         stopped(),
     ));
     if let Some(grpc) = grpc_listener {
@@ -642,6 +672,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             grpc,
             crate::grpc::service(state),
             crate::listen::Protocols::Http2Only,
+            tls,
             stopped(),
         ));
     }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod stats;
 pub mod tenants;
 pub mod thread_priority;
+pub mod tls;
 pub mod uploads;
 
 pub use app::{AppState, app};

@@ -3,10 +3,12 @@
 //! Why not `axum::serve` or tonic's own server: one loop of our own serves both with the same
 //! connection settings (HTTP/2 flow-control windows big enough for large tensors, `TCP_NODELAY`,
 //! a deadline for request headers), the same graceful shutdown (stop accepting, let every
-//! connection finish its requests), and is the one place TLS wraps a connection.
+//! connection finish its requests), and is the one place TLS wraps a connection (see
+//! `tls.rs`), its handshake on the connection's own task so a slow client delays no other.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{Request, Response};
@@ -16,6 +18,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+
+use crate::tls::TlsReloader;
 
 /// HTTP/2 windows: with the 64 KiB default a 4 MiB tensor waits on ~60 round trips of window
 /// updates; these let it stream at once. (Adaptive windows would start from the default again.)
@@ -27,6 +31,9 @@ const MAX_STREAMS: u32 = 256;
 /// connection for nothing).
 const HEADER_DEADLINE: Duration = Duration::from_secs(30);
 
+/// A client must finish its TLS handshake within this long.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Which protocols a listener speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocols {
@@ -36,12 +43,13 @@ pub enum Protocols {
     Http2Only,
 }
 
-/// Serves `service` on every connection `listener` accepts until `shutdown` resolves, then
-/// waits for the open connections to finish their requests.
+/// Serves `service` on every connection `listener` accepts (over TLS with `tls`) until
+/// `shutdown` resolves, then waits for the open connections to finish their requests.
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     protocols: Protocols,
+    tls: Option<Arc<TlsReloader>>,
     shutdown: impl Future<Output = ()>,
 ) where
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -72,15 +80,36 @@ pub async fn serve<S, B>(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-        let connection = builder
-            .serve_connection(
-                TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
-            )
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let service = TowerToHyperService::new(service.clone());
+        // The configuration current now: a reloaded certificate serves new connections only.
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor(protocols));
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let served = match acceptor {
+                None => {
+                    let io = TokioIo::new(stream);
+                    watcher.watch(builder.serve_connection(io, service)).await
+                }
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(stream));
+                    let stream = match handshake.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let io = TokioIo::new(stream);
+                    watcher.watch(builder.serve_connection(io, service)).await
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(error = %error, "connection ended with an error");
             }
         });

@@ -290,7 +290,10 @@ impl Server {
                 if let Some(address) = line.strip_prefix("weft gRPC listening on ") {
                     grpc = Some(address.to_string());
                 }
-                if let Some(address) = line.strip_prefix("weft listening on http://") {
+                let http = line
+                    .strip_prefix("weft listening on http://")
+                    .or_else(|| line.strip_prefix("weft listening on https://"));
+                if let Some(address) = http {
                     let _ = sender.send((address.to_string(), grpc.take()));
                 }
             }
