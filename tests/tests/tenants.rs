@@ -62,6 +62,7 @@ async fn keys_select_the_tenant_and_missing_or_bad_keys_get_401() {
     for path in [
         "/v2/models/{model}/infer",
         "/v2/models/{model}/config",
+        "/v2/systemsharedmemory/region/{name}/register",
         "/api/v1/tenants",
         "/api/v1/tenants/{tenant}/keys/{id}",
         "/api/v1/signing-keys",

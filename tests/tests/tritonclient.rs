@@ -143,3 +143,29 @@ async fn tritonclient_grpc_compatibility() {
         &[&server],
     );
 }
+
+/// Triton's system shared memory extension with stock tritonclient over HTTP and gRPC, for the
+/// tenant the operator enabled, and refused for one it did not.
+#[tokio::test(flavor = "multi_thread")]
+async fn tritonclient_system_shared_memory() {
+    let repo = Repo::standard();
+    let server = Server::start_with(repo.path(), &["--system-shared-memory", "default"]);
+    let other = create_tenant(&server, "bolt", json!({})).await;
+    let (status, body) = push_model(&server, &other, "secret", 1, MLP_CONFIG, &mlp_onnx()).await;
+    assert_eq!(status, 201, "{body}");
+    let grpc = server
+        .grpc_address
+        .clone()
+        .expect("the gRPC listener is on");
+    let models = quickstart().join("models");
+    pytest(
+        "test_shared_memory.py",
+        &[
+            ("WEFT_URL", server.address.as_ref()),
+            ("WEFT_GRPC_URL", grpc.as_ref()),
+            ("WEFT_OTHER_KEY", other.as_ref()),
+            ("WEFT_QUICKSTART_MODELS", models.as_os_str()),
+        ],
+        &[&server],
+    );
+}

@@ -10,6 +10,7 @@
 use bytes::Bytes;
 use serde_json::{Map, Number, Value};
 use weft_core::{DataType, Error, NamedTensor, Result, Tensor, element_count};
+use weft_protocol::shared_memory::{SharedMemoryInputs, SharedMemoryRef, in_shared_memory};
 use weft_protocol::{InferRequest, InferResponse, Parameters, RequestInput, RequestedOutput};
 
 use crate::inference::infer_parameter::ParameterChoice;
@@ -73,8 +74,15 @@ pub fn parameters_to_grpc(
         .collect()
 }
 
-/// The request as Weft's protocol type. Tensor bytes from `raw_input_contents` are not copied.
-pub fn request_from_grpc(request: ModelInferRequest) -> Result<InferRequest> {
+/// The request as Weft's protocol type. Tensor bytes from `raw_input_contents` are not copied;
+/// inputs that name a shared-memory region are read through `shared_memory`.
+///
+/// As tritonclient sends them, `raw_input_contents` hold the inputs not in shared memory, in
+/// order; then every such input takes one, and none may carry typed contents too.
+pub fn request_from_grpc(
+    request: ModelInferRequest,
+    shared_memory: &dyn SharedMemoryInputs,
+) -> Result<InferRequest> {
     let ModelInferRequest {
         id,
         parameters,
@@ -83,22 +91,31 @@ pub fn request_from_grpc(request: ModelInferRequest) -> Result<InferRequest> {
         raw_input_contents,
         ..
     } = request;
-    let raw = !raw_input_contents.is_empty();
-    if raw && raw_input_contents.len() != inputs.len() {
-        return Err(Error::invalid(format!(
-            "the request has {} raw_input_contents for {} inputs; send one per input, in the \
-             inputs' order, or none",
-            raw_input_contents.len(),
-            inputs.len()
-        )));
-    }
+    let raw_count = raw_input_contents.len();
     let mut raw_contents = raw_input_contents.into_iter();
     let mut decoded = Vec::with_capacity(inputs.len());
+    let mut wire_inputs = 0;
     for input in inputs {
         let name = input.name.clone();
-        let tensor = input_tensor(input, raw_contents.next())
+        let parameters = parameters_from_grpc(input.parameters.clone())?;
+        let place = SharedMemoryRef::from_parameters(&format!("input '{name}'"), &parameters)?;
+        let source = match place {
+            Some(place) => Source::SharedMemory(shared_memory.read(&name, &place)?),
+            None if raw_count > 0 => {
+                wire_inputs += 1;
+                Source::Raw(raw_contents.next())
+            }
+            None => Source::Typed,
+        };
+        let tensor = input_tensor(input, parameters, source)
             .map_err(|error| error.context(format!("input '{name}'")))?;
         decoded.push(tensor);
+    }
+    if raw_count != 0 && raw_count != wire_inputs {
+        return Err(Error::invalid(format!(
+            "the request has {raw_count} raw_input_contents for {wire_inputs} inputs not in \
+             shared memory; send one per such input, in the inputs' order, or none"
+        )));
     }
     let outputs = outputs
         .into_iter()
@@ -120,7 +137,21 @@ pub fn request_from_grpc(request: ModelInferRequest) -> Result<InferRequest> {
     })
 }
 
-fn input_tensor(input: InferInputTensor, raw: Option<Bytes>) -> Result<RequestInput> {
+/// Where one input's bytes come from.
+enum Source {
+    /// The request has raw contents: this input's entry (`None` when they ran out).
+    Raw(Option<Bytes>),
+    /// The input's typed contents.
+    Typed,
+    /// Read from a shared-memory region.
+    SharedMemory(Bytes),
+}
+
+fn input_tensor(
+    input: InferInputTensor,
+    parameters: Parameters,
+    source: Source,
+) -> Result<RequestInput> {
     let datatype: DataType = input.datatype.parse()?;
     let shape = input
         .shape
@@ -131,24 +162,38 @@ fn input_tensor(input: InferInputTensor, raw: Option<Bytes>) -> Result<RequestIn
             })
         })
         .collect::<Result<Vec<usize>>>()?;
-    let data = match (raw, input.contents) {
-        (Some(_), Some(contents)) if !is_empty(&contents) => {
+    let typed = input.contents.filter(|contents| !is_empty(contents));
+    let data = match (source, typed) {
+        (Source::Raw(_) | Source::SharedMemory(_), Some(_)) => {
             return Err(Error::invalid(
-                "has both typed contents and raw_input_contents; send one",
+                "has typed contents and also raw_input_contents or a shared memory region; \
+                 send one",
             ));
         }
-        (Some(raw), _) => raw,
-        (None, Some(contents)) => typed_bytes(datatype, element_count(&shape)?, contents)?,
-        (None, None) => {
+        (Source::Raw(Some(raw)), None) => raw,
+        (Source::Raw(None), None) => {
             return Err(Error::invalid(
-                "has no contents and the request has no raw_input_contents",
+                "has no entry in raw_input_contents (fewer entries than inputs)",
             ));
+        }
+        (Source::SharedMemory(bytes), None) => bytes,
+        (Source::Typed, Some(contents)) => typed_bytes(datatype, element_count(&shape)?, contents)?,
+        (Source::Typed, None) => {
+            // An empty tensor may come with no contents at all.
+            typed_bytes(
+                datatype,
+                element_count(&shape)?,
+                InferTensorContents::default(),
+            )
+            .map_err(|_| {
+                Error::invalid("has no contents and the request has no raw_input_contents")
+            })?
         }
     };
     let tensor = Tensor::new(datatype, shape, data)?;
     Ok(RequestInput {
         tensor: NamedTensor::new(input.name, tensor),
-        parameters: parameters_from_grpc(input.parameters)?,
+        parameters,
     })
 }
 
@@ -248,7 +293,13 @@ pub fn response_to_grpc(response: InferResponse) -> ModelInferResponse {
             parameters: parameters_to_grpc(&output.parameters),
             contents: None,
         });
-        raw.push(tensor.data().clone());
+        // An output written to shared memory sends no bytes; its entry stays, empty, so the
+        // others keep their positions (tritonclient finds outputs by index).
+        raw.push(if in_shared_memory(&output.parameters) {
+            Bytes::new()
+        } else {
+            tensor.data().clone()
+        });
     }
     ModelInferResponse {
         model_name: response.model_name,
@@ -266,6 +317,11 @@ mod tests {
 
     use super::*;
     use crate::inference::model_infer_request::InferRequestedOutputTensor;
+    use weft_protocol::shared_memory::NoSharedMemory;
+
+    fn decode(request: ModelInferRequest) -> Result<InferRequest> {
+        request_from_grpc(request, &NoSharedMemory)
+    }
 
     fn input(name: &str, datatype: &str, shape: &[i64]) -> InferInputTensor {
         InferInputTensor {
@@ -280,7 +336,7 @@ mod tests {
     fn raw_inputs_are_slices_of_the_message_not_copies() {
         let raw = Bytes::from(vec![0u8; 8]);
         let pointer = raw.as_ptr();
-        let request = request_from_grpc(ModelInferRequest {
+        let request = decode(ModelInferRequest {
             model_name: "mlp".into(),
             id: "r1".into(),
             inputs: vec![input("x", "FP32", &[1, 2])],
@@ -310,7 +366,7 @@ mod tests {
             bytes_contents: vec![Bytes::from_static(b"hi"), Bytes::new()],
             ..Default::default()
         });
-        let request = request_from_grpc(ModelInferRequest {
+        let request = decode(ModelInferRequest {
             inputs: vec![int8, text],
             ..Default::default()
         })
@@ -326,7 +382,7 @@ mod tests {
             int_contents: vec![128],
             ..Default::default()
         });
-        let error = request_from_grpc(ModelInferRequest {
+        let error = decode(ModelInferRequest {
             inputs: vec![too_big],
             ..Default::default()
         })
@@ -351,7 +407,7 @@ mod tests {
                     raw_input_contents: vec![Bytes::from(vec![0u8; 8])],
                     ..Default::default()
                 },
-                "1 raw_input_contents for 2 inputs",
+                "input 'z': has no entry in raw_input_contents",
             ),
             (
                 ModelInferRequest {
@@ -399,13 +455,97 @@ mod tests {
             ),
         ];
         for (request, expected) in cases {
-            let error = request_from_grpc(request).unwrap_err();
+            let error = decode(request).unwrap_err();
             assert!(
                 error.message().contains(expected),
                 "{error} lacks {expected}"
             );
             assert_eq!(error.kind(), weft_core::ErrorKind::InvalidArgument);
         }
+    }
+
+    #[test]
+    fn shared_memory_inputs_take_no_raw_entry_and_outputs_keep_their_positions() {
+        struct Regions;
+        impl SharedMemoryInputs for Regions {
+            fn read(&self, _: &str, place: &SharedMemoryRef) -> Result<Bytes> {
+                assert_eq!((place.region.as_str(), place.offset), ("in", 4));
+                Ok(Bytes::from(vec![7u8; place.byte_size as usize]))
+            }
+        }
+        let mut in_region = input("a", "UINT8", &[2]);
+        for (key, value) in [
+            (
+                "shared_memory_region",
+                ParameterChoice::StringParam("in".into()),
+            ),
+            ("shared_memory_byte_size", ParameterChoice::Int64Param(2)),
+            ("shared_memory_offset", ParameterChoice::Uint64Param(4)),
+        ] {
+            in_region.parameters.insert(
+                key.into(),
+                InferParameter {
+                    parameter_choice: Some(value),
+                },
+            );
+        }
+        let request = ModelInferRequest {
+            inputs: vec![in_region.clone(), input("b", "UINT8", &[1])],
+            raw_input_contents: vec![Bytes::from_static(&[9])],
+            ..Default::default()
+        };
+        let decoded = request_from_grpc(request, &Regions).unwrap();
+        assert_eq!(&decoded.inputs[0].tensor.tensor.data()[..], &[7, 7]);
+        assert_eq!(&decoded.inputs[1].tensor.tensor.data()[..], &[9]);
+        // Without regions, the same input is refused.
+        let request = ModelInferRequest {
+            inputs: vec![in_region],
+            ..Default::default()
+        };
+        assert!(decode(request).is_err());
+        // Too many raw entries.
+        let request = ModelInferRequest {
+            inputs: vec![input("b", "UINT8", &[1])],
+            raw_input_contents: vec![Bytes::from_static(&[9]), Bytes::from_static(&[9])],
+            ..Default::default()
+        };
+        let error = decode(request).unwrap_err();
+        assert!(
+            error
+                .message()
+                .contains("2 raw_input_contents for 1 inputs"),
+            "{error}"
+        );
+
+        let output = |name: &str, parameters: Parameters| weft_protocol::ResponseOutput {
+            tensor: NamedTensor::new(
+                name,
+                Tensor::new(DataType::Uint8, vec![1], Bytes::from_static(&[5])).unwrap(),
+            ),
+            binary: true,
+            parameters,
+        };
+        let place = SharedMemoryRef {
+            region: "out".into(),
+            offset: 0,
+            byte_size: 8,
+        };
+        let response = response_to_grpc(InferResponse {
+            model_name: "m".into(),
+            model_version: None,
+            id: None,
+            parameters: Map::new(),
+            outputs: vec![output("a", place.to_parameters(1)), output("b", Map::new())],
+        });
+        assert_eq!(
+            response.raw_output_contents,
+            vec![Bytes::new(), Bytes::from_static(&[5])]
+        );
+        assert!(
+            response.outputs[0]
+                .parameters
+                .contains_key("shared_memory_region")
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use weft_core::{DataType, Error, NamedTensor, Result, Tensor, element_count};
 
 use crate::Parameters;
 use crate::json_data;
+use crate::shared_memory::{self, NoSharedMemory, SharedMemoryInputs, SharedMemoryRef};
 
 /// A decoded inference request.
 #[derive(Clone, Debug, Default)]
@@ -92,6 +93,16 @@ struct WireOutput {
 /// the rest are binary tensors in the order of the inputs that declare `binary_data_size`;
 /// `Some(0)` means the body is the raw bytes of the model's single input.
 pub fn decode_infer_request(body: Bytes, header_length: Option<usize>) -> Result<InferRequest> {
+    decode_infer_request_with(body, header_length, &NoSharedMemory)
+}
+
+/// [`decode_infer_request`], with inputs that name a shared-memory region read through
+/// `shared_memory`.
+pub fn decode_infer_request_with(
+    body: Bytes,
+    header_length: Option<usize>,
+    shared_memory: &dyn SharedMemoryInputs,
+) -> Result<InferRequest> {
     if header_length == Some(0) {
         return Ok(InferRequest {
             raw_single_input: Some(body),
@@ -124,6 +135,7 @@ pub fn decode_infer_request(body: Bytes, header_length: Option<usize>) -> Result
             json,
             header_length.is_some(),
             &mut binary_offset,
+            shared_memory,
         )?);
     }
     if binary_offset != body.len() {
@@ -169,6 +181,7 @@ fn decode_input(
     json: &[u8],
     has_binary: bool,
     offset: &mut usize,
+    shared_memory: &dyn SharedMemoryInputs,
 ) -> Result<RequestInput> {
     let name = input.name;
     let datatype: DataType = input
@@ -195,7 +208,16 @@ fn decode_input(
             ))
         })?),
     };
-    let data =
+    let place = SharedMemoryRef::from_parameters(&format!("input '{name}'"), &input.parameters)?;
+    let data = if let Some(place) = place {
+        if binary_size.is_some() || input.data.is_some() {
+            return Err(Error::invalid(format!(
+                "input '{name}' has both data and {}; send one",
+                shared_memory::REGION
+            )));
+        }
+        shared_memory.read(&name, &place)?
+    } else {
         match (binary_size, input.data) {
             (Some(_), Some(_)) => {
                 return Err(Error::invalid(format!(
@@ -230,7 +252,8 @@ fn decode_input(
                     .map_err(|error| error.context(format!("input '{name}'")))?;
                 Bytes::from(json_data::parse(&name, datatype, data, json, count)?)
             }
-        };
+        }
+    };
     let tensor = Tensor::new(datatype, shape, data)
         .map_err(|error| error.context(format!("input '{name}'")))?;
     Ok(RequestInput {

@@ -7,6 +7,7 @@ use weft_core::{DataType, NamedTensor, Result};
 use crate::Parameters;
 use crate::decode::RequestInput;
 use crate::json_data::{JsonData, check_utf8};
+use crate::shared_memory::in_shared_memory;
 
 /// A response ready to encode.
 #[derive(Clone, Debug)]
@@ -64,7 +65,10 @@ fn wire_tensor<'a>(
     mut parameters: Parameters,
 ) -> Result<WireTensor<'a>> {
     let data = tensor.tensor.data();
-    let json = if binary {
+    let json = if in_shared_memory(&parameters) {
+        // The bytes went to the region the parameters name.
+        None
+    } else if binary {
         parameters.insert("binary_data_size".into(), data.len().into());
         None
     } else {
@@ -136,7 +140,8 @@ fn assemble<'a>(
     Ok((body, json_length))
 }
 
-/// Encodes a response; outputs marked binary go after the JSON header.
+/// Encodes a response; outputs marked binary go after the JSON header, outputs written to shared
+/// memory (their parameters name the region) carry no bytes at all.
 pub fn encode_infer_response(response: &InferResponse) -> Result<EncodedResponse> {
     let outputs = response
         .outputs
@@ -150,13 +155,15 @@ pub fn encode_infer_response(response: &InferResponse) -> Result<EncodedResponse
         parameters: &response.parameters,
         outputs,
     };
-    let binary = response
-        .outputs
-        .iter()
-        .filter(|output| output.binary)
-        .map(|output| &output.tensor.tensor.data()[..]);
+    let binary_outputs = || {
+        response
+            .outputs
+            .iter()
+            .filter(|output| output.binary && !in_shared_memory(&output.parameters))
+    };
+    let binary = binary_outputs().map(|output| &output.tensor.tensor.data()[..]);
     let (body, json_length) = assemble(&wire, binary)?;
-    let any_binary = response.outputs.iter().any(|output| output.binary);
+    let any_binary = binary_outputs().next().is_some();
     Ok(EncodedResponse {
         body,
         json_header_length: any_binary.then_some(json_length),

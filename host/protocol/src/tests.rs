@@ -874,3 +874,126 @@ fn numbers_out_of_range_are_malformed_json_placed_in_the_request() {
         )
     );
 }
+
+/// Regions of the test: `inputs` holds 8 bytes, 1.0 and 2.0 as FP32.
+struct TestRegions;
+
+impl crate::shared_memory::SharedMemoryInputs for TestRegions {
+    fn read(
+        &self,
+        _input: &str,
+        place: &crate::shared_memory::SharedMemoryRef,
+    ) -> weft_core::Result<Bytes> {
+        let region: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        if place.region != "inputs" {
+            return Err(weft_core::Error::not_found("no such region"));
+        }
+        let start = place.offset as usize;
+        let end = start + place.byte_size as usize;
+        Ok(Bytes::copy_from_slice(&region[start..end]))
+    }
+}
+
+#[test]
+fn inputs_in_shared_memory_are_read_through_the_caller_s_regions() {
+    let body = json!({"inputs": [{
+        "name": "x", "datatype": "FP32", "shape": [1],
+        "parameters": {"shared_memory_region": "inputs", "shared_memory_byte_size": 4,
+                       "shared_memory_offset": 4}
+    }]});
+    let body = Bytes::from(serde_json::to_vec(&body).unwrap());
+    let request = crate::decode_infer_request_with(body.clone(), None, &TestRegions).unwrap();
+    assert_eq!(
+        &request.inputs[0].tensor.tensor.data()[..],
+        &2.0f32.to_le_bytes()
+    );
+    // Without regions (a batch job, say) the same input is refused, not crashed on.
+    let error = decode_infer_request(body, None).unwrap_err();
+    assert!(error.message().contains("not available here"), "{error}");
+
+    for (parameters, expected) in [
+        (
+            json!({"shared_memory_region": "inputs"}),
+            "needs shared_memory_byte_size",
+        ),
+        (
+            json!({"shared_memory_region": 7, "shared_memory_byte_size": 4}),
+            "must be a region's name",
+        ),
+        (
+            json!({"shared_memory_region": "inputs", "shared_memory_byte_size": -4}),
+            "non-negative integer",
+        ),
+        (
+            json!({"shared_memory_region": "elsewhere", "shared_memory_byte_size": 4}),
+            "no such region",
+        ),
+    ] {
+        let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": parameters}]});
+        let error = crate::decode_infer_request_with(
+            Bytes::from(serde_json::to_vec(&body).unwrap()),
+            None,
+            &TestRegions,
+        )
+        .unwrap_err();
+        assert!(
+            error.message().contains(expected),
+            "{error} lacks {expected}"
+        );
+    }
+    let both = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0],
+        "parameters": {"shared_memory_region": "inputs", "shared_memory_byte_size": 4}}]});
+    let error = crate::decode_infer_request_with(
+        Bytes::from(serde_json::to_vec(&both).unwrap()),
+        None,
+        &TestRegions,
+    )
+    .unwrap_err();
+    assert!(
+        error
+            .message()
+            .contains("both data and shared_memory_region"),
+        "{error}"
+    );
+}
+
+#[test]
+fn outputs_written_to_shared_memory_carry_no_bytes() {
+    let tensor = NamedTensor::new(
+        "y",
+        Tensor::new(
+            DataType::Fp32,
+            vec![1],
+            Bytes::from(1.0f32.to_le_bytes().to_vec()),
+        )
+        .unwrap(),
+    );
+    let place = crate::shared_memory::SharedMemoryRef {
+        region: "out".into(),
+        offset: 0,
+        byte_size: 64,
+    };
+    for binary in [true, false] {
+        let response = InferResponse {
+            model_name: "m".into(),
+            model_version: None,
+            id: None,
+            parameters: Parameters::new(),
+            outputs: vec![ResponseOutput {
+                tensor: tensor.clone(),
+                binary,
+                parameters: place.to_parameters(4),
+            }],
+        };
+        let encoded = encode_infer_response(&response).unwrap();
+        assert_eq!(encoded.json_header_length, None);
+        let body: serde_json::Value = serde_json::from_slice(&encoded.body).unwrap();
+        let output = &body["outputs"][0];
+        assert_eq!(output["shape"], json!([1]));
+        assert!(output.get("data").is_none(), "{body}");
+        assert_eq!(
+            output["parameters"],
+            json!({"shared_memory_region": "out", "shared_memory_byte_size": 4})
+        );
+    }
+}

@@ -25,9 +25,10 @@ use weft_core::RequestContext;
 use weft_core::{Error, ErrorKind, Model, NamedTensor, Tensor};
 use weft_engine::ModelState;
 use weft_engine::graph::GRAPH_PLATFORM;
+use weft_protocol::shared_memory::SharedMemoryRef;
 use weft_protocol::{
     InferRequest, InferResponse, MetadataTensor, ModelMetadataResponse, RepositoryIndexEntry,
-    ResponseOutput, ServerMetadataResponse, decode_infer_request, encode_infer_response,
+    ResponseOutput, ServerMetadataResponse, decode_infer_request_with, encode_infer_response,
 };
 use weft_tenancy::inflight::SharedPermit;
 
@@ -74,6 +75,8 @@ pub struct AppState {
     pub busy_poll: Option<Arc<crate::busy_poll::BusyPoll>>,
     /// Inference requests in flight, which batch jobs yield to.
     pub realtime: Arc<weft_engine::jobs::RealtimeLoad>,
+    /// Tenants' registered shared memory regions (`--system-shared-memory`).
+    pub shared_memory: Arc<crate::shared_memory::SystemSharedMemory>,
 }
 
 impl AppState {
@@ -92,6 +95,7 @@ impl AppState {
             body_idle_timeout: crate::body_timeout::DEFAULT_BODY_IDLE_TIMEOUT,
             busy_poll: None,
             realtime: Arc::default(),
+            shared_memory: Arc::default(),
         }
     }
 }
@@ -120,6 +124,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::control::routes())
         .merge(crate::jobs::routes())
+        .merge(crate::shared_memory::routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -181,7 +186,12 @@ async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// The protocol extensions Weft serves, as server metadata lists them (HTTP and gRPC).
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "statistics", "model_configuration"];
+pub const EXTENSIONS: &[&str] = &[
+    "binary_tensor_data",
+    "statistics",
+    "model_configuration",
+    "system_shared_memory",
+];
 
 async fn server_metadata() -> Json<ServerMetadataResponse> {
     Json(ServerMetadataResponse {
@@ -732,7 +742,7 @@ async fn infer_accounted(
         model_version: Some(number.to_string()),
         id: request.id.clone(),
         parameters,
-        outputs: pick_outputs(outputs, &selected)?,
+        outputs: pick_outputs(state, &scope.name, outputs, &selected)?,
     })
 }
 
@@ -783,7 +793,11 @@ async fn read_http_request(
     };
     permit.shrink_to(body.len());
     let body_len = body.len();
-    let request = decode_infer_request(body, header_length)?;
+    // Tensors read from shared memory count against the same size limit as the body.
+    let regions = state
+        .shared_memory
+        .inputs(&scope.name, limit.saturating_sub(body_len));
+    let request = decode_infer_request_with(body, header_length, &regions)?;
     Ok((
         request,
         body_len,
@@ -965,15 +979,27 @@ fn request_inputs(
     Ok(vec![NamedTensor::new(spec.name.clone(), tensor)])
 }
 
-/// The outputs to return with whether each is binary; all outputs if none were requested.
-fn select_outputs(request: &InferRequest, model: &dyn Model) -> Result<Vec<(String, bool)>, Error> {
+/// One output to return.
+struct Selected {
+    name: String,
+    binary: bool,
+    /// Where the client asked for it in shared memory, if it did.
+    shared_memory: Option<SharedMemoryRef>,
+}
+
+/// The outputs to return; all outputs if none were requested.
+fn select_outputs(request: &InferRequest, model: &dyn Model) -> Result<Vec<Selected>, Error> {
     let binary_default = request.binary_output_default();
     let metadata = model.metadata();
     if request.outputs.is_empty() {
         return Ok(metadata
             .outputs
             .iter()
-            .map(|spec| (spec.name.clone(), binary_default))
+            .map(|spec| Selected {
+                name: spec.name.clone(),
+                binary: binary_default,
+                shared_memory: None,
+            })
             .collect());
     }
     request
@@ -987,30 +1013,43 @@ fn select_outputs(request: &InferRequest, model: &dyn Model) -> Result<Vec<(Stri
                     wanted.name
                 )));
             }
-            Ok((
-                wanted.name.clone(),
-                wanted.binary_data.unwrap_or(binary_default),
-            ))
+            Ok(Selected {
+                name: wanted.name.clone(),
+                binary: wanted.binary_data.unwrap_or(binary_default),
+                shared_memory: SharedMemoryRef::from_parameters(
+                    &format!("output '{}'", wanted.name),
+                    &wanted.parameters,
+                )?,
+            })
         })
         .collect()
 }
 
+/// The selected outputs in order; those asked for in shared memory are written there.
 fn pick_outputs(
+    state: &AppState,
+    tenant: &str,
     outputs: Vec<NamedTensor>,
-    selected: &[(String, bool)],
+    selected: &[Selected],
 ) -> Result<Vec<ResponseOutput>, Error> {
     selected
         .iter()
-        .map(|(name, binary)| {
+        .map(|wanted| {
             let tensor = outputs
                 .iter()
-                .find(|output| &output.name == name)
+                .find(|output| output.name == wanted.name)
                 .cloned()
-                .ok_or_else(|| Error::internal(format!("the model produced no output '{name}'")))?;
+                .ok_or_else(|| {
+                    Error::internal(format!("the model produced no output '{}'", wanted.name))
+                })?;
+            let parameters = match &wanted.shared_memory {
+                Some(place) => state.shared_memory.write_output(tenant, &tensor, place)?,
+                None => serde_json::Map::new(),
+            };
             Ok(ResponseOutput {
                 tensor,
-                binary: *binary,
-                parameters: serde_json::Map::new(),
+                binary: wanted.binary,
+                parameters,
             })
         })
         .collect()

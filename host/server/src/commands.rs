@@ -196,6 +196,12 @@ pub struct ServeArgs {
     #[arg(long, env = "WEFT_TLS_RELOAD_SECONDS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub tls_reload_seconds: u64,
+    /// Tenants whose clients may use Triton's system shared memory extension (comma
+    /// separated; `default` is the bootstrap key's tenant). Off for every other tenant: a
+    /// shared memory key is global to the host, so only enable tenants whose clients run on
+    /// the server's host and may see each other's shared memory objects.
+    #[arg(long, env = "WEFT_SYSTEM_SHARED_MEMORY", value_delimiter = ',')]
+    pub system_shared_memory: Vec<String>,
     /// Address of the gRPC endpoint (Triton's GRPCInferenceService, which OIP gRPC clients
     /// also speak), or `off`; port 0 picks a free port.
     #[arg(long, env = "WEFT_GRPC_LISTEN", default_value = "127.0.0.1:8001")]
@@ -593,6 +599,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .context("cannot start the --busy-poll-us spinners")?,
             ),
         },
+        shared_memory: Arc::new(crate::shared_memory::SystemSharedMemory::for_tenants(
+            args.system_shared_memory
+                .iter()
+                .map(|tenant| tenant.trim().to_string())
+                .filter(|tenant| !tenant.is_empty()),
+        )),
         ..AppState::new(Arc::new(tenancy), args.max_request_bytes)
     };
     let tenancy = Arc::clone(&state.tenancy);

@@ -11,6 +11,8 @@
 //!   ServerReady and ServerMetadata need no key, as their HTTP twins.
 //! - **Streams**: `ModelStreamInfer` answers each request in order, errors in-band
 //!   (`error_message`), so one bad request does not end the stream.
+//! - **System shared memory**: the Register/Unregister/Status RPCs share `shared_memory.rs`
+//!   with the HTTP routes; inputs and outputs name regions in their parameters, as over HTTP.
 //! - **Errors** become gRPC status codes; another tenant's name is NOT_FOUND in the same words
 //!   as a missing one, because resolution is the same.
 
@@ -198,7 +200,7 @@ pub fn status_of(error: ApiError) -> Status {
         ErrorKind::Internal => Code::Internal,
         ErrorKind::Unauthenticated => Code::Unauthenticated,
         ErrorKind::PermissionDenied => Code::PermissionDenied,
-        ErrorKind::Conflict => Code::FailedPrecondition,
+        ErrorKind::Conflict => Code::AlreadyExists,
     };
     if code == Code::Internal || code == Code::Unavailable {
         tracing::error!(kind = kind.as_str(), error = %error.error, "gRPC call failed");
@@ -259,7 +261,13 @@ impl Inference {
         }
         let name = message.model_name.clone();
         let version = message.model_version.clone();
-        let request = weft_grpc::convert::request_from_grpc(message)?;
+        // Tensors read from shared memory count against the same size limit as the message.
+        let limit = quota.min(self.state.max_request_bytes);
+        let regions = self
+            .state
+            .shared_memory
+            .inputs(&caller.scope.name, limit.saturating_sub(wire_bytes));
+        let request = weft_grpc::convert::request_from_grpc(message, &regions)?;
         let source = InferSource::Decoded {
             request,
             wire_bytes,
@@ -503,6 +511,79 @@ impl GrpcInferenceService for Inference {
         Ok(tonic::Response::new(pb::ModelStatisticsResponse {
             model_stats,
         }))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        request: tonic::Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<tonic::Response<pb::SystemSharedMemoryStatusResponse>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        let regions = self
+            .state
+            .shared_memory
+            .status(
+                &caller.scope.name,
+                (!name.is_empty()).then_some(name.as_str()),
+            )
+            .map_err(status)?
+            .into_iter()
+            .map(|region| {
+                (
+                    region.name.clone(),
+                    pb::system_shared_memory_status_response::RegionStatus {
+                        name: region.name,
+                        key: region.key,
+                        offset: region.offset,
+                        byte_size: region.byte_size,
+                    },
+                )
+            })
+            .collect();
+        Ok(tonic::Response::new(pb::SystemSharedMemoryStatusResponse {
+            regions,
+        }))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        request: tonic::Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<tonic::Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        self.state
+            .shared_memory
+            .register(
+                &caller.scope.name,
+                crate::shared_memory::RegionStatus {
+                    name: request.name,
+                    key: request.key,
+                    offset: request.offset,
+                    byte_size: request.byte_size,
+                },
+            )
+            .map_err(status)?;
+        Ok(tonic::Response::new(
+            pb::SystemSharedMemoryRegisterResponse {},
+        ))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        request: tonic::Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<tonic::Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        self.state
+            .shared_memory
+            .unregister(
+                &caller.scope.name,
+                (!name.is_empty()).then_some(name.as_str()),
+            )
+            .map_err(status)?;
+        Ok(tonic::Response::new(
+            pb::SystemSharedMemoryUnregisterResponse {},
+        ))
     }
 
     async fn repository_index(

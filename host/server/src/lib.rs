@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod listen;
 pub mod loader;
 pub mod metrics;
+pub mod shared_memory;
 pub mod stats;
 pub mod tenants;
 pub mod thread_priority;
