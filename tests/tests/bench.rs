@@ -95,3 +95,69 @@ async fn bench_measures_a_server_in_both_encodings_and_in_process() {
     // The burst of 5 plus ~5/s over the run succeed; the rest are errors.
     assert!(errors > 0 && requests <= 15, "{line}\n{stderr}");
 }
+
+/// `weft bench --grpc` and `--shared-memory` measure the same server over gRPC and through
+/// shared memory regions (both protocols), with no failed request; without the tenant's
+/// shared memory the bench stops with the server's reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_measures_grpc_and_shared_memory() {
+    let repo = Repo::new().with_model(&quickstart(), "mlp");
+    let server = Server::start_with(repo.path(), &["--system-shared-memory", "default"]);
+    let url = format!("http://{}", server.address);
+    let grpc = format!("http://{}", server.grpc_address.as_ref().unwrap());
+    let base = [
+        "--model",
+        "mlp",
+        "--url",
+        &url,
+        "--grpc-url",
+        &grpc,
+        "--api-key",
+        TEST_KEY,
+        "--rows",
+        "3",
+        "--concurrency",
+        "2",
+    ];
+    for (extra, label) in [
+        (&["--grpc"][..], "grpc mlp rows=3"),
+        (&["--shared-memory"][..], "http shared-memory mlp"),
+        (&["--grpc", "--shared-memory"][..], "grpc shared-memory mlp"),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let (ok, line, stderr) = bench(&args);
+        assert!(ok, "{extra:?}: {line}\n{stderr}");
+        assert!(line.starts_with(label), "{line}");
+        let (requests, errors) = counts(&line);
+        assert!(requests > 10, "{extra:?}: {line}");
+        assert_eq!(errors, 0, "{extra:?}: {line}\n{}", server.log());
+    }
+    // The bench removed its shared memory object when it ended.
+    let leftover = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("weft-bench-")
+        });
+    assert!(!leftover, "a weft-bench object is left in /dev/shm");
+
+    let plain = Server::start(repo.path());
+    let url = format!("http://{}", plain.address);
+    let (ok, line, stderr) = bench(&[
+        "--model",
+        "mlp",
+        "--url",
+        &url,
+        "--api-key",
+        TEST_KEY,
+        "--shared-memory",
+    ]);
+    assert!(!ok, "{line}");
+    assert!(
+        stderr.contains("not enabled for tenant 'default'"),
+        "{stderr}"
+    );
+}

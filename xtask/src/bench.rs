@@ -131,17 +131,12 @@ impl Rows {
 
 pub fn run_matrix(root: &Path, args: &[String]) -> Result<()> {
     let options = options(args)?;
-    let wide = root.join("bench/repository/models/wide/1/model.onnx");
-    if !wide.is_file() {
-        crate::run(
-            Command::new(crate::venv_python(root)).arg(root.join("bench/make_bench_models.py")),
-        )?;
-    }
+    bench_models(root)?;
     let weft = build_release(root)?;
     let library = crate::ort_library(root);
     let mut rows = Rows::default();
 
-    let (server, url) = serve_weft(root, &weft, &library, &options)?;
+    let (server, url, _) = serve_weft(root, &weft, &library, &options)?;
     let http = [
         ("mlp", "mlp", "off"),
         ("mlp", "mlp-batched", "on"),
@@ -337,7 +332,7 @@ pub fn run_job_bench(root: &Path, args: &[String]) -> Result<()> {
         let figure = figure(&line).context("no figure in the in-process line")?;
         limits.push((callers, figure.rows_per_second));
     }
-    let (server, url) = serve_weft(root, &weft, &library, &options)?;
+    let (server, url, _) = serve_weft(root, &weft, &library, &options)?;
     let output = Command::new(&weft)
         .current_dir(root)
         .args(["bench-job", "--model", JOB_MODEL, "--url", &url])
@@ -399,13 +394,29 @@ fn timing_args(concurrency: &str, options: &Options) -> Vec<String> {
     .to_vec()
 }
 
-/// Starts `weft serve` on bench/repository with a fresh store; returns it and its URL.
+/// Generates the models of bench/repository that git does not hold, if missing.
+fn bench_models(root: &Path) -> Result<()> {
+    let missing = ["wide", "identity"].iter().any(|model| {
+        !root
+            .join(format!("bench/repository/models/{model}/1/model.onnx"))
+            .is_file()
+    });
+    if missing {
+        crate::run(
+            Command::new(crate::venv_python(root)).arg(root.join("bench/make_bench_models.py")),
+        )?;
+    }
+    Ok(())
+}
+
+/// Starts `weft serve` on bench/repository with a fresh store, gRPC on, and shared memory for
+/// the benchmark's tenant; returns it, its HTTP URL and its gRPC URL.
 fn serve_weft(
     root: &Path,
     weft: &Path,
     library: &Path,
     options: &Options,
-) -> Result<(Server, String)> {
+) -> Result<(Server, String, String)> {
     let data_dir = root.join("target/bench-data");
     // A fresh store each run: the benchmark's tenant starts with the bootstrap quotas.
     let _ = std::fs::remove_dir_all(data_dir.join("store"));
@@ -417,6 +428,10 @@ fn serve_weft(
             "bench/repository",
             "--listen",
             "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--system-shared-memory",
+            "default",
         ])
         .arg("--data-dir")
         .arg(&data_dir)
@@ -432,14 +447,107 @@ fn serve_weft(
     let stdout = child.stdout.take().context("no stdout")?;
     let server = Server(child);
     let mut address = None;
+    let mut grpc = None;
     for line in BufReader::new(stdout).lines() {
-        if let Some(found) = line?.strip_prefix("weft listening on ") {
+        let line = line?;
+        if let Some(found) = line.strip_prefix("weft gRPC listening on ") {
+            grpc = Some(format!("http://{found}"));
+        }
+        if let Some(found) = line.strip_prefix("weft listening on ") {
             address = Some(found.to_string());
             break;
         }
     }
     let url = address.context("weft serve exited before listening")?;
-    Ok((server, url))
+    let grpc = grpc.context("weft serve did not open its gRPC listener")?;
+    Ok((server, url, grpc))
+}
+
+/// `cargo xtask bench-transports`: the same requests over HTTP (binary extension) and gRPC,
+/// per request at concurrency 1 and 64 for `mlp`, `mlp-batched` and the `classify-batched`
+/// graph; then a large tensor (4 MiB through `identity`) over HTTP binary, gRPC, and shared
+/// memory with either. Prints each line, a table, and gRPC / HTTP ratios of this run.
+pub fn run_transport_bench(root: &Path, args: &[String]) -> Result<()> {
+    let options = options(args)?;
+    bench_models(root)?;
+    let weft = build_release(root)?;
+    let library = crate::ort_library(root);
+    let (server, url, grpc) = serve_weft(root, &weft, &library, &options)?;
+    let mut rows = Rows::default();
+    let pairs = [
+        ("mlp", "mlp"),
+        ("mlp batched", "mlp-batched"),
+        ("mlp graph3 (classify)", "classify-batched"),
+    ];
+    for concurrency in ["1", "64"] {
+        for (label, model) in pairs {
+            if options.skips(model) {
+                continue;
+            }
+            let args = http_args(model, &url, concurrency, &options);
+            let line = weft_bench(&weft, root, &args)?;
+            rows.push(format!("{label}, HTTP binary, c={concurrency}"), line);
+            let mut args = args;
+            args.extend(["--grpc".to_string(), "--grpc-url".to_string(), grpc.clone()]);
+            let line = weft_bench(&weft, root, &args)?;
+            rows.push(format!("{label}, gRPC, c={concurrency}"), line);
+        }
+    }
+    if !options.skips("identity") {
+        for concurrency in ["1", "8"] {
+            for (transport, extra) in [
+                ("HTTP binary", vec![]),
+                ("gRPC", vec!["--grpc", "--grpc-url", &grpc]),
+                ("HTTP shared memory", vec!["--shared-memory"]),
+                (
+                    "gRPC shared memory",
+                    vec!["--grpc", "--grpc-url", &grpc, "--shared-memory"],
+                ),
+            ] {
+                let mut args = http_args("identity", &url, concurrency, &options);
+                args.extend(["--rows", "4"].map(String::from));
+                args.extend(extra.into_iter().map(String::from));
+                let line = weft_bench(&weft, root, &args)?;
+                rows.push(
+                    format!("identity 4 MiB, {transport}, c={concurrency}"),
+                    line,
+                );
+            }
+        }
+    }
+    drop(server);
+    println!("\n| run | result |\n|---|---|");
+    for (name, line) in &rows.0 {
+        let result = line.split_once(": ").map_or(line.as_str(), |(_, r)| r);
+        println!("| {name} | {result} |");
+    }
+    println!("\n| comparison | req/s ratio | p50 ratio |\n|---|---|---|");
+    let compare = |a: &str, b: &str| {
+        if let (Some(a_figure), Some(b_figure)) = (rows.get(a), rows.get(b)) {
+            println!(
+                "| {a} / {b} | {:.2}x | {:.2}x |",
+                a_figure.requests_per_second / b_figure.requests_per_second.max(f64::EPSILON),
+                a_figure.p50_us / b_figure.p50_us.max(f64::EPSILON)
+            );
+        }
+    };
+    for concurrency in ["1", "64"] {
+        for (label, _) in pairs {
+            compare(
+                &format!("{label}, gRPC, c={concurrency}"),
+                &format!("{label}, HTTP binary, c={concurrency}"),
+            );
+        }
+    }
+    for concurrency in ["1", "8"] {
+        for transport in ["gRPC", "HTTP shared memory", "gRPC shared memory"] {
+            compare(
+                &format!("identity 4 MiB, {transport}, c={concurrency}"),
+                &format!("identity 4 MiB, HTTP binary, c={concurrency}"),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The pinned packages of each peer's virtual environment (target/peers/<peer>).

@@ -71,9 +71,13 @@ fn main() -> Result<()> {
             setup(&root, true)?;
             bench::run_job_bench(&root, &args[1..])
         }
+        Some("bench-transports") => {
+            setup(&root, true)?;
+            bench::run_transport_bench(&root, &args[1..])
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|serve|test|bench|bench-job|fuzz> [args]\n\
+                "usage: cargo xtask <setup|serve|test|bench|bench-job|bench-transports|fuzz> [args]\n\
                  \x20 setup  install the wasm target, ONNX Runtime library, Python test packages\n\
                  \x20 serve  set up, then serve examples/quickstart (or examples/<name> named\n\
                  \x20        first, e.g. `serve classify`) on 127.0.0.1:8000; further args go to\n\
@@ -85,6 +89,9 @@ fn main() -> Result<()> {
                  \x20 bench-job  set up, build release, and measure a batch job (--rows N,\n\
                  \x20        default 1000000) against the in-process limit, and its effect on\n\
                  \x20        a real-time c=8 load's p99\n\
+                 \x20 bench-transports  set up, build release, and compare HTTP and gRPC per\n\
+                 \x20        request (c=1, 64), and a 4 MiB tensor over HTTP, gRPC and shared\n\
+                 \x20        memory\n\
                  \x20 test-shared  only the tenancy suites on a shared store (PostgreSQL + S3)\n\
                  \x20 fuzz   run the fuzz/ targets (all, or those named) for --seconds N each\n\
                  \x20        (default 30); installs cargo-fuzz if missing"

@@ -4,6 +4,8 @@
 //! `--duration` seconds after a warm-up, JSON or binary-extension bodies. In-process mode loads
 //! the model from the repository the way `weft serve` does and calls it directly with the same
 //! input, so the difference between the two is the cost of HTTP and the protocol codecs.
+//! `--grpc` sends the same load as gRPC calls and `--shared-memory` moves the tensors through
+//! shared memory regions (`bench_grpc.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use weft_core::{DataType, Model, NamedTensor, Tensor, TensorSpec};
 use weft_engine::ModelRegistry;
 
 use weft_server::commands::{OrtArgs, bench_worker_pool};
+
+use crate::bench_grpc::{GrpcCaller, GrpcTarget, SharedMemoryPlan};
 use weft_server::loader::RepositoryLoader;
 
 #[derive(Debug, clap::Args)]
@@ -49,6 +53,17 @@ pub struct BenchArgs {
     /// Request body encoding over HTTP.
     #[arg(long, value_enum, default_value_t = Encoding::Binary)]
     pub encoding: Encoding,
+    /// Call over gRPC (`ModelInfer` with raw tensor contents) at --grpc-url instead of HTTP.
+    #[arg(long)]
+    pub grpc: bool,
+    /// The gRPC endpoint, with --grpc.
+    #[arg(long, default_value = "http://127.0.0.1:8001")]
+    pub grpc_url: String,
+    /// Send inputs and receive outputs through Triton's system shared memory (a region per
+    /// tensor in one object under /dev/shm) instead of in the requests; the server must
+    /// allow the key's tenant (`--system-shared-memory`) and share this host.
+    #[arg(long)]
+    pub shared_memory: bool,
     /// API key sent as `Authorization: Bearer <key>` over HTTP.
     #[arg(long, env = "WEFT_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -138,12 +153,22 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             }
         };
         drive(&Timing::of(&args), call).await
+    } else if args.grpc {
+        let caller = GrpcCaller::new(&GrpcTarget {
+            url: &args.grpc_url,
+            model: &args.model,
+            api_key: args.api_key.as_deref(),
+            // One HTTP/2 connection per concurrent caller, as the HTTP load keeps one
+            // keep-alive connection each.
+            connections: args.concurrency,
+            rows: args.rows,
+            inputs: (!args.inputs.is_empty()).then(|| args.inputs.clone()),
+            shared_memory: args.shared_memory,
+        })
+        .await?;
+        let call = move || caller.call();
+        drive(&Timing::of(&args), call).await
     } else {
-        let specs = if args.inputs.is_empty() {
-            None
-        } else {
-            Some(args.inputs.clone())
-        };
         let caller = HttpCaller::new(&HttpTarget {
             url: &args.url,
             model: &args.model,
@@ -151,7 +176,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             connections: args.concurrency,
             rows: args.rows,
             encoding: args.encoding,
-            inputs: specs,
+            inputs: (!args.inputs.is_empty()).then(|| args.inputs.clone()),
+            shared_memory: args.shared_memory,
         })
         .await?;
         let call = move || caller.call();
@@ -163,9 +189,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             args.model, args.rows, args.concurrency
         )
     } else {
+        let transport = match (args.grpc, args.shared_memory) {
+            (true, true) => "grpc shared-memory".to_string(),
+            (true, false) => "grpc".to_string(),
+            (false, true) => "http shared-memory".to_string(),
+            (false, false) => format!("http {:?}", args.encoding),
+        };
         format!(
-            "http {:?} {} rows={} concurrency={}",
-            args.encoding, args.model, args.rows, args.concurrency
+            "{transport} {} rows={} concurrency={}",
+            args.model, args.rows, args.concurrency
         )
     };
     report.print(&label, args.rows);
@@ -219,6 +251,8 @@ pub struct HttpTarget<'a> {
     pub rows: usize,
     pub encoding: Encoding,
     pub inputs: Option<Vec<TensorSpec>>,
+    /// Tensors through shared memory regions instead of the body (`encoding` unused).
+    pub shared_memory: bool,
 }
 
 /// Sends the same V2 inference request again and again over keep-alive connections.
@@ -228,6 +262,8 @@ pub struct HttpCaller {
     url: String,
     body: Bytes,
     header_length: Option<String>,
+    /// The regions a shared-memory load names, kept while the caller lives.
+    _plan: Option<Arc<SharedMemoryPlan>>,
 }
 
 impl HttpCaller {
@@ -239,12 +275,21 @@ impl HttpCaller {
             None => model_inputs(&client, target.url, target.model).await?,
         };
         let inputs = sample_inputs(&specs, target.rows)?;
-        let (body, header_length) = request_body(&inputs, target.encoding)?;
+        let (body, header_length, plan) = if target.shared_memory {
+            let outputs = model_tensors(&client, target.url, target.model, "outputs").await?;
+            let plan = SharedMemoryPlan::create(&inputs, &outputs, target.rows)?;
+            plan.register_http(&client, target.url).await?;
+            (plan.http_body(), None, Some(Arc::new(plan)))
+        } else {
+            let (body, header_length) = request_body(&inputs, target.encoding)?;
+            (body, header_length, None)
+        };
         Ok(HttpCaller {
             client,
             url: format!("{}/v2/models/{}/infer", target.url, target.model),
             body,
             header_length,
+            _plan: plan,
         })
     }
 
@@ -288,6 +333,16 @@ pub async fn model_inputs(
     url: &str,
     model: &str,
 ) -> anyhow::Result<Vec<TensorSpec>> {
+    model_tensors(client, url, model, "inputs").await
+}
+
+/// The `inputs` or `outputs` a server's model metadata lists.
+async fn model_tensors(
+    client: &reqwest::Client,
+    url: &str,
+    model: &str,
+    which: &str,
+) -> anyhow::Result<Vec<TensorSpec>> {
     let metadata: serde_json::Value = client
         .get(format!("{url}/v2/models/{model}"))
         .send()
@@ -296,8 +351,8 @@ pub async fn model_inputs(
         .with_context(|| format!("cannot read metadata of '{model}' from {url}"))?
         .json()
         .await?;
-    serde_json::from_value(metadata["inputs"].clone())
-        .context("model metadata has no usable inputs")
+    serde_json::from_value(metadata[which].clone())
+        .with_context(|| format!("model metadata has no usable {which}"))
 }
 
 /// Runs `call` from `timing.concurrency` tasks: warm-up, then measurement.
@@ -478,6 +533,9 @@ pub async fn bench_plugins(args: BenchPluginsArgs) -> anyhow::Result<()> {
         warmup: 0.0,
         rows: 1,
         encoding: Encoding::Binary,
+        grpc: false,
+        grpc_url: String::new(),
+        shared_memory: false,
         api_key: None,
         inputs: Vec::new(),
     })

@@ -101,6 +101,7 @@ pub async fn bench_job(args: BenchJobArgs) -> anyhow::Result<()> {
         rows: 1,
         encoding: Encoding::Binary,
         inputs: Some(specs.clone()),
+        shared_memory: false,
     })
     .await?;
     let timing = Timing {

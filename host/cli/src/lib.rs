@@ -8,6 +8,7 @@
 //! a binary of their own.
 
 pub mod bench;
+pub mod bench_grpc;
 pub mod bench_job;
 
 use std::process::ExitCode;
