@@ -44,6 +44,8 @@ const SERVICE: &str = "/inference.GRPCInferenceService/";
 const KEYLESS: [&str; 3] = ["ServerLive", "ServerReady", "ServerMetadata"];
 /// Streamed responses waiting for a slow reader before the stream stops reading requests.
 const STREAM_QUEUE: usize = 16;
+/// The one streaming RPC.
+const STREAM_METHOD: &str = "ModelStreamInfer";
 /// gRPC's length-prefixed message framing: a compression flag and a 4-byte length.
 const FRAME_HEADER: usize = 5;
 
@@ -89,16 +91,20 @@ impl tower::Service<Request<hyper::body::Incoming>> for GrpcGate {
         if let Some(busy_poll) = &self.state.busy_poll {
             busy_poll.touch();
         }
-        let keyless = request
+        let method = request
             .uri()
             .path()
             .strip_prefix(SERVICE)
-            .is_some_and(|method| KEYLESS.contains(&method));
+            .unwrap_or_default();
+        let keyless = KEYLESS.contains(&method);
+        // A unary call's body that stalls fails as an HTTP body does (`body_timeout.rs`); a
+        // stream may rightly wait between its requests.
+        let idle = (method != STREAM_METHOD).then_some(self.state.body_idle_timeout);
         let mut server = self.server.clone();
         let state = self.state.clone();
         Box::pin(async move {
             if keyless {
-                let request = request.map(|body| ChargedBody::new(body, None));
+                let request = request.map(|body| ChargedBody::new(body, idle, None));
                 return tower::Service::call(&mut server, request).await;
             }
             let scope = match crate::tenants::authenticate(&state.tenancy, request.headers())
@@ -114,7 +120,8 @@ impl tower::Service<Request<hyper::body::Incoming>> for GrpcGate {
                 Ok(permit) => Arc::new(SharedPermit::new(permit, 0)),
                 Err(refusal) => return Ok(status_of(crate::tenants::refused(refusal)).into_http()),
             };
-            let mut request = request.map(|body| ChargedBody::new(body, Some(Arc::clone(&charge))));
+            let mut request =
+                request.map(|body| ChargedBody::new(body, idle, Some(Arc::clone(&charge))));
             request.extensions_mut().insert(Caller { scope, charge });
             tower::Service::call(&mut server, request).await
         })
@@ -125,7 +132,7 @@ impl tower::Service<Request<hyper::body::Incoming>> for GrpcGate {
 /// sees it, waiting (and so holding back the client through HTTP/2 flow control) while the
 /// budget is full, and failing the call with RESOURCE_EXHAUSTED when it stays full.
 struct ChargedBody {
-    body: hyper::body::Incoming,
+    body: axum::body::Body,
     charge: Option<Arc<SharedPermit>>,
     /// A frame that arrived and waits for its charge to be granted.
     waiting: Option<(Frame<Bytes>, ChargeFuture)>,
@@ -134,7 +141,16 @@ struct ChargedBody {
 type ChargeFuture = Pin<Box<dyn Future<Output = Result<(), weft_tenancy::Refusal>> + Send>>;
 
 impl ChargedBody {
-    fn new(body: hyper::body::Incoming, charge: Option<Arc<SharedPermit>>) -> Self {
+    fn new(
+        body: impl http_body::Body<Data = Bytes, Error = impl Into<axum::BoxError>> + Send + 'static,
+        idle: Option<std::time::Duration>,
+        charge: Option<Arc<SharedPermit>>,
+    ) -> Self {
+        let body = axum::body::Body::new(body);
+        let body = match idle {
+            Some(idle) => axum::body::Body::new(crate::body_timeout::IdleBody::new(body, idle)),
+            None => body,
+        };
         ChargedBody {
             body,
             charge,
@@ -165,7 +181,11 @@ impl http_body::Body for ChargedBody {
             }
             let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
-                Some(Err(error)) => return Poll::Ready(Some(Err(Box::new(error)))),
+                Some(Err(error)) => {
+                    // A stalled body is DEADLINE_EXCEEDED in words that say why.
+                    let error = crate::body_timeout::read_error(&error);
+                    return Poll::Ready(Some(Err(Box::new(status_of(error.into())))));
+                }
                 None => return Poll::Ready(None),
             };
             let (Some(charge), Some(data)) = (&this.charge, frame.data_ref()) else {
@@ -669,5 +689,68 @@ fn model_config(name: &str, model: &dyn weft_core::Model) -> pb::ModelConfig {
             Vec::new()
         },
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+    use weft_tenancy::inflight::BodyBudget;
+
+    use super::*;
+
+    /// A body whose frames the test sends when it wants.
+    fn channel_body() -> (
+        tokio::sync::mpsc::Sender<Bytes>,
+        impl http_body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
+    ) {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let frames = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            let frame = receiver.recv().await?;
+            Some((Ok::<_, Infallible>(Frame::data(frame)), receiver))
+        });
+        (sender, http_body_util::StreamBody::new(frames))
+    }
+
+    #[tokio::test]
+    async fn frames_are_charged_as_they_arrive_and_a_full_budget_fails_the_call() {
+        let budget = BodyBudget::new(8 << 10);
+        let held = budget.admit("acme", 6 << 10).await.unwrap();
+        let charge = Arc::new(SharedPermit::new(budget.admit("acme", 0).await.unwrap(), 0));
+        let (sender, inner) = channel_body();
+        let mut body = ChargedBody::new(inner, None, Some(Arc::clone(&charge)));
+        sender.send(Bytes::from(vec![0u8; 1024])).await.unwrap();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap().len(), 1024);
+        assert_eq!(charge.bytes().await, 1024);
+        // 6 KiB held elsewhere + 1 KiB + 2 KiB more is over the 8 KiB budget: after the
+        // budget's wait the call fails with RESOURCE_EXHAUSTED.
+        sender.send(Bytes::from(vec![0u8; 2048])).await.unwrap();
+        let error = body.frame().await.unwrap().unwrap_err();
+        let status = error.downcast::<Status>().unwrap();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.metadata().get("retry-after").is_some());
+        drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_unary_body_fails_with_deadline_exceeded() {
+        let (sender, inner) = channel_body();
+        let mut body = ChargedBody::new(inner, Some(Duration::from_secs(30)), None);
+        sender.send(Bytes::from_static(b"partial")).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        // Nothing more arrives.
+        let error = body.frame().await.unwrap().unwrap_err();
+        let status = error.downcast::<Status>().unwrap();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            status.message().contains("--body-idle-timeout-seconds"),
+            "{status:?}"
+        );
+        drop(sender);
     }
 }
