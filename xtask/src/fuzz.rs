@@ -12,7 +12,12 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// Every target in fuzz/Cargo.toml.
-pub const TARGETS: &[&str] = &["v2_json_decode", "v2_binary_extension", "graph_toml"];
+pub const TARGETS: &[&str] = &[
+    "v2_json_decode",
+    "v2_binary_extension",
+    "grpc_infer_request",
+    "graph_toml",
+];
 
 /// Seconds per target when `cargo xtask test` runs them.
 pub const TEST_SECONDS: u64 = 20;

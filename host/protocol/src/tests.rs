@@ -894,6 +894,14 @@ impl crate::shared_memory::SharedMemoryInputs for TestRegions {
     }
 }
 
+fn decode_with_regions(body: &Value) -> weft_core::Result<InferRequest> {
+    crate::decode_infer_request_with(
+        Bytes::from(serde_json::to_vec(body).unwrap()),
+        None,
+        &TestRegions,
+    )
+}
+
 #[test]
 fn inputs_in_shared_memory_are_read_through_the_caller_s_regions() {
     let body = json!({"inputs": [{
@@ -901,14 +909,13 @@ fn inputs_in_shared_memory_are_read_through_the_caller_s_regions() {
         "parameters": {"shared_memory_region": "inputs", "shared_memory_byte_size": 4,
                        "shared_memory_offset": 4}
     }]});
-    let body = Bytes::from(serde_json::to_vec(&body).unwrap());
-    let request = crate::decode_infer_request_with(body.clone(), None, &TestRegions).unwrap();
+    let request = decode_with_regions(&body).unwrap();
     assert_eq!(
         &request.inputs[0].tensor.tensor.data()[..],
         &2.0f32.to_le_bytes()
     );
     // Without regions (a batch job, say) the same input is refused, not crashed on.
-    let error = decode_infer_request(body, None).unwrap_err();
+    let error = decode_json(body).unwrap_err();
     assert!(error.message().contains("not available here"), "{error}");
 
     for (parameters, expected) in [
@@ -930,12 +937,7 @@ fn inputs_in_shared_memory_are_read_through_the_caller_s_regions() {
         ),
     ] {
         let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": parameters}]});
-        let error = crate::decode_infer_request_with(
-            Bytes::from(serde_json::to_vec(&body).unwrap()),
-            None,
-            &TestRegions,
-        )
-        .unwrap_err();
+        let error = decode_with_regions(&body).unwrap_err();
         assert!(
             error.message().contains(expected),
             "{error} lacks {expected}"
@@ -943,12 +945,7 @@ fn inputs_in_shared_memory_are_read_through_the_caller_s_regions() {
     }
     let both = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0],
         "parameters": {"shared_memory_region": "inputs", "shared_memory_byte_size": 4}}]});
-    let error = crate::decode_infer_request_with(
-        Bytes::from(serde_json::to_vec(&both).unwrap()),
-        None,
-        &TestRegions,
-    )
-    .unwrap_err();
+    let error = decode_with_regions(&both).unwrap_err();
     assert!(
         error
             .message()

@@ -25,6 +25,9 @@ use crate::tls::TlsReloader;
 /// updates; these let it stream at once. (Adaptive windows would start from the default again.)
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest HTTP/2 frame a client may send (the default is 16 KiB): a 4 MiB tensor in 4 frames
+/// instead of 256.
+const MAX_FRAME: u32 = 1 << 20;
 /// Concurrent requests (streams) one HTTP/2 connection may have; more wait for a free one.
 const MAX_STREAMS: u32 = 256;
 /// A client must send a request's headers within this long (slow-header clients hold a
@@ -129,6 +132,7 @@ fn builder(protocols: Protocols) -> auto::Builder<TokioExecutor> {
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS)
+        .max_frame_size(MAX_FRAME)
         .keep_alive_interval(Duration::from_secs(60));
     match protocols {
         Protocols::Http => builder,
