@@ -24,12 +24,13 @@ trap cleanup EXIT
 "${podman[@]}" run -d --name "$name" --read-only \
     --tmpfs /tmp:rw,mode=1777 --tmpfs /var/lib/weft:rw,mode=1777 \
     --ulimit nofile=1024:1024 --ulimit nproc=1000:1000 \
-    -p 127.0.0.1::8000 -p 127.0.0.1::8001 \
+    -p 127.0.0.1::8000 -p 127.0.0.1::8001 -p 127.0.0.1::8002 \
     -e WEFT_BOOTSTRAP_KEY="$key" \
-    "$tag" serve --shutdown-grace-seconds 10 >/dev/null
+    "$tag" serve --shutdown-grace-seconds 10 --metrics-listen 0.0.0.0:8002 >/dev/null
 
 http=$("${podman[@]}" port "$name" 8000/tcp)
 grpc=$("${podman[@]}" port "$name" 8001/tcp)
+metrics=$("${podman[@]}" port "$name" 8002/tcp)
 echo "smoke-test.sh: HTTP on $http, gRPC on $grpc" >&2
 
 user=$("${podman[@]}" exec "$name" sh -c 'id -u')
@@ -42,9 +43,10 @@ if "${podman[@]}" exec "$name" sh -c 'touch /usr/local/bin/x' 2>/dev/null; then
     exit 1
 fi
 
-WEFT_HTTP="$http" WEFT_GRPC="$grpc" WEFT_KEY="$key" "$python" - <<'PY'
+WEFT_HTTP="$http" WEFT_GRPC="$grpc" WEFT_METRICS="$metrics" WEFT_KEY="$key" "$python" - <<'PY'
 import os
 import time
+import urllib.request
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -74,6 +76,11 @@ tensor = grpcclient.InferInput("x", [2, 64], "FP32")
 tensor.set_data_from_numpy(x)
 y_grpc = rpc.infer("mlp", [tensor], headers={"authorization": f"Bearer {key}"}).as_numpy("y")
 assert np.array_equal(y_http, y_grpc), (y_http, y_grpc)
+# The probes' port: health and the autoscaling gauge.
+metrics = f"http://{os.environ['WEFT_METRICS']}"
+assert urllib.request.urlopen(f"{metrics}/v2/health/ready").status == 200
+text = urllib.request.urlopen(f"{metrics}/metrics").read().decode()
+assert "weft_replica_load_ratio 0" in text, text[-500:]
 print("smoke-test.sh: tritonclient HTTP and gRPC answered through the published ports")
 PY
 

@@ -10,6 +10,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use serde_json::json;
+use support::tenants::send;
 use support::*;
 
 #[test]
@@ -71,4 +72,116 @@ fn request_in_flight_at_sigterm_completes_and_the_process_exits_zero() {
         Some(0),
         "weft must exit 0 after a graceful shutdown"
     );
+}
+
+/// A replica at its capacity (`--max-inflight-requests`) sheds load: new inference requests
+/// get 503 with `Retry-After` (gRPC: not ready), readiness turns 503, and
+/// `weft_replica_load_ratio` on the separate metrics listener reads 1; when the request in
+/// flight ends, all three recover. `/metrics` is then not on the main listener.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_at_capacity_sheds_and_readiness_and_the_load_gauge_say_so() {
+    let server = Server::start_with(
+        Repo::standard().path(),
+        &[
+            "--max-inflight-requests",
+            "1",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let metrics_url = format!(
+        "http://{}/metrics",
+        server
+            .metrics_address
+            .clone()
+            .expect("the metrics listener is on")
+    );
+    let gauge = || async {
+        let text = reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix("weft_replica_load_ratio "))
+            .map(|value| value.parse::<f64>().unwrap())
+            .expect("weft_replica_load_ratio is exported")
+    };
+    let ready = || async {
+        reqwest::get(server.url("/v2/health/ready"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ready().await, 200);
+    assert_eq!(gauge().await, 0.0);
+    let on_main = reqwest::get(server.url("/metrics")).await.unwrap().status();
+    assert_eq!(on_main, 404, "/metrics moved to --metrics-listen");
+
+    // A request whose body is still arriving holds the replica's one slot.
+    let mut stalled = TcpStream::connect(&server.address).unwrap();
+    let head = format!(
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Authorization: Bearer {TEST_KEY}\r\nContent-Length: 1000\r\n\r\n{{\"inputs\": [",
+        server.address
+    );
+    stalled.write_all(head.as_bytes()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gauge().await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled request never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready().await, 503);
+    // The probes' port says the same.
+    let probe = metrics_url.replace("/metrics", "/v2/health/ready");
+    assert_eq!(reqwest::get(&probe).await.unwrap().status(), 503);
+    let response = client()
+        .post(server.url("/v2/models/mlp/infer"))
+        .json(
+            &json!({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32",
+                                   "data": vec![0.0f32; 64]}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        "1"
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("--max-inflight-requests"),
+        "{body}"
+    );
+
+    drop(stalled);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ready().await != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readiness did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gauge().await, 0.0);
+    let (status, _) = send(client().post(server.url("/v2/models/mlp/infer")).json(
+        &json!({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32",
+                             "data": vec![0.0f32; 64]}]}),
+    ))
+    .await;
+    assert_eq!(status, 200);
 }

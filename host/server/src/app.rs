@@ -77,6 +77,10 @@ pub struct AppState {
     pub realtime: Arc<weft_engine::jobs::RealtimeLoad>,
     /// Tenants' registered shared memory regions (`--system-shared-memory`).
     pub shared_memory: Arc<crate::shared_memory::SystemSharedMemory>,
+    /// Inference requests in flight against the replica's capacity (`load.rs`).
+    pub load: Arc<crate::load::ReplicaLoad>,
+    /// `/metrics` on the main listener; off when `--metrics-listen` gives it its own.
+    pub metrics_on_main: bool,
 }
 
 impl AppState {
@@ -96,6 +100,8 @@ impl AppState {
             busy_poll: None,
             realtime: Arc::default(),
             shared_memory: Arc::default(),
+            load: Arc::default(),
+            metrics_on_main: true,
         }
     }
 }
@@ -105,6 +111,11 @@ pub fn app(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID);
     let idle = state.body_idle_timeout;
     let busy_poll = state.busy_poll.clone();
+    let metrics_route = if state.metrics_on_main {
+        Router::new().route("/metrics", get(metrics))
+    } else {
+        Router::new()
+    };
     Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -121,7 +132,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/models/{model}/stats", get(model_stats))
         .route("/v2/models/{model}/versions/{version}/stats", get(model_version_stats))
-        .route("/metrics", get(metrics))
+        .merge(metrics_route)
         .merge(crate::control::routes())
         .merge(crate::jobs::routes())
         .merge(crate::shared_memory::routes())
@@ -154,6 +165,18 @@ pub fn app(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
 
+/// `/metrics` and the health routes, for `--metrics-listen`: a plaintext port a network policy
+/// can open to monitoring alone, and where probes reach health even when the main listeners
+/// demand client certificates.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .fallback(unknown_route)
+        .with_state(state)
+}
+
 /// The tenant whose API key a request carries; 401 without a valid one, 429 when the tenant is
 /// over its rate quota.
 pub struct Caller(pub Arc<TenantScope>);
@@ -178,11 +201,25 @@ async fn live() -> Json<serde_json::Value> {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    if state.accepting.load(Ordering::Relaxed) {
-        Json(json!({ "ready": true })).into_response()
-    } else {
-        ApiError::from(Error::unavailable("server is shutting down")).into_response()
+    match readiness(&state) {
+        Ok(()) => Json(json!({ "ready": true })).into_response(),
+        Err(error) => ApiError::from(error).into_response(),
     }
+}
+
+/// Whether this replica takes new requests: not when shutting down, nor while it sheds load.
+pub fn readiness(state: &AppState) -> Result<(), Error> {
+    if !state.accepting.load(Ordering::Relaxed) {
+        return Err(Error::unavailable("server is shutting down"));
+    }
+    if state.load.shedding() {
+        return Err(Error::unavailable(format!(
+            "this replica is at capacity ({} inference requests in flight, \
+             --max-inflight-requests)",
+            state.load.capacity()
+        )));
+    }
+    Ok(())
 }
 
 /// The protocol extensions Weft serves, as server metadata lists them (HTTP and gRPC).
@@ -580,7 +617,14 @@ pub async fn run_infer<R>(
     let started = Instant::now();
     let request = RequestContext::for_tenant(&scope.name);
     let mut served = Served::default();
-    let result = match scope.admit().map_err(crate::tenants::refused) {
+    // The replica's capacity first (shedding answers 503 before any tenant quota is spent),
+    // then the tenant's concurrency quota; both are held until the response is built.
+    let replica = state.load.admit();
+    let tenant = match &replica {
+        Ok(_) => scope.admit().map_err(crate::tenants::refused),
+        Err(error) => Err(ApiError::retry_after(error.clone(), 1)),
+    };
+    let result = match tenant {
         Ok(permit) => {
             let admitted = Arc::new(permit);
             let response = infer_accounted(
@@ -830,6 +874,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     text.push_str(&crate::metrics::render_rollouts(
         &state.tenancy.rollout_metrics(),
     ));
+    text.push_str(&state.load.render());
     (
         [(
             header::CONTENT_TYPE,

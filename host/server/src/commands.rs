@@ -202,6 +202,17 @@ pub struct ServeArgs {
     /// the server's host and may see each other's shared memory objects.
     #[arg(long, env = "WEFT_SYSTEM_SHARED_MEMORY", value_delimiter = ',')]
     pub system_shared_memory: Vec<String>,
+    /// Serve `/metrics` on this address instead of on --listen (`off`: on --listen), with the
+    /// health routes, so a network policy can open it to monitoring alone and probes reach
+    /// health even with mutual TLS on the other listeners. Plaintext, even with TLS.
+    #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "off")]
+    pub metrics_listen: ListenAddress,
+    /// Inference requests this replica takes at once (HTTP and gRPC, all tenants); at the
+    /// limit new ones get 503 and readiness turns 503, and `weft_replica_load_ratio` (in
+    /// flight over this) reaches 1.
+    #[arg(long, env = "WEFT_MAX_INFLIGHT_REQUESTS", default_value_t = crate::load::DEFAULT_MAX_INFLIGHT_REQUESTS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub max_inflight_requests: usize,
     /// Address of the gRPC endpoint (Triton's GRPCInferenceService, which OIP gRPC clients
     /// also speak), or `off`; port 0 picks a free port.
     #[arg(long, env = "WEFT_GRPC_LISTEN", default_value = "127.0.0.1:8001")]
@@ -605,6 +616,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .map(|tenant| tenant.trim().to_string())
                 .filter(|tenant| !tenant.is_empty()),
         )),
+        load: Arc::new(crate::load::ReplicaLoad::new(args.max_inflight_requests)),
+        metrics_on_main: args.metrics_listen.0.is_none(),
         ..AppState::new(Arc::new(tenancy), args.max_request_bytes)
     };
     let tenancy = Arc::clone(&state.tenancy);
@@ -650,12 +663,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(address) => Some(bind(address).await?),
         None => None,
     };
+    let metrics_listener = match args.metrics_listen.0 {
+        Some(address) => Some(bind(address).await?),
+        None => None,
+    };
     // Machine-readable lines on stdout, for scripts and tests that listen on port 0; the
     // HTTP line comes last, so whoever waits for it has seen the gRPC one.
     if let Some(grpc) = &grpc_listener {
         let address = grpc.local_addr().context("cannot read the bound address")?;
         tracing::info!(%address, tls = tls.is_some(), "gRPC listening");
         println!("weft gRPC listening on {address}");
+    }
+    if let Some(metrics) = &metrics_listener {
+        let address = metrics
+            .local_addr()
+            .context("cannot read the bound address")?;
+        tracing::info!(%address, "metrics listening");
+        println!("weft metrics listening on http://{address}");
     }
     let address = listener
         .local_addr()
@@ -679,6 +703,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls.clone(),
         stopped(),
     ));
+    if let Some(metrics) = metrics_listener {
+        servers.spawn(crate::listen::serve(
+            metrics,
+            crate::app::metrics_app(state.clone()).into_service::<hyper::body::Incoming>(),
+            crate::listen::Protocols::Http,
+            None,
+            stopped(),
+        ));
+    }
     if let Some(grpc) = grpc_listener {
         servers.spawn(crate::listen::serve(
             grpc,

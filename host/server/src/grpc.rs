@@ -20,7 +20,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use axum::http::{HeaderMap, Request, Response};
@@ -319,7 +318,8 @@ impl GrpcInferenceService for Inference {
         &self,
         _: tonic::Request<pb::ServerReadyRequest>,
     ) -> Result<tonic::Response<pb::ServerReadyResponse>, Status> {
-        let ready = self.state.accepting.load(Ordering::Relaxed);
+        // Not ready while shutting down or shedding load, as `GET /v2/health/ready`.
+        let ready = crate::app::readiness(&self.state).is_ok();
         Ok(tonic::Response::new(pb::ServerReadyResponse { ready }))
     }
 

@@ -15,6 +15,7 @@ pub mod graphs;
 pub mod grpc;
 pub mod jobs;
 pub mod listen;
+pub mod load;
 pub mod loader;
 pub mod metrics;
 pub mod shared_memory;

@@ -204,6 +204,8 @@ pub struct Server {
     pub address: String,
     /// The gRPC endpoint's `host:port`, unless the test turned it off.
     pub grpc_address: Option<String>,
+    /// The metrics listener's `host:port`, when the test gave `--metrics-listen`.
+    pub metrics_address: Option<String>,
     pub stderr: PathBuf,
     data: Option<tempfile::TempDir>,
 }
@@ -284,25 +286,30 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let (sender, receiver) = mpsc::channel();
         std::thread::spawn(move || {
-            // The gRPC line, if any, comes before the HTTP one.
+            // The gRPC and metrics lines, if any, come before the HTTP one.
             let mut grpc = None;
+            let mut metrics = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(address) = line.strip_prefix("weft gRPC listening on ") {
                     grpc = Some(address.to_string());
+                }
+                if let Some(address) = line.strip_prefix("weft metrics listening on http://") {
+                    metrics = Some(address.to_string());
                 }
                 let http = line
                     .strip_prefix("weft listening on http://")
                     .or_else(|| line.strip_prefix("weft listening on https://"));
                 if let Some(address) = http {
-                    let _ = sender.send((address.to_string(), grpc.take()));
+                    let _ = sender.send((address.to_string(), grpc.take(), metrics.take()));
                 }
             }
         });
         match receiver.recv_timeout(Duration::from_secs(120)) {
-            Ok((address, grpc_address)) => Ok(Server {
+            Ok((address, grpc_address, metrics_address)) => Ok(Server {
                 child,
                 address,
                 grpc_address,
+                metrics_address,
                 stderr: stderr_path,
                 data: Some(data),
             }),

@@ -26,7 +26,3 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
-
-{{- define "weft.scheme" -}}
-{{- if .Values.tls.secret -}}HTTPS{{- else -}}HTTP{{- end -}}
-{{- end -}}
