@@ -18,7 +18,8 @@ mod tensor;
 pub use datatype::DataType;
 pub use error::{Error, ErrorKind, Result};
 pub use model::{
-    BoxFuture, DynamicBatchingConfig, Model, ModelMetadata, Parameters, ServingConfig, TensorSpec,
+    BoxFuture, DynamicBatchingConfig, Model, ModelMetadata, OnDemand, Parameters, Residence,
+    ServingConfig, TensorSpec,
 };
 pub use request::{Cost, RequestContext, Spent};
 pub use tensor::{NamedTensor, Tensor, bytes_elements, element_count, encode_bytes_elements};

@@ -20,7 +20,7 @@ pub struct TensorSpec {
 }
 
 /// The metadata a model reports over `GET /v2/models/{name}`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelMetadata {
     /// Platform name, as Triton reports it (`onnxruntime_onnx`).
     pub platform: String,
@@ -32,7 +32,7 @@ pub struct ModelMetadata {
 
 /// How a model version is served, beyond its metadata: what Triton's model configuration
 /// (`GET /v2/models/{m}/config`) reports as `instance_group` and `dynamic_batching`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ServingConfig {
     /// Calls it runs at once (its sessions); 0 for what is not one model (a graph).
     pub instances: usize,
@@ -41,7 +41,7 @@ pub struct ServingConfig {
 }
 
 /// A dynamic batcher's settings, as Triton names them.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DynamicBatchingConfig {
     pub preferred_batch_size: Vec<usize>,
     pub max_queue_delay_microseconds: u64,
@@ -89,6 +89,32 @@ pub trait Model: Send + Sync {
         let _ = parameters;
         Box::pin(async move { Ok((self.infer(request, inputs).await?, Parameters::new())) })
     }
+
+    /// For a model loaded on demand (see `weft_engine::lazy`), its load and unload controls;
+    /// `None` for one that stays loaded (repository models, graphs).
+    fn on_demand(&self) -> Option<&dyn OnDemand> {
+        None
+    }
+}
+
+/// Where a model loaded on demand stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residence {
+    /// Registered: it loads on its first request.
+    Registered,
+    Loading,
+    Loaded,
+}
+
+/// The controls of a model loaded on demand: Triton's repository extension (`load`,
+/// `unload`) and what the repository index reports.
+pub trait OnDemand: Send + Sync {
+    fn residence(&self) -> Residence;
+    /// Loads it now (a warm-up); done when it is loaded.
+    fn load(&self) -> BoxFuture<'_, Result<()>>;
+    /// Unloads it now; refused while it serves a request or when it is pinned. The next
+    /// request loads it again.
+    fn unload(&self) -> Result<()>;
 }
 
 /// Request or response parameters, as the V2 protocol carries them (a JSON object).

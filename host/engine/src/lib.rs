@@ -2,7 +2,7 @@
 //!
 //! It owns inference graphs (TOML schema, validation, the in-process executor), the dynamic
 //! batcher that merges concurrent requests to a model (and shares a model's queue and instances
-//! fairly between tenants), the model
+//! fairly between tenants), models loaded on first use under a memory budget (`lazy`), the model
 //! repository (Triton's layout, in TOML: `models/<name>/model.toml` plus numeric version folders)
 //! and the registry that maps a name and version to a loaded model or to the reason it is
 //! unavailable. It never depends on wasmtime or ONNX Runtime: models load through the
@@ -13,6 +13,7 @@ pub mod batcher;
 pub mod config;
 pub mod graph;
 pub mod jobs;
+pub mod lazy;
 pub mod precise_timer;
 pub mod registry;
 pub mod repository;

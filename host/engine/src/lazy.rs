@@ -1,0 +1,863 @@
+//! Models loaded on first use and unloaded under a memory budget.
+//!
+//! Why: a replica set holds thousands of stored models of hundreds of tenants, of which a few
+//! are in use at a time. Loading every one at start-up makes memory grow with what is stored
+//! and start-up with the number of tenants. A [`LazyModel`] is registered with its metadata and
+//! serving config only (what routing, validation, graphs and `GET /v2/models/{m}` need) and
+//! loads on its first request:
+//!
+//! - **Single flight.** Concurrent first requests wait on one load, which runs in a task of its
+//!   own (a caller that gives up does not throw the load away). The wait counts as the
+//!   requests' `queue_us`. A failed load answers the callers of the next [`RETRY_FAILED_AFTER`]
+//!   with the same error instead of retrying once per caller.
+//! - **A budget.** Every loaded model's bytes (its file size times its instances) are reserved in
+//!   a shared [`Residency`] before it loads. When the budget would overflow, the least recently
+//!   used models that no request is using and that are not pinned are unloaded first; a model
+//!   serving a request is never unloaded (a request counts itself in before it looks at the
+//!   model, and the unloader checks the count under the same lock). If the budget cannot make
+//!   room, the load is refused (503, retry) rather than exceeding it.
+//! - **Explicit control** for Triton's repository extension: [`OnDemand`] loads (warms) or
+//!   unloads a model by name.
+//!
+//! Engine-level and backend-free: the loader is a closure the tenancy layer supplies.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use futures_util::future::Shared;
+use weft_core::{
+    BoxFuture, Error, ErrorKind, Model, ModelMetadata, NamedTensor, OnDemand, Parameters,
+    RequestContext, Residence, Result, ServingConfig, Spent,
+};
+
+/// Loads a model version; blocking (it runs on the blocking pool).
+pub type LoadFn = Arc<dyn Fn() -> Result<Arc<dyn Model>> + Send + Sync>;
+
+/// How long a failed load's error answers new requests before the next one tries again.
+pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(5);
+
+/// What the residency reports, for metrics.
+pub trait ResidencyObserver: Send + Sync {
+    /// A load finished (`ok` or not) after `elapsed`.
+    fn loaded(&self, elapsed: Duration, ok: bool);
+    /// A model was unloaded to make room, or on request.
+    fn evicted(&self);
+    /// Bytes reserved by loaded and loading models, after a change.
+    fn resident(&self, bytes: u64);
+}
+
+/// The models loaded (or loading) under one memory budget.
+pub struct Residency {
+    budget: u64,
+    members: Mutex<Members>,
+    observer: Option<Arc<dyn ResidencyObserver>>,
+    epoch: Instant,
+}
+
+#[derive(Default)]
+struct Members {
+    bytes: u64,
+    models: Vec<(Weak<LazyModel>, u64)>,
+}
+
+impl std::fmt::Debug for Residency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Residency")
+            .field("budget", &self.budget)
+            .field("resident_bytes", &self.resident_bytes())
+            .finish()
+    }
+}
+
+impl Residency {
+    /// A budget of `budget` bytes (`u64::MAX`: unbounded, models still load on first use).
+    pub fn new(budget: u64, observer: Option<Arc<dyn ResidencyObserver>>) -> Arc<Self> {
+        Arc::new(Residency {
+            budget,
+            members: Mutex::default(),
+            observer,
+            epoch: Instant::now(),
+        })
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Bytes reserved now.
+    pub fn resident_bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Members> {
+        // Every update leaves the list and its sum consistent: a poisoned lock is still usable.
+        self.members
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn report(&self, bytes: u64) {
+        if let Some(observer) = &self.observer {
+            observer.resident(bytes);
+        }
+    }
+
+    /// Reserves `model`'s bytes, unloading least recently used idle, unpinned models to make
+    /// room; refuses when it cannot.
+    fn reserve(&self, model: &Arc<LazyModel>) -> Result<()> {
+        let mut members = self.lock();
+        if model.reserved.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let cost = model.cost;
+        if cost > self.budget {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{} needs {cost} bytes of memory, more than the whole model memory budget \
+                     of {} bytes (--model-memory-budget)",
+                    model.label, self.budget
+                ),
+            ));
+        }
+        let mut evicted = 0;
+        if members.bytes.saturating_add(cost) > self.budget {
+            members
+                .models
+                .retain(|(member, _)| member.strong_count() > 0);
+            let mut candidates: Vec<Arc<LazyModel>> = members
+                .models
+                .iter()
+                .filter_map(|(member, _)| member.upgrade())
+                .filter(|member| !member.pinned && !Arc::ptr_eq(member, model))
+                .collect();
+            candidates.sort_by_key(|member| member.last_used.load(Ordering::Relaxed));
+            for candidate in candidates {
+                if members.bytes.saturating_add(cost) <= self.budget {
+                    break;
+                }
+                if candidate.try_unload() {
+                    Self::remove(&mut members, &candidate);
+                    evicted += 1;
+                }
+            }
+        }
+        if let Some(observer) = &self.observer {
+            for _ in 0..evicted {
+                observer.evicted();
+            }
+        }
+        if members.bytes.saturating_add(cost) > self.budget {
+            let bytes = members.bytes;
+            drop(members);
+            self.report(bytes);
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{} cannot load now: the model memory budget ({} bytes, \
+                     --model-memory-budget) is held by models serving requests or pinned; \
+                     retry shortly",
+                    model.label, self.budget
+                ),
+            ));
+        }
+        members.bytes += cost;
+        members.models.push((Arc::downgrade(model), cost));
+        model.reserved.store(true, Ordering::Release);
+        let bytes = members.bytes;
+        drop(members);
+        self.report(bytes);
+        Ok(())
+    }
+
+    /// Takes `model` out of the members (its bytes with it); the caller holds the lock.
+    fn remove(members: &mut Members, model: &LazyModel) {
+        let before = members.models.len();
+        members
+            .models
+            .retain(|(member, _)| !std::ptr::eq(member.as_ptr(), model));
+        if members.models.len() < before {
+            members.bytes = members.bytes.saturating_sub(model.cost);
+        }
+        model.reserved.store(false, Ordering::Release);
+    }
+
+    /// Gives back `model`'s reservation (a failed load, an explicit unload, a dropped model).
+    fn release(&self, model: &LazyModel) {
+        let mut members = self.lock();
+        Self::remove(&mut members, model);
+        let bytes = members.bytes;
+        drop(members);
+        self.report(bytes);
+    }
+
+    /// Unloads `model` now unless a request is using it (or it is pinned).
+    fn unload(&self, model: &LazyModel) -> Result<()> {
+        let mut members = self.lock();
+        if model.pinned {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{} is pinned (pin = true): it is never unloaded",
+                    model.label
+                ),
+            ));
+        }
+        if !model.try_unload() {
+            if model.in_flight.load(Ordering::SeqCst) > 0 {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{} is serving requests; unload it when they are done",
+                        model.label
+                    ),
+                ));
+            }
+            // Not loaded: nothing to do.
+            return Ok(());
+        }
+        Self::remove(&mut members, model);
+        let bytes = members.bytes;
+        drop(members);
+        if let Some(observer) = &self.observer {
+            observer.evicted();
+        }
+        self.report(bytes);
+        Ok(())
+    }
+}
+
+type PendingLoad = Shared<BoxFuture<'static, std::result::Result<Arc<dyn Model>, Error>>>;
+
+enum State {
+    Unloaded,
+    Loading(PendingLoad),
+    Loaded(Arc<dyn Model>),
+    Failed { error: Error, at: Instant },
+}
+
+/// What to register: a model version's identity, what it reports before it loads, and how to
+/// load it.
+pub struct LazySpec {
+    /// Names it in errors and logs (`tenant/name version N`).
+    pub label: String,
+    pub metadata: ModelMetadata,
+    pub serving: ServingConfig,
+    /// Bytes it holds once loaded (its file size times its instances).
+    pub cost: u64,
+    /// Never unloaded once loaded.
+    pub pinned: bool,
+    pub loader: LoadFn,
+}
+
+/// A model version loaded on its first request and unloaded when its budget needs the room.
+pub struct LazyModel {
+    label: String,
+    metadata: ModelMetadata,
+    serving: ServingConfig,
+    cost: u64,
+    pinned: bool,
+    loader: LoadFn,
+    residency: Arc<Residency>,
+    state: Mutex<State>,
+    in_flight: AtomicUsize,
+    last_used: AtomicU64,
+    reserved: AtomicBool,
+    me: Weak<LazyModel>,
+}
+
+/// A request counted in on a model; counted out when dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl LazyModel {
+    /// Registers a model version under `residency`; nothing is loaded.
+    pub fn new(spec: LazySpec, residency: Arc<Residency>) -> Arc<LazyModel> {
+        Arc::new_cyclic(|me| LazyModel {
+            label: spec.label,
+            metadata: spec.metadata,
+            serving: spec.serving,
+            cost: spec.cost,
+            pinned: spec.pinned,
+            loader: spec.loader,
+            residency,
+            state: Mutex::new(State::Unloaded),
+            in_flight: AtomicUsize::new(0),
+            last_used: AtomicU64::new(0),
+            reserved: AtomicBool::new(false),
+            me: me.clone(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every transition replaces the whole state: a poisoned lock still holds a valid one.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Bytes it reserves when loaded.
+    pub fn cost(&self) -> u64 {
+        self.cost
+    }
+
+    /// Unloads it if loaded and idle; whether it did. Called under the residency's lock.
+    fn try_unload(&self) -> bool {
+        let mut state = self.lock();
+        if self.in_flight.load(Ordering::SeqCst) > 0 || !matches!(*state, State::Loaded(_)) {
+            return false;
+        }
+        let unloaded = std::mem::replace(&mut *state, State::Unloaded);
+        drop(state);
+        // The model (its sessions, its batcher, its worker's copy) goes with the last Arc.
+        drop(unloaded);
+        true
+    }
+
+    /// The loaded model, loading it first if needed (one load however many callers wait).
+    async fn ensure_loaded(&self) -> Result<Arc<dyn Model>> {
+        let pending = {
+            let state = self.lock();
+            match &*state {
+                State::Loaded(model) => return Ok(Arc::clone(model)),
+                State::Loading(pending) => Some(pending.clone()),
+                State::Failed { error, at } if at.elapsed() < RETRY_FAILED_AFTER => {
+                    return Err(error.clone());
+                }
+                _ => None,
+            }
+        };
+        if let Some(pending) = pending {
+            return pending.await;
+        }
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Error::internal(format!("{} was dropped while in use", self.label)))?;
+        self.residency.reserve(&me)?;
+        let pending = {
+            let mut state = self.lock();
+            match &*state {
+                State::Loaded(model) => return Ok(Arc::clone(model)),
+                State::Loading(pending) => pending.clone(),
+                _ => {
+                    let pending = Self::start_load(me);
+                    *state = State::Loading(pending.clone());
+                    pending
+                }
+            }
+        };
+        pending.await
+    }
+
+    /// Starts the load in a task of its own; the returned future is shared by every waiter.
+    fn start_load(me: Arc<LazyModel>) -> PendingLoad {
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let loader = Arc::clone(&me.loader);
+            let loaded = match tokio::task::spawn_blocking(move || loader()).await {
+                Ok(loaded) => loaded,
+                Err(error) => Err(Error::internal(format!("the load stopped: {error}"))),
+            };
+            let loaded = loaded.and_then(|model| {
+                if model.metadata() == &me.metadata {
+                    Ok(model)
+                } else {
+                    Err(Error::unavailable(format!(
+                        "{} loaded with other inputs or outputs than it was registered with; \
+                         push it again",
+                        me.label
+                    )))
+                }
+            });
+            let loaded = loaded.map_err(|error| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!("{} failed to load: {}", me.label, error.message()),
+                )
+            });
+            {
+                let mut state = me.lock();
+                *state = match &loaded {
+                    Ok(model) => State::Loaded(Arc::clone(model)),
+                    Err(error) => State::Failed {
+                        error: error.clone(),
+                        at: Instant::now(),
+                    },
+                };
+            }
+            if loaded.is_err() {
+                me.residency.release(&me);
+            }
+            if let Some(observer) = &me.residency.observer {
+                observer.loaded(started.elapsed(), loaded.is_ok());
+            }
+            loaded
+        });
+        let joined: BoxFuture<'static, std::result::Result<Arc<dyn Model>, Error>> =
+            Box::pin(task.map(|joined| {
+                joined.unwrap_or_else(|error| {
+                    Err(Error::internal(format!("the load task failed: {error}")))
+                })
+            }));
+        joined.shared()
+    }
+
+    /// Counts a request in, loads if needed (the wait goes to the request's queue time).
+    async fn enter(&self, request: &RequestContext) -> Result<(InFlight<'_>, Arc<dyn Model>)> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(&self.in_flight);
+        self.last_used
+            .store(self.residency.now(), Ordering::Relaxed);
+        let started = Instant::now();
+        let resident = matches!(*self.lock(), State::Loaded(_));
+        let model = self.ensure_loaded().await?;
+        if !resident {
+            request.add(Spent::Queue, started.elapsed());
+        }
+        Ok((guard, model))
+    }
+}
+
+impl Drop for LazyModel {
+    fn drop(&mut self) {
+        if self.reserved.load(Ordering::Acquire) {
+            self.residency.release(self);
+        }
+    }
+}
+
+impl Model for LazyModel {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    fn serving(&self) -> ServingConfig {
+        self.serving.clone()
+    }
+
+    fn health(&self) -> std::result::Result<(), String> {
+        match &*self.lock() {
+            State::Loaded(model) => model.health(),
+            State::Failed { error, at } if at.elapsed() < RETRY_FAILED_AFTER => {
+                Err(error.message().to_string())
+            }
+            // Registered: it loads on its first request.
+            _ => Ok(()),
+        }
+    }
+
+    fn infer<'a>(
+        &'a self,
+        request: &'a RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
+        Box::pin(async move {
+            let (_in_flight, model) = self.enter(request).await?;
+            model.infer(request, inputs).await
+        })
+    }
+
+    fn infer_with_parameters<'a>(
+        &'a self,
+        request: &'a RequestContext,
+        inputs: Vec<NamedTensor>,
+        parameters: &'a Parameters,
+    ) -> BoxFuture<'a, Result<(Vec<NamedTensor>, Parameters)>> {
+        Box::pin(async move {
+            let (_in_flight, model) = self.enter(request).await?;
+            model
+                .infer_with_parameters(request, inputs, parameters)
+                .await
+        })
+    }
+
+    fn on_demand(&self) -> Option<&dyn OnDemand> {
+        Some(self)
+    }
+}
+
+impl OnDemand for LazyModel {
+    fn residence(&self) -> Residence {
+        match &*self.lock() {
+            State::Loaded(_) => Residence::Loaded,
+            State::Loading(_) => Residence::Loading,
+            _ => Residence::Registered,
+        }
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.ensure_loaded().await.map(drop) })
+    }
+
+    fn unload(&self) -> Result<()> {
+        self.residency.unload(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::atomic::AtomicUsize;
+
+    use weft_core::{DataType, TensorSpec};
+
+    use super::*;
+
+    fn metadata() -> ModelMetadata {
+        ModelMetadata {
+            platform: "fake".into(),
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                datatype: DataType::Fp32,
+                shape: vec![-1],
+            }],
+            outputs: vec![],
+            max_batch_size: 0,
+        }
+    }
+
+    /// A loaded model whose calls wait for `gate` when it is set.
+    struct Fake {
+        metadata: ModelMetadata,
+        gate: Option<Arc<tokio::sync::Semaphore>>,
+    }
+
+    impl Model for Fake {
+        fn metadata(&self) -> &ModelMetadata {
+            &self.metadata
+        }
+
+        fn infer<'a>(
+            &'a self,
+            _: &'a RequestContext,
+            inputs: Vec<NamedTensor>,
+        ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
+            Box::pin(async move {
+                if let Some(gate) = &self.gate {
+                    let _ = gate.acquire().await;
+                }
+                Ok(inputs)
+            })
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        loads: AtomicUsize,
+        failures: AtomicUsize,
+        evictions: AtomicUsize,
+    }
+
+    impl ResidencyObserver for Recorder {
+        fn loaded(&self, _: Duration, ok: bool) {
+            if ok {
+                self.loads.fetch_add(1, Ordering::SeqCst);
+            } else {
+                self.failures.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn evicted(&self) {
+            self.evictions.fetch_add(1, Ordering::SeqCst);
+        }
+        fn resident(&self, _: u64) {}
+    }
+
+    struct Setup {
+        residency: Arc<Residency>,
+        recorder: Arc<Recorder>,
+    }
+
+    fn setup(budget: u64) -> Setup {
+        let recorder = Arc::new(Recorder::default());
+        let residency = Residency::new(
+            budget,
+            Some(Arc::clone(&recorder) as Arc<dyn ResidencyObserver>),
+        );
+        Setup {
+            residency,
+            recorder,
+        }
+    }
+
+    /// A model of `cost` bytes whose loads are counted in `loads` and take `delay`.
+    fn model(
+        setup: &Setup,
+        name: &str,
+        cost: u64,
+        pinned: bool,
+        loads: &Arc<AtomicUsize>,
+        delay: Duration,
+        gate: Option<Arc<tokio::sync::Semaphore>>,
+    ) -> Arc<LazyModel> {
+        let loads = Arc::clone(loads);
+        LazyModel::new(
+            LazySpec {
+                label: name.into(),
+                metadata: metadata(),
+                serving: ServingConfig::default(),
+                cost,
+                pinned,
+                loader: Arc::new(move || {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(delay);
+                    Ok(Arc::new(Fake {
+                        metadata: metadata(),
+                        gate: gate.clone(),
+                    }) as Arc<dyn Model>)
+                }),
+            },
+            Arc::clone(&setup.residency),
+        )
+    }
+
+    fn input() -> Vec<NamedTensor> {
+        vec![NamedTensor::new(
+            "x",
+            weft_core::Tensor::new(DataType::Fp32, vec![1], bytes::Bytes::from(vec![0u8; 4]))
+                .unwrap(),
+        )]
+    }
+
+    async fn call(model: &LazyModel) -> Result<u64> {
+        let request = RequestContext::for_tenant("acme");
+        model.infer(&request, input()).await?;
+        Ok(request.cost().queue_us.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_requests_share_one_load_and_wait_in_queue_time() {
+        let setup = setup(u64::MAX);
+        let loads = Arc::new(AtomicUsize::new(0));
+        let model = model(
+            &setup,
+            "a",
+            10,
+            false,
+            &loads,
+            Duration::from_millis(200),
+            None,
+        );
+        assert_eq!(model.residence(), Residence::Registered);
+        assert!(model.health().is_ok(), "registered counts as ready");
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let model = Arc::clone(&model);
+                tokio::spawn(async move { call(&model).await })
+            })
+            .collect();
+        for call in calls {
+            let queued = call.await.unwrap().unwrap();
+            assert!(
+                queued >= 150_000,
+                "the load's wait is queue time: {queued} us"
+            );
+        }
+        assert_eq!(
+            loads.load(Ordering::SeqCst),
+            1,
+            "one load for eight callers"
+        );
+        assert_eq!(model.residence(), Residence::Loaded);
+        assert_eq!(
+            call(&model).await.unwrap(),
+            0,
+            "a loaded model adds no wait"
+        );
+        assert_eq!(setup.residency.resident_bytes(), 10);
+        assert_eq!(setup.recorder.loads.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_idle_model_makes_room() {
+        let setup = setup(20);
+        let loads = Arc::new(AtomicUsize::new(0));
+        let [a, b, c] = ["a", "b", "c"]
+            .map(|name| model(&setup, name, 10, false, &loads, Duration::ZERO, None));
+        call(&a).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        call(&b).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        call(&c).await.unwrap();
+        assert_eq!(
+            a.residence(),
+            Residence::Registered,
+            "a was used least recently"
+        );
+        assert_eq!(b.residence(), Residence::Loaded);
+        assert_eq!(setup.residency.resident_bytes(), 20);
+        // a comes back (b is now the oldest) and answers as before.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        call(&a).await.unwrap();
+        assert_eq!(b.residence(), Residence::Registered);
+        assert_eq!(loads.load(Ordering::SeqCst), 4);
+        assert_eq!(setup.recorder.evictions.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_model_serving_a_request_is_never_unloaded() {
+        let setup = setup(10);
+        let loads = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let busy = model(
+            &setup,
+            "busy",
+            10,
+            false,
+            &loads,
+            Duration::ZERO,
+            Some(Arc::clone(&gate)),
+        );
+        let other = model(&setup, "other", 10, false, &loads, Duration::ZERO, None);
+        let held = {
+            let busy = Arc::clone(&busy);
+            tokio::spawn(async move { call(&busy).await })
+        };
+        while busy.residence() != Residence::Loaded {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let refused = call(&other).await.unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Unavailable);
+        assert!(
+            refused.message().contains("--model-memory-budget"),
+            "{refused}"
+        );
+        assert_eq!(busy.residence(), Residence::Loaded);
+        let unload = busy.unload().unwrap_err();
+        assert_eq!(unload.kind(), ErrorKind::Conflict);
+        gate.add_permits(1);
+        held.await.unwrap().unwrap();
+        call(&other).await.unwrap();
+        assert_eq!(busy.residence(), Residence::Registered);
+    }
+
+    #[tokio::test]
+    async fn pinned_models_stay_and_too_big_ones_are_refused() {
+        let setup = setup(20);
+        let loads = Arc::new(AtomicUsize::new(0));
+        let pinned = model(&setup, "pinned", 10, true, &loads, Duration::ZERO, None);
+        let b = model(&setup, "b", 10, false, &loads, Duration::ZERO, None);
+        let c = model(&setup, "c", 10, false, &loads, Duration::ZERO, None);
+        call(&pinned).await.unwrap();
+        call(&b).await.unwrap();
+        call(&c).await.unwrap();
+        assert_eq!(pinned.residence(), Residence::Loaded);
+        assert_eq!(b.residence(), Residence::Registered);
+        assert_eq!(pinned.unload().unwrap_err().kind(), ErrorKind::Conflict);
+        let huge = model(&setup, "huge", 21, false, &loads, Duration::ZERO, None);
+        let refused = call(&huge).await.unwrap_err();
+        assert!(
+            refused
+                .message()
+                .contains("more than the whole model memory budget"),
+            "{refused}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_load_answers_its_waiters_once_and_frees_its_bytes() {
+        let setup = setup(100);
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&attempts);
+        let failing = LazyModel::new(
+            LazySpec {
+                label: "acme/broken version 1".into(),
+                metadata: metadata(),
+                serving: ServingConfig::default(),
+                cost: 10,
+                pinned: false,
+                loader: Arc::new(move || {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(50));
+                    Err(Error::invalid("not an ONNX model"))
+                }),
+            },
+            Arc::clone(&setup.residency),
+        );
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let failing = Arc::clone(&failing);
+                tokio::spawn(async move { call(&failing).await })
+            })
+            .collect();
+        for call in calls {
+            let error = call.await.unwrap().unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Unavailable);
+            assert!(
+                error
+                    .message()
+                    .contains("acme/broken version 1 failed to load: not an ONNX model"),
+                "{error}"
+            );
+        }
+        // Within the retry window the error answers without another attempt.
+        assert!(call(&failing).await.is_err());
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+        assert!(failing.health().is_err());
+        assert_eq!(setup.residency.resident_bytes(), 0);
+        assert_eq!(setup.recorder.failures.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn explicit_load_unload_and_a_dropped_model_give_back_their_bytes() {
+        let setup = setup(100);
+        let loads = Arc::new(AtomicUsize::new(0));
+        let a = model(&setup, "a", 30, false, &loads, Duration::ZERO, None);
+        a.load().await.unwrap();
+        assert_eq!(a.residence(), Residence::Loaded);
+        assert_eq!(setup.residency.resident_bytes(), 30);
+        a.unload().unwrap();
+        assert_eq!(a.residence(), Residence::Registered);
+        assert_eq!(setup.residency.resident_bytes(), 0);
+        a.unload().unwrap();
+        call(&a).await.unwrap();
+        assert_eq!(setup.residency.resident_bytes(), 30);
+        drop(a);
+        assert_eq!(
+            setup.residency.resident_bytes(),
+            0,
+            "a deleted version frees its bytes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_model_that_loads_with_other_metadata_is_refused() {
+        let setup = setup(100);
+        let other = LazyModel::new(
+            LazySpec {
+                label: "acme/m version 2".into(),
+                metadata: ModelMetadata {
+                    max_batch_size: 8,
+                    ..metadata()
+                },
+                serving: ServingConfig::default(),
+                cost: 1,
+                pinned: false,
+                loader: Arc::new(|| {
+                    Ok(Arc::new(Fake {
+                        metadata: metadata(),
+                        gate: None,
+                    }) as Arc<dyn Model>)
+                }),
+            },
+            Arc::clone(&setup.residency),
+        );
+        let error = call(&other).await.unwrap_err();
+        assert!(
+            error.message().contains("other inputs or outputs"),
+            "{error}"
+        );
+    }
+}
