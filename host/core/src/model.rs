@@ -32,7 +32,7 @@ pub struct ModelMetadata {
 
 /// How a model version is served, beyond its metadata: what Triton's model configuration
 /// (`GET /v2/models/{m}/config`) reports as `instance_group` and `dynamic_batching`.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServingConfig {
     /// Calls it runs at once (its sessions); 0 for what is not one model (a graph).
     pub instances: usize,
@@ -41,7 +41,7 @@ pub struct ServingConfig {
 }
 
 /// A dynamic batcher's settings, as Triton names them.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DynamicBatchingConfig {
     pub preferred_batch_size: Vec<usize>,
     pub max_queue_delay_microseconds: u64,

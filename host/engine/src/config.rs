@@ -56,6 +56,10 @@ pub struct ModelConfig {
     pub allow_external_data: bool,
     /// Merge concurrent requests into one backend call; off when absent.
     pub dynamic_batching: Option<DynamicBatching>,
+    /// Never unloaded once loaded (a tenant model otherwise unloads when the replica's
+    /// --model-memory-budget needs its room and no request is using it).
+    #[serde(default)]
+    pub pin: bool,
     /// Declared inputs, checked against the model's own metadata at load.
     #[serde(default, rename = "input")]
     pub inputs: Vec<DeclaredTensor>,

@@ -312,6 +312,19 @@ impl LazyModel {
         self.cost
     }
 
+    /// Takes a model already loaded (a push loads it to prove it) as its loaded state, if the
+    /// budget has room for it (making room as a load would); otherwise it stays registered
+    /// and loads on its first request.
+    pub fn adopt(self: &Arc<Self>, model: Arc<dyn Model>) {
+        if model.metadata() != &self.metadata || self.residency.reserve(self).is_err() {
+            return;
+        }
+        let mut state = self.lock();
+        if matches!(*state, State::Unloaded | State::Failed { .. }) {
+            *state = State::Loaded(model);
+        }
+    }
+
     /// Unloads it if loaded and idle; whether it did. Called under the residency's lock.
     fn try_unload(&self) -> bool {
         let mut state = self.lock();

@@ -129,6 +129,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
         .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(repository_load))
+        .route("/v2/repository/models/{model}/unload", post(repository_unload))
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/models/{model}/stats", get(model_stats))
         .route("/v2/models/{model}/versions/{version}/stats", get(model_version_stats))
@@ -228,6 +230,7 @@ pub const EXTENSIONS: &[&str] = &[
     "statistics",
     "model_configuration",
     "system_shared_memory",
+    "model_repository",
 ];
 
 async fn server_metadata() -> Json<ServerMetadataResponse> {
@@ -462,6 +465,60 @@ async fn repository_index(
     Ok(Json(repository_entries(&scope, only_ready)).into_response())
 }
 
+/// Every version of `name` in the caller's namespace (unknown: Triton's 404).
+fn every_version(scope: &TenantScope, name: &str) -> Result<Vec<Arc<dyn Model>>, Error> {
+    let versions = scope
+        .registry
+        .versions(name)
+        .ok_or_else(|| weft_engine::registry::unknown_model(name))?;
+    versions
+        .into_iter()
+        .map(|number| Ok(scope.registry.resolve(name, Some(&number.to_string()))?.1))
+        .collect()
+}
+
+/// Triton's model repository extension, `POST /v2/repository/models/{m}/load`: loads every
+/// version of a model that loads on demand now (a warm-up); models that stay loaded (the
+/// repository's, graphs) are loaded already.
+async fn repository_load(
+    Caller(scope): Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    // A load is work: it takes a concurrency slot like an inference.
+    let _permit = scope.admit().map_err(crate::tenants::refused)?;
+    for model in every_version(&scope, &name)? {
+        if let Some(control) = model.on_demand() {
+            control.load().await?;
+        }
+    }
+    Ok(Json(json!({})).into_response())
+}
+
+/// `POST /v2/repository/models/{m}/unload`: unloads every version of a model that loads on
+/// demand (the next request loads it again); refused while one serves a request, for a pinned
+/// one, and for models that stay loaded.
+async fn repository_unload(
+    Caller(scope): Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    for model in every_version(&scope, &name)? {
+        match model.on_demand() {
+            Some(control) => control.unload()?,
+            None => {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "'{name}' stays loaded (a repository model or a graph); only tenant \
+                         models load and unload on demand"
+                    ),
+                )
+                .into());
+            }
+        }
+    }
+    Ok(Json(json!({})).into_response())
+}
+
 /// The caller's models and graphs with their state, only the ready ones if `only_ready`.
 pub fn repository_entries(scope: &TenantScope, only_ready: bool) -> Vec<RepositoryIndexEntry> {
     scope
@@ -471,7 +528,18 @@ pub fn repository_entries(scope: &TenantScope, only_ready: bool) -> Vec<Reposito
         .filter(|entry| !only_ready || matches!(entry.state, ModelState::Ready(_)))
         .map(|entry| {
             let (state, reason) = match entry.state {
-                ModelState::Ready(_) => ("READY", String::new()),
+                // A model loaded on demand serves whether or not it is loaded now; the reason
+                // says which.
+                ModelState::Ready(model) => {
+                    let reason = match model.on_demand().map(|control| control.residence()) {
+                        Some(weft_core::Residence::Registered) => "not loaded: it loads on its \
+                                                                   first request"
+                            .to_string(),
+                        Some(weft_core::Residence::Loading) => "loading".to_string(),
+                        _ => String::new(),
+                    };
+                    ("READY", reason)
+                }
                 ModelState::Unavailable(reason) => ("UNAVAILABLE", reason),
             };
             RepositoryIndexEntry {

@@ -213,6 +213,12 @@ pub struct ServeArgs {
     #[arg(long, env = "WEFT_MAX_INFLIGHT_REQUESTS", default_value_t = crate::load::DEFAULT_MAX_INFLIGHT_REQUESTS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub max_inflight_requests: usize,
+    /// Bytes of tenant models loaded at once (each counts its file size times its
+    /// instances; 0: no limit). Tenant models load on their first request; to load another
+    /// over the budget, the least recently used ones no request is using (and not `pin = true`)
+    /// are unloaded first, and a load that still does not fit answers 503.
+    #[arg(long, env = "WEFT_MODEL_MEMORY_BUDGET", default_value_t = 0)]
+    pub model_memory_budget: u64,
     /// Address of the gRPC endpoint (Triton's GRPCInferenceService, which OIP gRPC clients
     /// also speak), or `off`; port 0 picks a free port.
     #[arg(long, env = "WEFT_GRPC_LISTEN", default_value = "127.0.0.1:8001")]
@@ -538,6 +544,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let bootstrap_key = args.bootstrap_key.clone();
     let meter_fuel = args.meter_fuel;
     let workers = worker_pool(&args, &metrics)?;
+    let model_budget = match args.model_memory_budget {
+        0 => u64::MAX,
+        budget => budget,
+    };
+    metrics.declare_model_budget(model_budget);
+    let residency = weft_engine::lazy::Residency::new(
+        model_budget,
+        Some(Arc::clone(&metrics) as Arc<dyn weft_engine::lazy::ResidencyObserver>),
+    );
     let shared_store = (args.database_url.clone(), args.blob_url.clone());
     let (loaded, tenancy) = tokio::task::spawn_blocking(move || {
         // The store first: it locks the data directory, so a second server on the same
@@ -570,6 +585,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             observer: Arc::new(crate::metrics::TenancyMetrics(Arc::clone(&loading_metrics))),
             admin_key,
             bootstrap_key,
+            residency: Some(residency),
         })
         .context("cannot restore the tenants from the store")?;
         anyhow::Ok((loaded, tenancy))

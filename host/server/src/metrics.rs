@@ -53,7 +53,16 @@ pub struct Metrics {
     uploads: IntCounterVec,
     resident_memory: IntGauge,
     worker_restarts: IntCounterVec,
+    model_loads: IntCounterVec,
+    model_load_duration: HistogramVec,
+    model_evictions: IntCounterVec,
+    model_resident_bytes: IntGaugeVec,
 }
+
+/// Seconds a model load may take (worker start and sessions, up to the load timeout).
+const LOAD_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels)
@@ -207,6 +216,34 @@ impl Metrics {
                 &["plugin"],
             ),
             plugin_instantiations,
+            model_loads: counter_vec(
+                &r,
+                "weft_model_loads_total",
+                "Loads of tenant models on demand (a cold start: the first request after \
+                 start-up, a push or an unload), by result (ok, failed).",
+                &["result"],
+            ),
+            model_load_duration: histogram_vec(
+                &r,
+                "weft_model_load_duration_seconds",
+                "Time a model loaded on demand took to load: what its first request waited.",
+                &["result"],
+                LOAD_BUCKETS,
+            ),
+            model_evictions: counter_vec(
+                &r,
+                "weft_model_evictions_total",
+                "Tenant models unloaded: least recently used ones to make room under \
+                 --model-memory-budget, or by POST /v2/repository/models/{m}/unload.",
+                &[],
+            ),
+            model_resident_bytes: gauge_vec(
+                &r,
+                "weft_model_resident_bytes",
+                "Bytes of tenant models loaded (file size times instances), and the budget \
+                 (--model-memory-budget; absent when unbounded).",
+                &["kind"],
+            ),
             worker_restarts: counter_vec(
                 &r,
                 "weft_model_worker_restarts_total",
@@ -563,6 +600,46 @@ impl BatchObserver for ModelMetrics {
 
     fn rejected(&self) {
         self.rejected.inc();
+    }
+}
+
+/// What models loaded on demand report (see `weft_engine::lazy`).
+impl weft_engine::lazy::ResidencyObserver for Metrics {
+    fn loaded(&self, elapsed: std::time::Duration, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.model_loads.with_label_values(&[result]).inc();
+        self.model_load_duration
+            .with_label_values(&[result])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn evicted(&self) {
+        self.model_evictions.with_label_values::<&str>(&[]).inc();
+    }
+
+    fn resident(&self, bytes: u64) {
+        self.model_resident_bytes
+            .with_label_values(&["resident"])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+}
+
+impl Metrics {
+    /// Declares the model memory budget (`u64::MAX`: unbounded, not exported) and the series
+    /// that exist before the first load.
+    pub fn declare_model_budget(&self, budget: u64) {
+        self.model_resident_bytes
+            .with_label_values(&["resident"])
+            .set(0);
+        if budget != u64::MAX {
+            self.model_resident_bytes
+                .with_label_values(&["budget"])
+                .set(i64::try_from(budget).unwrap_or(i64::MAX));
+        }
+        for result in ["ok", "failed"] {
+            self.model_loads.with_label_values(&[result]);
+        }
+        self.model_evictions.with_label_values::<&str>(&[]);
     }
 }
 

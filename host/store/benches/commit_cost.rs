@@ -28,6 +28,7 @@ fn version(onnx: &str, config: &str) -> ModelVersion {
         config_digest: config.to_string(),
         size: 4096,
         created_unix: 1_700_000_000,
+        served: None,
     }
 }
 

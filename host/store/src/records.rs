@@ -461,6 +461,21 @@ pub struct ModelVersion {
     pub size: u64,
     /// When it was pushed.
     pub created_unix: u64,
+    /// What it reports before it is loaded, recorded when the push loaded it: a replica
+    /// registers the version from this and loads it on its first request. Versions pushed
+    /// before lazy loading have none and load at start-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<ServedModel>,
+}
+
+/// A model version's metadata and serving config, as its push found them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedModel {
+    pub metadata: weft_core::ModelMetadata,
+    pub serving: weft_core::ServingConfig,
+    /// `pin = true` in its model.toml: never unloaded once loaded.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// Where a rollout stands. A canary is `Progressing` until it is promoted, rolled back or
@@ -760,6 +775,7 @@ mod tests {
                 config_digest: "c1".into(),
                 size: 300,
                 created_unix: 1,
+                served: None,
             },
         );
         t.graphs.entry("g".into()).or_default().insert(

@@ -327,16 +327,22 @@ impl Tenancy {
         let onnx_digest = staged.digest().to_string();
         let config_digest = sha256_hex(config_text.as_bytes());
         let version = number.to_string();
+        // What the version serves, known once the push has loaded it (storage checks before
+        // that do not need it).
+        let served = std::sync::OnceLock::new();
+        let version_record = || ModelVersion {
+            onnx_digest: onnx_digest.clone(),
+            config_digest: config_digest.clone(),
+            size,
+            created_unix: unix_now(),
+            served: served.get().cloned(),
+        };
         let add = |record: &mut Tenant| {
-            record.models.entry(name.clone()).or_default().insert(
-                number,
-                ModelVersion {
-                    onnx_digest: onnx_digest.clone(),
-                    config_digest: config_digest.clone(),
-                    size,
-                    created_unix: unix_now(),
-                },
-            );
+            record
+                .models
+                .entry(name.clone())
+                .or_default()
+                .insert(number, version_record());
         };
         let check = |current: &State| -> Result<()> {
             let record = tenant_of(current, tenant)?;
@@ -381,13 +387,19 @@ impl Tenancy {
             .models
             .load_checked(tenant, &model_label(tenant, &name), onnx, &config, budget)
             .map_err(context)?;
+        let _ = served.set(weft_store::ServedModel {
+            metadata: model.metadata().clone(),
+            serving: model.serving(),
+            pinned: config.pin,
+        });
         self.store.share_staged(&staged)?;
         let writer = self.writer()?;
         check(&writer.state())?;
         fits(&writer.state())?;
         self.store.put_staged(staged)?;
         self.store.put_blob(config_text.as_bytes())?;
-        self.remember_model(tenant, &name, &onnx_digest, &config_digest, model)?;
+        let record = version_record();
+        self.remember_model(tenant, &name, &onnx_digest, &config_digest, model, &record)?;
         let committed = writer.commit(Some(tenant), |store| {
             add(tenant_mut(store, tenant)?);
             Ok(())

@@ -232,6 +232,11 @@ impl Tenancy {
         if let Some(model) = lock(&self.loaded_models)?.get(&key) {
             return Ok(Arc::clone(model));
         }
+        if let Some(lazy) = self.lazy_registration(&tenant.name, name, record) {
+            let model: Arc<dyn Model> = lazy;
+            lock(&self.loaded_models)?.insert(key, Arc::clone(&model));
+            return Ok(model);
+        }
         let config_text = String::from_utf8(self.store.read_blob(&record.config_digest)?)
             .map_err(|_| Error::invalid("the stored model.toml is not UTF-8"))?;
         let config = ModelConfig::parse(&model_config_path(name), &config_text)?;
@@ -241,6 +246,60 @@ impl Tenancy {
         let model = self.load_model(&tenant.name, &tenant.quotas, name, onnx, &config)?;
         lock(&self.loaded_models)?.insert(key, Arc::clone(&model));
         Ok(model)
+    }
+
+    /// The on-demand registration of one of `tenant`'s stored model versions, when models load
+    /// on demand and its record says what it serves (versions pushed before that load at
+    /// build). Nothing is read: the loader reads, checks and loads the blobs on first use,
+    /// under the tenant's quotas as they are then.
+    pub(crate) fn lazy_registration(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: &weft_store::ModelVersion,
+    ) -> Option<Arc<weft_engine::lazy::LazyModel>> {
+        let residency = self.residency.as_ref()?;
+        let served = version.served.as_ref()?;
+        let (onnx_digest, config_digest) = (&version.onnx_digest, &version.config_digest);
+        let loader: weft_engine::lazy::LoadFn = {
+            let store = Arc::clone(&self.store);
+            let models = Arc::clone(&self.models);
+            let (tenant, name) = (tenant.to_string(), name.to_string());
+            let (onnx_digest, config_digest) = (onnx_digest.to_string(), config_digest.to_string());
+            Arc::new(move || {
+                let quotas = store
+                    .state()
+                    .tenants
+                    .get(&tenant)
+                    .map(|record| record.quotas.clone())
+                    .ok_or_else(|| Error::not_found(format!("tenant '{tenant}' is gone")))?;
+                let config_text = String::from_utf8(store.read_blob(&config_digest)?)
+                    .map_err(|_| Error::invalid("the stored model.toml is not UTF-8"))?;
+                let config = ModelConfig::parse(&model_config_path(&name), &config_text)?;
+                let onnx = bytes::Bytes::from(store.read_blob(&onnx_digest)?);
+                models.load(
+                    &tenant,
+                    &model_label(&tenant, &name),
+                    onnx,
+                    &config,
+                    model_budget(&quotas),
+                )
+            })
+        };
+        let spec = weft_engine::lazy::LazySpec {
+            label: format!("model '{name}'"),
+            metadata: served.metadata.clone(),
+            serving: served.serving.clone(),
+            cost: version
+                .size
+                .saturating_mul(served.serving.instances.max(1) as u64),
+            pinned: served.pinned,
+            loader,
+        };
+        Some(weft_engine::lazy::LazyModel::new(
+            spec,
+            Arc::clone(residency),
+        ))
     }
 
     /// A tenant's plugin version: its signature is checked against the tenant's current keys

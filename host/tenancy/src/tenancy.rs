@@ -53,6 +53,9 @@ pub struct Tenancy {
     /// Loaded tenant models by (tenant, model, onnx digest, config digest), so rebuilding a scope
     /// does not reload what did not change.
     pub(crate) loaded_models: Mutex<HashMap<LoadedModelKey, Arc<dyn Model>>>,
+    /// Where tenant models load on demand (`weft_engine::lazy`); `None`: they load when their
+    /// scope is built, as before.
+    pub(crate) residency: Option<Arc<weft_engine::lazy::Residency>>,
     /// Loaded tenant plugins by (tenant, name, digest). Keyed by tenant too: a plugin keeps warm
     /// instances, and instances never cross tenants.
     pub(crate) loaded_plugins: Mutex<HashMap<LoadedPluginKey, Arc<dyn SandboxPlugin>>>,
@@ -97,6 +100,9 @@ pub struct TenancyConfig {
     pub admin_key: Option<String>,
     /// A key for [`BOOTSTRAP_TENANT`], kept in memory only (quickstart, tests).
     pub bootstrap_key: Option<String>,
+    /// Load tenant models on their first request under this budget instead of when their
+    /// scope is built (versions pushed before this existed still load at build).
+    pub residency: Option<Arc<weft_engine::lazy::Residency>>,
 }
 
 /// Locks, recovering from poisoning: every structure behind these locks is replaced whole, so
@@ -175,6 +181,7 @@ impl Tenancy {
             view: RwLock::default(),
             gates: Mutex::default(),
             loaded_models: Mutex::default(),
+            residency: config.residency,
             loaded_plugins: Mutex::default(),
             rollouts: Mutex::default(),
             shadow_slots: Mutex::default(),
@@ -336,7 +343,16 @@ impl Tenancy {
         onnx_digest: &str,
         config_digest: &str,
         model: Arc<dyn Model>,
+        version: &weft_store::ModelVersion,
     ) -> Result<()> {
+        // On demand, the version the push just loaded stays loaded if the budget has room.
+        let model = match self.lazy_registration(tenant, name, version) {
+            Some(lazy) => {
+                lazy.adopt(model);
+                lazy as Arc<dyn Model>
+            }
+            None => model,
+        };
         let key = (
             tenant.to_string(),
             name.to_string(),

@@ -292,6 +292,7 @@ async fn sticky_clients_keep_their_arm_across_steps_and_restarts() {
         observer: Arc::new(NoObserver),
         admin_key: None,
         bootstrap_key: None,
+        residency: None,
     })
     .unwrap();
     for (key, arm) in keys.iter().zip(&second) {

@@ -269,6 +269,7 @@ pub fn world_sharing(tenants: &[&str], platform: ModelRegistry, shared: &[&str])
         observer: Arc::new(NoObserver),
         admin_key: None,
         bootstrap_key: None,
+        residency: None,
     })
     .unwrap();
     for name in tenants {
