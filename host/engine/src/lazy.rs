@@ -14,8 +14,9 @@
 //!   a shared [`Residency`] before it loads. When the budget would overflow, the least recently
 //!   used models that no request is using and that are not pinned are unloaded first; a model
 //!   serving a request is never unloaded (a request counts itself in before it looks at the
-//!   model, and the unloader checks the count under the same lock). If the budget cannot make
-//!   room, the load is refused (503, retry) rather than exceeding it.
+//!   model, and the unloader checks the count under the same lock). While the budget is held
+//!   by models serving requests, a load waits (up to [`WAIT_FOR_ROOM`], in the request's queue
+//!   time) for one of them to finish rather than exceed the budget; then it is refused (503).
 //! - **Explicit control** for Triton's repository extension: [`OnDemand`] loads (warms) or
 //!   unloads a model by name.
 //!
@@ -38,6 +39,9 @@ pub type LoadFn = Arc<dyn Fn() -> Result<Arc<dyn Model>> + Send + Sync>;
 /// How long a failed load's error answers new requests before the next one tries again.
 pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(5);
 
+/// How long a load waits for room while the budget is held by models serving requests.
+pub const WAIT_FOR_ROOM: Duration = Duration::from_secs(30);
+
 /// What the residency reports, for metrics.
 pub trait ResidencyObserver: Send + Sync {
     /// A load finished (`ok` or not) after `elapsed`.
@@ -52,6 +56,8 @@ pub trait ResidencyObserver: Send + Sync {
 pub struct Residency {
     budget: u64,
     members: Mutex<Members>,
+    /// Woken whenever room may have appeared: a model's last request ended, bytes came back.
+    room: tokio::sync::Notify,
     observer: Option<Arc<dyn ResidencyObserver>>,
     epoch: Instant,
 }
@@ -77,6 +83,7 @@ impl Residency {
         Arc::new(Residency {
             budget,
             members: Mutex::default(),
+            room: tokio::sync::Notify::new(),
             observer,
             epoch: Instant::now(),
         })
@@ -108,23 +115,46 @@ impl Residency {
         }
     }
 
+    /// Reserves `model`'s bytes, waiting up to [`WAIT_FOR_ROOM`] while the budget is held by
+    /// models serving requests.
+    async fn reserve_waiting(&self, model: &Arc<LazyModel>) -> Result<()> {
+        let deadline = Instant::now() + WAIT_FOR_ROOM;
+        loop {
+            // Registered before the attempt, so room that appears in between is not missed.
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.reserve(model) {
+                Ok(()) => return Ok(()),
+                Err(Refused::Full(error)) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(error);
+                    }
+                    let _ = tokio::time::timeout(left, notified).await;
+                }
+                Err(Refused::TooBig(error)) => return Err(error),
+            }
+        }
+    }
+
     /// Reserves `model`'s bytes, unloading least recently used idle, unpinned models to make
     /// room; refuses when it cannot.
-    fn reserve(&self, model: &Arc<LazyModel>) -> Result<()> {
+    fn reserve(&self, model: &Arc<LazyModel>) -> std::result::Result<(), Refused> {
         let mut members = self.lock();
         if model.reserved.load(Ordering::Acquire) {
             return Ok(());
         }
         let cost = model.cost;
         if cost > self.budget {
-            return Err(Error::new(
+            return Err(Refused::TooBig(Error::new(
                 ErrorKind::Unavailable,
                 format!(
                     "{} needs {cost} bytes of memory, more than the whole model memory budget \
                      of {} bytes (--model-memory-budget)",
                     model.label, self.budget
                 ),
-            ));
+            )));
         }
         let mut evicted = 0;
         if members.bytes.saturating_add(cost) > self.budget {
@@ -157,15 +187,17 @@ impl Residency {
             let bytes = members.bytes;
             drop(members);
             self.report(bytes);
-            return Err(Error::new(
+            return Err(Refused::Full(Error::new(
                 ErrorKind::Unavailable,
                 format!(
                     "{} cannot load now: the model memory budget ({} bytes, \
-                     --model-memory-budget) is held by models serving requests or pinned; \
-                     retry shortly",
-                    model.label, self.budget
+                     --model-memory-budget) stayed held by models serving requests or pinned \
+                     for {} s; retry shortly",
+                    model.label,
+                    self.budget,
+                    WAIT_FOR_ROOM.as_secs()
                 ),
-            ));
+            )));
         }
         members.bytes += cost;
         members.models.push((Arc::downgrade(model), cost));
@@ -195,6 +227,7 @@ impl Residency {
         let bytes = members.bytes;
         drop(members);
         self.report(bytes);
+        self.room.notify_waiters();
     }
 
     /// Unloads `model` now unless a request is using it (or it is pinned).
@@ -229,8 +262,17 @@ impl Residency {
             observer.evicted();
         }
         self.report(bytes);
+        self.room.notify_waiters();
         Ok(())
     }
+}
+
+/// Why a reservation failed.
+enum Refused {
+    /// Larger than the whole budget: it can never load.
+    TooBig(Error),
+    /// The budget is held by models serving requests (or pinned) now.
+    Full(Error),
 }
 
 type PendingLoad = Shared<BoxFuture<'static, std::result::Result<Arc<dyn Model>, Error>>>;
@@ -272,12 +314,15 @@ pub struct LazyModel {
     me: Weak<LazyModel>,
 }
 
-/// A request counted in on a model; counted out when dropped.
-struct InFlight<'a>(&'a AtomicUsize);
+/// A request counted in on a model; counted out when dropped (the model's last one makes it
+/// unloadable, which a load waiting for room hears).
+struct InFlight<'a>(&'a LazyModel);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.residency.room.notify_waiters();
+        }
     }
 }
 
@@ -358,7 +403,7 @@ impl LazyModel {
             .me
             .upgrade()
             .ok_or_else(|| Error::internal(format!("{} was dropped while in use", self.label)))?;
-        self.residency.reserve(&me)?;
+        self.residency.reserve_waiting(&me).await?;
         let pending = {
             let mut state = self.lock();
             match &*state {
@@ -430,7 +475,7 @@ impl LazyModel {
     /// Counts a request in, loads if needed (the wait goes to the request's queue time).
     async fn enter(&self, request: &RequestContext) -> Result<(InFlight<'_>, Arc<dyn Model>)> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let guard = InFlight(&self.in_flight);
+        let guard = InFlight(self);
         self.last_used
             .store(self.residency.now(), Ordering::Relaxed);
         let started = Instant::now();
@@ -741,19 +786,23 @@ mod tests {
         while busy.residence() != Residence::Loaded {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let refused = call(&other).await.unwrap_err();
-        assert_eq!(refused.kind(), ErrorKind::Unavailable);
-        assert!(
-            refused.message().contains("--model-memory-budget"),
-            "{refused}"
-        );
+        // The other model's load waits for room instead of unloading the busy one...
+        let waiting = {
+            let other = Arc::clone(&other);
+            tokio::spawn(async move { call(&other).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "it waits while the budget is in use");
         assert_eq!(busy.residence(), Residence::Loaded);
         let unload = busy.unload().unwrap_err();
         assert_eq!(unload.kind(), ErrorKind::Conflict);
+        // ...and loads as soon as the busy model's request ends, the wait in its queue time.
         gate.add_permits(1);
         held.await.unwrap().unwrap();
-        call(&other).await.unwrap();
+        let queued = waiting.await.unwrap().unwrap();
+        assert!(queued >= 100_000, "{queued} us");
         assert_eq!(busy.residence(), Residence::Registered);
+        assert_eq!(other.residence(), Residence::Loaded);
     }
 
     #[tokio::test]

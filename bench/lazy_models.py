@@ -1,0 +1,203 @@
+"""Thousands of stored models, a few active: the benchmark of models loaded on demand (issue 23).
+
+Starts `weft serve` (release build) on an empty repository with an admin key, creates TENANTS
+tenants and pushes MODELS copies of the quickstart `mlp` to each (one instance, tenant models
+run in their tenant's sandboxed model worker), then kills it and starts it again on the same
+store under `--model-memory-budget` (room for BUDGET_MODELS loaded models). It reports:
+
+- start-up: seconds from spawning the process to its listening line and to the first ready;
+- memory: RSS of the process tree (server and model workers) after start-up and its peak;
+- a skewed workload: REQUESTS inference calls over the ACTIVE most popular models, Zipf(1.1),
+  CONCURRENCY callers: errors, hit rate (1 - loads / requests from the server's metrics),
+  evictions, and latency p50/p99 of the calls that waited for a load (queue_us > 1 ms: a
+  cold start) and of the others.
+
+Usage (from the repository root, after `cargo build --release -p weft-cli`):
+    target/venv/bin/python bench/lazy_models.py [--tenants 500] [--models 20] [--active 2000]
+        [--requests 20000] [--concurrency 8] [--budget-models 400]
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ADMIN_KEY = "weft-bench-admin-key-0123456789"
+CONFIG = 'platform = "onnx"\nmax_batch_size = 64\n[ort]\ninstance_count = 1\n'
+
+
+def call(method, url, key, body=None, headers=None):
+    request = urllib.request.Request(url, data=body, method=method)
+    request.add_header("Authorization", f"Bearer {key}")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    for attempt in range(50):
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            if error.code == 429 and attempt < 49:
+                time.sleep(float(error.headers.get("Retry-After", "1")))
+                continue
+            return error.code, json.loads(error.read() or b"{}")
+
+
+def start(weft, data, extra):
+    process = subprocess.Popen(
+        [weft, "serve", "--repository", os.path.join(data, "repository"), "--data-dir",
+         os.path.join(data, "store"), "--listen", "127.0.0.1:0", "--grpc-listen", "off",
+         "--admin-key", ADMIN_KEY, "--ort-library",
+         os.path.join(ROOT, "target/onnxruntime/libonnxruntime.so.1.22.1"), *extra],
+        stdout=subprocess.PIPE, stderr=open(os.path.join(data, "server.log"), "a"), text=True,
+        env={**os.environ, "WEFT_LOG": "warn"})
+    started = time.monotonic()
+    for line in process.stdout:
+        if line.startswith("weft listening on "):
+            url = line.split()[-1]
+            listening = time.monotonic() - started
+            while True:
+                try:
+                    if urllib.request.urlopen(f"{url}/v2/health/ready").status == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.01)
+            return process, url, listening, time.monotonic() - started
+    raise SystemExit("weft serve exited before listening; see " + os.path.join(data, "server.log"))
+
+
+def tree_rss_kib(pid):
+    total, pending = 0, [pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for task in os.listdir(f"/proc/{pid}/task"):
+                pending += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+        except OSError:
+            pass
+    return total
+
+
+def metric(url, series):
+    text = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round((len(values) - 1) * p)))] if values else 0.0
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--weft", default=os.path.join(ROOT, "target/release/weft"))
+    parser.add_argument("--tenants", type=int, default=500)
+    parser.add_argument("--models", type=int, default=20)
+    parser.add_argument("--active", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--budget-models", type=int, default=400)
+    args = parser.parse_args()
+
+    data = os.path.join(ROOT, "target/bench-lazy")
+    shutil.rmtree(data, ignore_errors=True)
+    os.makedirs(os.path.join(data, "repository"))
+    onnx = open(os.path.join(ROOT, "examples/quickstart/models/mlp/1/model.onnx"), "rb").read()
+    cost = len(onnx) + len(CONFIG)
+    budget = ["--model-memory-budget", str(cost * args.budget_models)]
+
+    process, url, _, _ = start(args.weft, data, budget)
+    began = time.monotonic()
+    keys = []
+    for tenant in range(args.tenants):
+        status, body = call("POST", f"{url}/api/v1/tenants", ADMIN_KEY,
+                            json.dumps({"name": f"t{tenant}"}).encode(),
+                            {"Content-Type": "application/json"})
+        assert status == 201, body
+        keys.append(body["api_key"]["key"])
+
+    def push(pair):
+        tenant, model = pair
+        status, body = call("PUT", f"{url}/api/v1/models/m{model}/versions/1", keys[tenant],
+                            CONFIG.encode() + onnx, {"Weft-Config-Length": str(len(CONFIG))})
+        assert status == 201, body
+
+    pairs = [(t, m) for t in range(args.tenants) for m in range(args.models)]
+    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+        list(pool.map(push, pairs))
+    print(f"stored {len(pairs)} models of {args.tenants} tenants in "
+          f"{time.monotonic() - began:.0f} s")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    process, url, listening, ready = start(args.weft, data, budget)
+    rss_start = tree_rss_kib(process.pid)
+    print(f"restart with {len(pairs)} stored models: listening after {listening:.2f} s, "
+          f"ready after {ready:.2f} s; RSS of the process tree {rss_start / 1024:.0f} MiB")
+
+    rng = random.Random(23)
+    active = rng.sample(pairs, min(args.active, len(pairs)))
+    weights = [1.0 / (rank ** 1.1) for rank in range(1, len(active) + 1)]
+    draws = rng.choices(active, weights=weights, k=args.requests)
+    row = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64],
+                                  "data": [0.5] * 64}]}).encode()
+    peak = [rss_start]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], tree_rss_kib(process.pid))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+
+    def infer(pair):
+        tenant, model = pair
+        began = time.monotonic()
+        status, body = call("POST", f"{url}/v2/models/m{model}/infer", keys[tenant], row,
+                            {"Content-Type": "application/json"})
+        elapsed = time.monotonic() - began
+        return status, elapsed, (body.get("parameters") or {}).get("queue_us", 0)
+
+    began = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+        results = list(pool.map(infer, draws))
+    took = time.monotonic() - began
+    stop.set()
+    sampler.join()
+    errors = sum(1 for status, _, _ in results if status != 200)
+    cold = [elapsed * 1000 for status, elapsed, queued in results if status == 200 and queued > 1000]
+    warm = [elapsed * 1000 for status, elapsed, queued in results if status == 200 and queued <= 1000]
+    loads = metric(url, 'weft_model_loads_total{result="ok"}')
+    evictions = metric(url, "weft_model_evictions_total")
+    resident = metric(url, 'weft_model_resident_bytes{kind="resident"}')
+    print(f"workload: {len(results)} requests over {len(set(draws))} of {len(active)} active "
+          f"models (Zipf 1.1, {args.concurrency} callers) in {took:.0f} s, {errors} errors")
+    print(f"  loads {loads:.0f}, hit rate {1 - loads / len(results):.3f}, evictions {evictions:.0f}, "
+          f"resident {resident / 1e6:.1f} MB of a {cost * args.budget_models / 1e6:.1f} MB budget")
+    print(f"  cold starts (waited > 1 ms for a load): {len(cold)}, p50 {percentile(cold, 0.5):.1f} ms, "
+          f"p99 {percentile(cold, 0.99):.1f} ms")
+    print(f"  warm: {len(warm)}, p50 {percentile(warm, 0.5):.2f} ms, p99 {percentile(warm, 0.99):.2f} ms")
+    print(f"  RSS of the process tree: {rss_start / 1024:.0f} MiB after start-up, peak "
+          f"{peak[0] / 1024:.0f} MiB")
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
