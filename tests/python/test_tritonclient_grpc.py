@@ -237,3 +237,24 @@ def test_typed_contents_from_a_raw_grpc_stub():
     y = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(1, 10)
     np.testing.assert_allclose(y, mlp_reference(x), rtol=1e-5, atol=1e-5)
     channel.close()
+
+
+def test_repository_load_and_unload(client):
+    # Repository models stay loaded; unknown names are Triton's NOT_FOUND.
+    client.load_model("mlp")
+    with pytest.raises(InferenceServerException, match="stays loaded"):
+        client.unload_model("mlp")
+    with pytest.raises(InferenceServerException) as missing:
+        client.load_model("no_such_model")
+    assert status_of(missing.value) == "StatusCode.NOT_FOUND"
+    # A tenant model loads on demand: its owner unloads it, it stays ready, and loads again.
+    owner = authenticated_grpc_client(url(), key=required_env("WEFT_OTHER_KEY"))
+    owner.unload_model("secret")
+    assert owner.is_model_ready("secret")
+    owner.load_model("secret")
+    x = np.zeros((1, 64), dtype=np.float32)
+    assert owner.infer("secret", [x_input(x)]).as_numpy("y").shape == (1, 10)
+    # Another tenant cannot touch it.
+    with pytest.raises(InferenceServerException) as hidden:
+        client.unload_model("secret")
+    assert status_of(hidden.value) == "StatusCode.NOT_FOUND"

@@ -792,7 +792,10 @@ mod tests {
             tokio::spawn(async move { call(&other).await })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!waiting.is_finished(), "it waits while the budget is in use");
+        assert!(
+            !waiting.is_finished(),
+            "it waits while the budget is in use"
+        );
         assert_eq!(busy.residence(), Residence::Loaded);
         let unload = busy.unload().unwrap_err();
         assert_eq!(unload.kind(), ErrorKind::Conflict);

@@ -484,14 +484,20 @@ async fn repository_load(
     Caller(scope): Caller,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    load_model(&scope, &name).await?;
+    Ok(Json(json!({})).into_response())
+}
+
+/// Loads every version of `name` that loads on demand (HTTP and gRPC `load`).
+pub async fn load_model(scope: &TenantScope, name: &str) -> Result<(), ApiError> {
     // A load is work: it takes a concurrency slot like an inference.
     let _permit = scope.admit().map_err(crate::tenants::refused)?;
-    for model in every_version(&scope, &name)? {
+    for model in every_version(scope, name)? {
         if let Some(control) = model.on_demand() {
             control.load().await?;
         }
     }
-    Ok(Json(json!({})).into_response())
+    Ok(())
 }
 
 /// `POST /v2/repository/models/{m}/unload`: unloads every version of a model that loads on
@@ -501,7 +507,13 @@ async fn repository_unload(
     Caller(scope): Caller,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    for model in every_version(&scope, &name)? {
+    unload_model(&scope, &name)?;
+    Ok(Json(json!({})).into_response())
+}
+
+/// Unloads every version of `name` that loads on demand (HTTP and gRPC `unload`).
+pub fn unload_model(scope: &TenantScope, name: &str) -> Result<(), Error> {
+    for model in every_version(scope, name)? {
         match model.on_demand() {
             Some(control) => control.unload()?,
             None => {
@@ -511,12 +523,11 @@ async fn repository_unload(
                         "'{name}' stays loaded (a repository model or a graph); only tenant \
                          models load and unload on demand"
                     ),
-                )
-                .into());
+                ));
             }
         }
     }
-    Ok(Json(json!({})).into_response())
+    Ok(())
 }
 
 /// The caller's models and graphs with their state, only the ready ones if `only_ready`.

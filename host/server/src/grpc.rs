@@ -606,6 +606,28 @@ impl GrpcInferenceService for Inference {
         ))
     }
 
+    async fn repository_model_load(
+        &self,
+        request: tonic::Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<tonic::Response<pb::RepositoryModelLoadResponse>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().model_name;
+        crate::app::load_model(&caller.scope, &name)
+            .await
+            .map_err(status_of)?;
+        Ok(tonic::Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: tonic::Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<tonic::Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().model_name;
+        crate::app::unload_model(&caller.scope, &name).map_err(status)?;
+        Ok(tonic::Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+
     async fn repository_index(
         &self,
         request: tonic::Request<pb::RepositoryIndexRequest>,
