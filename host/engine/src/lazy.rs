@@ -55,6 +55,9 @@ pub trait ResidencyObserver: Send + Sync {
 /// The models loaded (or loading) under one memory budget.
 pub struct Residency {
     budget: u64,
+    /// What a group (a tenant's model worker process) costs while any of its models is
+    /// loaded, on top of the models' own bytes.
+    group_cost: u64,
     members: Mutex<Members>,
     /// Woken whenever room may have appeared: a model's last request ended, bytes came back.
     room: tokio::sync::Notify,
@@ -66,6 +69,22 @@ pub struct Residency {
 struct Members {
     bytes: u64,
     models: Vec<(Weak<LazyModel>, u64)>,
+    /// Reserved models per group.
+    groups: std::collections::HashMap<String, usize>,
+}
+
+impl Members {
+    /// What reserving `model` adds now: its bytes, and its group's if none of the group is in.
+    fn need(&self, model: &LazyModel, group_cost: u64) -> u64 {
+        let group_in = model
+            .group
+            .as_ref()
+            .is_some_and(|group| self.groups.get(group).copied().unwrap_or(0) > 0);
+        match &model.group {
+            Some(_) if !group_in => model.cost.saturating_add(group_cost),
+            _ => model.cost,
+        }
+    }
 }
 
 impl std::fmt::Debug for Residency {
@@ -80,8 +99,20 @@ impl std::fmt::Debug for Residency {
 impl Residency {
     /// A budget of `budget` bytes (`u64::MAX`: unbounded, models still load on first use).
     pub fn new(budget: u64, observer: Option<Arc<dyn ResidencyObserver>>) -> Arc<Self> {
+        Self::with_group_cost(budget, 0, observer)
+    }
+
+    /// A budget whose groups cost `group_cost` bytes while any of their models is loaded
+    /// (a tenant's model worker process, which starts with its first loaded model and ends
+    /// with its last).
+    pub fn with_group_cost(
+        budget: u64,
+        group_cost: u64,
+        observer: Option<Arc<dyn ResidencyObserver>>,
+    ) -> Arc<Self> {
         Arc::new(Residency {
             budget,
+            group_cost,
             members: Mutex::default(),
             room: tokio::sync::Notify::new(),
             observer,
@@ -145,19 +176,26 @@ impl Residency {
         if model.reserved.load(Ordering::Acquire) {
             return Ok(());
         }
-        let cost = model.cost;
-        if cost > self.budget {
+        let alone = match &model.group {
+            Some(_) => model.cost.saturating_add(self.group_cost),
+            None => model.cost,
+        };
+        if alone > self.budget {
             return Err(Refused::TooBig(Error::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "{} needs {cost} bytes of memory, more than the whole model memory budget \
-                     of {} bytes (--model-memory-budget)",
+                    "{} needs {alone} bytes of memory (with its model worker), more than the \
+                     whole model memory budget of {} bytes (--model-memory-budget)",
                     model.label, self.budget
                 ),
             )));
         }
         let mut evicted = 0;
-        if members.bytes.saturating_add(cost) > self.budget {
+        if members
+            .bytes
+            .saturating_add(members.need(model, self.group_cost))
+            > self.budget
+        {
             members
                 .models
                 .retain(|(member, _)| member.strong_count() > 0);
@@ -169,11 +207,15 @@ impl Residency {
                 .collect();
             candidates.sort_by_key(|member| member.last_used.load(Ordering::Relaxed));
             for candidate in candidates {
-                if members.bytes.saturating_add(cost) <= self.budget {
+                if members
+                    .bytes
+                    .saturating_add(members.need(model, self.group_cost))
+                    <= self.budget
+                {
                     break;
                 }
                 if candidate.try_unload() {
-                    Self::remove(&mut members, &candidate);
+                    Self::remove(&mut members, &candidate, self.group_cost);
                     evicted += 1;
                 }
             }
@@ -183,7 +225,8 @@ impl Residency {
                 observer.evicted();
             }
         }
-        if members.bytes.saturating_add(cost) > self.budget {
+        let need = members.need(model, self.group_cost);
+        if members.bytes.saturating_add(need) > self.budget {
             let bytes = members.bytes;
             drop(members);
             self.report(bytes);
@@ -199,8 +242,11 @@ impl Residency {
                 ),
             )));
         }
-        members.bytes += cost;
-        members.models.push((Arc::downgrade(model), cost));
+        members.bytes += need;
+        members.models.push((Arc::downgrade(model), model.cost));
+        if let Some(group) = &model.group {
+            *members.groups.entry(group.clone()).or_default() += 1;
+        }
         model.reserved.store(true, Ordering::Release);
         let bytes = members.bytes;
         drop(members);
@@ -208,14 +254,24 @@ impl Residency {
         Ok(())
     }
 
-    /// Takes `model` out of the members (its bytes with it); the caller holds the lock.
-    fn remove(members: &mut Members, model: &LazyModel) {
+    /// Takes `model` out of the members (its bytes with it, and its group's when it was the
+    /// group's last); the caller holds the lock.
+    fn remove(members: &mut Members, model: &LazyModel, group_cost: u64) {
         let before = members.models.len();
         members
             .models
             .retain(|(member, _)| !std::ptr::eq(member.as_ptr(), model));
         if members.models.len() < before {
             members.bytes = members.bytes.saturating_sub(model.cost);
+            if let Some(group) = &model.group
+                && let Some(count) = members.groups.get_mut(group)
+            {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    members.groups.remove(group);
+                    members.bytes = members.bytes.saturating_sub(group_cost);
+                }
+            }
         }
         model.reserved.store(false, Ordering::Release);
     }
@@ -223,7 +279,7 @@ impl Residency {
     /// Gives back `model`'s reservation (a failed load, an explicit unload, a dropped model).
     fn release(&self, model: &LazyModel) {
         let mut members = self.lock();
-        Self::remove(&mut members, model);
+        Self::remove(&mut members, model, self.group_cost);
         let bytes = members.bytes;
         drop(members);
         self.report(bytes);
@@ -255,7 +311,7 @@ impl Residency {
             // Not loaded: nothing to do.
             return Ok(());
         }
-        Self::remove(&mut members, model);
+        Self::remove(&mut members, model, self.group_cost);
         let bytes = members.bytes;
         drop(members);
         if let Some(observer) = &self.observer {
@@ -295,6 +351,8 @@ pub struct LazySpec {
     pub cost: u64,
     /// Never unloaded once loaded.
     pub pinned: bool,
+    /// The group whose cost it shares while loaded (its tenant's model worker), if any.
+    pub group: Option<String>,
     pub loader: LoadFn,
 }
 
@@ -305,6 +363,7 @@ pub struct LazyModel {
     serving: ServingConfig,
     cost: u64,
     pinned: bool,
+    group: Option<String>,
     loader: LoadFn,
     residency: Arc<Residency>,
     state: Mutex<State>,
@@ -335,6 +394,7 @@ impl LazyModel {
             serving: spec.serving,
             cost: spec.cost,
             pinned: spec.pinned,
+            group: spec.group,
             loader: spec.loader,
             residency,
             state: Mutex::new(State::Unloaded),
@@ -668,6 +728,7 @@ mod tests {
                 serving: ServingConfig::default(),
                 cost,
                 pinned,
+                group: None,
                 loader: Arc::new(move || {
                     loads.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(delay);
@@ -843,6 +904,7 @@ mod tests {
                 serving: ServingConfig::default(),
                 cost: 10,
                 pinned: false,
+                group: None,
                 loader: Arc::new(move || {
                     counted.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(50));
@@ -873,6 +935,58 @@ mod tests {
         assert!(failing.health().is_err());
         assert_eq!(setup.residency.resident_bytes(), 0);
         assert_eq!(setup.recorder.failures.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_group_costs_its_share_while_any_of_its_models_is_loaded() {
+        let residency = Residency::with_group_cost(100, 40, None);
+        let grouped = |name: &str, group: &str, cost: u64| {
+            LazyModel::new(
+                LazySpec {
+                    label: name.into(),
+                    metadata: metadata(),
+                    serving: ServingConfig::default(),
+                    cost,
+                    pinned: false,
+                    group: Some(group.into()),
+                    loader: Arc::new(|| {
+                        Ok(Arc::new(Fake {
+                            metadata: metadata(),
+                            gate: None,
+                        }) as Arc<dyn Model>)
+                    }),
+                },
+                Arc::clone(&residency),
+            )
+        };
+        let (a1, a2, b1) = (
+            grouped("a1", "a", 10),
+            grouped("a2", "a", 10),
+            grouped("b1", "b", 10),
+        );
+        call(&a1).await.unwrap();
+        assert_eq!(
+            residency.resident_bytes(),
+            50,
+            "the first model brings its group's cost"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        call(&a2).await.unwrap();
+        assert_eq!(residency.resident_bytes(), 60, "the second shares it");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // b1 needs 50 (its group is new): a1, the oldest, makes room; group a stays for a2.
+        call(&b1).await.unwrap();
+        assert_eq!(a1.residence(), Residence::Registered);
+        assert_eq!(residency.resident_bytes(), 100);
+        a2.unload().unwrap();
+        assert_eq!(
+            residency.resident_bytes(),
+            50,
+            "group a's last model takes its cost along"
+        );
+        let too_big = grouped("c", "c", 70);
+        let error = call(&too_big).await.unwrap_err();
+        assert!(error.message().contains("with its model worker"), "{error}");
     }
 
     #[tokio::test]
@@ -910,6 +1024,7 @@ mod tests {
                 serving: ServingConfig::default(),
                 cost: 1,
                 pinned: false,
+                group: None,
                 loader: Arc::new(|| {
                     Ok(Arc::new(Fake {
                         metadata: metadata(),

@@ -219,6 +219,11 @@ pub struct ServeArgs {
     /// are unloaded first, and a load that still does not fit answers 503.
     #[arg(long, env = "WEFT_MODEL_MEMORY_BUDGET", default_value_t = 0)]
     pub model_memory_budget: u64,
+    /// Bytes a tenant's model worker process takes besides its models (ONNX Runtime, the
+    /// sandbox; 30 to 45 MiB measured), charged to --model-memory-budget while any of the
+    /// tenant's models is loaded, so the budget bounds memory and not only model files.
+    #[arg(long, env = "WEFT_MODEL_WORKER_BASELINE_BYTES", default_value_t = 48 << 20)]
+    pub model_worker_baseline_bytes: u64,
     /// Address of the gRPC endpoint (Triton's GRPCInferenceService, which OIP gRPC clients
     /// also speak), or `off`; port 0 picks a free port.
     #[arg(long, env = "WEFT_GRPC_LISTEN", default_value = "127.0.0.1:8001")]
@@ -549,8 +554,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         budget => budget,
     };
     metrics.declare_model_budget(model_budget);
-    let residency = weft_engine::lazy::Residency::new(
+    let residency = weft_engine::lazy::Residency::with_group_cost(
         model_budget,
+        args.model_worker_baseline_bytes,
         Some(Arc::clone(&metrics) as Arc<dyn weft_engine::lazy::ResidencyObserver>),
     );
     let shared_store = (args.database_url.clone(), args.blob_url.clone());

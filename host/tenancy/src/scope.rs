@@ -294,6 +294,9 @@ impl Tenancy {
                 .size
                 .saturating_mul(served.serving.instances.max(1) as u64),
             pinned: served.pinned,
+            // Tenant models run in their tenant's model worker, which lives while any of them
+            // is loaded.
+            group: Some(tenant.to_string()),
             loader,
         };
         Some(weft_engine::lazy::LazyModel::new(
