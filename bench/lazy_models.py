@@ -3,7 +3,8 @@
 Starts `weft serve` (release build) on an empty repository with an admin key, creates TENANTS
 tenants and pushes MODELS copies of the quickstart `mlp` to each (one instance, tenant models
 run in their tenant's sandboxed model worker), then kills it and starts it again on the same
-store under `--model-memory-budget` (room for BUDGET_MODELS loaded models). It reports:
+store under `--model-memory-budget` (room for BUDGET_MODELS loaded models, each possibly in a
+model worker of its own tenant, which the budget counts). It reports:
 
 - start-up: seconds from spawning the process to its listening line and to the first ready;
 - memory: RSS of the process tree (server and model workers) after start-up and its peak;
@@ -32,6 +33,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADMIN_KEY = "weft-bench-admin-key-0123456789"
 CONFIG = 'platform = "onnx"\nmax_batch_size = 64\n[ort]\ninstance_count = 1\n'
+WORKER_BASELINE = 48 << 20
 
 
 def call(method, url, key, body=None, headers=None):
@@ -118,7 +120,10 @@ def main():
     os.makedirs(os.path.join(data, "repository"))
     onnx = open(os.path.join(ROOT, "examples/quickstart/models/mlp/1/model.onnx"), "rb").read()
     cost = len(onnx) + len(CONFIG)
-    budget = ["--model-memory-budget", str(cost * args.budget_models)]
+    # Room for BUDGET_MODELS loaded models, each possibly in a model worker of its own tenant
+    # (the budget counts a worker at --model-worker-baseline-bytes, 48 MiB by default).
+    budget_bytes = args.budget_models * (cost + WORKER_BASELINE)
+    budget = ["--model-memory-budget", str(budget_bytes)]
 
     process, url, _, _ = start(args.weft, data, budget)
     began = time.monotonic()
@@ -189,7 +194,7 @@ def main():
     print(f"workload: {len(results)} requests over {len(set(draws))} of {len(active)} active "
           f"models (Zipf 1.1, {args.concurrency} callers) in {took:.0f} s, {errors} errors")
     print(f"  loads {loads:.0f}, hit rate {1 - loads / len(results):.3f}, evictions {evictions:.0f}, "
-          f"resident {resident / 1e6:.1f} MB of a {cost * args.budget_models / 1e6:.1f} MB budget")
+          f"resident {resident / 1e6:.1f} MB of a {budget_bytes / 1e6:.1f} MB budget")
     print(f"  cold starts (waited > 1 ms for a load): {len(cold)}, p50 {percentile(cold, 0.5):.1f} ms, "
           f"p99 {percentile(cold, 0.99):.1f} ms")
     print(f"  warm: {len(warm)}, p50 {percentile(warm, 0.5):.2f} ms, p99 {percentile(warm, 0.99):.2f} ms")
