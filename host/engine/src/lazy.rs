@@ -538,12 +538,20 @@ impl LazyModel {
         let guard = InFlight(self);
         self.last_used
             .store(self.residency.now(), Ordering::Relaxed);
-        let started = Instant::now();
-        let resident = matches!(*self.lock(), State::Loaded(_));
-        let model = self.ensure_loaded().await?;
-        if !resident {
-            request.add(Spent::Queue, started.elapsed());
-        }
+        // The usual case, loaded: one look at the state. Otherwise the wait is queue time.
+        let loaded = match &*self.lock() {
+            State::Loaded(model) => Some(Arc::clone(model)),
+            _ => None,
+        };
+        let model = match loaded {
+            Some(model) => model,
+            None => {
+                let started = Instant::now();
+                let model = self.ensure_loaded().await?;
+                request.add(Spent::Queue, started.elapsed());
+                model
+            }
+        };
         Ok((guard, model))
     }
 }
@@ -710,6 +718,29 @@ mod tests {
         }
     }
 
+    /// A loader of [`Fake`] models.
+    fn fake_loader() -> LoadFn {
+        Arc::new(|| {
+            Ok(Arc::new(Fake {
+                metadata: metadata(),
+                gate: None,
+            }) as Arc<dyn Model>)
+        })
+    }
+
+    /// What registers `label` at `cost` bytes, unpinned and in no group.
+    fn spec(label: &str, cost: u64, loader: LoadFn) -> LazySpec {
+        LazySpec {
+            label: label.into(),
+            metadata: metadata(),
+            serving: ServingConfig::default(),
+            cost,
+            pinned: false,
+            group: None,
+            loader,
+        }
+    }
+
     /// A model of `cost` bytes whose loads are counted in `loads` and take `delay`.
     fn model(
         setup: &Setup,
@@ -721,22 +752,18 @@ mod tests {
         gate: Option<Arc<tokio::sync::Semaphore>>,
     ) -> Arc<LazyModel> {
         let loads = Arc::clone(loads);
+        let loader: LoadFn = Arc::new(move || {
+            loads.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(delay);
+            Ok(Arc::new(Fake {
+                metadata: metadata(),
+                gate: gate.clone(),
+            }) as Arc<dyn Model>)
+        });
         LazyModel::new(
             LazySpec {
-                label: name.into(),
-                metadata: metadata(),
-                serving: ServingConfig::default(),
-                cost,
                 pinned,
-                group: None,
-                loader: Arc::new(move || {
-                    loads.fetch_add(1, Ordering::SeqCst);
-                    std::thread::sleep(delay);
-                    Ok(Arc::new(Fake {
-                        metadata: metadata(),
-                        gate: gate.clone(),
-                    }) as Arc<dyn Model>)
-                }),
+                ..spec(name, cost, loader)
             },
             Arc::clone(&setup.residency),
         )
@@ -897,20 +924,13 @@ mod tests {
         let setup = setup(100);
         let attempts = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&attempts);
+        let loader: LoadFn = Arc::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(50));
+            Err(Error::invalid("not an ONNX model"))
+        });
         let failing = LazyModel::new(
-            LazySpec {
-                label: "acme/broken version 1".into(),
-                metadata: metadata(),
-                serving: ServingConfig::default(),
-                cost: 10,
-                pinned: false,
-                group: None,
-                loader: Arc::new(move || {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(50));
-                    Err(Error::invalid("not an ONNX model"))
-                }),
-            },
+            spec("acme/broken version 1", 10, loader),
             Arc::clone(&setup.residency),
         );
         let calls: Vec<_> = (0..4)
@@ -943,18 +963,8 @@ mod tests {
         let grouped = |name: &str, group: &str, cost: u64| {
             LazyModel::new(
                 LazySpec {
-                    label: name.into(),
-                    metadata: metadata(),
-                    serving: ServingConfig::default(),
-                    cost,
-                    pinned: false,
                     group: Some(group.into()),
-                    loader: Arc::new(|| {
-                        Ok(Arc::new(Fake {
-                            metadata: metadata(),
-                            gate: None,
-                        }) as Arc<dyn Model>)
-                    }),
+                    ..spec(name, cost, fake_loader())
                 },
                 Arc::clone(&residency),
             )
@@ -1016,21 +1026,11 @@ mod tests {
         let setup = setup(100);
         let other = LazyModel::new(
             LazySpec {
-                label: "acme/m version 2".into(),
                 metadata: ModelMetadata {
                     max_batch_size: 8,
                     ..metadata()
                 },
-                serving: ServingConfig::default(),
-                cost: 1,
-                pinned: false,
-                group: None,
-                loader: Arc::new(|| {
-                    Ok(Arc::new(Fake {
-                        metadata: metadata(),
-                        gate: None,
-                    }) as Arc<dyn Model>)
-                }),
+                ..spec("acme/m version 2", 1, fake_loader())
             },
             Arc::clone(&setup.residency),
         );

@@ -718,7 +718,8 @@ pub async fn run_infer<R>(
                 &admitted,
             )
             .await;
-            response.and_then(|response| encode(response).map_err(ApiError::from))
+            // The request's bytes stay charged until its response is encoded.
+            response.and_then(|(response, _charge)| encode(response).map_err(ApiError::from))
         }
         Err(refusal) => Err(refusal),
     };
@@ -774,7 +775,7 @@ async fn infer_accounted(
     context: &RequestContext,
     served: &mut Served,
     admitted: &Arc<tokio::sync::OwnedSemaphorePermit>,
-) -> Result<InferResponse, ApiError> {
+) -> Result<(InferResponse, Held), ApiError> {
     let (mut request, wire_bytes, charge) = match source {
         InferSource::Http(body) => read_http_request(state, scope, headers, body).await?,
         InferSource::Decoded {
@@ -794,12 +795,16 @@ async fn infer_accounted(
         .iter()
         .map(|input| input.tensor.tensor.data().len())
         .fold(0, usize::saturating_add);
-    if decoded > wire_bytes {
+    let grown = decoded.saturating_sub(wire_bytes);
+    if grown > 0 {
         charge
-            .grow_by(decoded - wire_bytes)
+            .grow_by(grown)
             .await
             .map_err(crate::tenants::refused)?;
     }
+    // Held until the response is encoded (see `run_infer`), then the growth goes back: a gRPC
+    // stream's charge outlives its requests.
+    let charge = Held { charge, grown };
     let (number, model) = scope.registry.resolve(name, version)?;
     served.version = Some(number);
     let inputs = request_inputs(&mut request, model.as_ref())?;
@@ -820,7 +825,7 @@ async fn infer_accounted(
     // stays with this handler until the response is built: it is back only when both are done.
     let work = {
         let admitted = Arc::clone(admitted);
-        let permit = Arc::clone(&charge);
+        let permit = Arc::clone(&charge.charge);
         let model = Arc::clone(&model);
         let parameters = request.parameters.clone();
         // A rollout keeps a client on its arm by a header: hand its value to the rollout.
@@ -860,13 +865,35 @@ async fn infer_accounted(
     {
         parameters.insert("provenance".into(), std::mem::take(&mut *provenance).into());
     }
-    Ok(InferResponse {
+    let response = InferResponse {
         model_name: name.to_string(),
         model_version: Some(number.to_string()),
         id: request.id.clone(),
         parameters,
         outputs: pick_outputs(state, &scope.name, outputs, &selected)?,
-    })
+    };
+    Ok((response, charge))
+}
+
+/// A request's share of its tenant's in-flight budget, held until its response is encoded; the
+/// bytes its decoded tensors added beyond its wire bytes go back when it is dropped.
+pub struct Held {
+    charge: Arc<SharedPermit>,
+    grown: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.grown == 0 {
+            return;
+        }
+        let (charge, grown) = (Arc::clone(&self.charge), self.grown);
+        // The permit's lock is async; the release runs on its own (an HTTP request's permit
+        // goes with the last Arc anyway, a stream's must not keep the growth).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { charge.release(grown).await });
+        }
+    }
 }
 
 /// Reads and decodes an HTTP inference body within the tenant's request-size limit, taking its
@@ -1177,4 +1204,33 @@ fn pick_outputs(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn what_decoding_added_goes_back_when_the_request_is_done() {
+        let budget = weft_tenancy::inflight::BodyBudget::new(1 << 20);
+        let charge = Arc::new(SharedPermit::new(
+            budget.admit("acme", 100).await.unwrap(),
+            100,
+        ));
+        // A stream's message: 100 bytes on the wire, 4,000 once decoded.
+        charge.grow_by(3_900).await.unwrap();
+        drop(Held {
+            charge: Arc::clone(&charge),
+            grown: 3_900,
+        });
+        for _ in 0..100 {
+            if charge.bytes().await == 100 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the growth stayed charged: {} bytes", charge.bytes().await);
+    }
 }

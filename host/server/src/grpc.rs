@@ -386,8 +386,9 @@ impl GrpcInferenceService for Inference {
         request: tonic::Request<pb::ModelInferRequest>,
     ) -> Result<tonic::Response<pb::ModelInferResponse>, Status> {
         let caller = caller(&request)?;
-        let headers = request.metadata().clone().into_headers();
-        let message = request.into_inner();
+        // The metadata moves out as headers (a rollout's sticky header), not copied.
+        let (metadata, _, message) = request.into_parts();
+        let headers = metadata.into_headers();
         // The body charged every byte it brought (compressed, if it was); the decoded tensors
         // are compared with that.
         let charged = caller.charge.bytes().await;
@@ -404,8 +405,8 @@ impl GrpcInferenceService for Inference {
     ) -> Result<tonic::Response<tonic::codegen::BoxStream<pb::ModelStreamInferResponse>>, Status>
     {
         let caller = caller(&request)?;
-        let headers = request.metadata().clone().into_headers();
-        let mut requests = request.into_inner();
+        let (metadata, _, mut requests) = request.into_parts();
+        let headers = metadata.into_headers();
         let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_QUEUE);
         let this = Inference {
             state: self.state.clone(),
