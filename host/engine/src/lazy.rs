@@ -1,22 +1,24 @@
-//! Models loaded on first use and unloaded under a memory budget.
+//! Models and plugins loaded on first use and unloaded under a memory budget.
 //!
-//! Why: a replica set holds thousands of stored models of hundreds of tenants, of which a few
-//! are in use at a time. Loading every one at start-up makes memory grow with what is stored
-//! and start-up with the number of tenants. A [`LazyModel`] is registered with its metadata and
-//! serving config only (what routing, validation, graphs and `GET /v2/models/{m}` need) and
-//! loads on its first request:
+//! Why: a replica set holds thousands of stored models and plugins of hundreds of tenants, of
+//! which a few are in use at a time. Loading every one at start-up makes memory grow with what
+//! is stored and start-up with the number of tenants. A [`Lazy`] cell is registered with what
+//! it needs to load and loads on its first use; [`LazyModel`] wraps one with the metadata and
+//! serving config that routing, validation, graphs and `GET /v2/models/{m}` need before it
+//! loads (the tenancy layer wraps one around a compiled plugin the same way):
 //!
 //! - **Single flight.** Concurrent first requests wait on one load, which runs in a task of its
 //!   own (a caller that gives up does not throw the load away). The wait counts as the
 //!   requests' `queue_us`. A failed load answers the callers of the next [`RETRY_FAILED_AFTER`]
 //!   with the same error instead of retrying once per caller.
-//! - **A budget.** Every loaded model's bytes (its file size times its instances) are reserved in
-//!   a shared [`Residency`] before it loads. When the budget would overflow, the least recently
-//!   used models that no request is using and that are not pinned are unloaded first; a model
-//!   serving a request is never unloaded (a request counts itself in before it looks at the
-//!   model, and the unloader checks the count under the same lock). While the budget is held
-//!   by models serving requests, a load waits (up to [`WAIT_FOR_ROOM`], in the request's queue
-//!   time) for one of them to finish rather than exceed the budget; then it is refused (503).
+//! - **A budget.** Every loaded cell's bytes (a model's file size times its instances, a
+//!   plugin's compiled image) are reserved in a shared [`Residency`] before it loads. When the
+//!   budget would overflow, the least recently used cells that nothing is using and that are
+//!   not pinned are unloaded first; a cell serving a request is never unloaded (a request
+//!   counts itself in before it looks at the cell, and the unloader checks the count under the
+//!   same lock). While the budget is held by cells serving requests, a load waits (up to
+//!   [`WAIT_FOR_ROOM`], in the request's queue time) for one of them to finish rather than
+//!   exceed the budget; then it is refused (503).
 //! - **Explicit control** for Triton's repository extension: [`OnDemand`] loads (warms) or
 //!   unloads a model by name.
 //!
@@ -36,30 +38,53 @@ use weft_core::{
 /// Loads a model version; blocking (it runs on the blocking pool).
 pub type LoadFn = Arc<dyn Fn() -> Result<Arc<dyn Model>> + Send + Sync>;
 
+/// Loads what a [`Lazy`] cell holds; blocking (it runs on the blocking pool).
+pub type Loader<T> = Arc<dyn Fn() -> Result<T> + Send + Sync>;
+
 /// How long a failed load's error answers new requests before the next one tries again.
 pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(5);
 
-/// How long a load waits for room while the budget is held by models serving requests.
+/// How long a load waits for room while the budget is held by cells serving requests.
 pub const WAIT_FOR_ROOM: Duration = Duration::from_secs(30);
 
 /// What the residency reports, for metrics.
 pub trait ResidencyObserver: Send + Sync {
     /// A load finished (`ok` or not) after `elapsed`.
     fn loaded(&self, elapsed: Duration, ok: bool);
-    /// A model was unloaded to make room, or on request.
+    /// A cell was unloaded to make room, or on request.
     fn evicted(&self);
-    /// Bytes reserved by loaded and loading models, after a change.
+    /// Bytes reserved by loaded and loading cells, after a change.
     fn resident(&self, bytes: u64);
 }
 
-/// The models loaded (or loading) under one memory budget.
+/// A cell a [`Residency`] can unload, whatever it holds.
+trait Resident: Send + Sync {
+    fn terms(&self) -> &Terms;
+    /// Unloads it if loaded and idle; whether it did. Called under the residency's lock.
+    fn try_unload(&self) -> bool;
+}
+
+/// How a cell stands in its budget: fixed at registration, plus its use and reservation.
+struct Terms {
+    label: String,
+    cost: u64,
+    pinned: bool,
+    group: Option<String>,
+    in_flight: AtomicUsize,
+    last_used: AtomicU64,
+    reserved: AtomicBool,
+}
+
+/// The cells loaded (or loading) under one memory budget.
 pub struct Residency {
     budget: u64,
-    /// What a group (a tenant's model worker process) costs while any of its models is
-    /// loaded, on top of the models' own bytes.
+    /// Names the budget in refusals: `model memory budget (--model-memory-budget)`.
+    what: &'static str,
+    /// What a group (a tenant's model worker process) costs while any of its cells is
+    /// loaded, on top of the cells' own bytes.
     group_cost: u64,
     members: Mutex<Members>,
-    /// Woken whenever room may have appeared: a model's last request ended, bytes came back.
+    /// Woken whenever room may have appeared: a cell's last request ended, bytes came back.
     room: tokio::sync::Notify,
     observer: Option<Arc<dyn ResidencyObserver>>,
     epoch: Instant,
@@ -68,21 +93,20 @@ pub struct Residency {
 #[derive(Default)]
 struct Members {
     bytes: u64,
-    models: Vec<(Weak<LazyModel>, u64)>,
-    /// Reserved models per group.
+    cells: Vec<Weak<dyn Resident>>,
+    /// Reserved cells per group.
     groups: std::collections::HashMap<String, usize>,
 }
 
 impl Members {
-    /// What reserving `model` adds now: its bytes, and its group's if none of the group is in.
-    fn need(&self, model: &LazyModel, group_cost: u64) -> u64 {
-        let group_in = model
-            .group
-            .as_ref()
-            .is_some_and(|group| self.groups.get(group).copied().unwrap_or(0) > 0);
-        match &model.group {
-            Some(_) if !group_in => model.cost.saturating_add(group_cost),
-            _ => model.cost,
+    /// What reserving a cell on `terms` adds now: its bytes, and its group's if none of the
+    /// group is in.
+    fn need(&self, terms: &Terms, group_cost: u64) -> u64 {
+        match &terms.group {
+            Some(group) if self.groups.get(group).copied().unwrap_or(0) == 0 => {
+                terms.cost.saturating_add(group_cost)
+            }
+            _ => terms.cost,
         }
     }
 }
@@ -90,6 +114,7 @@ impl Members {
 impl std::fmt::Debug for Residency {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Residency")
+            .field("what", &self.what)
             .field("budget", &self.budget)
             .field("resident_bytes", &self.resident_bytes())
             .finish()
@@ -97,21 +122,47 @@ impl std::fmt::Debug for Residency {
 }
 
 impl Residency {
-    /// A budget of `budget` bytes (`u64::MAX`: unbounded, models still load on first use).
+    /// A model budget of `budget` bytes (`u64::MAX`: unbounded, models still load on first
+    /// use).
     pub fn new(budget: u64, observer: Option<Arc<dyn ResidencyObserver>>) -> Arc<Self> {
         Self::with_group_cost(budget, 0, observer)
     }
 
-    /// A budget whose groups cost `group_cost` bytes while any of their models is loaded
-    /// (a tenant's model worker process, which starts with its first loaded model and ends
-    /// with its last).
+    /// A model budget whose groups cost `group_cost` bytes while any of their models is
+    /// loaded (a tenant's model worker process, which starts with its first loaded model and
+    /// ends with its last).
     pub fn with_group_cost(
         budget: u64,
         group_cost: u64,
         observer: Option<Arc<dyn ResidencyObserver>>,
     ) -> Arc<Self> {
+        Self::build(
+            budget,
+            "model memory budget (--model-memory-budget)",
+            group_cost,
+            observer,
+        )
+    }
+
+    /// The budget of compiled plugins (`--plugin-cache-budget`).
+    pub fn for_plugins(budget: u64, observer: Option<Arc<dyn ResidencyObserver>>) -> Arc<Self> {
+        Self::build(
+            budget,
+            "plugin cache budget (--plugin-cache-budget)",
+            0,
+            observer,
+        )
+    }
+
+    fn build(
+        budget: u64,
+        what: &'static str,
+        group_cost: u64,
+        observer: Option<Arc<dyn ResidencyObserver>>,
+    ) -> Arc<Self> {
         Arc::new(Residency {
             budget,
+            what,
             group_cost,
             members: Mutex::default(),
             room: tokio::sync::Notify::new(),
@@ -146,16 +197,19 @@ impl Residency {
         }
     }
 
-    /// Reserves `model`'s bytes, waiting up to [`WAIT_FOR_ROOM`] while the budget is held by
-    /// models serving requests.
-    async fn reserve_waiting(&self, model: &Arc<LazyModel>) -> Result<()> {
+    /// Reserves `cell`'s bytes, waiting up to [`WAIT_FOR_ROOM`] while the budget is held by
+    /// cells serving requests.
+    async fn reserve_waiting<T: Clone + Send + Sync + 'static>(
+        &self,
+        cell: &Arc<Lazy<T>>,
+    ) -> Result<()> {
         let deadline = Instant::now() + WAIT_FOR_ROOM;
         loop {
             // Registered before the attempt, so room that appears in between is not missed.
             let notified = self.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.reserve(model) {
+            match self.reserve(cell) {
                 Ok(()) => return Ok(()),
                 Err(Refused::Full(error)) => {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -169,53 +223,63 @@ impl Residency {
         }
     }
 
-    /// Reserves `model`'s bytes, unloading least recently used idle, unpinned models to make
+    /// Reserves `cell`'s bytes, unloading least recently used idle, unpinned cells to make
     /// room; refuses when it cannot.
-    fn reserve(&self, model: &Arc<LazyModel>) -> std::result::Result<(), Refused> {
+    fn reserve<T: Clone + Send + Sync + 'static>(
+        &self,
+        cell: &Arc<Lazy<T>>,
+    ) -> std::result::Result<(), Refused> {
+        let terms = &cell.terms;
         let mut members = self.lock();
-        if model.reserved.load(Ordering::Acquire) {
+        if terms.reserved.load(Ordering::Acquire) {
             return Ok(());
         }
-        let alone = match &model.group {
-            Some(_) => model.cost.saturating_add(self.group_cost),
-            None => model.cost,
+        let alone = match &terms.group {
+            Some(_) => terms.cost.saturating_add(self.group_cost),
+            None => terms.cost,
         };
         if alone > self.budget {
+            let worker = if terms.group.is_some() && self.group_cost > 0 {
+                " (with its model worker)"
+            } else {
+                ""
+            };
             return Err(Refused::TooBig(Error::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "{} needs {alone} bytes of memory (with its model worker), more than the \
-                     whole model memory budget of {} bytes (--model-memory-budget)",
-                    model.label, self.budget
+                    "{} needs {alone} bytes of memory{worker}, more than the whole {} of {} \
+                     bytes",
+                    terms.label, self.what, self.budget
                 ),
             )));
         }
+        let me = Arc::as_ptr(cell).cast::<()>();
         let mut evicted = 0;
         if members
             .bytes
-            .saturating_add(members.need(model, self.group_cost))
+            .saturating_add(members.need(terms, self.group_cost))
             > self.budget
         {
-            members
-                .models
-                .retain(|(member, _)| member.strong_count() > 0);
-            let mut candidates: Vec<Arc<LazyModel>> = members
-                .models
+            members.cells.retain(|member| member.strong_count() > 0);
+            let mut candidates: Vec<Arc<dyn Resident>> = members
+                .cells
                 .iter()
-                .filter_map(|(member, _)| member.upgrade())
-                .filter(|member| !member.pinned && !Arc::ptr_eq(member, model))
+                .filter(|member| member.as_ptr().cast::<()>() != me)
+                .filter_map(Weak::upgrade)
+                .filter(|member| !member.terms().pinned)
                 .collect();
-            candidates.sort_by_key(|member| member.last_used.load(Ordering::Relaxed));
+            candidates.sort_by_key(|member| member.terms().last_used.load(Ordering::Relaxed));
             for candidate in candidates {
                 if members
                     .bytes
-                    .saturating_add(members.need(model, self.group_cost))
+                    .saturating_add(members.need(terms, self.group_cost))
                     <= self.budget
                 {
                     break;
                 }
                 if candidate.try_unload() {
-                    Self::remove(&mut members, &candidate, self.group_cost);
+                    let candidate_ptr = Arc::as_ptr(&candidate).cast::<()>();
+                    Self::remove(&mut members, candidate_ptr, candidate.terms(), self.group_cost);
                     evicted += 1;
                 }
             }
@@ -225,7 +289,7 @@ impl Residency {
                 observer.evicted();
             }
         }
-        let need = members.need(model, self.group_cost);
+        let need = members.need(terms, self.group_cost);
         if members.bytes.saturating_add(need) > self.budget {
             let bytes = members.bytes;
             drop(members);
@@ -233,37 +297,38 @@ impl Residency {
             return Err(Refused::Full(Error::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "{} cannot load now: the model memory budget ({} bytes, \
-                     --model-memory-budget) stayed held by models serving requests or pinned \
-                     for {} s; retry shortly",
-                    model.label,
+                    "{} cannot load now: the {} ({} bytes) stayed held by what is serving \
+                     requests or pinned for {} s; retry shortly",
+                    terms.label,
+                    self.what,
                     self.budget,
                     WAIT_FOR_ROOM.as_secs()
                 ),
             )));
         }
         members.bytes += need;
-        members.models.push((Arc::downgrade(model), model.cost));
-        if let Some(group) = &model.group {
+        let weak: Weak<dyn Resident> = Arc::downgrade(cell) as Weak<dyn Resident>;
+        members.cells.push(weak);
+        if let Some(group) = &terms.group {
             *members.groups.entry(group.clone()).or_default() += 1;
         }
-        model.reserved.store(true, Ordering::Release);
+        terms.reserved.store(true, Ordering::Release);
         let bytes = members.bytes;
         drop(members);
         self.report(bytes);
         Ok(())
     }
 
-    /// Takes `model` out of the members (its bytes with it, and its group's when it was the
-    /// group's last); the caller holds the lock.
-    fn remove(members: &mut Members, model: &LazyModel, group_cost: u64) {
-        let before = members.models.len();
+    /// Takes the cell at `ptr` out of the members (its bytes with it, and its group's when it
+    /// was the group's last); the caller holds the lock.
+    fn remove(members: &mut Members, ptr: *const (), terms: &Terms, group_cost: u64) {
+        let before = members.cells.len();
         members
-            .models
-            .retain(|(member, _)| !std::ptr::eq(member.as_ptr(), model));
-        if members.models.len() < before {
-            members.bytes = members.bytes.saturating_sub(model.cost);
-            if let Some(group) = &model.group
+            .cells
+            .retain(|member| member.as_ptr().cast::<()>() != ptr);
+        if members.cells.len() < before {
+            members.bytes = members.bytes.saturating_sub(terms.cost);
+            if let Some(group) = &terms.group
                 && let Some(count) = members.groups.get_mut(group)
             {
                 *count = count.saturating_sub(1);
@@ -273,45 +338,46 @@ impl Residency {
                 }
             }
         }
-        model.reserved.store(false, Ordering::Release);
+        terms.reserved.store(false, Ordering::Release);
     }
 
-    /// Gives back `model`'s reservation (a failed load, an explicit unload, a dropped model).
-    fn release(&self, model: &LazyModel) {
+    /// Gives back a cell's reservation (a failed load, an explicit unload, a dropped cell).
+    fn release(&self, ptr: *const (), terms: &Terms) {
         let mut members = self.lock();
-        Self::remove(&mut members, model, self.group_cost);
+        Self::remove(&mut members, ptr, terms, self.group_cost);
         let bytes = members.bytes;
         drop(members);
         self.report(bytes);
         self.room.notify_waiters();
     }
 
-    /// Unloads `model` now unless a request is using it (or it is pinned).
-    fn unload(&self, model: &LazyModel) -> Result<()> {
+    /// Unloads `cell` now unless a request is using it (or it is pinned).
+    fn unload<T: Clone + Send + Sync + 'static>(&self, cell: &Lazy<T>) -> Result<()> {
+        let terms = &cell.terms;
         let mut members = self.lock();
-        if model.pinned {
+        if terms.pinned {
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!(
                     "{} is pinned (pin = true): it is never unloaded",
-                    model.label
+                    terms.label
                 ),
             ));
         }
-        if !model.try_unload() {
-            if model.in_flight.load(Ordering::SeqCst) > 0 {
+        if !cell.try_unload() {
+            if terms.in_flight.load(Ordering::SeqCst) > 0 {
                 return Err(Error::new(
                     ErrorKind::Conflict,
                     format!(
                         "{} is serving requests; unload it when they are done",
-                        model.label
+                        terms.label
                     ),
                 ));
             }
             // Not loaded: nothing to do.
             return Ok(());
         }
-        Self::remove(&mut members, model, self.group_cost);
+        Self::remove(&mut members, cell.ptr(), terms, self.group_cost);
         let bytes = members.bytes;
         drop(members);
         if let Some(observer) = &self.observer {
@@ -327,23 +393,271 @@ impl Residency {
 enum Refused {
     /// Larger than the whole budget: it can never load.
     TooBig(Error),
-    /// The budget is held by models serving requests (or pinned) now.
+    /// The budget is held by cells serving requests (or pinned) now.
     Full(Error),
 }
 
-type PendingLoad = Shared<BoxFuture<'static, std::result::Result<Arc<dyn Model>, Error>>>;
+type PendingLoad<T> = Shared<BoxFuture<'static, std::result::Result<T, Error>>>;
 
-enum State {
+enum State<T: Clone> {
     Unloaded,
-    Loading(PendingLoad),
-    Loaded(Arc<dyn Model>),
+    Loading(PendingLoad<T>),
+    Loaded(T),
     Failed { error: Error, at: Instant },
+}
+
+/// What a [`Lazy`] cell is registered with.
+pub struct CellSpec<T> {
+    /// Names it in errors and logs (`model 'name'`, `plugin 'name'`).
+    pub label: String,
+    /// Bytes it holds once loaded.
+    pub cost: u64,
+    /// Never unloaded once loaded.
+    pub pinned: bool,
+    /// The group whose cost it shares while loaded (its tenant's model worker), if any.
+    pub group: Option<String>,
+    pub loader: Loader<T>,
+}
+
+/// A value (a loaded model, a compiled plugin) loaded on first use and unloaded when its
+/// budget needs the room.
+pub struct Lazy<T: Clone + Send + Sync + 'static> {
+    terms: Terms,
+    loader: Loader<T>,
+    residency: Arc<Residency>,
+    state: Mutex<State<T>>,
+    me: Weak<Lazy<T>>,
+}
+
+/// A use counted in on a cell; counted out when dropped (the cell's last one makes it
+/// unloadable, which a load waiting for room hears).
+pub struct InUse<'a, T: Clone + Send + Sync + 'static>(&'a Lazy<T>);
+
+impl<T: Clone + Send + Sync + 'static> Drop for InUse<'_, T> {
+    fn drop(&mut self) {
+        if self.0.terms.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.residency.room.notify_waiters();
+        }
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Resident for Lazy<T> {
+    fn terms(&self) -> &Terms {
+        &self.terms
+    }
+
+    fn try_unload(&self) -> bool {
+        let mut state = self.lock();
+        if self.terms.in_flight.load(Ordering::SeqCst) > 0 || !matches!(*state, State::Loaded(_))
+        {
+            return false;
+        }
+        let unloaded = std::mem::replace(&mut *state, State::Unloaded);
+        drop(state);
+        // What it held (a model's sessions and batcher, a compiled image) goes with the last
+        // reference.
+        drop(unloaded);
+        true
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Lazy<T> {
+    /// Registers a cell under `residency`; nothing is loaded.
+    pub fn new(spec: CellSpec<T>, residency: Arc<Residency>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Lazy {
+            terms: Terms {
+                label: spec.label,
+                cost: spec.cost,
+                pinned: spec.pinned,
+                group: spec.group,
+                in_flight: AtomicUsize::new(0),
+                last_used: AtomicU64::new(0),
+                reserved: AtomicBool::new(false),
+            },
+            loader: spec.loader,
+            residency,
+            state: Mutex::new(State::Unloaded),
+            me: me.clone(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
+        // Every transition replaces the whole state: a poisoned lock still holds a valid one.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn ptr(&self) -> *const () {
+        (self as *const Self).cast::<()>()
+    }
+
+    /// Bytes it reserves when loaded.
+    pub fn cost(&self) -> u64 {
+        self.terms.cost
+    }
+
+    /// What it names itself in errors.
+    pub fn label(&self) -> &str {
+        &self.terms.label
+    }
+
+    /// Takes a value already loaded (a push loads it to prove it) as its loaded state, if the
+    /// budget has room for it (making room as a load would); otherwise it stays registered
+    /// and loads on its first use.
+    pub fn adopt(self: &Arc<Self>, value: T) {
+        if self.residency.reserve(self).is_err() {
+            return;
+        }
+        let mut state = self.lock();
+        if matches!(*state, State::Unloaded | State::Failed { .. }) {
+            *state = State::Loaded(value);
+        }
+    }
+
+    /// The loaded value, if it is loaded now.
+    pub fn resident(&self) -> Option<T> {
+        match &*self.lock() {
+            State::Loaded(value) => Some(value.clone()),
+            _ => None,
+        }
+    }
+
+    /// Where it stands: loaded, loading, or registered (failed loads included).
+    pub fn residence(&self) -> Residence {
+        match &*self.lock() {
+            State::Loaded(_) => Residence::Loaded,
+            State::Loading(_) => Residence::Loading,
+            _ => Residence::Registered,
+        }
+    }
+
+    /// The error of a load that failed less than [`RETRY_FAILED_AFTER`] ago.
+    pub fn recent_failure(&self) -> Option<Error> {
+        match &*self.lock() {
+            State::Failed { error, at } if at.elapsed() < RETRY_FAILED_AFTER => {
+                Some(error.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Unloads it now unless something is using it (or it is pinned).
+    pub fn unload(&self) -> Result<()> {
+        self.residency.unload(self)
+    }
+
+    /// The loaded value, loading it first if needed (one load however many callers wait).
+    pub async fn ensure_loaded(&self) -> Result<T> {
+        let pending = {
+            let state = self.lock();
+            match &*state {
+                State::Loaded(value) => return Ok(value.clone()),
+                State::Loading(pending) => Some(pending.clone()),
+                State::Failed { error, at } if at.elapsed() < RETRY_FAILED_AFTER => {
+                    return Err(error.clone());
+                }
+                _ => None,
+            }
+        };
+        if let Some(pending) = pending {
+            return pending.await;
+        }
+        let me = self.me.upgrade().ok_or_else(|| {
+            Error::internal(format!("{} was dropped while in use", self.terms.label))
+        })?;
+        self.residency.reserve_waiting(&me).await?;
+        let pending = {
+            let mut state = self.lock();
+            match &*state {
+                State::Loaded(value) => return Ok(value.clone()),
+                State::Loading(pending) => pending.clone(),
+                _ => {
+                    let pending = Self::start_load(me);
+                    *state = State::Loading(pending.clone());
+                    pending
+                }
+            }
+        };
+        pending.await
+    }
+
+    /// Starts the load in a task of its own; the returned future is shared by every waiter.
+    fn start_load(me: Arc<Self>) -> PendingLoad<T> {
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let loader = Arc::clone(&me.loader);
+            let loaded = match tokio::task::spawn_blocking(move || loader()).await {
+                Ok(loaded) => loaded,
+                Err(error) => Err(Error::internal(format!("the load stopped: {error}"))),
+            };
+            let loaded = loaded.map_err(|error| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!("{} failed to load: {}", me.terms.label, error.message()),
+                )
+            });
+            {
+                let mut state = me.lock();
+                *state = match &loaded {
+                    Ok(value) => State::Loaded(value.clone()),
+                    Err(error) => State::Failed {
+                        error: error.clone(),
+                        at: Instant::now(),
+                    },
+                };
+            }
+            if loaded.is_err() {
+                me.residency.release(me.ptr(), &me.terms);
+            }
+            if let Some(observer) = &me.residency.observer {
+                observer.loaded(started.elapsed(), loaded.is_ok());
+            }
+            loaded
+        });
+        let joined: BoxFuture<'static, std::result::Result<T, Error>> =
+            Box::pin(task.map(|joined| {
+                joined.unwrap_or_else(|error| {
+                    Err(Error::internal(format!("the load task failed: {error}")))
+                })
+            }));
+        joined.shared()
+    }
+
+    /// Counts a use in and loads if needed (the wait goes to the request's queue time). The
+    /// cell is not unloaded while the returned guard lives.
+    pub async fn enter(&self, request: &RequestContext) -> Result<(InUse<'_, T>, T)> {
+        self.terms.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InUse(self);
+        self.terms
+            .last_used
+            .store(self.residency.now(), Ordering::Relaxed);
+        // The usual case, loaded: one look at the state. Otherwise the wait is queue time.
+        let value = match self.resident() {
+            Some(value) => value,
+            None => {
+                let started = Instant::now();
+                let value = self.ensure_loaded().await?;
+                request.add(Spent::Queue, started.elapsed());
+                value
+            }
+        };
+        Ok((guard, value))
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Drop for Lazy<T> {
+    fn drop(&mut self) {
+        if self.terms.reserved.load(Ordering::Acquire) {
+            self.residency.release(self.ptr(), &self.terms);
+        }
+    }
 }
 
 /// What to register: a model version's identity, what it reports before it loads, and how to
 /// load it.
 pub struct LazySpec {
-    /// Names it in errors and logs (`tenant/name version N`).
+    /// Names it in errors and logs (`model 'name'`).
     pub label: String,
     pub metadata: ModelMetadata,
     pub serving: ServingConfig,
@@ -358,208 +672,59 @@ pub struct LazySpec {
 
 /// A model version loaded on its first request and unloaded when its budget needs the room.
 pub struct LazyModel {
-    label: String,
     metadata: ModelMetadata,
     serving: ServingConfig,
-    cost: u64,
-    pinned: bool,
-    group: Option<String>,
-    loader: LoadFn,
-    residency: Arc<Residency>,
-    state: Mutex<State>,
-    in_flight: AtomicUsize,
-    last_used: AtomicU64,
-    reserved: AtomicBool,
-    me: Weak<LazyModel>,
-}
-
-/// A request counted in on a model; counted out when dropped (the model's last one makes it
-/// unloadable, which a load waiting for room hears).
-struct InFlight<'a>(&'a LazyModel);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.residency.room.notify_waiters();
-        }
-    }
+    cell: Arc<Lazy<Arc<dyn Model>>>,
 }
 
 impl LazyModel {
-    /// Registers a model version under `residency`; nothing is loaded.
+    /// Registers a model version under `residency`; nothing is loaded. A load that comes back
+    /// with other metadata than registered is refused (the graphs and clients that validated
+    /// against the registered one would be wrong).
     pub fn new(spec: LazySpec, residency: Arc<Residency>) -> Arc<LazyModel> {
-        Arc::new_cyclic(|me| LazyModel {
-            label: spec.label,
+        let loader: Loader<Arc<dyn Model>> = {
+            let (inner, metadata, label) =
+                (spec.loader, spec.metadata.clone(), spec.label.clone());
+            Arc::new(move || {
+                let model = inner()?;
+                if model.metadata() == &metadata {
+                    Ok(model)
+                } else {
+                    Err(Error::unavailable(format!(
+                        "{label} loaded with other inputs or outputs than it was registered \
+                         with; push it again"
+                    )))
+                }
+            })
+        };
+        let cell = Lazy::new(
+            CellSpec {
+                label: spec.label,
+                cost: spec.cost,
+                pinned: spec.pinned,
+                group: spec.group,
+                loader,
+            },
+            residency,
+        );
+        Arc::new(LazyModel {
             metadata: spec.metadata,
             serving: spec.serving,
-            cost: spec.cost,
-            pinned: spec.pinned,
-            group: spec.group,
-            loader: spec.loader,
-            residency,
-            state: Mutex::new(State::Unloaded),
-            in_flight: AtomicUsize::new(0),
-            last_used: AtomicU64::new(0),
-            reserved: AtomicBool::new(false),
-            me: me.clone(),
+            cell,
         })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // Every transition replaces the whole state: a poisoned lock still holds a valid one.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Bytes it reserves when loaded.
     pub fn cost(&self) -> u64 {
-        self.cost
+        self.cell.cost()
     }
 
     /// Takes a model already loaded (a push loads it to prove it) as its loaded state, if the
     /// budget has room for it (making room as a load would); otherwise it stays registered
     /// and loads on its first request.
-    pub fn adopt(self: &Arc<Self>, model: Arc<dyn Model>) {
-        if model.metadata() != &self.metadata || self.residency.reserve(self).is_err() {
-            return;
-        }
-        let mut state = self.lock();
-        if matches!(*state, State::Unloaded | State::Failed { .. }) {
-            *state = State::Loaded(model);
-        }
-    }
-
-    /// Unloads it if loaded and idle; whether it did. Called under the residency's lock.
-    fn try_unload(&self) -> bool {
-        let mut state = self.lock();
-        if self.in_flight.load(Ordering::SeqCst) > 0 || !matches!(*state, State::Loaded(_)) {
-            return false;
-        }
-        let unloaded = std::mem::replace(&mut *state, State::Unloaded);
-        drop(state);
-        // The model (its sessions, its batcher, its worker's copy) goes with the last Arc.
-        drop(unloaded);
-        true
-    }
-
-    /// The loaded model, loading it first if needed (one load however many callers wait).
-    async fn ensure_loaded(&self) -> Result<Arc<dyn Model>> {
-        let pending = {
-            let state = self.lock();
-            match &*state {
-                State::Loaded(model) => return Ok(Arc::clone(model)),
-                State::Loading(pending) => Some(pending.clone()),
-                State::Failed { error, at } if at.elapsed() < RETRY_FAILED_AFTER => {
-                    return Err(error.clone());
-                }
-                _ => None,
-            }
-        };
-        if let Some(pending) = pending {
-            return pending.await;
-        }
-        let me = self
-            .me
-            .upgrade()
-            .ok_or_else(|| Error::internal(format!("{} was dropped while in use", self.label)))?;
-        self.residency.reserve_waiting(&me).await?;
-        let pending = {
-            let mut state = self.lock();
-            match &*state {
-                State::Loaded(model) => return Ok(Arc::clone(model)),
-                State::Loading(pending) => pending.clone(),
-                _ => {
-                    let pending = Self::start_load(me);
-                    *state = State::Loading(pending.clone());
-                    pending
-                }
-            }
-        };
-        pending.await
-    }
-
-    /// Starts the load in a task of its own; the returned future is shared by every waiter.
-    fn start_load(me: Arc<LazyModel>) -> PendingLoad {
-        let task = tokio::spawn(async move {
-            let started = Instant::now();
-            let loader = Arc::clone(&me.loader);
-            let loaded = match tokio::task::spawn_blocking(move || loader()).await {
-                Ok(loaded) => loaded,
-                Err(error) => Err(Error::internal(format!("the load stopped: {error}"))),
-            };
-            let loaded = loaded.and_then(|model| {
-                if model.metadata() == &me.metadata {
-                    Ok(model)
-                } else {
-                    Err(Error::unavailable(format!(
-                        "{} loaded with other inputs or outputs than it was registered with; \
-                         push it again",
-                        me.label
-                    )))
-                }
-            });
-            let loaded = loaded.map_err(|error| {
-                Error::new(
-                    ErrorKind::Unavailable,
-                    format!("{} failed to load: {}", me.label, error.message()),
-                )
-            });
-            {
-                let mut state = me.lock();
-                *state = match &loaded {
-                    Ok(model) => State::Loaded(Arc::clone(model)),
-                    Err(error) => State::Failed {
-                        error: error.clone(),
-                        at: Instant::now(),
-                    },
-                };
-            }
-            if loaded.is_err() {
-                me.residency.release(&me);
-            }
-            if let Some(observer) = &me.residency.observer {
-                observer.loaded(started.elapsed(), loaded.is_ok());
-            }
-            loaded
-        });
-        let joined: BoxFuture<'static, std::result::Result<Arc<dyn Model>, Error>> =
-            Box::pin(task.map(|joined| {
-                joined.unwrap_or_else(|error| {
-                    Err(Error::internal(format!("the load task failed: {error}")))
-                })
-            }));
-        joined.shared()
-    }
-
-    /// Counts a request in, loads if needed (the wait goes to the request's queue time).
-    async fn enter(&self, request: &RequestContext) -> Result<(InFlight<'_>, Arc<dyn Model>)> {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let guard = InFlight(self);
-        self.last_used
-            .store(self.residency.now(), Ordering::Relaxed);
-        // The usual case, loaded: one look at the state. Otherwise the wait is queue time.
-        let loaded = match &*self.lock() {
-            State::Loaded(model) => Some(Arc::clone(model)),
-            _ => None,
-        };
-        let model = match loaded {
-            Some(model) => model,
-            None => {
-                let started = Instant::now();
-                let model = self.ensure_loaded().await?;
-                request.add(Spent::Queue, started.elapsed());
-                model
-            }
-        };
-        Ok((guard, model))
-    }
-}
-
-impl Drop for LazyModel {
-    fn drop(&mut self) {
-        if self.reserved.load(Ordering::Acquire) {
-            self.residency.release(self);
+    pub fn adopt(&self, model: Arc<dyn Model>) {
+        if model.metadata() == &self.metadata {
+            self.cell.adopt(model);
         }
     }
 }
@@ -574,13 +739,13 @@ impl Model for LazyModel {
     }
 
     fn health(&self) -> std::result::Result<(), String> {
-        match &*self.lock() {
-            State::Loaded(model) => model.health(),
-            State::Failed { error, at } if at.elapsed() < RETRY_FAILED_AFTER => {
-                Err(error.message().to_string())
-            }
+        if let Some(model) = self.cell.resident() {
+            return model.health();
+        }
+        match self.cell.recent_failure() {
+            Some(error) => Err(error.message().to_string()),
             // Registered: it loads on its first request.
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 
@@ -590,7 +755,7 @@ impl Model for LazyModel {
         inputs: Vec<NamedTensor>,
     ) -> BoxFuture<'a, Result<Vec<NamedTensor>>> {
         Box::pin(async move {
-            let (_in_flight, model) = self.enter(request).await?;
+            let (_in_use, model) = self.cell.enter(request).await?;
             model.infer(request, inputs).await
         })
     }
@@ -602,7 +767,7 @@ impl Model for LazyModel {
         parameters: &'a Parameters,
     ) -> BoxFuture<'a, Result<(Vec<NamedTensor>, Parameters)>> {
         Box::pin(async move {
-            let (_in_flight, model) = self.enter(request).await?;
+            let (_in_use, model) = self.cell.enter(request).await?;
             model
                 .infer_with_parameters(request, inputs, parameters)
                 .await
@@ -616,19 +781,15 @@ impl Model for LazyModel {
 
 impl OnDemand for LazyModel {
     fn residence(&self) -> Residence {
-        match &*self.lock() {
-            State::Loaded(_) => Residence::Loaded,
-            State::Loading(_) => Residence::Loading,
-            _ => Residence::Registered,
-        }
+        self.cell.residence()
     }
 
     fn load(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.ensure_loaded().await.map(drop) })
+        Box::pin(async move { self.cell.ensure_loaded().await.map(drop) })
     }
 
     fn unload(&self) -> Result<()> {
-        self.residency.unload(self)
+        self.cell.unload()
     }
 }
 
