@@ -279,7 +279,12 @@ impl Residency {
                 }
                 if candidate.try_unload() {
                     let candidate_ptr = Arc::as_ptr(&candidate).cast::<()>();
-                    Self::remove(&mut members, candidate_ptr, candidate.terms(), self.group_cost);
+                    Self::remove(
+                        &mut members,
+                        candidate_ptr,
+                        candidate.terms(),
+                        self.group_cost,
+                    );
                     evicted += 1;
                 }
             }
@@ -448,8 +453,7 @@ impl<T: Clone + Send + Sync + 'static> Resident for Lazy<T> {
 
     fn try_unload(&self) -> bool {
         let mut state = self.lock();
-        if self.terms.in_flight.load(Ordering::SeqCst) > 0 || !matches!(*state, State::Loaded(_))
-        {
+        if self.terms.in_flight.load(Ordering::SeqCst) > 0 || !matches!(*state, State::Loaded(_)) {
             return false;
         }
         let unloaded = std::mem::replace(&mut *state, State::Unloaded);
@@ -535,9 +539,7 @@ impl<T: Clone + Send + Sync + 'static> Lazy<T> {
     /// The error of a load that failed less than [`RETRY_FAILED_AFTER`] ago.
     pub fn recent_failure(&self) -> Option<Error> {
         match &*self.lock() {
-            State::Failed { error, at } if at.elapsed() < RETRY_FAILED_AFTER => {
-                Some(error.clone())
-            }
+            State::Failed { error, at } if at.elapsed() < RETRY_FAILED_AFTER => Some(error.clone()),
             _ => None,
         }
     }
@@ -683,8 +685,7 @@ impl LazyModel {
     /// against the registered one would be wrong).
     pub fn new(spec: LazySpec, residency: Arc<Residency>) -> Arc<LazyModel> {
         let loader: Loader<Arc<dyn Model>> = {
-            let (inner, metadata, label) =
-                (spec.loader, spec.metadata.clone(), spec.label.clone());
+            let (inner, metadata, label) = (spec.loader, spec.metadata.clone(), spec.label.clone());
             Arc::new(move || {
                 let model = inner()?;
                 if model.metadata() == &metadata {

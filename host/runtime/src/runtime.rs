@@ -491,6 +491,8 @@ impl PluginRuntime {
             .map_err(|e| e.context(format!("plugin '{name}'")))?;
         let role = detect_role(&self.inner.engine, &component)
             .map_err(|e| e.context(format!("plugin '{name}'")))?;
+        let image = component.image_range();
+        let compiled_bytes = (image.end as usize).saturating_sub(image.start as usize) as u64;
         let link_error = |e: wasmtime::Error| {
             Error::invalid(format!(
                 "plugin '{name}' imports something Weft does not provide: {e:#}"
@@ -528,6 +530,7 @@ impl PluginRuntime {
             name: Arc::from(name),
             digest,
             role,
+            compiled_bytes,
             pre: Arc::new(pre),
             runtime: self.clone(),
             stats: Arc::default(),
@@ -742,6 +745,9 @@ pub struct Plugin {
     name: Arc<str>,
     digest: String,
     role: Role,
+    /// Bytes of its compiled image (machine code and metadata), what keeping it loaded costs
+    /// besides its warm instances.
+    compiled_bytes: u64,
     pre: Arc<RolePre>,
     runtime: PluginRuntime,
     stats: Arc<PluginStats>,
@@ -847,6 +853,11 @@ impl Plugin {
 
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// Bytes of its compiled image, what keeping it loaded costs besides warm instances.
+    pub fn compiled_bytes(&self) -> u64 {
+        self.compiled_bytes
     }
 
     /// The runtime it was compiled by (its default limits apply to its calls).

@@ -962,10 +962,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             .iter()
             .flat_map(|scope| scope.plugin_labels.clone())
             .filter_map(|(label, plugin)| {
-                Some((
-                    label,
-                    crate::graphs::WasmPlugin::of(plugin.as_ref())?.clone(),
-                ))
+                Some((label, crate::graphs::WasmPlugin::of(plugin.as_ref())?))
             })
             .collect(),
         tenants: scopes

@@ -224,6 +224,12 @@ pub struct ServeArgs {
     /// tenant's models is loaded, so the budget bounds memory and not only model files.
     #[arg(long, env = "WEFT_MODEL_WORKER_BASELINE_BYTES", default_value_t = 48 << 20)]
     pub model_worker_baseline_bytes: u64,
+    /// Bytes of compiled tenant plugins kept loaded at once (each counts its compiled image;
+    /// 0: no limit). Tenant plugins compile, or load from the compile cache, on their first
+    /// call; to load another over the budget, the least recently used ones no call is running
+    /// are dropped first, and a load that still does not fit answers 503.
+    #[arg(long, env = "WEFT_PLUGIN_CACHE_BUDGET", default_value_t = 0)]
+    pub plugin_cache_budget: u64,
     /// Address of the gRPC endpoint (Triton's GRPCInferenceService, which OIP gRPC clients
     /// also speak), or `off`; port 0 picks a free port.
     #[arg(long, env = "WEFT_GRPC_LISTEN", default_value = "127.0.0.1:8001")]
@@ -422,7 +428,7 @@ fn load_repository(
                 .iter()
                 .filter_map(|(name, plugin)| {
                     let wasm = crate::graphs::WasmPlugin::of(plugin.as_ref())?;
-                    Some((name.clone(), wasm.clone()))
+                    Some((name.clone(), wasm))
                 })
                 .collect(),
         ),
@@ -553,11 +559,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         0 => u64::MAX,
         budget => budget,
     };
-    metrics.declare_model_budget(model_budget);
+    metrics.models_on_demand.declare_budget(model_budget);
     let residency = weft_engine::lazy::Residency::with_group_cost(
         model_budget,
         args.model_worker_baseline_bytes,
-        Some(Arc::clone(&metrics) as Arc<dyn weft_engine::lazy::ResidencyObserver>),
+        Some(Arc::clone(&metrics.models_on_demand) as Arc<dyn weft_engine::lazy::ResidencyObserver>),
+    );
+    let plugin_budget = match args.plugin_cache_budget {
+        0 => u64::MAX,
+        budget => budget,
+    };
+    metrics.plugins_on_demand.declare_budget(plugin_budget);
+    let plugin_residency = weft_engine::lazy::Residency::for_plugins(
+        plugin_budget,
+        Some(
+            Arc::clone(&metrics.plugins_on_demand) as Arc<dyn weft_engine::lazy::ResidencyObserver>
+        ),
     );
     let shared_store = (args.database_url.clone(), args.blob_url.clone());
     let (loaded, tenancy) = tokio::task::spawn_blocking(move || {
@@ -592,6 +609,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             admin_key,
             bootstrap_key,
             residency: Some(residency),
+            plugin_residency: Some(plugin_residency),
         })
         .context("cannot restore the tenants from the store")?;
         anyhow::Ok((loaded, tenancy))

@@ -15,17 +15,24 @@ use weft_engine::graph::{
 use weft_runtime::{CallContext, Plugin, PluginRuntime, Role};
 use weft_tenancy::backends::{PluginCompiler, PluginLimits, SandboxCall, SandboxPlugin};
 use weft_tenancy::graphs::PluginSet;
+use weft_tenancy::lazy_plugins::LazyPlugin;
 
 /// A compiled wasm component behind the tenancy layer's plugin seam.
 pub struct WasmPlugin(pub Plugin);
 
 impl WasmPlugin {
-    /// The runtime plugin behind a sandbox plugin, when it is one (always, in the server).
-    pub fn of(plugin: &dyn SandboxPlugin) -> Option<&Plugin> {
-        plugin
+    /// The runtime plugin behind a sandbox plugin: itself, or what a tenant plugin compiled
+    /// on demand holds now (`None` while it is not loaded).
+    pub fn of(plugin: &dyn SandboxPlugin) -> Option<Plugin> {
+        let any = plugin.as_any();
+        if let Some(wasm) = any.downcast_ref::<WasmPlugin>() {
+            return Some(wasm.0.clone());
+        }
+        let resident = any.downcast_ref::<LazyPlugin>()?.resident()?;
+        resident
             .as_any()
             .downcast_ref::<WasmPlugin>()
-            .map(|wasm| &wasm.0)
+            .map(|wasm| wasm.0.clone())
     }
 }
 
@@ -79,6 +86,10 @@ impl SandboxPlugin for WasmPlugin {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn compiled_bytes(&self) -> u64 {
+        self.0.compiled_bytes()
     }
 }
 

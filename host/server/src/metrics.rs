@@ -53,10 +53,122 @@ pub struct Metrics {
     uploads: IntCounterVec,
     resident_memory: IntGauge,
     worker_restarts: IntCounterVec,
-    model_loads: IntCounterVec,
-    model_load_duration: HistogramVec,
-    model_evictions: IntCounterVec,
-    model_resident_bytes: IntGaugeVec,
+    /// Tenant models loaded on demand (`--model-memory-budget`).
+    pub models_on_demand: Arc<OnDemandMetrics>,
+    /// Tenant plugins compiled on demand (`--plugin-cache-budget`).
+    pub plugins_on_demand: Arc<OnDemandMetrics>,
+}
+
+/// The series of one on-demand budget: loads, their duration, evictions, resident bytes.
+pub struct OnDemandMetrics {
+    loads: IntCounterVec,
+    load_duration: HistogramVec,
+    evictions: IntCounterVec,
+    resident_bytes: IntGaugeVec,
+}
+
+impl OnDemandMetrics {
+    fn models(r: &Registry) -> Self {
+        OnDemandMetrics {
+            loads: counter_vec(
+                r,
+                "weft_model_loads_total",
+                "Loads of tenant models on demand (a cold start: the first request after \
+                 start-up, a push or an unload), by result (ok, failed).",
+                &["result"],
+            ),
+            load_duration: histogram_vec(
+                r,
+                "weft_model_load_duration_seconds",
+                "Time a model loaded on demand took to load: what its first request waited.",
+                &["result"],
+                LOAD_BUCKETS,
+            ),
+            evictions: counter_vec(
+                r,
+                "weft_model_evictions_total",
+                "Tenant models unloaded: least recently used ones to make room under \
+                 --model-memory-budget, or by POST /v2/repository/models/{m}/unload.",
+                &[],
+            ),
+            resident_bytes: gauge_vec(
+                r,
+                "weft_model_resident_bytes",
+                "Bytes of tenant models loaded (file size times instances), and the budget \
+                 (--model-memory-budget; absent when unbounded).",
+                &["kind"],
+            ),
+        }
+    }
+
+    fn plugins(r: &Registry) -> Self {
+        OnDemandMetrics {
+            loads: counter_vec(
+                r,
+                "weft_plugin_loads_total",
+                "Compiles (or compile-cache reads) of tenant plugins on demand (a cold start: \
+                 the first call after start-up or an eviction), by result (ok, failed).",
+                &["result"],
+            ),
+            load_duration: histogram_vec(
+                r,
+                "weft_plugin_load_duration_seconds",
+                "Time a plugin loaded on demand took to compile: what its first call waited.",
+                &["result"],
+                LOAD_BUCKETS,
+            ),
+            evictions: counter_vec(
+                r,
+                "weft_plugin_evictions_total",
+                "Compiled tenant plugins dropped, least recently used first, to make room \
+                 under --plugin-cache-budget.",
+                &[],
+            ),
+            resident_bytes: gauge_vec(
+                r,
+                "weft_plugin_cache_bytes",
+                "Bytes of compiled tenant plugins loaded (their images), and the budget \
+                 (--plugin-cache-budget; absent when unbounded).",
+                &["kind"],
+            ),
+        }
+    }
+
+    /// Declares the budget (`u64::MAX`: unbounded, not exported) and the series that exist
+    /// before the first load.
+    pub fn declare_budget(&self, budget: u64) {
+        self.resident_bytes.with_label_values(&["resident"]).set(0);
+        if budget != u64::MAX {
+            self.resident_bytes
+                .with_label_values(&["budget"])
+                .set(i64::try_from(budget).unwrap_or(i64::MAX));
+        }
+        for result in ["ok", "failed"] {
+            self.loads.with_label_values(&[result]);
+        }
+        self.evictions.with_label_values::<&str>(&[]);
+    }
+}
+
+/// What models and plugins loaded on demand report (see `weft_engine::lazy`).
+impl weft_engine::lazy::ResidencyObserver for OnDemandMetrics {
+    fn loaded(&self, elapsed: std::time::Duration, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.loads.with_label_values(&[result]).inc();
+        self.load_duration
+            .with_label_values(&[result])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn evicted(&self) {
+        self.evictions.with_label_values::<&str>(&[]).inc();
+    }
+
+    fn resident(&self, bytes: u64) {
+        self.resident_bytes
+            .with_label_values(&["resident"])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
 }
 
 /// Seconds a model load may take (worker start and sessions, up to the load timeout).
@@ -216,34 +328,6 @@ impl Metrics {
                 &["plugin"],
             ),
             plugin_instantiations,
-            model_loads: counter_vec(
-                &r,
-                "weft_model_loads_total",
-                "Loads of tenant models on demand (a cold start: the first request after \
-                 start-up, a push or an unload), by result (ok, failed).",
-                &["result"],
-            ),
-            model_load_duration: histogram_vec(
-                &r,
-                "weft_model_load_duration_seconds",
-                "Time a model loaded on demand took to load: what its first request waited.",
-                &["result"],
-                LOAD_BUCKETS,
-            ),
-            model_evictions: counter_vec(
-                &r,
-                "weft_model_evictions_total",
-                "Tenant models unloaded: least recently used ones to make room under \
-                 --model-memory-budget, or by POST /v2/repository/models/{m}/unload.",
-                &[],
-            ),
-            model_resident_bytes: gauge_vec(
-                &r,
-                "weft_model_resident_bytes",
-                "Bytes of tenant models loaded (file size times instances), and the budget \
-                 (--model-memory-budget; absent when unbounded).",
-                &["kind"],
-            ),
             worker_restarts: counter_vec(
                 &r,
                 "weft_model_worker_restarts_total",
@@ -264,6 +348,8 @@ impl Metrics {
                 &["kind", "status"],
             ),
             resident_memory,
+            models_on_demand: Arc::new(OnDemandMetrics::models(&r)),
+            plugins_on_demand: Arc::new(OnDemandMetrics::plugins(&r)),
             registry: r,
         };
         // The repository's worker series exist from the start (at zero), so the family is
@@ -600,46 +686,6 @@ impl BatchObserver for ModelMetrics {
 
     fn rejected(&self) {
         self.rejected.inc();
-    }
-}
-
-/// What models loaded on demand report (see `weft_engine::lazy`).
-impl weft_engine::lazy::ResidencyObserver for Metrics {
-    fn loaded(&self, elapsed: std::time::Duration, ok: bool) {
-        let result = if ok { "ok" } else { "failed" };
-        self.model_loads.with_label_values(&[result]).inc();
-        self.model_load_duration
-            .with_label_values(&[result])
-            .observe(elapsed.as_secs_f64());
-    }
-
-    fn evicted(&self) {
-        self.model_evictions.with_label_values::<&str>(&[]).inc();
-    }
-
-    fn resident(&self, bytes: u64) {
-        self.model_resident_bytes
-            .with_label_values(&["resident"])
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-    }
-}
-
-impl Metrics {
-    /// Declares the model memory budget (`u64::MAX`: unbounded, not exported) and the series
-    /// that exist before the first load.
-    pub fn declare_model_budget(&self, budget: u64) {
-        self.model_resident_bytes
-            .with_label_values(&["resident"])
-            .set(0);
-        if budget != u64::MAX {
-            self.model_resident_bytes
-                .with_label_values(&["budget"])
-                .set(i64::try_from(budget).unwrap_or(i64::MAX));
-        }
-        for result in ["ok", "failed"] {
-            self.model_loads.with_label_values(&[result]);
-        }
-        self.model_evictions.with_label_values::<&str>(&[]);
     }
 }
 

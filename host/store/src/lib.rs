@@ -20,7 +20,7 @@ mod store;
 pub use records::{
     ApiKey, GraphVersion, JobFile, JobRecord, JobState, MAX_NAME_LEN, MAX_ROLLOUT_EVENTS,
     ModelVersion, PluginVersion, Quotas, RolloutEvent, RolloutPhase, RolloutRecord, ServedModel,
-    SigningKey, State, Tenant, Usage, check_name, unix_now, unix_now_ms,
+    ServedPlugin, SigningKey, State, Tenant, Usage, check_name, unix_now, unix_now_ms,
 };
 pub use store::{
     BlobWriter, MAX_COLLECTED_PER_ROUND, SCRATCH_PREFIX, StagedBlob, Store, write_file_durably,

@@ -448,6 +448,20 @@ pub struct PluginVersion {
     pub key_id: String,
     /// When it was pushed.
     pub created_unix: u64,
+    /// What its push found it to be, so a replica can register it without compiling it
+    /// (versions pushed before this was recorded have none and compile when their scope is
+    /// built).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<ServedPlugin>,
+}
+
+/// A plugin version's role and compiled size, as its push found them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedPlugin {
+    /// `transformer`, `combiner` or `router`.
+    pub role: String,
+    /// Bytes of its compiled image on the pushing replica.
+    pub compiled_bytes: u64,
 }
 
 /// One pushed model version: its ONNX file and its `model.toml`, both blobs.
@@ -756,6 +770,7 @@ mod tests {
                     signature_scheme: SignatureScheme::V2,
                     key_id: "k".into(),
                     created_unix: 1,
+                    served: None,
                 },
                 PluginVersion {
                     version: "1.1".into(),
@@ -765,6 +780,7 @@ mod tests {
                     signature_scheme: SignatureScheme::V2,
                     key_id: "k".into(),
                     created_unix: 2,
+                    served: None,
                 },
             ],
         );

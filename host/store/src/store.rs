@@ -724,6 +724,7 @@ mod tests {
             signature_scheme: Default::default(),
             key_id: "kid".into(),
             created_unix: 1,
+            served: None,
         }
     }
 

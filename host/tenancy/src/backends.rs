@@ -47,6 +47,10 @@ pub trait SandboxPlugin: Send + Sync {
     ) -> BoxFuture<'a, Result<PluginReply>>;
     /// The concrete plugin, for the server's scrape-time metrics.
     fn as_any(&self) -> &dyn Any;
+    /// Bytes keeping it compiled costs (its image); what the plugin cache budget counts.
+    fn compiled_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Compiles plugin components into the sandbox.

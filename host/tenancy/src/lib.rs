@@ -16,6 +16,7 @@
 //!   between replicas, stored bytes and model memory, request bytes held in memory).
 //! - [`rollouts`]: rollouts as a tenant's resource and the controller that decides them.
 //! - [`jobs`]: batch jobs as a tenant's resource, and the runner that works through them.
+//! - [`lazy_plugins`]: tenants' plugins compiled on first use, under the plugin cache budget.
 //! - [`challenges`]: single-use signing-key registration challenges.
 
 pub mod backends;
@@ -23,6 +24,7 @@ pub mod challenges;
 pub mod graphs;
 pub mod inflight;
 pub mod jobs;
+pub mod lazy_plugins;
 pub mod lifecycle;
 pub mod quotas;
 pub mod rollouts;

@@ -251,20 +251,25 @@ impl Tenancy {
         check_name("plugin version", &version)?;
         let _reservation = reservation;
         let digest = staged.digest().to_string();
+        // Filled by the compile, which runs after the first check (the record's size checks do
+        // not depend on it).
+        let served = std::sync::OnceLock::new();
+        let version_record = || PluginVersion {
+            version: version.clone(),
+            digest: digest.clone(),
+            size,
+            signature: signature.clone(),
+            signature_scheme: SignatureScheme::V2,
+            key_id: key_id.clone(),
+            created_unix: unix_now(),
+            served: served.get().cloned(),
+        };
         let add = |record: &mut Tenant| {
             record
                 .plugins
                 .entry(name.clone())
                 .or_default()
-                .push(PluginVersion {
-                    version: version.clone(),
-                    digest: digest.clone(),
-                    size,
-                    signature: signature.clone(),
-                    signature_scheme: SignatureScheme::V2,
-                    key_id: key_id.clone(),
-                    created_unix: unix_now(),
-                });
+                .push(version_record());
         };
         let check = |current: &State| -> Result<()> {
             let record = tenant_of(current, tenant)?;
@@ -285,11 +290,16 @@ impl Tenancy {
         // component is read back from its temporary file once, for the compile.
         let plugin = self.plugins.compile(&name, &staged.read()?)?;
         let role = role_name(plugin.role());
+        let _ = served.set(weft_store::ServedPlugin {
+            role: role.to_string(),
+            compiled_bytes: plugin.compiled_bytes(),
+        });
         // A shared store's upload of the bytes happens before the writer, outside it.
         self.store.share_staged(&staged)?;
         let writer = self.writer()?;
         check(&writer.state())?;
         self.store.put_staged(staged)?;
+        self.remember_plugin(tenant, &name, &version_record(), plugin)?;
         writer.commit(Some(tenant), |store| {
             add(tenant_mut(store, tenant)?);
             Ok(())

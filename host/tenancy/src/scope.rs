@@ -334,10 +334,41 @@ impl Tenancy {
         if let Some(plugin) = lock(&self.loaded_plugins)?.get(&cache_key) {
             return Ok(Arc::clone(plugin));
         }
+        if let Some(lazy) = self.lazy_plugin(name, record) {
+            let plugin: Arc<dyn SandboxPlugin> = lazy;
+            lock(&self.loaded_plugins)?.insert(cache_key, Arc::clone(&plugin));
+            return Ok(plugin);
+        }
         let bytes = self.store.read_blob(&record.digest)?;
         let plugin = self.plugins.compile(name, &bytes)?;
         lock(&self.loaded_plugins)?.insert(cache_key, Arc::clone(&plugin));
         Ok(plugin)
+    }
+
+    /// The on-demand registration of a stored plugin version, when plugins compile on demand
+    /// and its record says what role it has (versions pushed before that compile at build).
+    /// Nothing is read: the first call reads the blob (re-hashing it) and compiles it, or
+    /// takes it from the compile cache.
+    pub(crate) fn lazy_plugin(
+        &self,
+        name: &str,
+        record: &weft_store::PluginVersion,
+    ) -> Option<Arc<crate::lazy_plugins::LazyPlugin>> {
+        let residency = self.plugin_residency.as_ref()?;
+        let served = record.served.as_ref()?;
+        let role = weft_engine::graph::PluginRole::parse(&served.role)?;
+        let compile = {
+            let (store, compiler) = (Arc::clone(&self.store), Arc::clone(&self.plugins));
+            let (name, digest) = (name.to_string(), record.digest.clone());
+            Arc::new(move || compiler.compile(&name, &store.read_blob(&digest)?))
+        };
+        Some(crate::lazy_plugins::LazyPlugin::new(
+            name,
+            role,
+            served.compiled_bytes,
+            compile,
+            Arc::clone(residency),
+        ))
     }
 
     /// A tenant's stored graph, through the one graph loader.

@@ -59,6 +59,9 @@ pub struct Tenancy {
     /// Loaded tenant plugins by (tenant, name, digest). Keyed by tenant too: a plugin keeps warm
     /// instances, and instances never cross tenants.
     pub(crate) loaded_plugins: Mutex<HashMap<LoadedPluginKey, Arc<dyn SandboxPlugin>>>,
+    /// Where tenant plugins compile on demand (`crate::lazy_plugins`); `None`: they compile
+    /// when their scope is built.
+    pub(crate) plugin_residency: Option<Arc<weft_engine::lazy::Residency>>,
     /// The live routing state of every rollout generation this replica serves; it outlives
     /// scope rebuilds so windows and weights carry across them.
     pub(crate) rollouts:
@@ -103,6 +106,9 @@ pub struct TenancyConfig {
     /// Load tenant models on their first request under this budget instead of when their
     /// scope is built (versions pushed before this existed still load at build).
     pub residency: Option<Arc<weft_engine::lazy::Residency>>,
+    /// Compile tenant plugins on their first call under this budget instead of when their
+    /// scope is built (versions pushed before their role was recorded still compile at build).
+    pub plugin_residency: Option<Arc<weft_engine::lazy::Residency>>,
 }
 
 /// Locks, recovering from poisoning: every structure behind these locks is replaced whole, so
@@ -183,6 +189,7 @@ impl Tenancy {
             loaded_models: Mutex::default(),
             residency: config.residency,
             loaded_plugins: Mutex::default(),
+            plugin_residency: config.plugin_residency,
             rollouts: Mutex::default(),
             shadow_slots: Mutex::default(),
             jobs: Mutex::default(),
@@ -331,6 +338,28 @@ impl Tenancy {
             config_digest.to_string(),
         );
         lock(&self.loaded_models)?.remove(&key);
+        Ok(())
+    }
+
+    /// Keeps a plugin the control plane already compiled (to check an upload), so the rebuild
+    /// that follows its commit does not compile it again; on demand it stays compiled if the
+    /// plugin cache budget has room.
+    pub(crate) fn remember_plugin(
+        &self,
+        tenant: &str,
+        name: &str,
+        record: &weft_store::PluginVersion,
+        plugin: Arc<dyn SandboxPlugin>,
+    ) -> Result<()> {
+        let plugin = match self.lazy_plugin(name, record) {
+            Some(lazy) => {
+                lazy.adopt(plugin);
+                lazy as Arc<dyn SandboxPlugin>
+            }
+            None => plugin,
+        };
+        let key = (tenant.to_string(), name.to_string(), record.digest.clone());
+        lock(&self.loaded_plugins)?.insert(key, plugin);
         Ok(())
     }
 

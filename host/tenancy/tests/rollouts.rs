@@ -293,6 +293,7 @@ async fn sticky_clients_keep_their_arm_across_steps_and_restarts() {
         admin_key: None,
         bootstrap_key: None,
         residency: None,
+        plugin_residency: None,
     })
     .unwrap();
     for (key, arm) in keys.iter().zip(&second) {

@@ -30,6 +30,16 @@ impl PluginRole {
             PluginRole::Router => "router",
         }
     }
+
+    /// The role [`PluginRole::as_str`] names.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "transformer" => Some(PluginRole::Transformer),
+            "combiner" => Some(PluginRole::Combiner),
+            "router" => Some(PluginRole::Router),
+            _ => None,
+        }
+    }
 }
 
 /// What validation may look up: the models and plugins visible to the graph's owner.

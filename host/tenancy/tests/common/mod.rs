@@ -208,7 +208,13 @@ impl SandboxPlugin for FakePlugin {
     fn as_any(&self) -> &dyn Any {
         self
     }
+    fn compiled_bytes(&self) -> u64 {
+        FAKE_COMPILED_BYTES
+    }
 }
+
+/// What each fake plugin's compiled image costs.
+pub const FAKE_COMPILED_BYTES: u64 = 100;
 
 /// Compiles any bytes that start with "wasm".
 #[derive(Default)]
@@ -257,6 +263,16 @@ pub fn world(tenants: &[&str]) -> World {
 
 /// A world whose operator repository is `platform`, of which each tenant shares `shared`.
 pub fn world_sharing(tenants: &[&str], platform: ModelRegistry, shared: &[&str]) -> World {
+    world_with(tenants, platform, shared, None)
+}
+
+/// A world whose tenants' plugins compile on demand under `plugin_residency`.
+pub fn world_with(
+    tenants: &[&str],
+    platform: ModelRegistry,
+    shared: &[&str],
+    plugin_residency: Option<Arc<weft_engine::lazy::Residency>>,
+) -> World {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let sandbox = Arc::new(FakeSandbox::default());
@@ -270,6 +286,7 @@ pub fn world_sharing(tenants: &[&str], platform: ModelRegistry, shared: &[&str])
         admin_key: None,
         bootstrap_key: None,
         residency: None,
+        plugin_residency,
     })
     .unwrap();
     for name in tenants {
