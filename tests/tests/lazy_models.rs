@@ -190,10 +190,27 @@ fn tree_rss_kib(pid: u32) -> u64 {
     total
 }
 
+/// Graph `g<k>` of the scale test: plugins `normalize<k % 5>` and `softmax<k % 5>` around model
+/// `m<k>`, with a deadline that leaves room for cold starts on a loaded CI machine.
+fn scale_graph(k: usize) -> String {
+    classify_graph(&format!("g{k}"), 1, &format!("m{k}"))
+        .replace(
+            "plugin = \"normalize\"",
+            &format!("plugin = \"normalize{}\"", k % 5),
+        )
+        .replace(
+            "plugin = \"softmax\"",
+            &format!("plugin = \"softmax{}\"", k % 5),
+        )
+        .replace("deadline_ms = 1000", "deadline_ms = 20000")
+}
+
 /// The CI-sized version of the 10,000-model benchmark (BENCHMARKS.md): 12 tenants with 10
-/// models each, a budget for 8 loaded, a restart that loads nothing, then a skewed (Zipf)
-/// workload over all 120 in which every request succeeds, the budget holds, models are
-/// evicted and reloaded, and the process tree's memory stays bounded.
+/// models, 10 plugins and 10 graphs over them each, budgets for 8 loaded models and about 10
+/// compiled plugins, a restart that loads and compiles nothing, then a skewed (Zipf) workload
+/// over all 120 graphs in which every request succeeds, both budgets hold, models and plugins
+/// are evicted and reloaded, the process tree's memory stays bounded, and a new plugin version
+/// pushed afterwards is served (hot swap).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_skewed_workload_over_many_stored_models_stays_in_the_budget() {
     const TENANTS: usize = 12;
@@ -208,10 +225,13 @@ async fn a_skewed_workload_over_many_stored_models_stays_in_the_budget() {
     let server = Server::try_start_in(repo.path(), &["--model-memory-budget", &budget], data)
         .unwrap_or_else(|log| panic!("{log}"));
     let mut keys = Vec::new();
+    let mut signers = Vec::new();
     for tenant in 0..TENANTS {
-        keys.push(create_tenant(&server, &format!("t{tenant}"), json!({})).await);
+        let key = create_tenant(&server, &format!("t{tenant}"), json!({})).await;
+        signers.push(signing_key(&server, &key).await);
+        keys.push(key);
     }
-    let pushes = keys.iter().map(|key| {
+    let pushes = keys.iter().zip(&signers).map(|(key, signer)| {
         let (server, onnx) = (&server, &onnx);
         async move {
             for model in 0..MODELS {
@@ -219,23 +239,52 @@ async fn a_skewed_workload_over_many_stored_models_stays_in_the_budget() {
                     push_model(server, key, &format!("m{model}"), 1, CONFIG, onnx).await;
                 assert_eq!(status, 201, "{body}");
             }
+            for k in 0..MODELS / 2 {
+                for plugin in ["normalize", "softmax"] {
+                    let name = format!("{plugin}{k}");
+                    let (status, body) =
+                        push_plugin(server, key, signer, &name, "1", guest(plugin)).await;
+                    assert_eq!(status, 201, "{name}: {body}");
+                }
+            }
+            for k in 0..MODELS {
+                let (status, body) =
+                    apply_graph(server, key, &format!("g{k}"), &scale_graph(k)).await;
+                assert_eq!(status, 201, "g{k}: {body}");
+            }
         }
     });
     futures_util::future::join_all(pushes).await;
+    // Every pushed plugin stayed compiled (no plugin budget yet): their mean compiled size.
+    let plugins = (TENANTS * MODELS) as f64;
+    let compiled = metric(&server, "weft_plugin_cache_bytes{kind=\"resident\"}").await / plugins;
+    assert!(compiled > 0.0);
+    // Room for about ten compiled plugins of the 120.
+    let plugin_limit = (compiled * 10.0) as u64;
+    let plugin_budget = plugin_limit.to_string();
+    let flags = [
+        "--model-memory-budget",
+        &budget,
+        "--plugin-cache-budget",
+        &plugin_budget,
+    ];
 
     let data = server.crash();
     let started = std::time::Instant::now();
-    let server = Server::try_start_in(repo.path(), &["--model-memory-budget", &budget], data)
-        .unwrap_or_else(|log| panic!("{log}"));
+    let server =
+        Server::try_start_in(repo.path(), &flags, data).unwrap_or_else(|log| panic!("{log}"));
     let ready_in = started.elapsed();
     assert!(
         ready_in < std::time::Duration::from_secs(30),
         "ready after {ready_in:?}"
     );
-    assert_eq!(
-        metric(&server, "weft_model_loads_total{result=\"ok\"}").await,
-        0.0
-    );
+    for series in [
+        "weft_model_loads_total{result=\"ok\"}",
+        "weft_plugin_loads_total{result=\"ok\"}",
+        "weft_plugin_cache_bytes{kind=\"resident\"}",
+    ] {
+        assert_eq!(metric(&server, series).await, 0.0, "{series} at start");
+    }
     let rss_at_start = tree_rss_kib(server.pid());
 
     // Zipf(1.1) over the 120 models, from a fixed-seed generator, 8 callers at a time.
@@ -263,11 +312,11 @@ async fn a_skewed_workload_over_many_stored_models_stays_in_the_budget() {
     let mut peak_rss = 0;
     for chunk in draws.chunks(8) {
         let calls = chunk.iter().map(|&rank| {
-            let (key, model) = (&keys[rank % TENANTS], format!("m{}", rank / TENANTS));
+            let (key, graph) = (&keys[rank % TENANTS], format!("g{}", rank / TENANTS));
             let server = &server;
             async move {
-                let (status, body) = infer(server, key, &model).await;
-                assert_eq!(status, 200, "t{} {model}: {body}", rank % TENANTS);
+                let (status, body) = infer(server, key, &graph).await;
+                assert_eq!(status, 200, "t{} {graph}: {body}", rank % TENANTS);
             }
         });
         futures_util::future::join_all(calls).await;
@@ -275,6 +324,11 @@ async fn a_skewed_workload_over_many_stored_models_stays_in_the_budget() {
         peak_rss = peak_rss.max(tree_rss_kib(server.pid()));
         let resident = metric(&server, "weft_model_resident_bytes{kind=\"resident\"}").await;
         assert!(resident <= limit as f64, "{resident} bytes over the budget");
+        let compiled = metric(&server, "weft_plugin_cache_bytes{kind=\"resident\"}").await;
+        assert!(
+            compiled <= plugin_limit as f64,
+            "{compiled} compiled bytes over the plugin budget"
+        );
     }
     let loads = metric(&server, "weft_model_loads_total{result=\"ok\"}").await;
     let evictions = metric(&server, "weft_model_evictions_total").await;
@@ -286,14 +340,22 @@ async fn a_skewed_workload_over_many_stored_models_stays_in_the_budget() {
         evictions > 0.0 && loads >= touched.len() as f64,
         "{loads} loads, {evictions} evictions"
     );
-    assert_eq!(
-        metric(&server, "weft_model_loads_total{result=\"failed\"}").await,
-        0.0
+    let plugin_loads = metric(&server, "weft_plugin_loads_total{result=\"ok\"}").await;
+    let plugin_evictions = metric(&server, "weft_plugin_evictions_total").await;
+    assert!(
+        plugin_evictions > 0.0 && plugin_loads > 10.0,
+        "{plugin_loads} plugin loads, {plugin_evictions} plugin evictions"
     );
+    for series in [
+        "weft_model_loads_total{result=\"failed\"}",
+        "weft_plugin_loads_total{result=\"failed\"}",
+    ] {
+        assert_eq!(metric(&server, series).await, 0.0, "{series}");
+    }
     println!(
-        "ready in {ready_in:?}; {} requests over {} models: {loads} loads (hit rate {:.2}), \
-         {evictions} evictions; RSS of the process tree {rss_at_start} KiB at start, peak \
-         {peak_rss} KiB",
+        "ready in {ready_in:?}; {} requests over {} graphs: {loads} model loads (hit rate \
+         {:.2}), {evictions} evictions; {plugin_loads} plugin loads, {plugin_evictions} \
+         evictions; RSS of the process tree {rss_at_start} KiB at start, peak {peak_rss} KiB",
         draws.len(),
         touched.len(),
         1.0 - loads / draws.len() as f64
@@ -302,9 +364,33 @@ async fn a_skewed_workload_over_many_stored_models_stays_in_the_budget() {
     // worker), with a quarter for what no budget sees (allocator slack, the server's own
     // buffers). Without eviction it would be 78 models in 12 workers.
     let grown = peak_rss.saturating_sub(rss_at_start) * 1024;
+    let budgets = limit + plugin_limit;
     assert!(
-        grown <= limit + limit / 4,
-        "grew {grown} bytes against a budget of {limit}: {peak_rss} KiB peak, \
+        grown <= budgets + budgets / 4,
+        "grew {grown} bytes against budgets of {budgets}: {peak_rss} KiB peak, \
          {rss_at_start} KiB at start"
+    );
+
+    // Hot swap under the plugin budget: a new version of a plugin serves the next call, which
+    // compiles it on demand, and its series appear under its new version.
+    let (status, body) = push_plugin(
+        &server,
+        &keys[0],
+        &signers[0],
+        "normalize0",
+        "2",
+        guest("normalize"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = infer(&server, &keys[0], "g0").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        metric(
+            &server,
+            "weft_plugin_calls_total{plugin=\"t0/normalize0@2\"}"
+        )
+        .await
+            >= 1.0
     );
 }
