@@ -9,6 +9,10 @@
 //!   copied once out of ORT-owned memory into the response bytes.
 //! - A missing or too-old library makes `ort` panic on first use; [`init_onnxruntime`] checks it
 //!   up front and turns that into an error saying how to get the library.
+//! - A model that asks for CUDA ([`Execution::Cuda`]) gets CUDA or an error, never a silent
+//!   fallback to the CPU (ONNX Runtime's default when a provider fails to register): the device
+//!   is checked through `weft-gpu`, the library is checked for the provider, and the provider
+//!   is registered with `error_on_failure`.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -99,6 +103,56 @@ pub struct OnnxOptions {
     /// one (see [`init_onnxruntime`]); set when model.toml names a thread count.
     #[serde(default)]
     pub own_threads: bool,
+    /// Where the sessions run.
+    #[serde(default)]
+    pub execution: Execution,
+}
+
+/// Where a model's sessions run (`[ort] execution` and `device` in model.toml).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Execution {
+    #[default]
+    Cpu,
+    /// ONNX Runtime's CUDA execution provider on this CUDA device ordinal.
+    Cuda { device: u32 },
+}
+
+/// How to get the GPU build of the library, repeated in errors about it.
+const HOW_TO_GET_ORT_GPU: &str = "`cargo xtask setup --gpu` fetches the GPU build \
+     (onnxruntime-gpu 1.22 and its CUDA 12 libraries, from PyPI) into target/onnxruntime-gpu/; \
+     pass its libonnxruntime.so with --ort-library and put its CUDA libraries on \
+     LD_LIBRARY_PATH (the setup prints both)";
+
+/// The CUDA provider for `device`, registered so that a failure is an error, after checking
+/// what would make it fail in ways ONNX Runtime reports badly: no driver or device (through
+/// `gpus`), and a library built without the provider.
+pub fn cuda_provider(
+    gpus: &dyn weft_gpu::GpuDevices,
+    device: u32,
+) -> Result<ort::execution_providers::ExecutionProviderDispatch> {
+    use ort::execution_providers::{CUDAExecutionProvider, ExecutionProvider};
+    gpus.device(device).map_err(|reason| {
+        Error::unavailable(format!("execution = \"cuda\" cannot run here: {reason}"))
+    })?;
+    let provider = CUDAExecutionProvider::default().with_device_id(device as i32);
+    let available = provider.is_available().map_err(|error| {
+        Error::unavailable(format!(
+            "cannot ask ONNX Runtime for its execution providers: {error}"
+        ))
+    })?;
+    if !available {
+        return Err(Error::unavailable(format!(
+            "execution = \"cuda\" cannot run here: the ONNX Runtime library has no CUDA \
+             execution provider (it is the CPU build); {HOW_TO_GET_ORT_GPU}"
+        )));
+    }
+    Ok(provider.build().error_on_failure())
+}
+
+/// This process's CUDA devices (discovered on first use; loading no library until then).
+pub fn process_gpus() -> &'static dyn weft_gpu::GpuDevices {
+    static GPUS: std::sync::OnceLock<weft_gpu::cuda::CudaDevices> = std::sync::OnceLock::new();
+    GPUS.get_or_init(weft_gpu::cuda::CudaDevices::default)
 }
 
 /// ONNX Runtime's graph optimization levels.
@@ -119,6 +173,7 @@ impl Default for OnnxOptions {
             optimization_level: GraphOptimization::All,
             max_batch_size: 0,
             own_threads: false,
+            execution: Execution::Cpu,
         }
     }
 }
@@ -185,6 +240,10 @@ pub fn build_sessions(
         GraphOptimization::Extended => GraphOptimizationLevel::Level2,
         GraphOptimization::All => GraphOptimizationLevel::Level3,
     };
+    let cuda = match options.execution {
+        Execution::Cpu => None,
+        Execution::Cuda { device } => Some((device, cuda_provider(process_gpus(), device)?)),
+    };
     let mut sessions = Vec::with_capacity(options.instance_count.max(1));
     for _ in 0..options.instance_count.max(1) {
         let builder = Session::builder()
@@ -197,12 +256,26 @@ pub fn build_sessions(
                 } else {
                     Ok(builder)
                 }
-            });
+            })
+            .map_err(|error| Error::invalid(format!("ONNX Runtime cannot load the model: {error}")));
+        let builder = match &cuda {
+            None => builder,
+            Some((device, provider)) => builder.and_then(|builder| {
+                builder
+                    .with_execution_providers([provider.clone()])
+                    .map_err(|error| {
+                        Error::unavailable(format!(
+                            "the CUDA execution provider failed to start on device {device} \
+                             (no CPU fallback): {error}; check the CUDA 12 and cuDNN 9 \
+                             libraries on LD_LIBRARY_PATH ({HOW_TO_GET_ORT_GPU})"
+                        ))
+                    })
+            }),
+        };
+        let builder = builder?;
         let session = match source {
-            SessionSource::Bytes(bytes) => {
-                builder.and_then(|builder| builder.commit_from_memory(bytes))
-            }
-            SessionSource::File(path) => builder.and_then(|builder| builder.commit_from_file(path)),
+            SessionSource::Bytes(bytes) => builder.commit_from_memory(bytes),
+            SessionSource::File(path) => builder.commit_from_file(path),
         }
         .map_err(|error| Error::invalid(format!("ONNX Runtime cannot load the model: {error}")))?;
         sessions.push(session);

@@ -16,9 +16,13 @@
 //!                                  # external-data files next to the model (trusted models)
 //!
 //! [ort]
-//! instance_count = 2               # sessions that run concurrently
+//! instance_count = 2               # sessions that run concurrently (default: one per core
+//!                                  # on the CPU, 1 on a GPU)
 //! intra_op_threads = 1
 //! optimization_level = "all"       # disable | basic | extended | all
+//! execution = "cpu"                # or "cuda": ONNX Runtime's CUDA provider, never a silent
+//!                                  # CPU fallback (the model is UNAVAILABLE with the reason)
+//! device = 0                       # the CUDA device ordinal, with execution = "cuda"
 //!
 //! [[input]]                        # optional: checked against the model at load
 //! name = "x"
@@ -164,6 +168,10 @@ pub struct OrtOptions {
     /// Threads across independent operators (only with parallel execution).
     pub inter_op_threads: usize,
     pub optimization_level: OptimizationLevel,
+    /// Where the sessions run.
+    pub execution: ExecutionKind,
+    /// The CUDA device ordinal (only with `execution = "cuda"`).
+    pub device: Option<u32>,
 }
 
 impl Default for OrtOptions {
@@ -173,6 +181,27 @@ impl Default for OrtOptions {
             intra_op_threads: 0,
             inter_op_threads: 1,
             optimization_level: OptimizationLevel::All,
+            execution: ExecutionKind::Cpu,
+            device: None,
+        }
+    }
+}
+
+/// `[ort] execution`: the CPU, or ONNX Runtime's CUDA execution provider.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionKind {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+impl OrtOptions {
+    /// The CUDA device the model runs on, or `None` on the CPU.
+    pub fn cuda_device(&self) -> Option<u32> {
+        match self.execution {
+            ExecutionKind::Cpu => None,
+            ExecutionKind::Cuda => Some(self.device.unwrap_or(0)),
         }
     }
 }
@@ -183,7 +212,12 @@ impl OrtOptions {
     pub fn resolved_threads(&self, cores: usize) -> (usize, usize) {
         let cores = cores.max(1);
         let instances = if self.instance_count == 0 {
-            cores
+            // One session per GPU, as Triton's default instance group; one per core on the
+            // CPU.
+            match self.execution {
+                ExecutionKind::Cuda => 1,
+                ExecutionKind::Cpu => cores,
+            }
         } else {
             self.instance_count
         };
@@ -219,6 +253,12 @@ impl ModelConfig {
     /// Parses `text`, naming `path` (and toml's line, column and key) in any error.
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
         let config: ModelConfig = parse_toml(path, text)?;
+        if config.ort.execution == ExecutionKind::Cpu && config.ort.device.is_some() {
+            return Err(Error::invalid(format!(
+                "{}: [ort] device is a CUDA device ordinal; it needs execution = \"cuda\"",
+                path.display()
+            )));
+        }
         if let Some(batching) = &config.dynamic_batching {
             let fail =
                 |reason: String| Err(Error::invalid(format!("{}: {reason}", path.display())));
@@ -424,6 +464,20 @@ mod tests {
     }
 
     #[test]
+    fn cuda_execution_parses_and_device_needs_it() {
+        let config = parse("platform = \"onnx\"\n[ort]\nexecution = \"cuda\"\ndevice = 1\n").unwrap();
+        assert_eq!(config.ort.execution, ExecutionKind::Cuda);
+        assert_eq!(config.ort.cuda_device(), Some(1));
+        let default_device = parse("platform = \"onnx\"\n[ort]\nexecution = \"cuda\"\n").unwrap();
+        assert_eq!(default_device.ort.cuda_device(), Some(0));
+        let error = parse("platform = \"onnx\"\n[ort]\ndevice = 1\n").unwrap_err();
+        assert!(error.to_string().contains("needs execution = \"cuda\""), "{error}");
+        let error = parse("platform = \"onnx\"\n[ort]\nexecution = \"tpu\"\n").unwrap_err();
+        assert!(error.to_string().contains("execution"), "{error}");
+        assert!(error.to_string().contains("models/m/model.toml"), "{error}");
+    }
+
+    #[test]
     fn full_config_parses() {
         let config = parse(
             r#"
@@ -615,6 +669,13 @@ dims = [10]
     #[test]
     fn thread_defaults_do_not_oversubscribe() {
         assert_eq!(OrtOptions::default().resolved_threads(2), (2, 1));
+        let gpu = OrtOptions {
+            execution: ExecutionKind::Cuda,
+            ..OrtOptions::default()
+        };
+        assert_eq!(gpu.resolved_threads(16), (1, 16));
+        assert_eq!(gpu.cuda_device(), Some(0));
+        assert_eq!(OrtOptions::default().cuda_device(), None);
         let one = OrtOptions {
             instance_count: 1,
             ..OrtOptions::default()

@@ -22,7 +22,9 @@ pub mod shared;
 pub mod sticky;
 
 pub use batcher::{BatchObserver, BatchStats, BatchedModel, BatchingConfig};
-pub use config::{DynamicBatching, Isolation, ModelConfig, OrtOptions, VersionPolicy};
+pub use config::{
+    DynamicBatching, ExecutionKind, Isolation, ModelConfig, OrtOptions, VersionPolicy,
+};
 pub use registry::{ModelLoader, ModelRegistry, ModelState, ModelVersion, check_declared};
 pub use repository::{DiscoveredModel, discover};
 pub use shared::FairShared;

@@ -164,6 +164,10 @@ impl RepositoryLoader {
             // A thread count in model.toml is the operator's choice for this model: it keeps
             // its own pools even when the process shares one (--ort-threads).
             own_threads: config.ort.intra_op_threads != 0,
+            execution: match config.ort.cuda_device() {
+                None => weft_backends::onnx::Execution::Cpu,
+                Some(device) => weft_backends::onnx::Execution::Cuda { device },
+            },
         }
     }
 

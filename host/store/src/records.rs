@@ -80,6 +80,9 @@ pub struct Quotas {
     pub max_job_rows: u64,
     /// Longest deadline a batch job may ask for, in seconds (also its default).
     pub max_job_seconds: u64,
+    /// GPU memory the tenant's models may take (instances × size of every stored version with
+    /// `execution = "cuda"`); 0, the default, means the tenant may not push GPU models.
+    pub gpu_memory_mb: u64,
 }
 
 impl Default for Quotas {
@@ -101,6 +104,7 @@ impl Default for Quotas {
             max_jobs: 64,
             max_job_rows: 10_000_000,
             max_job_seconds: 24 * 3600,
+            gpu_memory_mb: 0,
         }
     }
 }

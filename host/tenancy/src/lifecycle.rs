@@ -24,7 +24,7 @@ use weft_store::{
 
 use crate::backends::ModelBudget;
 use crate::scope::TenantScope;
-use crate::storage::{ModelCost, Reservation, check_model_memory, check_stored};
+use crate::storage::{ModelCost, Reservation, check_gpu_memory, check_model_memory, check_stored};
 use crate::tenancy::Tenancy;
 
 /// The three kinds of versioned artifact a tenant owns.
@@ -373,18 +373,28 @@ impl Tenancy {
         self.models.check(&onnx, budget).map_err(context)?;
         // Checked before the loads and again under the writer, so concurrent pushes cannot
         // overcommit the budget between them. Returns what is left for this model.
+        let on_gpu = config.ort.cuda_device().is_some();
+        if on_gpu && quotas.gpu_memory_mb == 0 {
+            return Err(Error::new(
+                weft_core::ErrorKind::PermissionDenied,
+                format!(
+                    "model '{name}' version {number} asks for execution = \"cuda\", but this \
+                     tenant may not run models on a GPU (its gpu_memory_mb quota is 0; the \
+                     operator grants GPU memory with `weft tenant update`)"
+                ),
+            ));
+        }
         let fits = |current: &State| -> Result<u64> {
-            let used = self.model_memory_used(tenant_of(current, tenant)?)?;
-            check_model_memory(
-                &ModelCost {
-                    what: format!("model '{name}' version {number}"),
-                    instances: self.models.instances(&config),
-                    bytes: onnx_size,
-                },
-                used,
-                quotas.model_memory_mb,
-                budget.worker_memory,
-            )
+            let (used, gpu_used) = self.model_memory_used(tenant_of(current, tenant)?)?;
+            let cost = ModelCost {
+                what: format!("model '{name}' version {number}"),
+                instances: self.models.instances(&config),
+                bytes: onnx_size,
+            };
+            if on_gpu {
+                check_gpu_memory(&cost, gpu_used, quotas.gpu_memory_mb)?;
+            }
+            check_model_memory(&cost, used, quotas.model_memory_mb, budget.worker_memory)
         };
         let left = fits(&current)?;
         // Prove it loads within what is left, in a worker of its own (a model that blows its
@@ -427,17 +437,24 @@ impl Tenancy {
     }
 
     /// What a tenant's stored model versions take of its model memory: instance_count × size.
-    fn model_memory_used(&self, tenant: &Tenant) -> Result<u64> {
-        let mut used = 0u64;
+    /// What the tenant's stored model versions take: (host bytes, GPU bytes), each version
+    /// its instances × its size; GPU versions count in both (ONNX Runtime keeps the weights on
+    /// the host while it loads them onto the device).
+    fn model_memory_used(&self, tenant: &Tenant) -> Result<(u64, u64)> {
+        let (mut host, mut gpu) = (0u64, 0u64);
         for (name, versions) in &tenant.models {
             for record in versions.values() {
                 let text = String::from_utf8(self.store.read_blob(&record.config_digest)?)
                     .map_err(|_| Error::invalid("the stored model.toml is not UTF-8"))?;
                 let config = ModelConfig::parse(&model_config_path(name), &text)?;
-                used = used.saturating_add(self.models.instances(&config) * record.size);
+                let bytes = self.models.instances(&config).saturating_mul(record.size);
+                host = host.saturating_add(bytes);
+                if config.ort.cuda_device().is_some() {
+                    gpu = gpu.saturating_add(bytes);
+                }
             }
         }
-        Ok(used)
+        Ok((host, gpu))
     }
 
     /// Applies a graph version: validated against the tenant's namespace exactly as `weft

@@ -205,6 +205,30 @@ pub fn check_model_memory(
     Ok(left)
 }
 
+/// Refuses a GPU model whose sessions do not fit in what the tenant's `gpu_memory_mb` has left
+/// after the `used` bytes its stored GPU models take (403, both figures named). The weights
+/// are what a model holds on the device for certain; activations and ONNX Runtime's arena come
+/// on top, which is why a device is never filled to its quota's sum.
+pub fn check_gpu_memory(cost: &ModelCost, used: u64, quota_mb: u64) -> Result<()> {
+    let needs = cost.instances.saturating_mul(cost.bytes);
+    let budget = quota_mb.saturating_mul(1 << 20);
+    if used.saturating_add(needs) > budget {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{} needs about {} MiB of GPU memory ({} instances of {} bytes) but the \
+                 tenant's gpu_memory_mb quota of {quota_mb} MiB has {} MiB left",
+                cost.what,
+                needs.div_ceil(1 << 20),
+                cost.instances,
+                cost.bytes,
+                budget.saturating_sub(used) >> 20
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -299,3 +299,50 @@ fn a_scope_holds_the_platform_models_it_shares_and_its_own_models_over_them() {
     assert!(scope.registry.resolve("m", Some("1")).is_err());
     assert!(world.tenancy.platform().resolve("m", Some("1")).is_ok());
 }
+
+/// Pushes `onnx` as model `name` version 1 with `config`.
+fn push_with_config(world: &World, tenant: &str, name: &str, config: &str, onnx: &[u8]) -> weft_core::Result<()> {
+    let (staged, reservation) = world.stage(tenant, onnx);
+    world
+        .tenancy
+        .push_model(
+            tenant,
+            ModelUpload {
+                name: name.into(),
+                version: 1,
+                config_text: config.into(),
+                staged,
+                size: onnx.len() as u64,
+                reservation,
+            },
+        )
+        .map(drop)
+}
+
+#[test]
+fn gpu_models_need_a_gpu_memory_quota_and_fit_in_it() {
+    let world = world(&["acme"]);
+    let gpu = "platform = \"onnx\"\n[ort]\nexecution = \"cuda\"\n";
+    let mut onnx = b"onnx gpu ".to_vec();
+    onnx.resize(600 << 10, b'w');
+    // The default quota is 0: no GPU models at all, and the refusal says which quota.
+    let error = push_with_config(&world, "acme", "g", gpu, &onnx).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
+    assert!(error.to_string().contains("gpu_memory_mb quota is 0"), "{error}");
+    world
+        .tenancy
+        .change(Some("acme"), |state| {
+            state.tenants.get_mut("acme").unwrap().quotas.gpu_memory_mb = 1;
+            Ok(())
+        })
+        .unwrap();
+    // 600 KiB fits in 1 MiB once, not twice; CPU models do not count against it.
+    push_with_config(&world, "acme", "g", gpu, &onnx).unwrap();
+    push_with_config(&world, "acme", "c", "platform = \"onnx\"\n", &onnx).unwrap();
+    let error = push_with_config(&world, "acme", "h", gpu, &onnx).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
+    assert!(
+        error.to_string().contains("gpu_memory_mb quota of 1 MiB has 0 MiB left"),
+        "{error}"
+    );
+}
