@@ -257,7 +257,9 @@ pub fn build_sessions(
                     Ok(builder)
                 }
             })
-            .map_err(|error| Error::invalid(format!("ONNX Runtime cannot load the model: {error}")));
+            .map_err(|error| {
+                Error::invalid(format!("ONNX Runtime cannot load the model: {error}"))
+            });
         let builder = match &cuda {
             None => builder,
             Some((device, provider)) => builder.and_then(|builder| {

@@ -465,13 +465,17 @@ mod tests {
 
     #[test]
     fn cuda_execution_parses_and_device_needs_it() {
-        let config = parse("platform = \"onnx\"\n[ort]\nexecution = \"cuda\"\ndevice = 1\n").unwrap();
+        let config =
+            parse("platform = \"onnx\"\n[ort]\nexecution = \"cuda\"\ndevice = 1\n").unwrap();
         assert_eq!(config.ort.execution, ExecutionKind::Cuda);
         assert_eq!(config.ort.cuda_device(), Some(1));
         let default_device = parse("platform = \"onnx\"\n[ort]\nexecution = \"cuda\"\n").unwrap();
         assert_eq!(default_device.ort.cuda_device(), Some(0));
         let error = parse("platform = \"onnx\"\n[ort]\ndevice = 1\n").unwrap_err();
-        assert!(error.to_string().contains("needs execution = \"cuda\""), "{error}");
+        assert!(
+            error.to_string().contains("needs execution = \"cuda\""),
+            "{error}"
+        );
         let error = parse("platform = \"onnx\"\n[ort]\nexecution = \"tpu\"\n").unwrap_err();
         assert!(error.to_string().contains("execution"), "{error}");
         assert!(error.to_string().contains("models/m/model.toml"), "{error}");

@@ -171,8 +171,9 @@ impl PinnedPool {
                 let allocated = guarded(|| {
                     // SAFETY: the memory is uninitialised when allocated; it is zeroed right
                     // here, before any byte of it can be read.
-                    let mut slice = unsafe { self.context.alloc_pinned_with_flags::<u8>(capacity, 0) }
-                        .map_err(driver)?;
+                    let mut slice =
+                        unsafe { self.context.alloc_pinned_with_flags::<u8>(capacity, 0) }
+                            .map_err(driver)?;
                     slice.as_mut_slice().map_err(driver)?.fill(0);
                     Ok(slice)
                 });

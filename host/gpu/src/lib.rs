@@ -16,7 +16,6 @@ pub mod fake;
 pub mod nvml;
 
 use std::fmt;
-use std::sync::Arc;
 
 /// One CUDA device as discovery found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,20 +114,6 @@ pub trait GpuTelemetry: Send + Sync {
     fn sample(&self) -> Vec<GpuSample>;
 }
 
-/// The machine's devices through cudarc, and its telemetry through NVML when the driver is
-/// there; `None` telemetry otherwise (no `nv_gpu_*` series are exported then).
-pub fn system() -> (Arc<dyn GpuDevices>, Option<Arc<dyn GpuTelemetry>>) {
-    let devices: Arc<dyn GpuDevices> = Arc::new(cuda::CudaDevices::default());
-    let telemetry = match nvml::NvmlTelemetry::open() {
-        Ok(telemetry) => Some(Arc::new(telemetry) as Arc<dyn GpuTelemetry>),
-        Err(reason) => {
-            tracing::debug!(%reason, "no GPU telemetry");
-            None
-        }
-    };
-    (devices, telemetry)
-}
-
 /// Formats a CUDA UUID's 16 bytes as NVML does: `GPU-` then 8-4-4-4-12 hex digits.
 pub fn format_uuid(bytes: &[u8; 16]) -> String {
     let hex: Vec<String> = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
@@ -168,7 +153,12 @@ mod tests {
             "CUDA device 2 does not exist; this machine has 2 (devices 0 to 1)"
         );
         let none = fake::FakeGpus::absent(GpuAbsent::NoDriver);
-        assert!(none.device(0).unwrap_err().to_string().contains("libcuda.so.1"));
+        assert!(
+            none.device(0)
+                .unwrap_err()
+                .to_string()
+                .contains("libcuda.so.1")
+        );
     }
 
     /// On a machine without the NVIDIA driver (CI), discovery says so instead of panicking as

@@ -977,6 +977,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
     text.push_str(&crate::metrics::render_rollouts(
         &state.tenancy.rollout_metrics(),
     ));
+    if let Some(gpus) = &state.scrape.gpus {
+        text.push_str(&crate::metrics::render_gpus(&gpus.sample()));
+    }
     text.push_str(&state.load.render());
     (
         [(

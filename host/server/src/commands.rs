@@ -422,6 +422,7 @@ fn load_repository(
     ));
     let scrape = ScrapeSources {
         runtime: Some(runtime.clone()),
+        gpus: gpu_telemetry(),
         plugins: Arc::new(
             runner
                 .plugins()
@@ -809,5 +810,34 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = interrupt.await;
+    }
+}
+
+/// NVML, when the machine has the NVIDIA driver, with what start-up found said in the log:
+/// the devices (from the CUDA driver) or why there are none.
+fn gpu_telemetry() -> Option<Arc<dyn weft_gpu::GpuTelemetry>> {
+    match weft_gpu::GpuDevices::discover(weft_backends::onnx::process_gpus()) {
+        Ok(devices) => {
+            for device in &devices {
+                tracing::info!(
+                    index = device.index,
+                    name = %device.name,
+                    uuid = %device.uuid,
+                    compute_capability = ?device.compute_capability,
+                    memory_bytes = device.memory_total_bytes,
+                    "GPU found"
+                );
+            }
+        }
+        Err(reason) => {
+            tracing::info!(%reason, "no GPU: models with execution = \"cuda\" stay unavailable")
+        }
+    }
+    match weft_gpu::nvml::NvmlTelemetry::open() {
+        Ok(telemetry) => Some(Arc::new(telemetry)),
+        Err(reason) => {
+            tracing::debug!(%reason, "no GPU telemetry; nv_gpu_* metrics are not exported");
+            None
+        }
     }
 }

@@ -247,10 +247,18 @@ impl RepositoryLoader {
     /// Puts the batcher (or compute metering) in front of a loaded model.
     fn serve(&self, name: &str, model: Arc<dyn Model>, config: &ModelConfig) -> Arc<dyn Model> {
         let instance_count = self.onnx_options(config).instance_count;
+        // A model on a GPU also reports to that device's histograms (it loaded, so the device
+        // was found).
+        let gpu_uuid = config.ort.cuda_device().and_then(|device| {
+            let gpus = weft_backends::onnx::process_gpus();
+            weft_gpu::GpuDevices::device(gpus, device)
+                .ok()
+                .map(|info| info.uuid)
+        });
         match &config.dynamic_batching {
             None => {
                 let metered = match &self.metrics {
-                    Some(metrics) => metrics.metered(name, model),
+                    Some(metrics) => metrics.metered(name, model, gpu_uuid.as_deref()),
                     None => model,
                 };
                 Arc::new(FairShared::new(metered, instance_count))
@@ -271,7 +279,9 @@ impl RepositoryLoader {
                     },
                 );
                 Arc::new(match &self.metrics {
-                    Some(metrics) => batched.with_observer(metrics.batch_observer(name)),
+                    Some(metrics) => {
+                        batched.with_observer(metrics.batch_observer(name, gpu_uuid.as_deref()))
+                    }
                     None => batched,
                 })
             }

@@ -53,6 +53,9 @@ pub struct Metrics {
     uploads: IntCounterVec,
     resident_memory: IntGauge,
     worker_restarts: IntCounterVec,
+    /// Batch sizes and compute times per GPU (`gpu_uuid`).
+    gpu_batch_size: HistogramVec,
+    gpu_compute_duration: HistogramVec,
     /// Tenant models loaded on demand (`--model-memory-budget`).
     pub models_on_demand: Arc<OnDemandMetrics>,
     /// Tenant plugins compiled on demand (`--plugin-cache-budget`).
@@ -348,6 +351,20 @@ impl Metrics {
                 &["kind", "status"],
             ),
             resident_memory,
+            gpu_batch_size: histogram_vec(
+                &r,
+                "weft_gpu_batch_size",
+                "Rows per backend call of the models on each GPU.",
+                &["gpu_uuid"],
+                BATCH_BUCKETS,
+            ),
+            gpu_compute_duration: histogram_vec(
+                &r,
+                "weft_gpu_compute_duration_seconds",
+                "Backend call time of the models on each GPU.",
+                &["gpu_uuid"],
+                SECONDS_BUCKETS,
+            ),
             models_on_demand: Arc::new(OnDemandMetrics::models(&r)),
             plugins_on_demand: Arc::new(OnDemandMetrics::plugins(&r)),
             registry: r,
@@ -406,10 +423,15 @@ impl Metrics {
     }
 
     /// An observer for one batching model's batcher.
-    pub fn batch_observer(self: &Arc<Self>, model: &str) -> Arc<dyn BatchObserver> {
+    pub fn batch_observer(
+        self: &Arc<Self>,
+        model: &str,
+        gpu_uuid: Option<&str>,
+    ) -> Arc<dyn BatchObserver> {
         Arc::new(ModelMetrics {
             batch_size: self.batch_size.with_label_values(&[model]),
             compute: self.compute_duration.with_label_values(&[model]),
+            device: gpu_uuid.map(|uuid| self.device_histograms(uuid)),
             queue: self.queue_duration.with_label_values(&[model]),
             depth: self.queue_depth.with_label_values(&[model]),
             retries: self.batch_retries.with_label_values(&[model]),
@@ -418,11 +440,25 @@ impl Metrics {
     }
 
     /// Wraps a model that does not batch so its compute time is measured and accounted.
-    pub fn metered(&self, model: &str, inner: Arc<dyn Model>) -> Arc<dyn Model> {
+    pub fn metered(
+        &self,
+        model: &str,
+        inner: Arc<dyn Model>,
+        gpu_uuid: Option<&str>,
+    ) -> Arc<dyn Model> {
         Arc::new(MeteredModel {
             inner,
             compute: self.compute_duration.with_label_values(&[model]),
+            device: gpu_uuid.map(|uuid| self.device_histograms(uuid)),
         })
+    }
+
+    /// The batch size and compute histograms of one GPU (every model on it together).
+    fn device_histograms(&self, gpu_uuid: &str) -> (Histogram, Histogram) {
+        (
+            self.gpu_batch_size.with_label_values(&[gpu_uuid]),
+            self.gpu_compute_duration.with_label_values(&[gpu_uuid]),
+        )
     }
 
     pub fn graph_observer(self: &Arc<Self>) -> Arc<dyn GraphObserver> {
@@ -624,6 +660,8 @@ impl weft_tenancy::backends::TenancyObserver for TenancyMetrics {
 pub struct ScrapeSources {
     pub runtime: Option<PluginRuntime>,
     pub plugins: Arc<HashMap<String, Plugin>>,
+    /// NVML, when this machine has the NVIDIA driver: the `nv_gpu_*` families.
+    pub gpus: Option<Arc<dyn weft_gpu::GpuTelemetry>>,
 }
 
 impl GraphObserver for Metrics {
@@ -660,6 +698,8 @@ impl GraphObserver for TenantGraphObserver {
 struct ModelMetrics {
     batch_size: Histogram,
     compute: Histogram,
+    /// The same two for the GPU the model runs on, labelled by its UUID.
+    device: Option<(Histogram, Histogram)>,
     queue: Histogram,
     depth: IntGauge,
     retries: IntCounter,
@@ -670,6 +710,10 @@ impl BatchObserver for ModelMetrics {
     fn batch(&self, rows: usize, _requests: usize, compute: Duration) {
         self.batch_size.observe(rows as f64);
         self.compute.observe(compute.as_secs_f64());
+        if let Some((batch_size, device_compute)) = &self.device {
+            batch_size.observe(rows as f64);
+            device_compute.observe(compute.as_secs_f64());
+        }
     }
 
     fn waited(&self, queued: Duration) {
@@ -707,6 +751,8 @@ impl weft_backends::worker::WorkerObserver for Metrics {
 struct MeteredModel {
     inner: Arc<dyn Model>,
     compute: Histogram,
+    /// The batch size (one call's rows) and compute histograms of its GPU, if on one.
+    device: Option<(Histogram, Histogram)>,
 }
 
 impl Model for MeteredModel {
@@ -732,10 +778,78 @@ impl Model for MeteredModel {
             let result = self.inner.infer(request, inputs).await;
             let elapsed = started.elapsed();
             self.compute.observe(elapsed.as_secs_f64());
+            if let Some((batch_size, device_compute)) = &self.device {
+                let rows = result
+                    .as_ref()
+                    .ok()
+                    .and_then(|outputs| outputs.first()?.tensor.shape().first().copied())
+                    .unwrap_or(1);
+                batch_size.observe(rows as f64);
+                device_compute.observe(elapsed.as_secs_f64());
+            }
             request.add(Spent::Compute, elapsed);
             result
         })
     }
+}
+
+/// Triton's GPU families, built at scrape time from one NVML sample per device, labelled
+/// `gpu_uuid`: `nv_gpu_utilization` (0.0 to 1.0), `nv_gpu_memory_total_bytes`,
+/// `nv_gpu_memory_used_bytes`, `nv_gpu_power_usage` and `nv_gpu_power_limit` (watts), and
+/// `nv_energy_consumption` (joules since the driver loaded) where the device reports it.
+pub fn render_gpus(samples: &[weft_gpu::GpuSample]) -> String {
+    if samples.is_empty() {
+        return String::new();
+    }
+    let registry = prometheus::Registry::new();
+    let gauges = [
+        ("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)"),
+        ("nv_gpu_memory_total_bytes", "GPU total memory, in bytes"),
+        ("nv_gpu_memory_used_bytes", "GPU used memory, in bytes"),
+        ("nv_gpu_power_usage", "GPU power usage in watts"),
+        ("nv_gpu_power_limit", "GPU power management limit in watts"),
+        (
+            "nv_energy_consumption",
+            "GPU energy consumption in joules since the driver loaded",
+        ),
+    ]
+    .map(|(name, help)| {
+        let gauge = prometheus::GaugeVec::new(Opts::new(name, help), &["gpu_uuid"]);
+        if let Ok(gauge) = &gauge {
+            register(&registry, Box::new(gauge.clone()));
+        }
+        gauge
+    });
+    let [
+        Ok(utilization),
+        Ok(total),
+        Ok(used),
+        Ok(power),
+        Ok(limit),
+        Ok(energy),
+    ] = gauges
+    else {
+        return String::new();
+    };
+    for sample in samples {
+        let uuid = [sample.uuid.as_str()];
+        utilization.with_label_values(&uuid).set(sample.utilization);
+        total
+            .with_label_values(&uuid)
+            .set(sample.memory_total_bytes as f64);
+        used.with_label_values(&uuid)
+            .set(sample.memory_used_bytes as f64);
+        power.with_label_values(&uuid).set(sample.power_usage);
+        limit.with_label_values(&uuid).set(sample.power_limit);
+        if let Some(joules) = sample.energy_consumption {
+            energy.with_label_values(&uuid).set(joules);
+        }
+    }
+    let mut text = String::new();
+    if let Err(error) = TextEncoder::new().encode_utf8(&registry.gather(), &mut text) {
+        tracing::error!(%error, "cannot encode the GPU metrics");
+    }
+    text
 }
 
 /// The `weft_rollout_*` families, built at scrape time from the rollouts this replica serves
@@ -833,4 +947,68 @@ pub fn render_rollouts(rollouts: &[weft_tenancy::rollouts::RolloutMetrics]) -> S
         tracing::error!(%error, "cannot encode the rollout metrics");
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+
+    use weft_gpu::GpuTelemetry;
+    use weft_gpu::fake::FakeGpus;
+
+    use super::*;
+
+    #[test]
+    fn gpu_families_carry_tritons_names_per_device() {
+        let gpus = FakeGpus::with_devices(2);
+        let text = render_gpus(&gpus.sample());
+        for device in [
+            "GPU-00000000-0000-0000-0000-000000000000",
+            "GPU-00000000-0000-0000-0000-000000000001",
+        ] {
+            for (family, value) in [
+                ("nv_gpu_utilization", "0.5"),
+                ("nv_gpu_memory_total_bytes", "85899345920"),
+                ("nv_gpu_memory_used_bytes", "1073741824"),
+                ("nv_gpu_power_usage", "250"),
+                ("nv_gpu_power_limit", "700"),
+                ("nv_energy_consumption", "1000"),
+            ] {
+                let line = format!("{family}{{gpu_uuid=\"{device}\"}} {value}");
+                assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+            }
+        }
+        assert!(text.contains("# TYPE nv_gpu_utilization gauge"), "{text}");
+        // No devices: no families at all (not empty ones).
+        assert_eq!(render_gpus(&[]), "");
+    }
+
+    #[test]
+    fn a_model_on_a_gpu_also_reports_to_its_devices_histograms() {
+        let metrics = Arc::new(Metrics::new());
+        let uuid = "GPU-00000000-0000-0000-0000-000000000000";
+        let on_gpu = metrics.batch_observer("wide", Some(uuid));
+        on_gpu.batch(64, 8, Duration::from_millis(2));
+        metrics
+            .batch_observer("mlp", None)
+            .batch(4, 1, Duration::from_millis(1));
+        let text = metrics.render(
+            &ScrapeSources {
+                runtime: None,
+                plugins: Arc::default(),
+                gpus: None,
+            },
+            &Live::default(),
+        );
+        let count = format!("weft_gpu_batch_size_count{{gpu_uuid=\"{uuid}\"}} 1");
+        let sum = format!("weft_gpu_batch_size_sum{{gpu_uuid=\"{uuid}\"}} 64");
+        assert!(text.lines().any(|l| l == count), "{count} not in\n{text}");
+        assert!(text.lines().any(|l| l == sum), "{sum} not in\n{text}");
+        assert!(
+            text.contains("weft_gpu_compute_duration_seconds_count{gpu_uuid"),
+            "{text}"
+        );
+    }
 }

@@ -301,7 +301,13 @@ fn a_scope_holds_the_platform_models_it_shares_and_its_own_models_over_them() {
 }
 
 /// Pushes `onnx` as model `name` version 1 with `config`.
-fn push_with_config(world: &World, tenant: &str, name: &str, config: &str, onnx: &[u8]) -> weft_core::Result<()> {
+fn push_with_config(
+    world: &World,
+    tenant: &str,
+    name: &str,
+    config: &str,
+    onnx: &[u8],
+) -> weft_core::Result<()> {
     let (staged, reservation) = world.stage(tenant, onnx);
     world
         .tenancy
@@ -328,7 +334,10 @@ fn gpu_models_need_a_gpu_memory_quota_and_fit_in_it() {
     // The default quota is 0: no GPU models at all, and the refusal says which quota.
     let error = push_with_config(&world, "acme", "g", gpu, &onnx).unwrap_err();
     assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
-    assert!(error.to_string().contains("gpu_memory_mb quota is 0"), "{error}");
+    assert!(
+        error.to_string().contains("gpu_memory_mb quota is 0"),
+        "{error}"
+    );
     world
         .tenancy
         .change(Some("acme"), |state| {
@@ -342,7 +351,9 @@ fn gpu_models_need_a_gpu_memory_quota_and_fit_in_it() {
     let error = push_with_config(&world, "acme", "h", gpu, &onnx).unwrap_err();
     assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
     assert!(
-        error.to_string().contains("gpu_memory_mb quota of 1 MiB has 0 MiB left"),
+        error
+            .to_string()
+            .contains("gpu_memory_mb quota of 1 MiB has 0 MiB left"),
         "{error}"
     );
 }

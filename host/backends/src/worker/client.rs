@@ -1108,10 +1108,13 @@ pub async fn trial_load(
             .unwrap_or_else(|| "unlimited".into()),
         config.load_timeout.as_secs()
     );
+    let on_gpu = options.execution != crate::onnx::Execution::Cpu;
     let worker = ModelWorker::start(config)?;
     let loaded = worker.load(onnx, options, max_batch_size).await;
     match loaded {
         Ok(model) => Ok(model.metadata.clone()),
+        // No GPU here, or no CUDA provider: the machine's reason, not the tenant's limits.
+        Err(error) if on_gpu && error.message().to_ascii_lowercase().contains("cuda") => Err(error),
         Err(error)
             if error.kind() == ErrorKind::Unavailable
                 || ["bad_alloc", "allocate", "memory"]
