@@ -84,7 +84,7 @@ pub use bindings::weft::plugin::host::{Level, log};
 pub use bindings::weft::plugin::types::{Branch, Datatype, Error, NamedTensor, Params, Tensor};
 pub use combiner::export_combiner;
 pub use router::export_router;
-pub use tensor::{infer, param, param_f32, param_usize};
+pub use tensor::{Target, infer, infer_on, param, param_f32, param_usize};
 pub use transformer::export_transformer;
 
 /// A transformer: rewrites the tensors flowing through its node.

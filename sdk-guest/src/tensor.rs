@@ -226,6 +226,41 @@ fn model_error(model: &str, error: crate::bindings::wasi::nn::errors::Error) -> 
 /// ```
 pub fn infer(model: &str, inputs: &[(&str, &Tensor)]) -> Result<Vec<NamedTensor>, Error> {
     let graph = graph::load_by_name(model).map_err(|e| model_error(model, e))?;
+    compute(model, graph, inputs)
+}
+
+/// Where a plugin asks a granted model to run (`wasi:nn`'s execution target).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Cpu,
+    Gpu,
+}
+
+/// Like [`infer`], on the device asked for: the host refuses (`unsupported-operation`, saying
+/// where the model runs) when the granted model is not there, instead of running it elsewhere.
+///
+/// ```ignore
+/// let outputs = weft_sdk::infer_on("wide", weft_sdk::Target::Gpu, &[("x", &tensor)])?;
+/// ```
+pub fn infer_on(
+    model: &str,
+    target: Target,
+    inputs: &[(&str, &Tensor)],
+) -> Result<Vec<NamedTensor>, Error> {
+    let target = match target {
+        Target::Cpu => graph::ExecutionTarget::Cpu,
+        Target::Gpu => graph::ExecutionTarget::Gpu,
+    };
+    let graph = graph::load(&[model.as_bytes().to_vec()], graph::GraphEncoding::Onnx, target)
+        .map_err(|e| model_error(model, e))?;
+    compute(model, graph, inputs)
+}
+
+fn compute(
+    model: &str,
+    graph: graph::Graph,
+    inputs: &[(&str, &Tensor)],
+) -> Result<Vec<NamedTensor>, Error> {
     let context = graph
         .init_execution_context()
         .map_err(|e| model_error(model, e))?;

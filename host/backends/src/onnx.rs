@@ -117,6 +117,16 @@ pub enum Execution {
     Cuda { device: u32 },
 }
 
+impl Execution {
+    /// The CUDA device, or `None` on the CPU.
+    pub fn gpu(self) -> Option<u32> {
+        match self {
+            Execution::Cpu => None,
+            Execution::Cuda { device } => Some(device),
+        }
+    }
+}
+
 /// How to get the GPU build of the library, repeated in errors about it.
 const HOW_TO_GET_ORT_GPU: &str = "`cargo xtask setup --gpu` fetches the GPU build \
      (onnxruntime-gpu 1.22 and its CUDA 12 libraries, from PyPI) into target/onnxruntime-gpu/; \
@@ -182,6 +192,8 @@ impl Default for OnnxOptions {
 pub struct OnnxModel {
     metadata: ModelMetadata,
     sessions: Arc<SessionPool>,
+    /// The CUDA device its sessions run on.
+    gpu: Option<u32>,
 }
 
 struct SessionPool {
@@ -201,20 +213,21 @@ impl OnnxModel {
     /// Loads a model from its bytes.
     pub fn from_bytes(bytes: &[u8], options: &OnnxOptions) -> Result<Self> {
         let (sessions, metadata) = build_sessions(SessionSource::Bytes(bytes), options)?;
-        Ok(Self::from_sessions(sessions, metadata))
+        Ok(Self::from_sessions(sessions, metadata, options))
     }
 
     /// Loads the model by path so ONNX Runtime resolves its external-data files next to it.
     /// Only for operator repository models whose `model.toml` sets `allow_external_data`.
     pub fn load_with_external_data(path: &Path, options: &OnnxOptions) -> Result<Self> {
         let (sessions, metadata) = build_sessions(SessionSource::File(path), options)?;
-        Ok(Self::from_sessions(sessions, metadata))
+        Ok(Self::from_sessions(sessions, metadata, options))
     }
 
-    fn from_sessions(sessions: Vec<Session>, metadata: ModelMetadata) -> Self {
+    fn from_sessions(sessions: Vec<Session>, metadata: ModelMetadata, options: &OnnxOptions) -> Self {
         let count = sessions.len();
         OnnxModel {
             metadata,
+            gpu: options.execution.gpu(),
             sessions: Arc::new(SessionPool {
                 sessions: sessions.into_iter().map(Mutex::new).collect(),
                 free: Semaphore::new(count),
@@ -298,6 +311,7 @@ impl Model for OnnxModel {
         weft_core::ServingConfig {
             instances: self.sessions.sessions.len(),
             dynamic_batching: None,
+            gpu: self.gpu,
         }
     }
 

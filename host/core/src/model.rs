@@ -38,6 +38,9 @@ pub struct ServingConfig {
     pub instances: usize,
     /// The dynamic batcher in front of it, if any.
     pub dynamic_batching: Option<DynamicBatchingConfig>,
+    /// The CUDA device it runs on; `None` on the CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<u32>,
 }
 
 /// A dynamic batcher's settings, as Triton names them.

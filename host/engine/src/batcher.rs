@@ -351,6 +351,7 @@ impl Model for BatchedModel {
 
     fn serving(&self) -> weft_core::ServingConfig {
         weft_core::ServingConfig {
+            gpu: self.inner.serving().gpu,
             instances: self.config.instances,
             dynamic_batching: Some(weft_core::DynamicBatchingConfig {
                 preferred_batch_size: self.config.preferred_batch_sizes.clone(),

@@ -6,6 +6,11 @@
 //! - `load-by-name` resolves only the models granted to this plugin for this call (the caller
 //!   resolved the names in the tenant's namespace); anything else is `not-found`.
 //! - `load` of raw model bytes is refused with `security`: plugins use the host's models only.
+//!   `load` whose one builder is a granted model's name loads that model with an explicit
+//!   `execution-target`: `gpu` is accepted where the model runs on a GPU and refused
+//!   (`unsupported-operation`, with where it runs) where it does not, and likewise `cpu`, so a
+//!   plugin that asks for a device never silently gets another. `load-by-name` takes the model
+//!   wherever it runs.
 //! - `compute` awaits the model's async `infer`, so it never blocks a tokio worker.
 //! - Every malformed tensor or failed call is a wasi-nn error with a message, never a trap.
 //! - Every tensor, graph, context and error is charged to the call's host budget and deleted
@@ -167,15 +172,52 @@ impl tensor::HostTensor for PluginState {
 impl graph::Host for PluginState {
     fn load(
         &mut self,
-        _builder: Vec<Vec<u8>>,
-        _encoding: GraphEncoding,
-        _target: ExecutionTarget,
+        builder: Vec<Vec<u8>>,
+        encoding: GraphEncoding,
+        target: ExecutionTarget,
     ) -> wasmtime::Result<Result<Resource<NnGraph>, Resource<NnError>>> {
-        self.nn_error(
-            ErrorCode::Security,
-            "loading model bytes from a plugin is not allowed; use load-by-name with a model \
-             granted to this graph node",
-        )
+        // One builder that is a granted model's name: that model, on the device asked for.
+        let granted = match builder.as_slice() {
+            [name] => std::str::from_utf8(name)
+                .ok()
+                .filter(|name| self.grants.contains_key(*name))
+                .map(str::to_owned),
+            _ => None,
+        };
+        let Some(name) = granted else {
+            return self.nn_error(
+                ErrorCode::Security,
+                "loading model bytes from a plugin is not allowed; use load-by-name with a \
+                 model granted to this graph node (or load with its name as the only builder \
+                 to ask for an execution target)",
+            );
+        };
+        if !matches!(encoding, GraphEncoding::Onnx | GraphEncoding::Autodetect) {
+            return self.nn_error(
+                ErrorCode::InvalidEncoding,
+                format!("model '{name}' is an ONNX model; load it with encoding onnx or autodetect"),
+            );
+        }
+        let gpu = self.grants.get(&name).and_then(|model| model.serving().gpu);
+        let refusal = match (target, gpu) {
+            (ExecutionTarget::Gpu, Some(_)) | (ExecutionTarget::Cpu, None) => None,
+            (ExecutionTarget::Gpu, None) => Some(format!(
+                "model '{name}' runs on the CPU, not a GPU; load it with execution-target cpu \
+                 (or by name)"
+            )),
+            (ExecutionTarget::Cpu, Some(device)) => Some(format!(
+                "model '{name}' runs on GPU {device}, not the CPU; load it with \
+                 execution-target gpu (or by name)"
+            )),
+            (ExecutionTarget::Tpu, _) => Some(format!(
+                "model '{name}' cannot run on a TPU: Weft runs models on the CPU and on NVIDIA \
+                 GPUs"
+            )),
+        };
+        if let Some(message) = refusal {
+            return self.nn_error(ErrorCode::UnsupportedOperation, message);
+        }
+        self.load_by_name(name)
     }
 
     fn load_by_name(

@@ -169,6 +169,74 @@ async fn ungranted_model_is_not_found() {
     );
 }
 
+/// A [`Doubler`] that reports running on GPU 0.
+struct GpuDoubler(Arc<dyn Model>);
+
+impl Model for GpuDoubler {
+    fn metadata(&self) -> &ModelMetadata {
+        self.0.metadata()
+    }
+    fn serving(&self) -> weft_core::ServingConfig {
+        weft_core::ServingConfig {
+            gpu: Some(0),
+            ..weft_core::ServingConfig::default()
+        }
+    }
+    fn infer<'a>(
+        &'a self,
+        request: &'a weft_core::RequestContext,
+        inputs: Vec<NamedTensor>,
+    ) -> BoxFuture<'a, weft_core::Result<Vec<NamedTensor>>> {
+        self.0.infer(request, inputs)
+    }
+}
+
+#[tokio::test]
+async fn an_execution_target_is_honoured_or_refused_never_swapped() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "runtime_call_model");
+    let mut grants: HashMap<String, Arc<dyn Model>> = HashMap::new();
+    grants.insert("cpu_model".into(), Doubler::shared());
+    grants.insert("gpu_model".into(), Arc::new(GpuDoubler(Doubler::shared())));
+    let grants = Arc::new(grants);
+    let call = |model: &str, target: &str| CallContext {
+        grants: Arc::clone(&grants),
+        params: vec![
+            ("model".into(), model.into()),
+            ("target".into(), target.into()),
+        ],
+        ..CallContext::default()
+    };
+    let input = || vec![NamedTensor::new("x", f32_tensor(vec![1, 2], &[1.0, 2.0]))];
+    // Where the model is: computed.
+    for (model, target) in [("gpu_model", "gpu"), ("cpu_model", "cpu")] {
+        let outputs = plugin.transform(&call(model, target), input()).await.unwrap();
+        assert_eq!(f32s(&outputs[0].tensor), vec![2.0, 4.0], "{model} on {target}");
+    }
+    // Where it is not: refused with where it runs.
+    for (model, target, says) in [
+        ("cpu_model", "gpu", "model 'cpu_model' runs on the CPU, not a GPU"),
+        ("gpu_model", "cpu", "model 'gpu_model' runs on GPU 0, not the CPU"),
+    ] {
+        let message = plugin
+            .transform(&call(model, target), input())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("UnsupportedOperation") && message.contains(says),
+            "{model} on {target}: {message}"
+        );
+    }
+    // A name that is not granted is still not found, whatever the target.
+    let message = plugin
+        .transform(&call("someone_elses_model", "gpu"), input())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("Security") && message.contains("not allowed"), "{message}");
+}
+
 #[tokio::test]
 async fn raw_model_bytes_are_refused_with_security() {
     let runtime = runtime();

@@ -362,11 +362,15 @@ pub fn triton_config(name: &str, model: &dyn weft_core::Model) -> serde_json::Va
         });
     }
     if serving.instances > 0 {
-        config["instance_group"] = json!([{
-            "name": name,
-            "kind": "KIND_CPU",
-            "count": serving.instances,
-        }]);
+        config["instance_group"] = match serving.gpu {
+            None => json!([{ "name": name, "kind": "KIND_CPU", "count": serving.instances }]),
+            Some(device) => json!([{
+                "name": name,
+                "kind": "KIND_GPU",
+                "count": serving.instances,
+                "gpus": [device],
+            }]),
+        };
     }
     config
 }

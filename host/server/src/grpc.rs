@@ -704,7 +704,14 @@ fn model_config(name: &str, model: &dyn weft_core::Model) -> pb::ModelConfig {
         instance_group: if serving.instances > 0 {
             vec![pb::ModelInstanceGroup {
                 name: name.to_string(),
-                kind: pb::model_instance_group::Kind::Cpu as i32,
+                kind: match serving.gpu {
+                    None => pb::model_instance_group::Kind::Cpu as i32,
+                    Some(_) => pb::model_instance_group::Kind::Gpu as i32,
+                },
+                gpus: serving
+                    .gpu
+                    .map(|device| vec![i32::try_from(device).unwrap_or(i32::MAX)])
+                    .unwrap_or_default(),
                 count: i32::try_from(serving.instances).unwrap_or(i32::MAX),
                 ..Default::default()
             }]

@@ -200,6 +200,7 @@ impl ModelWorker {
     ) -> Result<WorkerModel> {
         let handle = self.shared.next_handle.fetch_add(1, Ordering::Relaxed);
         let sessions = options.instance_count.max(1);
+        let gpu = options.execution.gpu();
         let broken: Arc<std::sync::OnceLock<String>> = Arc::default();
         lock(&self.shared.models).insert(
             handle,
@@ -233,6 +234,7 @@ impl ModelWorker {
                     handle,
                     admitted: Arc::new(Semaphore::new(sessions)),
                     sessions,
+                    gpu,
                     broken,
                     outputs: metadata.outputs.clone().into(),
                     metadata: ModelMetadata {
@@ -304,6 +306,8 @@ pub struct WorkerModel {
     admitted: Arc<Semaphore>,
     /// Sessions the worker holds for it (its instance count).
     sessions: usize,
+    /// The CUDA device its sessions run on.
+    gpu: Option<u32>,
     broken: Arc<std::sync::OnceLock<String>>,
     /// The declared outputs, shared with each pending call that checks its answer.
     outputs: Arc<[TensorSpec]>,
@@ -331,6 +335,7 @@ impl Model for WorkerModel {
         weft_core::ServingConfig {
             instances: self.sessions,
             dynamic_batching: None,
+            gpu: self.gpu,
         }
     }
 

@@ -1,4 +1,5 @@
-//! Calls the model named by param `model` through wasi:nn with all its inputs.
+//! Calls the model named by param `model` through wasi:nn with all its inputs; by name, or on
+//! the execution target param `target` names (`cpu` or `gpu`).
 struct CallModel;
 impl weft_sdk::Transformer for CallModel {
     fn transform(
@@ -10,7 +11,11 @@ impl weft_sdk::Transformer for CallModel {
             .iter()
             .map(|i| (i.name.as_str(), &i.tensor))
             .collect();
-        weft_sdk::infer(model, &named)
+        match weft_sdk::param(&params, "target") {
+            Some("gpu") => weft_sdk::infer_on(model, weft_sdk::Target::Gpu, &named),
+            Some("cpu") => weft_sdk::infer_on(model, weft_sdk::Target::Cpu, &named),
+            _ => weft_sdk::infer(model, &named),
+        }
     }
 }
 weft_sdk::export_transformer!(CallModel);
