@@ -151,6 +151,8 @@ def main():
     parser.add_argument("--no-plugins", action="store_true")
     args = parser.parse_args()
     plugins = not args.no_plugins
+    if plugins and args.models % 2:
+        parser.error("--models must be even: each graph uses a normalize and a softmax plugin pair")
 
     data = os.path.join(ROOT, "target/bench-lazy")
     shutil.rmtree(data, ignore_errors=True)
