@@ -194,6 +194,8 @@ pub struct OnnxModel {
     sessions: Arc<SessionPool>,
     /// The CUDA device its sessions run on.
     gpu: Option<u32>,
+    /// Device memory the sessions took at load.
+    gpu_memory_bytes: Option<u64>,
 }
 
 struct SessionPool {
@@ -212,28 +214,74 @@ impl OnnxModel {
 
     /// Loads a model from its bytes.
     pub fn from_bytes(bytes: &[u8], options: &OnnxOptions) -> Result<Self> {
-        let (sessions, metadata) = build_sessions(SessionSource::Bytes(bytes), options)?;
-        Ok(Self::from_sessions(sessions, metadata, options))
+        let ((sessions, metadata), gpu_memory_bytes) =
+            device_memory_taken(options.execution.gpu(), || {
+                build_sessions(SessionSource::Bytes(bytes), options)
+            })?;
+        Ok(Self::from_sessions(
+            sessions,
+            metadata,
+            options,
+            gpu_memory_bytes,
+        ))
     }
 
     /// Loads the model by path so ONNX Runtime resolves its external-data files next to it.
     /// Only for operator repository models whose `model.toml` sets `allow_external_data`.
     pub fn load_with_external_data(path: &Path, options: &OnnxOptions) -> Result<Self> {
-        let (sessions, metadata) = build_sessions(SessionSource::File(path), options)?;
-        Ok(Self::from_sessions(sessions, metadata, options))
+        let ((sessions, metadata), gpu_memory_bytes) =
+            device_memory_taken(options.execution.gpu(), || {
+                build_sessions(SessionSource::File(path), options)
+            })?;
+        Ok(Self::from_sessions(
+            sessions,
+            metadata,
+            options,
+            gpu_memory_bytes,
+        ))
     }
 
-    fn from_sessions(sessions: Vec<Session>, metadata: ModelMetadata, options: &OnnxOptions) -> Self {
+    fn from_sessions(
+        sessions: Vec<Session>,
+        metadata: ModelMetadata,
+        options: &OnnxOptions,
+        gpu_memory_bytes: Option<u64>,
+    ) -> Self {
         let count = sessions.len();
         OnnxModel {
             metadata,
             gpu: options.execution.gpu(),
+            gpu_memory_bytes,
             sessions: Arc::new(SessionPool {
                 sessions: sessions.into_iter().map(Mutex::new).collect(),
                 free: Semaphore::new(count),
             }),
         }
     }
+}
+
+/// Runs `load` and measures the device memory it took on `device` (free bytes before less
+/// after, through `weft-gpu`): what a model's sessions hold on the GPU once loaded. Loads on the
+/// same device at the same moment blur it, and the CUDA provider's arena grows further with the
+/// first runs, so it is a load-time figure, not a limit.
+fn device_memory_taken<T>(
+    device: Option<u32>,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<(T, Option<u64>)> {
+    let free = |device: u32| {
+        weft_gpu::GpuDevices::device(process_gpus(), device)
+            .ok()
+            .map(|info| info.memory_free_bytes)
+    };
+    let before = device.and_then(free);
+    let loaded = load()?;
+    let after = device.and_then(free);
+    Ok((
+        loaded,
+        before
+            .zip(after)
+            .map(|(before, after)| before.saturating_sub(after)),
+    ))
 }
 
 /// Where ONNX Runtime reads a model from.
@@ -312,6 +360,7 @@ impl Model for OnnxModel {
             instances: self.sessions.sessions.len(),
             dynamic_batching: None,
             gpu: self.gpu,
+            gpu_memory_bytes: self.gpu_memory_bytes,
         }
     }
 

@@ -41,6 +41,10 @@ pub struct ServingConfig {
     /// The CUDA device it runs on; `None` on the CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<u32>,
+    /// Device memory its sessions took when they loaded (measured on the device; the CUDA
+    /// provider's arena grows further with the first runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_bytes: Option<u64>,
 }
 
 /// A dynamic batcher's settings, as Triton names them.

@@ -174,12 +174,23 @@ impl Drop for InFlight {
     }
 }
 
+/// Where a merged batch's inputs are written. The server supplies page-locked (pinned) host
+/// memory for a model on a GPU, so the provider's copy to the device is a DMA from it rather
+/// than a copy through the driver's own bounce buffer; the engine knows only this trait.
+pub trait Staging: Send + Sync {
+    /// One buffer holding `parts` back to back, or `None` to stage in ordinary memory (no
+    /// pinned memory left, or none on this machine).
+    fn stage(&self, parts: &[&[u8]]) -> Option<Bytes>;
+}
+
 /// A model behind a dynamic batcher.
 pub struct BatchedModel {
     inner: Arc<dyn Model>,
     config: BatchingConfig,
     stats: Arc<BatchStats>,
     observer: Option<Arc<dyn BatchObserver>>,
+    /// Where merged batches are written (ordinary memory when `None`).
+    staging: Option<Arc<dyn Staging>>,
     /// Instance turns: one per backend call in flight, shared by the batches (key `None`) and
     /// by requests that cannot be merged (their tenant's key).
     turns: FairGate,
@@ -198,6 +209,7 @@ impl BatchedModel {
             config,
             stats: Arc::default(),
             observer: None,
+            staging: None,
             turns: FairGate::new(instances, instances),
             shares: Arc::default(),
             queue: OnceLock::new(),
@@ -208,6 +220,12 @@ impl BatchedModel {
     /// Reports every batch, wait and queue depth to `observer` (metrics).
     pub fn with_observer(mut self, observer: Arc<dyn BatchObserver>) -> Self {
         self.observer = Some(observer);
+        self
+    }
+
+    /// Writes merged batches through `staging` (pinned memory for a model on a GPU).
+    pub fn with_staging(mut self, staging: Arc<dyn Staging>) -> Self {
+        self.staging = Some(staging);
         self
     }
 
@@ -227,6 +245,7 @@ impl BatchedModel {
                 config: self.config.clone(),
                 stats: Arc::clone(&self.stats),
                 observer: self.observer.clone(),
+                staging: self.staging.clone(),
                 turns: self.turns.clone(),
                 queue: Lanes::default(),
                 in_flight: Arc::clone(&self.in_flight),
@@ -350,8 +369,10 @@ impl Model for BatchedModel {
     }
 
     fn serving(&self) -> weft_core::ServingConfig {
+        let inner = self.inner.serving();
         weft_core::ServingConfig {
-            gpu: self.inner.serving().gpu,
+            gpu: inner.gpu,
+            gpu_memory_bytes: inner.gpu_memory_bytes,
             instances: self.config.instances,
             dynamic_batching: Some(weft_core::DynamicBatchingConfig {
                 preferred_batch_size: self.config.preferred_batch_sizes.clone(),
@@ -603,6 +624,7 @@ struct Scheduler {
     config: BatchingConfig,
     stats: Arc<BatchStats>,
     observer: Option<Arc<dyn BatchObserver>>,
+    staging: Option<Arc<dyn Staging>>,
     turns: FairGate,
     /// Requests taken off the channel and not yet in a batch.
     queue: Lanes,
@@ -650,8 +672,16 @@ impl Scheduler {
             let inner = Arc::clone(&self.inner);
             let stats = Arc::clone(&self.stats);
             let observer = self.observer.clone();
+            let staging = self.staging.clone();
             tokio::spawn(async move {
-                run_batch(inner.as_ref(), &stats, observer.as_deref(), batch).await;
+                run_batch(
+                    inner.as_ref(),
+                    &stats,
+                    observer.as_deref(),
+                    staging.as_deref(),
+                    batch,
+                )
+                .await;
                 drop(permit);
             });
         }
@@ -748,6 +778,7 @@ async fn run_batch(
     inner: &dyn Model,
     stats: &BatchStats,
     observer: Option<&dyn BatchObserver>,
+    staging: Option<&dyn Staging>,
     batch: Vec<Waiting>,
 ) {
     let started = Instant::now();
@@ -793,7 +824,7 @@ async fn run_batch(
         return;
     }
     // The members' inputs are kept (tensor data is shared, not copied) for a rerun alone.
-    let outcome = match merge(&inputs) {
+    let outcome = match merge(&inputs, staging) {
         // A merged call runs for several requests, perhaps of several tenants: for no one.
         Ok(merged) => match inner.infer(&RequestContext::background(), merged).await {
             Ok(outputs) => split(outputs, &rows),
@@ -877,8 +908,12 @@ fn compute_share(compute: Duration, rows: usize, total_rows: usize, requests: us
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
-/// Concatenates same-signature requests along dimension 0, inputs in the first request's order.
-pub(crate) fn merge(requests: &[Vec<NamedTensor>]) -> Result<Vec<NamedTensor>> {
+/// Concatenates same-signature requests along dimension 0, inputs in the first request's order,
+/// each merged input written through `staging` when it has room, else into ordinary memory.
+pub(crate) fn merge(
+    requests: &[Vec<NamedTensor>],
+    staging: Option<&dyn Staging>,
+) -> Result<Vec<NamedTensor>> {
     let Some(first) = requests.first() else {
         return Ok(Vec::new());
     };
@@ -894,14 +929,23 @@ pub(crate) fn merge(requests: &[Vec<NamedTensor>]) -> Result<Vec<NamedTensor>> {
                     .ok_or_else(|| Error::internal("batched requests differ in their inputs"))
             })
             .collect::<Result<_>>()?;
-        let total_bytes = parts.iter().map(|t| t.data().len()).sum();
-        let mut data = BytesMut::with_capacity(total_bytes);
-        parts.iter().for_each(|t| data.extend_from_slice(t.data()));
+        let slices: Vec<&[u8]> = parts.iter().map(|t| t.data().as_ref()).collect();
+        let data = match staging.and_then(|staging| staging.stage(&slices)) {
+            Some(staged) => staged,
+            None => {
+                let total_bytes = slices.iter().map(|slice| slice.len()).sum();
+                let mut data = BytesMut::with_capacity(total_bytes);
+                slices
+                    .iter()
+                    .for_each(|slice| data.extend_from_slice(slice));
+                data.freeze()
+            }
+        };
         let mut shape = input.tensor.shape().to_vec();
         shape[0] = parts.iter().map(|t| t.shape()[0]).sum();
         merged.push(NamedTensor::new(
             input.name.clone(),
-            Tensor::new(input.tensor.datatype(), shape, data.freeze())?,
+            Tensor::new(input.tensor.datatype(), shape, data)?,
         ));
     }
     Ok(merged)

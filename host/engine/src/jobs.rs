@@ -602,7 +602,7 @@ async fn run_merged(
                 .copied()
         })
         .collect::<Option<_>>()?;
-    let merged = merge(&requests).ok()?;
+    let merged = merge(&requests, None).ok()?;
     let outputs = model.infer(context, merged).await.ok()?;
     let parts = split(outputs, &counts).ok()?;
     Some(

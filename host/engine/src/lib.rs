@@ -21,7 +21,7 @@ pub mod rollout;
 pub mod shared;
 pub mod sticky;
 
-pub use batcher::{BatchObserver, BatchStats, BatchedModel, BatchingConfig};
+pub use batcher::{BatchObserver, BatchStats, BatchedModel, BatchingConfig, Staging};
 pub use config::{
     DynamicBatching, ExecutionKind, Isolation, ModelConfig, OrtOptions, VersionPolicy,
 };

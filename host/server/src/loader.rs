@@ -255,6 +255,12 @@ impl RepositoryLoader {
                 .ok()
                 .map(|info| info.uuid)
         });
+        if let (Some(metrics), Some(uuid), Some(bytes)) =
+            (&self.metrics, &gpu_uuid, model.serving().gpu_memory_bytes)
+        {
+            metrics.model_gpu_memory(name, uuid, bytes);
+            tracing::info!(model = name, gpu_uuid = %uuid, bytes, "model loaded on a GPU");
+        }
         match &config.dynamic_batching {
             None => {
                 let metered = match &self.metrics {
@@ -278,6 +284,15 @@ impl RepositoryLoader {
                         instances: instance_count,
                     },
                 );
+                // A model on a GPU gets its merged batches in page-locked memory, so the
+                // provider's copy to the device is a DMA.
+                let batched = match config.ort.cuda_device() {
+                    Some(device) => batched.with_staging(Arc::new(PinnedStaging {
+                        gpus: weft_backends::onnx::process_gpus(),
+                        device,
+                    })),
+                    None => batched,
+                };
                 Arc::new(match &self.metrics {
                     Some(metrics) => {
                         batched.with_observer(metrics.batch_observer(name, gpu_uuid.as_deref()))
@@ -286,6 +301,37 @@ impl RepositoryLoader {
                 })
             }
         }
+    }
+}
+
+/// Page-locked host memory from `weft-gpu`'s bounded pool for the merged batches of a model on
+/// CUDA device `device`; when the pool is spent (or there is no GPU) the batcher stages in
+/// ordinary memory, which is slower to copy to the device but otherwise the same.
+struct PinnedStaging {
+    gpus: &'static dyn weft_gpu::GpuDevices,
+    device: u32,
+}
+
+impl weft_engine::Staging for PinnedStaging {
+    fn stage(&self, parts: &[&[u8]]) -> Option<Bytes> {
+        let total = parts.iter().map(|part| part.len()).sum();
+        let mut buffer = self.gpus.pinned(self.device, total)?;
+        let mut rest: &mut [u8] = (*buffer).as_mut();
+        for part in parts {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut_checked(part.len())?;
+            head.copy_from_slice(part);
+            rest = tail;
+        }
+        Some(Bytes::from_owner(PinnedBytes(buffer)))
+    }
+}
+
+/// A pinned buffer as the bytes of a tensor; back to its pool when the last view is dropped.
+struct PinnedBytes(Box<dyn weft_gpu::PinnedBuffer>);
+
+impl AsRef<[u8]> for PinnedBytes {
+    fn as_ref(&self) -> &[u8] {
+        (*self.0).as_ref()
     }
 }
 
@@ -359,5 +405,38 @@ impl ModelLoader for RepositoryLoader {
                 Ok(self.serve(name, model, config))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod pinned_staging_tests {
+    use super::*;
+    use weft_engine::Staging as _;
+
+    #[test]
+    fn parts_are_staged_back_to_back_in_a_pinned_buffer_or_not_at_all() {
+        let gpus: &'static weft_gpu::fake::FakeGpus =
+            Box::leak(Box::new(weft_gpu::fake::FakeGpus::with_devices(1)));
+        let staging = PinnedStaging { gpus, device: 0 };
+        let staged = staging.stage(&[b"abc", b"", b"defg"]);
+        assert_eq!(staged.as_deref(), Some(&b"abcdefg"[..]));
+        assert_eq!(
+            gpus.pinned_handed.load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        // A device that does not exist has no pinned memory: the batcher stages as usual.
+        let elsewhere = PinnedStaging { gpus, device: 3 };
+        assert!(elsewhere.stage(&[b"abc"]).is_none());
+        let none: &'static weft_gpu::fake::FakeGpus = Box::leak(Box::new(
+            weft_gpu::fake::FakeGpus::absent(weft_gpu::GpuAbsent::NoDriver),
+        ));
+        assert!(
+            PinnedStaging {
+                gpus: none,
+                device: 0
+            }
+            .stage(&[b"abc"])
+            .is_none()
+        );
     }
 }

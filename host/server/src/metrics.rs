@@ -56,6 +56,8 @@ pub struct Metrics {
     /// Batch sizes and compute times per GPU (`gpu_uuid`).
     gpu_batch_size: HistogramVec,
     gpu_compute_duration: HistogramVec,
+    /// Device memory each GPU model's sessions took at load.
+    model_gpu_memory: IntGaugeVec,
     /// Tenant models loaded on demand (`--model-memory-budget`).
     pub models_on_demand: Arc<OnDemandMetrics>,
     /// Tenant plugins compiled on demand (`--plugin-cache-budget`).
@@ -365,6 +367,12 @@ impl Metrics {
                 &["gpu_uuid"],
                 SECONDS_BUCKETS,
             ),
+            model_gpu_memory: gauge_vec(
+                &r,
+                "weft_model_gpu_memory_bytes",
+                "Device memory a GPU model's sessions took when they loaded.",
+                &["model", "gpu_uuid"],
+            ),
             models_on_demand: Arc::new(OnDemandMetrics::models(&r)),
             plugins_on_demand: Arc::new(OnDemandMetrics::plugins(&r)),
             registry: r,
@@ -451,6 +459,13 @@ impl Metrics {
             compute: self.compute_duration.with_label_values(&[model]),
             device: gpu_uuid.map(|uuid| self.device_histograms(uuid)),
         })
+    }
+
+    /// Records the device memory a GPU model's sessions took at load.
+    pub fn model_gpu_memory(&self, model: &str, gpu_uuid: &str, bytes: u64) {
+        self.model_gpu_memory
+            .with_label_values(&[model, gpu_uuid])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The batch size and compute histograms of one GPU (every model on it together).
@@ -1010,5 +1025,21 @@ mod tests {
             text.contains("weft_gpu_compute_duration_seconds_count{gpu_uuid"),
             "{text}"
         );
+        // No made-up device memory for a model nobody measured.
+        assert!(!text.contains("weft_model_gpu_memory_bytes{"), "{text}");
+        metrics.model_gpu_memory("wide", uuid, 26 << 20);
+        let text = metrics.render(
+            &ScrapeSources {
+                runtime: None,
+                plugins: Arc::default(),
+                gpus: None,
+            },
+            &Live::default(),
+        );
+        let memory = format!(
+            "weft_model_gpu_memory_bytes{{gpu_uuid=\"{uuid}\",model=\"wide\"}} {}",
+            26 << 20
+        );
+        assert!(text.lines().any(|l| l == memory), "{memory} not in\n{text}");
     }
 }

@@ -380,7 +380,7 @@ impl Tenancy {
                 format!(
                     "model '{name}' version {number} asks for execution = \"cuda\", but this \
                      tenant may not run models on a GPU (its gpu_memory_mb quota is 0; the \
-                     operator grants GPU memory with `weft tenant update`)"
+                     operator grants GPU memory with `weft tenant update <tenant> --quotas '{{\"gpu_memory_mb\": N}}'`)"
                 ),
             ));
         }

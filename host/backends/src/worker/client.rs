@@ -336,6 +336,8 @@ impl Model for WorkerModel {
             instances: self.sessions,
             dynamic_batching: None,
             gpu: self.gpu,
+            // Measured in the worker's process; not reported back (yet).
+            gpu_memory_bytes: None,
         }
     }
 
