@@ -289,7 +289,7 @@ fn in_process_args(
 }
 
 /// Builds the release `weft` binary; returns its path.
-fn build_release(root: &Path) -> Result<std::path::PathBuf> {
+pub fn build_release(root: &Path) -> Result<std::path::PathBuf> {
     crate::run(Command::new(env!("CARGO")).current_dir(root).args([
         "build",
         "--release",
@@ -395,7 +395,7 @@ fn timing_args(concurrency: &str, options: &Options) -> Vec<String> {
 }
 
 /// Generates the models of bench/repository that git does not hold, if missing.
-fn bench_models(root: &Path) -> Result<()> {
+pub fn bench_models(root: &Path) -> Result<()> {
     let missing = ["wide", "identity"].iter().any(|model| {
         !root
             .join(format!("bench/repository/models/{model}/1/model.onnx"))

@@ -15,6 +15,8 @@
 //! - `cargo xtask fuzz [--seconds N] [target...]`: the cargo-fuzz targets of fuzz/ (installing
 //!   cargo-fuzz if missing), each for N seconds (default 30), failing on the first crash.
 //!
+//! - `cargo xtask setup --gpu` / `cargo xtask gpu-check`: ONNX Runtime's GPU build and the
+//!   device check (see `gpu.rs`).
 //! - `cargo xtask bench`: set-up, the benchmark models, a release build, then the benchmark
 //!   matrix of BENCHMARKS.md against `weft serve` on bench/repository (see `bench.rs`).
 //!
@@ -29,6 +31,7 @@ use anyhow::{Context, Result, bail};
 
 mod bench;
 mod fuzz;
+mod gpu;
 
 const ORT_VERSION: &str = "1.22.1";
 /// Python packages the tests use, pinned so every machine gets the same ones.
@@ -53,7 +56,20 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = workspace_root()?;
     match args.first().map(String::as_str) {
-        Some("setup") => setup(&root, true),
+        Some("setup") => {
+            setup(&root, true)?;
+            if args.iter().any(|arg| arg == "--gpu") {
+                gpu::setup(&root)?;
+            }
+            Ok(())
+        }
+        Some("gpu-check") => {
+            setup(&root, true)?;
+            gpu::setup(&root)?;
+            bench::bench_models(&root)?;
+            let weft = bench::build_release(&root)?;
+            gpu::check(&root, &weft, &args[1..])
+        }
         Some("serve") => {
             setup(&root, false)?;
             serve(&root, &args[1..])
@@ -84,8 +100,12 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|serve|test|ort|bench|bench-job|bench-transports|fuzz> [args]\n\
-                 \x20 setup  install the wasm target, ONNX Runtime library, Python test packages\n\
+                "usage: cargo xtask <setup|serve|test|ort|bench|bench-job|bench-transports|fuzz|gpu-check> [args]\n\
+                 \x20 setup  install the wasm target, ONNX Runtime library, Python test packages;\n\
+                 \x20        --gpu also fetches ONNX Runtime's GPU build and CUDA 12 libraries\n\
+                 \x20        into target/onnxruntime-gpu/\n\
+                 \x20 gpu-check  on an NVIDIA GPU machine: CUDA vs CPU results per datatype, wide\n\
+                 \x20        throughput at c=64 vs in-process batch 64, utilization, no fallback\n\
                  \x20 serve  set up, then serve examples/quickstart (or examples/<name> named\n\
                  \x20        first, e.g. `serve classify`) on 127.0.0.1:8000; further args go to\n\
                  \x20        `weft serve`, e.g. --listen 0.0.0.0:8000\n\
