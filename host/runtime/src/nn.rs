@@ -195,7 +195,9 @@ impl graph::Host for PluginState {
         if !matches!(encoding, GraphEncoding::Onnx | GraphEncoding::Autodetect) {
             return self.nn_error(
                 ErrorCode::InvalidEncoding,
-                format!("model '{name}' is an ONNX model; load it with encoding onnx or autodetect"),
+                format!(
+                    "model '{name}' is an ONNX model; load it with encoding onnx or autodetect"
+                ),
             );
         }
         let gpu = self.grants.get(&name).and_then(|model| model.serving().gpu);

@@ -210,13 +210,28 @@ async fn an_execution_target_is_honoured_or_refused_never_swapped() {
     let input = || vec![NamedTensor::new("x", f32_tensor(vec![1, 2], &[1.0, 2.0]))];
     // Where the model is: computed.
     for (model, target) in [("gpu_model", "gpu"), ("cpu_model", "cpu")] {
-        let outputs = plugin.transform(&call(model, target), input()).await.unwrap();
-        assert_eq!(f32s(&outputs[0].tensor), vec![2.0, 4.0], "{model} on {target}");
+        let outputs = plugin
+            .transform(&call(model, target), input())
+            .await
+            .unwrap();
+        assert_eq!(
+            f32s(&outputs[0].tensor),
+            vec![2.0, 4.0],
+            "{model} on {target}"
+        );
     }
     // Where it is not: refused with where it runs.
     for (model, target, says) in [
-        ("cpu_model", "gpu", "model 'cpu_model' runs on the CPU, not a GPU"),
-        ("gpu_model", "cpu", "model 'gpu_model' runs on GPU 0, not the CPU"),
+        (
+            "cpu_model",
+            "gpu",
+            "model 'cpu_model' runs on the CPU, not a GPU",
+        ),
+        (
+            "gpu_model",
+            "cpu",
+            "model 'gpu_model' runs on GPU 0, not the CPU",
+        ),
     ] {
         let message = plugin
             .transform(&call(model, target), input())
@@ -234,7 +249,10 @@ async fn an_execution_target_is_honoured_or_refused_never_swapped() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(message.contains("Security") && message.contains("not allowed"), "{message}");
+    assert!(
+        message.contains("Security") && message.contains("not allowed"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
