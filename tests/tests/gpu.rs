@@ -1,7 +1,8 @@
 //! GPU models where there is no GPU (CI): a model that asks for CUDA is UNAVAILABLE with the
 //! reason, never served on the CPU instead; the server goes on serving CPU models; no
 //! `nv_gpu_*` series are made up; a tenant needs a `gpu_memory_mb` quota to push a GPU model,
-//! and with one its push is refused with the same reason. The device checks that need a GPU
+//! and with one its push is refused because tenants' models run in a sandboxed worker, which
+//! grants no GPU yet. The device checks that need a GPU
 //! are `cargo xtask gpu-check` (BENCHMARKS.md).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -28,6 +29,11 @@ async fn a_cuda_model_without_a_gpu_is_unavailable_with_the_reason_and_cpu_model
         .with_file("models/mlp_gpu/model.toml", CUDA.as_bytes())
         .with_file("models/mlp_gpu/1/model.onnx", &onnx)
         .with_file(
+            "models/mlp_gpu_worker/model.toml",
+            format!("isolation = \"process\"\n{CUDA}").as_bytes(),
+        )
+        .with_file("models/mlp_gpu_worker/1/model.onnx", &onnx)
+        .with_file(
             "models/mlp_cpu_device/model.toml",
             b"platform = \"onnx\"\n[ort]\ndevice = 1\n",
         )
@@ -53,6 +59,16 @@ async fn a_cuda_model_without_a_gpu_is_unavailable_with_the_reason_and_cpu_model
     );
     let (status, _) = send(client().get(server.url("/v2/models/mlp_gpu/ready"))).await;
     assert_ne!(status, 200);
+    // A GPU model may not go into a sandboxed model worker (which grants no GPU), and says so.
+    let in_worker = entry("mlp_gpu_worker");
+    assert_eq!(in_worker["state"], "UNAVAILABLE", "{in_worker}");
+    assert!(
+        in_worker["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cannot run in a sandboxed model worker yet"),
+        "{in_worker}"
+    );
     // A device without execution = "cuda" is a configuration error, named as such.
     let misconfigured = entry("mlp_cpu_device");
     assert_eq!(misconfigured["state"], "UNAVAILABLE");
@@ -92,7 +108,10 @@ async fn a_cuda_model_without_a_gpu_is_unavailable_with_the_reason_and_cpu_model
     let (status, body) = push_model(&server, &allowed, "g", 1, CUDA, &onnx).await;
     assert_eq!(status, 503, "{body}");
     assert!(
-        body["error"].as_str().unwrap().contains("no NVIDIA driver"),
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot run in a sandboxed model worker yet"),
         "{body}"
     );
     let (status, body) = send(client_with_key(&allowed).get(server.url("/api/v1/models"))).await;

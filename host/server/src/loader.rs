@@ -204,6 +204,7 @@ impl RepositoryLoader {
         config: &ModelConfig,
         budget: TenantModelBudget,
     ) -> Result<Arc<dyn Model>> {
+        no_gpu_in_workers(config)?;
         let workers = self
             .workers
             .as_ref()
@@ -226,6 +227,7 @@ impl RepositoryLoader {
         config: &ModelConfig,
         memory: u64,
     ) -> Result<ModelMetadata> {
+        no_gpu_in_workers(config)?;
         let workers = self
             .workers
             .as_ref()
@@ -304,6 +306,20 @@ impl RepositoryLoader {
     }
 }
 
+/// A model worker's sandbox grants no GPU device files and caps the address space below what
+/// CUDA reserves, so a GPU model cannot run in one (yet): it is refused with that reason rather
+/// than with a CUDA error from inside the sandbox. Tenants' models always run in a worker.
+fn no_gpu_in_workers(config: &ModelConfig) -> Result<()> {
+    match config.ort.cuda_device() {
+        None => Ok(()),
+        Some(_) => Err(Error::unavailable(
+            "execution = \"cuda\" cannot run in a sandboxed model worker yet (its sandbox grants \
+             no GPU device files), and tenants' models always run in one; GPU models are served \
+             from the operator's repository, in process",
+        )),
+    }
+}
+
 /// Page-locked host memory from `weft-gpu`'s bounded pool for the merged batches of a model on
 /// CUDA device `device`; when the pool is spent (or there is no GPU) the batcher stages in
 /// ordinary memory, which is slower to copy to the device but otherwise the same.
@@ -376,6 +392,9 @@ impl ModelLoader for RepositoryLoader {
                     Error::invalid(format!("cannot read {}: {error}", path.display()))
                 })?);
                 let isolation = config.isolation.unwrap_or(Isolation::InProcess);
+                if isolation == Isolation::Process {
+                    no_gpu_in_workers(config)?;
+                }
                 if config.allow_external_data && isolation == Isolation::Process {
                     return Err(Error::invalid(
                         "allow_external_data needs isolation = \"in_process\": a model worker \
