@@ -24,10 +24,12 @@ pub struct LazyPlugin {
 }
 
 impl LazyPlugin {
-    /// Registers `name` with the `role` and `cost` (compiled bytes) its push recorded;
-    /// `compile` reads and compiles it. A compile that finds another role is refused (the
-    /// graphs validated against the recorded one would call the wrong export).
+    /// Registers `tenant`'s plugin `name` with the `role` and `cost` (compiled bytes) its push
+    /// recorded; `compile` reads and compiles it. A compile that finds another role is refused
+    /// (the graphs validated against the recorded one would call the wrong export). The tenant
+    /// is the cell's group, so a tenant over its fair share of the budget evicts its own first.
     pub fn new(
+        tenant: &str,
         name: &str,
         role: PluginRole,
         cost: u64,
@@ -55,7 +57,7 @@ impl LazyPlugin {
                 label,
                 cost,
                 pinned: false,
-                group: None,
+                group: Some(tenant.to_string()),
                 loader,
             },
             residency,
