@@ -272,44 +272,7 @@ impl Residency {
                 .filter_map(Weak::upgrade)
                 .filter(|member| !member.terms().pinned)
                 .collect();
-            // Fair shares: each group (a tenant) with something loaded, the requester's
-            // included, has an equal part of the budget. Cells of groups holding more than
-            // their part go first, least recently used first within each side; so one tenant
-            // touching many models recycles its own instead of flushing every other tenant's,
-            // and a tenant within its part takes room from one over it. What the requester
-            // asks for is not counted against it, so a tenant at its part can still bring in
-            // the next cell of a request's working set (a graph's second plugin) without
-            // evicting its first. With one group this is plain least-recently-used.
-            // Bytes and cells per group.
-            let mut held: std::collections::HashMap<&str, (u64, usize)> =
-                std::collections::HashMap::new();
-            let everyone: Vec<Arc<dyn Resident>> =
-                members.cells.iter().filter_map(Weak::upgrade).collect();
-            for member in &everyone {
-                if let Some(group) = &member.terms().group {
-                    let (bytes, cells) = held.entry(group.as_str()).or_insert((self.group_cost, 0));
-                    *bytes = bytes.saturating_add(member.terms().cost);
-                    *cells += 1;
-                }
-            }
-            if let Some(group) = &terms.group {
-                held.entry(group.as_str()).or_insert((0, 0));
-            }
-            let share = self.budget / held.len().max(1) as u64;
-            // Every group may keep one cell whatever the share (one cell is not hoarding, and
-            // shares can be smaller than a cell when many tenants are active).
-            let over = |group: &Option<String>| {
-                group
-                    .as_deref()
-                    .and_then(|group| held.get(group))
-                    .is_some_and(|(bytes, cells)| *cells > 1 && *bytes > share)
-            };
-            candidates.sort_by_key(|member| {
-                (
-                    !over(&member.terms().group),
-                    member.terms().last_used.load(Ordering::Relaxed),
-                )
-            });
+            candidates.sort_by_key(|member| member.terms().last_used.load(Ordering::Relaxed));
             for candidate in &candidates {
                 if members
                     .bytes
@@ -330,7 +293,6 @@ impl Residency {
                 }
             }
             upgraded.extend(candidates);
-            upgraded.extend(everyone);
         }
         if let Some(observer) = &self.observer {
             for _ in 0..evicted {
@@ -1202,46 +1164,6 @@ mod tests {
         let too_big = grouped("c", "c", 70);
         let error = call(&too_big).await.unwrap_err();
         assert!(error.message().contains("with its model worker"), "{error}");
-    }
-
-    #[tokio::test]
-    async fn a_tenant_over_its_fair_share_evicts_its_own_models_not_anothers() {
-        let residency = Residency::new(40, None);
-        let of = |tenant: &str, name: &str| {
-            LazyModel::new(
-                LazySpec {
-                    group: Some(tenant.into()),
-                    ..spec(name, 10, fake_loader())
-                },
-                Arc::clone(&residency),
-            )
-        };
-        let quiet = of("quiet", "q");
-        call(&quiet).await.unwrap();
-        // The hostile tenant touches ten models, one after another, in a budget for four.
-        let hostile: Vec<_> = (0..10).map(|i| of("hostile", &format!("h{i}"))).collect();
-        for model in &hostile {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            call(model).await.unwrap();
-        }
-        assert_eq!(
-            quiet.residence(),
-            Residence::Loaded,
-            "the quiet tenant's model, least recently used of all, was not evicted"
-        );
-        assert_eq!(residency.resident_bytes(), 40);
-        let loaded = hostile
-            .iter()
-            .filter(|model| model.residence() == Residence::Loaded)
-            .count();
-        assert_eq!(loaded, 3, "the hostile tenant cycles through the rest");
-        // Within its share, a tenant still evicts by recency across tenants: a second quiet
-        // model makes room from the least recently used hostile one.
-        let quiet_again = of("quiet", "q2");
-        call(&quiet_again).await.unwrap();
-        assert_eq!(quiet.residence(), Residence::Loaded);
-        assert_eq!(quiet_again.residence(), Residence::Loaded);
-        assert_eq!(residency.resident_bytes(), 40);
     }
 
     #[tokio::test]

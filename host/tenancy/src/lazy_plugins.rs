@@ -24,12 +24,10 @@ pub struct LazyPlugin {
 }
 
 impl LazyPlugin {
-    /// Registers `tenant`'s plugin `name` with the `role` and `cost` (compiled bytes) its push
-    /// recorded; `compile` reads and compiles it. A compile that finds another role is refused
-    /// (the graphs validated against the recorded one would call the wrong export). The tenant
-    /// is the cell's group, so a tenant over its fair share of the budget evicts its own first.
+    /// Registers `name` with the `role` and `cost` (compiled bytes) its push recorded;
+    /// `compile` reads and compiles it. A compile that finds another role is refused (the
+    /// graphs validated against the recorded one would call the wrong export).
     pub fn new(
-        tenant: &str,
         name: &str,
         role: PluginRole,
         cost: u64,
@@ -57,7 +55,7 @@ impl LazyPlugin {
                 label,
                 cost,
                 pinned: false,
-                group: Some(tenant.to_string()),
+                group: None,
                 loader,
             },
             residency,

@@ -334,7 +334,7 @@ impl Tenancy {
         if let Some(plugin) = lock(&self.loaded_plugins)?.get(&cache_key) {
             return Ok(Arc::clone(plugin));
         }
-        if let Some(lazy) = self.lazy_plugin(&tenant.name, name, record) {
+        if let Some(lazy) = self.lazy_plugin(name, record) {
             let plugin: Arc<dyn SandboxPlugin> = lazy;
             lock(&self.loaded_plugins)?.insert(cache_key, Arc::clone(&plugin));
             return Ok(plugin);
@@ -351,7 +351,6 @@ impl Tenancy {
     /// takes it from the compile cache.
     pub(crate) fn lazy_plugin(
         &self,
-        tenant: &str,
         name: &str,
         record: &weft_store::PluginVersion,
     ) -> Option<Arc<crate::lazy_plugins::LazyPlugin>> {
@@ -364,7 +363,6 @@ impl Tenancy {
             Arc::new(move || compiler.compile(&name, &store.read_blob(&digest)?))
         };
         Some(crate::lazy_plugins::LazyPlugin::new(
-            tenant,
             name,
             role,
             served.compiled_bytes,

@@ -351,7 +351,7 @@ impl Tenancy {
         record: &weft_store::PluginVersion,
         plugin: Arc<dyn SandboxPlugin>,
     ) -> Result<()> {
-        let plugin = match self.lazy_plugin(tenant, name, record) {
+        let plugin = match self.lazy_plugin(name, record) {
             Some(lazy) => {
                 lazy.adopt(plugin);
                 lazy as Arc<dyn SandboxPlugin>
