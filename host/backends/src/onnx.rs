@@ -214,41 +214,21 @@ impl OnnxModel {
 
     /// Loads a model from its bytes.
     pub fn from_bytes(bytes: &[u8], options: &OnnxOptions) -> Result<Self> {
-        let ((sessions, metadata), gpu_memory_bytes) =
-            device_memory_taken(options.execution.gpu(), || {
-                build_sessions(SessionSource::Bytes(bytes), options)
-            })?;
-        Ok(Self::from_sessions(
-            sessions,
-            metadata,
-            options,
-            gpu_memory_bytes,
-        ))
+        Self::from_source(SessionSource::Bytes(bytes), options)
     }
 
     /// Loads the model by path so ONNX Runtime resolves its external-data files next to it.
     /// Only for operator repository models whose `model.toml` sets `allow_external_data`.
     pub fn load_with_external_data(path: &Path, options: &OnnxOptions) -> Result<Self> {
-        let ((sessions, metadata), gpu_memory_bytes) =
-            device_memory_taken(options.execution.gpu(), || {
-                build_sessions(SessionSource::File(path), options)
-            })?;
-        Ok(Self::from_sessions(
-            sessions,
-            metadata,
-            options,
-            gpu_memory_bytes,
-        ))
+        Self::from_source(SessionSource::File(path), options)
     }
 
-    fn from_sessions(
-        sessions: Vec<Session>,
-        metadata: ModelMetadata,
-        options: &OnnxOptions,
-        gpu_memory_bytes: Option<u64>,
-    ) -> Self {
+    /// Builds the sessions, measuring the device memory they take on a GPU.
+    fn from_source(source: SessionSource<'_>, options: &OnnxOptions) -> Result<Self> {
+        let ((sessions, metadata), gpu_memory_bytes) =
+            device_memory_taken(options.execution.gpu(), || build_sessions(source, options))?;
         let count = sessions.len();
-        OnnxModel {
+        Ok(OnnxModel {
             metadata,
             gpu: options.execution.gpu(),
             gpu_memory_bytes,
@@ -256,7 +236,7 @@ impl OnnxModel {
                 sessions: sessions.into_iter().map(Mutex::new).collect(),
                 free: Semaphore::new(count),
             }),
-        }
+        })
     }
 }
 

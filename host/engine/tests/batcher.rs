@@ -157,6 +157,26 @@ async fn spawn_staggered(
     tasks
 }
 
+/// Sends every request at once (one task each) and returns the answers in request order.
+async fn infer_all(
+    batched: &Arc<BatchedModel>,
+    requests: &[Vec<NamedTensor>],
+) -> Vec<Result<Vec<NamedTensor>>> {
+    let tasks: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|r| {
+            let batched = Arc::clone(batched);
+            tokio::spawn(async move { batched.infer(&RequestContext::background(), r).await })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
 fn config(instances: usize) -> BatchingConfig {
     BatchingConfig {
         max_batch_size: 8,
@@ -200,16 +220,8 @@ async fn concurrent_requests_merge_into_few_calls_and_split_back_exactly() {
     let requests: Vec<Vec<NamedTensor>> = (0..12)
         .map(|i| request(1 + i % 3, 4, (i * 100) as f32))
         .collect();
-    let tasks: Vec<_> = requests
-        .iter()
-        .cloned()
-        .map(|r| {
-            let batched = Arc::clone(&batched);
-            tokio::spawn(async move { batched.infer(&RequestContext::background(), r).await })
-        })
-        .collect();
-    for (request, task) in requests.iter().zip(tasks) {
-        check_answer(request, &task.await.unwrap().unwrap());
+    for (request, answer) in requests.iter().zip(infer_all(&batched, &requests).await) {
+        check_answer(request, &answer.unwrap());
     }
     let calls = fake.calls();
     assert_eq!(calls.iter().sum::<usize>(), 24, "{calls:?}");
@@ -233,16 +245,8 @@ async fn requests_of_different_shapes_never_share_a_batch() {
     let requests: Vec<Vec<NamedTensor>> = (0..10)
         .map(|i| request(1, if i % 2 == 0 { 4 } else { 3 }, i as f32))
         .collect();
-    let tasks: Vec<_> = requests
-        .iter()
-        .cloned()
-        .map(|r| {
-            let batched = Arc::clone(&batched);
-            tokio::spawn(async move { batched.infer(&RequestContext::background(), r).await })
-        })
-        .collect();
-    for (request, task) in requests.iter().zip(tasks) {
-        check_answer(request, &task.await.unwrap().unwrap());
+    for (request, answer) in requests.iter().zip(infer_all(&batched, &requests).await) {
+        check_answer(request, &answer.unwrap());
     }
     assert_eq!(fake.calls().iter().sum::<usize>(), 10);
 }
@@ -439,18 +443,7 @@ async fn a_request_that_fails_its_batch_fails_alone_and_the_others_get_their_res
         request(1, 2, -7.0),
         request(1, 2, 300.0),
     ];
-    let tasks: Vec<_> = requests
-        .iter()
-        .cloned()
-        .map(|r| {
-            let batched = Arc::clone(&batched);
-            tokio::spawn(async move { batched.infer(&RequestContext::background(), r).await })
-        })
-        .collect();
-    let mut results = Vec::new();
-    for task in tasks {
-        results.push(task.await.unwrap());
-    }
+    let results = infer_all(&batched, &requests).await;
     check_answer(&requests[0], results[0].as_ref().unwrap());
     check_answer(&requests[2], results[2].as_ref().unwrap());
     // Only its own run's error: no value of the other requests, which the merged call quoted.
@@ -870,16 +863,8 @@ async fn merged_batches_are_written_through_the_staging_buffers_while_there_are_
         let requests: Vec<Vec<NamedTensor>> = (0..6)
             .map(|i| request(1, 4, (round * 1000 + i * 10) as f32))
             .collect();
-        let tasks: Vec<_> = requests
-            .iter()
-            .cloned()
-            .map(|r| {
-                let batched = Arc::clone(&batched);
-                tokio::spawn(async move { batched.infer(&RequestContext::background(), r).await })
-            })
-            .collect();
-        for (request, task) in requests.iter().zip(tasks) {
-            check_answer(request, &task.await.unwrap().unwrap());
+        for (request, answer) in requests.iter().zip(infer_all(&batched, &requests).await) {
+            check_answer(request, &answer.unwrap());
         }
     }
     let handed_out: Vec<usize> = pinned

@@ -178,13 +178,13 @@ impl graph::Host for PluginState {
     ) -> wasmtime::Result<Result<Resource<NnGraph>, Resource<NnError>>> {
         // One builder that is a granted model's name: that model, on the device asked for.
         let granted = match builder.as_slice() {
-            [name] => std::str::from_utf8(name)
-                .ok()
-                .filter(|name| self.grants.contains_key(*name))
-                .map(str::to_owned),
+            [name] => std::str::from_utf8(name).ok().and_then(|name| {
+                let gpu = self.grants.get(name)?.serving().gpu;
+                Some((name.to_owned(), gpu))
+            }),
             _ => None,
         };
-        let Some(name) = granted else {
+        let Some((name, gpu)) = granted else {
             return self.nn_error(
                 ErrorCode::Security,
                 "loading model bytes from a plugin is not allowed; use load-by-name with a \
@@ -200,7 +200,6 @@ impl graph::Host for PluginState {
                 ),
             );
         }
-        let gpu = self.grants.get(&name).and_then(|model| model.serving().gpu);
         let refusal = match (target, gpu) {
             (ExecutionTarget::Gpu, Some(_)) | (ExecutionTarget::Cpu, None) => None,
             (ExecutionTarget::Gpu, None) => Some(format!(

@@ -1009,14 +1009,7 @@ mod tests {
         metrics
             .batch_observer("mlp", None)
             .batch(4, 1, Duration::from_millis(1));
-        let text = metrics.render(
-            &ScrapeSources {
-                runtime: None,
-                plugins: Arc::default(),
-                gpus: None,
-            },
-            &Live::default(),
-        );
+        let text = metrics.render(&ScrapeSources::default(), &Live::default());
         let count = format!("weft_gpu_batch_size_count{{gpu_uuid=\"{uuid}\"}} 1");
         let sum = format!("weft_gpu_batch_size_sum{{gpu_uuid=\"{uuid}\"}} 64");
         assert!(text.lines().any(|l| l == count), "{count} not in\n{text}");
@@ -1028,14 +1021,7 @@ mod tests {
         // No made-up device memory for a model nobody measured.
         assert!(!text.contains("weft_model_gpu_memory_bytes{"), "{text}");
         metrics.model_gpu_memory("wide", uuid, 26 << 20);
-        let text = metrics.render(
-            &ScrapeSources {
-                runtime: None,
-                plugins: Arc::default(),
-                gpus: None,
-            },
-            &Live::default(),
-        );
+        let text = metrics.render(&ScrapeSources::default(), &Live::default());
         let memory = format!(
             "weft_model_gpu_memory_bytes{{gpu_uuid=\"{uuid}\",model=\"wide\"}} {}",
             26 << 20
