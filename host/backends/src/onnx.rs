@@ -226,7 +226,9 @@ impl OnnxModel {
     /// Builds the sessions, measuring the device memory they take on a GPU.
     fn from_source(source: SessionSource<'_>, options: &OnnxOptions) -> Result<Self> {
         let ((sessions, metadata), gpu_memory_bytes) =
-            device_memory_taken(options.execution.gpu(), || build_sessions(source, options))?;
+            device_memory_taken(process_gpus(), options.execution.gpu(), || {
+                build_sessions(source, options)
+            })?;
         let count = sessions.len();
         Ok(OnnxModel {
             metadata,
@@ -245,14 +247,11 @@ impl OnnxModel {
 /// same device at the same moment blur it, and the CUDA provider's arena grows further with the
 /// first runs, so it is a load-time figure, not a limit.
 fn device_memory_taken<T>(
+    gpus: &dyn weft_gpu::GpuDevices,
     device: Option<u32>,
     load: impl FnOnce() -> Result<T>,
 ) -> Result<(T, Option<u64>)> {
-    let free = |device: u32| {
-        weft_gpu::GpuDevices::device(process_gpus(), device)
-            .ok()
-            .map(|info| info.memory_free_bytes)
-    };
+    let free = |device: u32| gpus.device(device).ok().map(|info| info.memory_free_bytes);
     let before = device.and_then(free);
     let loaded = load()?;
     let after = device.and_then(free);
@@ -644,4 +643,60 @@ fn from_ort_value(name: &str, value: &DynValue) -> Result<Tensor> {
         }
     };
     Tensor::new(datatype, shape, bytes).map_err(|error| error.context(format!("output '{name}'")))
+}
+
+#[cfg(test)]
+mod device_memory_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use weft_gpu::{GpuAbsent, GpuDevices, GpuInfo, PinnedBuffer};
+
+    use super::*;
+
+    /// One device whose free memory the test sets.
+    struct Device {
+        free: AtomicU64,
+    }
+
+    impl GpuDevices for Device {
+        fn discover(&self) -> std::result::Result<Vec<GpuInfo>, GpuAbsent> {
+            Ok(vec![GpuInfo {
+                index: 0,
+                name: "fake".into(),
+                uuid: "GPU-0".into(),
+                compute_capability: (9, 0),
+                memory_total_bytes: 80 << 30,
+                memory_free_bytes: self.free.load(Ordering::SeqCst),
+            }])
+        }
+
+        fn pinned(&self, _: u32, _: usize) -> Option<Box<dyn PinnedBuffer>> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_load_on_a_gpu_is_charged_the_device_memory_it_took_and_a_cpu_load_none() {
+        let device = Device {
+            free: AtomicU64::new(10 << 30),
+        };
+        let (value, taken) = device_memory_taken(&device, Some(0), || {
+            device.free.fetch_sub(300 << 20, Ordering::SeqCst);
+            Ok(7)
+        })
+        .unwrap();
+        assert_eq!((value, taken), (7, Some(300 << 20)));
+        // On the CPU nothing is measured; on a device that is not there, nothing is made up.
+        let (_, taken) = device_memory_taken(&device, None, || Ok(())).unwrap();
+        assert_eq!(taken, None);
+        let (_, taken) = device_memory_taken(&device, Some(3), || Ok(())).unwrap();
+        assert_eq!(taken, None);
+        // A failed load is the load's error.
+        let failed = device_memory_taken(&device, Some(0), || -> Result<()> {
+            Err(Error::invalid("bad model"))
+        });
+        assert!(failed.is_err());
+    }
 }
