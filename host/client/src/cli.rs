@@ -268,6 +268,9 @@ pub struct KeyRevokeArgs {
 /// `weft plugin ...`
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
+    /// Build a Python plugin (one module using `weft_plugin`) into a component with
+    /// componentize-py, against the weft:plugin world of its role (offline).
+    Build(PluginBuildArgs),
     /// Sign a plugin component with a secret key for one tenant, writing a detached signature
     /// file (offline).
     Sign(PluginSignArgs),
@@ -277,6 +280,30 @@ pub enum PluginCommand {
     List(TenantConnection),
     /// Delete a plugin (all versions) or one version of it.
     Delete(PluginDeleteArgs),
+}
+
+/// The roles a plugin can have, named as in the `weft:plugin` worlds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PluginRole {
+    Transformer,
+    Combiner,
+    Router,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PluginBuildArgs {
+    /// The plugin's role [default: read from its decorator: @transformer, @combiner or @router].
+    #[arg(long)]
+    pub role: Option<PluginRole>,
+    /// Where to write the component [default: the module's path with .wasm, e.g. app.wasm].
+    #[arg(long, short, value_name = "FILE.wasm")]
+    pub out: Option<PathBuf>,
+    /// The componentize-py program (0.25; `pip install componentize-py==0.25.1`).
+    #[arg(long, env = "WEFT_COMPONENTIZE_PY", default_value = "componentize-py")]
+    pub componentize_py: PathBuf,
+    /// The plugin's Python module (e.g. app.py); other modules in its directory may be imported.
+    #[arg(value_name = "APP.py")]
+    pub file: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]

@@ -17,6 +17,7 @@ mod keys;
 mod models;
 mod plugins;
 mod progress;
+mod python;
 mod rollouts;
 mod tenants;
 
@@ -24,10 +25,10 @@ pub use cli::{
     AdminConnection, ClientCommand, DEFAULT_SERVER, GraphApplyArgs, GraphClientCommand,
     GraphDeleteArgs, InferArgs, JobCommand, JobIdArgs, JobResultsArgs, JobStatusArgs,
     JobSubmitArgs, JobWaitArgs, KeyCommand, KeyGenArgs, KeyRegisterArgs, KeyRevokeArgs,
-    ModelCommand, ModelDeleteArgs, ModelPushArgs, PluginCommand, PluginDeleteArgs, PluginPushArgs,
-    PluginSignArgs, RolloutApplyArgs, RolloutCommand, RolloutNameArgs, RolloutPromoteArgs,
-    RolloutStatusArgs, TenantCommand, TenantConnection, TenantCreateArgs, TenantKeyCommand,
-    TenantKeyRevokeArgs, TenantNameArgs, TenantUpdateArgs,
+    ModelCommand, ModelDeleteArgs, ModelPushArgs, PluginBuildArgs, PluginCommand, PluginDeleteArgs,
+    PluginPushArgs, PluginRole, PluginSignArgs, RolloutApplyArgs, RolloutCommand, RolloutNameArgs,
+    RolloutPromoteArgs, RolloutStatusArgs, TenantCommand, TenantConnection, TenantCreateArgs,
+    TenantKeyCommand, TenantKeyRevokeArgs, TenantNameArgs, TenantUpdateArgs,
 };
 
 /// Runs a client subcommand. Needs a tokio runtime with I/O enabled (reqwest's requirement).

@@ -26,6 +26,7 @@ const WASM_MAGIC: &[u8] = b"\0asm";
 
 pub async fn run(command: PluginCommand) -> Result<()> {
     match command {
+        PluginCommand::Build(args) => crate::python::build(&args),
         PluginCommand::Sign(args) => sign(&args),
         PluginCommand::Push(args) => push(args).await,
         PluginCommand::List(connection) => list(connection).await,
@@ -134,28 +135,39 @@ async fn push(args: PluginPushArgs) -> Result<()> {
         &args.version,
     )?;
     let server = Server::new(&args.connection.server, &args.connection.api_key)?;
-    let answer = server
-        .call(
-            Method::PUT,
-            &[
-                "api",
-                "v1",
-                "plugins",
-                &args.name,
-                "versions",
-                &args.version,
+    let notes = crate::progress::wants_progress(component.len(), args.progress);
+    let path = [
+        "api",
+        "v1",
+        "plugins",
+        &args.name,
+        "versions",
+        &args.version,
+    ];
+    let call = server.call(
+        Method::PUT,
+        &path,
+        Payload::Bytes {
+            body: Bytes::from(component),
+            content_type: "application/wasm",
+            headers: vec![
+                ("Weft-Signature", signature.signature),
+                ("Weft-Signing-Key", signature.key_id),
             ],
-            Payload::Bytes {
-                body: Bytes::from(component),
-                content_type: "application/wasm",
-                headers: vec![
-                    ("Weft-Signature", signature.signature),
-                    ("Weft-Signing-Key", signature.key_id),
-                ],
-                progress: args.progress,
-            },
+            progress: args.progress,
+        },
+    );
+    // The server compiles the component before it answers (once: the compiled code is cached),
+    // which for a large one (a Python plugin, ~18 MB) takes seconds.
+    let answer = if notes {
+        crate::progress::with_wait_notes(
+            call,
+            "waiting while the server uploads, compiles and checks the plugin",
         )
-        .await?;
+        .await?
+    } else {
+        call.await?
+    };
     print_json(&answer)
 }
 

@@ -4,7 +4,9 @@
 //! Progress is shown for bodies over [`PROGRESS_THRESHOLD`] when stderr is a terminal or the
 //! command was given `--progress`; everything else is sent as one plain body.
 
+use std::future::Future;
 use std::io::IsTerminal;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -66,6 +68,36 @@ pub fn upload_body(body: Bytes, forced: bool) -> reqwest::Body {
     reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
 }
 
+/// How often [`with_wait_notes`] says the client is still waiting.
+const WAIT_NOTE_EVERY: Duration = Duration::from_secs(3);
+
+/// Awaits `work`, printing `{what}: N s` on stderr every few seconds until it ends: a large
+/// plugin's push waits while the server compiles it (an 18 MB Python component takes about
+/// 15 s), and silence that long looks like a hang.
+pub async fn with_wait_notes<T>(work: impl Future<Output = T>, what: &str) -> T {
+    noting_every(work, WAIT_NOTE_EVERY, &mut |seconds| {
+        eprintln!("{what}: {seconds} s");
+    })
+    .await
+}
+
+/// Awaits `work`, calling `note` with the whole seconds waited every `every` until it ends.
+async fn noting_every<T>(
+    work: impl Future<Output = T>,
+    every: Duration,
+    note: &mut (dyn FnMut(u64) + Send),
+) -> T {
+    let started = Instant::now();
+    let mut notes = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = notes.tick() => note(started.elapsed().as_secs()),
+        }
+    }
+}
+
 /// `body` cut into [`CHUNK`]-sized pieces (cheap: they share the buffer).
 fn chunks(body: Bytes) -> impl Iterator<Item = Bytes> + Send + 'static {
     let length = body.len();
@@ -120,6 +152,29 @@ mod tests {
         assert_eq!(pieces[3].len(), 7);
         assert_eq!(pieces.concat(), body.to_vec());
         assert_eq!(chunks(Bytes::new()).count(), 0);
+    }
+
+    #[tokio::test]
+    async fn waiting_notes_come_until_the_work_ends() {
+        let mut notes = Vec::new();
+        let answer = noting_every(
+            async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                42
+            },
+            Duration::from_millis(10),
+            &mut |seconds| notes.push(seconds),
+        )
+        .await;
+        assert_eq!(answer, 42);
+        assert!(notes.len() >= 3, "{notes:?}");
+        assert!(notes.iter().all(|&s| s == 0), "{notes:?}");
+        // Work that ends at once returns at once, without a note.
+        let mut none = Vec::new();
+        let mut note = |s| none.push(s);
+        let quick = noting_every(async { 7 }, Duration::from_millis(10), &mut note).await;
+        assert_eq!(quick, 7);
+        assert!(none.is_empty());
     }
 
     #[test]

@@ -347,10 +347,12 @@ impl Drop for CompileSlot {
     }
 }
 
-/// Core instances, memories and tables one component may have: far more than a component
-/// built with wit-bindgen and the WASI adapter uses (about 4, 2 and 3), small enough that the
-/// pool, sized at these times its component slots, always has room for an admitted call.
-const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+/// Core instances, memories and tables one component may have: more than a component built
+/// with wit-bindgen and the WASI adapter (about 4, 2 and 3) or with componentize-py (14 core
+/// instances: libc, libpython, the adapter and shims, sharing one memory and one large table)
+/// uses, small enough that the pool, sized at these times its component slots, always has room
+/// for an admitted call.
+const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 20;
 const MAX_MEMORIES_PER_COMPONENT: u32 = 2;
 const MAX_TABLES_PER_COMPONENT: u32 = 8;
 /// Elements of one table.
