@@ -343,7 +343,71 @@ fn guests(root: &Path) -> Result<()> {
             "--target-dir",
         ])
         .arg(root.join("target/guests")))?;
+    python_plugins(root)?;
     example_plugins(root)
+}
+
+/// componentize-py, pinned: it bundles CPython 3.14 and downloads nothing when it builds.
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+
+/// The Python plugins set-up builds: (source folder holding `app.py`, plugin name, world).
+const PYTHON_PLUGINS: &[(&str, &str, &str)] = &[
+    ("plugins/python/normalize", "normalize-py", "transformer"),
+    ("plugins/python/softmax", "softmax-py", "transformer"),
+    ("plugins/python/param-router", "param-router-py", "router"),
+    (
+        "tests/guests-python/misbehave",
+        "misbehave-py",
+        "transformer",
+    ),
+];
+
+/// Where the Python plugins are built, as `<name>.wasm`.
+pub fn python_guests_dir(root: &Path) -> PathBuf {
+    root.join("target/guests/python")
+}
+
+/// Builds the Python plugins with componentize-py (in its own pinned environment, so `serve`
+/// needs no test packages) against the weft:plugin world of each one's role, with the
+/// `weft_plugin` package from sdk-python/. About 12 s and 19 MB each; skipped while the
+/// sources, the SDK and the WIT are unchanged.
+fn python_plugins(root: &Path) -> Result<()> {
+    let python = pinned_venv(&root.join("target/venv-componentize"), &[COMPONENTIZE_PY])?;
+    let componentize = python.with_file_name("componentize-py");
+    let out_dir = python_guests_dir(root);
+    std::fs::create_dir_all(&out_dir)?;
+    let shared: Vec<String> = [
+        "sdk-python/weft_plugin/__init__.py",
+        "wit/weft-plugin.wit",
+        "wit/deps/wasi-nn/wasi-nn.wit",
+    ]
+    .iter()
+    .map(|file| {
+        std::fs::read_to_string(root.join(file)).with_context(|| format!("cannot read {file}"))
+    })
+    .collect::<Result<_>>()?;
+    for (source, name, world) in PYTHON_PLUGINS {
+        let app = std::fs::read_to_string(root.join(source).join("app.py"))
+            .with_context(|| format!("cannot read {source}/app.py"))?;
+        let stamp_text = format!("{COMPONENTIZE_PY}\n{world}\n{app}\n{}", shared.join("\n"));
+        let out = out_dir.join(format!("{name}.wasm"));
+        let stamp = out_dir.join(format!("{name}.built-from"));
+        if out.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&stamp_text) {
+            continue;
+        }
+        eprintln!("xtask: building the Python plugin {name} (componentize-py, about 12 s)");
+        run(Command::new(&componentize)
+            .arg("-d")
+            .arg(root.join("wit"))
+            .args(["-w", &format!("weft:plugin/{world}"), "componentize", "-p"])
+            .arg(root.join(source))
+            .arg("-p")
+            .arg(root.join("sdk-python"))
+            .args(["app", "-o"])
+            .arg(&out))?;
+        std::fs::write(stamp, stamp_text)?;
+    }
+    Ok(())
 }
 
 /// Copies the first-party plugins (every crate directly under plugins/) into each example that
@@ -369,15 +433,33 @@ fn example_plugins(root: &Path) -> Result<()> {
         }
         let target = example.join("plugins");
         std::fs::create_dir_all(&target)?;
-        for name in &crates {
-            let built = guests_dir(root).join(format!("{}.wasm", name.replace('-', "_")));
+        let mut plugins: Vec<(PathBuf, String)> = crates
+            .iter()
+            .map(|name| {
+                let built = guests_dir(root).join(format!("{}.wasm", name.replace('-', "_")));
+                (built, name.clone())
+            })
+            .collect();
+        // The Python plugins (19 MB, seconds to compile) only where an example uses them.
+        if example.ends_with("python") {
+            for (_, name, _) in PYTHON_PLUGINS
+                .iter()
+                .filter(|(source, ..)| source.starts_with("plugins/"))
+            {
+                plugins.push((
+                    python_guests_dir(root).join(format!("{name}.wasm")),
+                    name.to_string(),
+                ));
+            }
+        }
+        for (built, name) in &plugins {
             let copy = target.join(format!("{name}.wasm"));
             let fresh = std::fs::read(&copy).ok()
-                == Some(std::fs::read(&built).with_context(|| {
+                == Some(std::fs::read(built).with_context(|| {
                     format!("plugin {name} was not built at {}", built.display())
                 })?);
             if !fresh {
-                std::fs::copy(&built, &copy)
+                std::fs::copy(built, &copy)
                     .with_context(|| format!("cannot copy {}", built.display()))?;
             }
         }

@@ -64,6 +64,30 @@ pub fn test_python() -> PathBuf {
     path
 }
 
+/// The Python plugins `cargo xtask setup` builds with componentize-py (`<name>.wasm`).
+pub fn python_guests() -> PathBuf {
+    let path = workspace_root().join("target/guests/python");
+    assert!(
+        path.join("normalize-py.wasm").is_file(),
+        "Python plugin components missing under {}: run `cargo xtask setup`",
+        path.display()
+    );
+    path
+}
+
+/// The componentize-py program `cargo xtask setup` installs (or `WEFT_COMPONENTIZE_PY`).
+pub fn componentize_py() -> PathBuf {
+    let path = std::env::var_os("WEFT_COMPONENTIZE_PY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/venv-componentize/bin/componentize-py"));
+    assert!(
+        path.is_file(),
+        "componentize-py missing at {}: run `cargo xtask setup`",
+        path.display()
+    );
+    path
+}
+
 pub fn quickstart() -> PathBuf {
     workspace_root().join("examples/quickstart")
 }
@@ -121,6 +145,15 @@ impl Repo {
     pub fn with_plugin(self, guest: &str, name: &str) -> Self {
         let bytes = std::fs::read(guests().join(format!("{guest}.wasm")))
             .unwrap_or_else(|e| panic!("guest {guest} missing ({e}): run `cargo xtask setup`"));
+        self.with_file(&format!("plugins/{name}.wasm"), &bytes)
+    }
+
+    /// Adds the Python plugin `<name>` (built by set-up) under the same name.
+    pub fn with_python_plugin(self, name: &str) -> Self {
+        let bytes =
+            std::fs::read(python_guests().join(format!("{name}.wasm"))).unwrap_or_else(|e| {
+                panic!("Python plugin {name} missing ({e}): run `cargo xtask setup`")
+            });
         self.with_file(&format!("plugins/{name}.wasm"), &bytes)
     }
 
