@@ -53,6 +53,10 @@ pub struct PluginState {
     pub(crate) log: CallLog,
     /// The CPU turn this call runs in, given up at epoch ticks when others wait.
     pub(crate) cpu: Option<CpuTurn>,
+    /// Epoch ticks this call has seen since it last took its CPU turn: a call gives the
+    /// turn up to a waiting one only from its second tick, so a short call is not cut at a
+    /// tick that happened to fall just after it started.
+    pub(crate) ticks_on_turn: u32,
 }
 
 /// The kind of a resource the host created for a call.
@@ -115,6 +119,7 @@ impl PluginState {
             owned: HashMap::new(),
             log: CallLog::new(log_bytes, Arc::default()),
             cpu: None,
+            ticks_on_turn: 0,
         }
     }
 
