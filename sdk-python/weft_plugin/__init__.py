@@ -343,8 +343,11 @@ def _inputs(named) -> Dict[str, Tensor]:
 
 
 def _outputs(outputs: Outputs) -> List["_types.NamedTensor"]:
-    if isinstance(outputs, Tensor):
-        raise PluginError("a transform returns named tensors (a dict or (name, tensor) pairs), not one tensor")
+    if not isinstance(outputs, (Mapping, list, tuple)):
+        raise PluginError(
+            "a transform returns a dict of name to Tensor (or (name, Tensor) pairs), "
+            f"not a {type(outputs).__name__}"
+        )
     pairs = outputs.items() if isinstance(outputs, Mapping) else outputs
     named = []
     for name, tensor in pairs:

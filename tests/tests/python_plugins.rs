@@ -451,3 +451,23 @@ async fn a_tenant_builds_signs_and_pushes_a_python_plugin_with_the_cli() {
     );
     assert!(metric(&metrics, "weft_compile_cache_lookups_total{result=\"hit\"}") >= 1.0);
 }
+
+/// sdk-python's own unit tests (tensor conversions for every datatype, params, what the role
+/// decorators hand the host), run with the test environment's pytest against bindings
+/// componentize-py generates.
+#[test]
+fn the_python_sdk_unit_tests_pass() {
+    let output = Command::new(test_python())
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(workspace_root().join("sdk-python/tests"))
+        .env("WEFT_COMPONENTIZE_PY", componentize_py())
+        .output()
+        .expect("cannot run pytest from the test environment (run `cargo xtask setup`)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("21 passed"), "{stdout}");
+}

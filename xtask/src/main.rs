@@ -94,13 +94,30 @@ fn main() -> Result<()> {
             setup(&root, true)?;
             bench::run_job_bench(&root, &args[1..])
         }
+        Some("bench-python") => {
+            setup(&root, false)?;
+            let weft = bench::build_release(&root)?;
+            run(Command::new("python3")
+                .arg(root.join("bench/python_plugins.py"))
+                .arg("--weft")
+                .arg(weft)
+                .arg("--ort")
+                .arg(ort_library(&root))
+                .arg("--rust-guests")
+                .arg(guests_dir(&root))
+                .arg("--python-guests")
+                .arg(python_guests_dir(&root))
+                .arg("--mlp")
+                .arg(root.join("examples/quickstart/models/mlp"))
+                .args(&args[1..]))
+        }
         Some("bench-transports") => {
             setup(&root, true)?;
             bench::run_transport_bench(&root, &args[1..])
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|serve|test|ort|bench|bench-job|bench-transports|fuzz|gpu-check> [args]\n\
+                "usage: cargo xtask <setup|serve|test|ort|bench|bench-job|bench-transports|bench-python|fuzz|gpu-check> [args]\n\
                  \x20 setup  install the wasm target, ONNX Runtime library, Python test packages;\n\
                  \x20        --gpu also fetches ONNX Runtime's GPU build and CUDA 12 libraries\n\
                  \x20        into target/onnxruntime-gpu/\n\
