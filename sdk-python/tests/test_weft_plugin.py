@@ -111,6 +111,9 @@ def test_layouts_are_the_protocol_ones():
     floats = wp.Tensor.from_f32([1, 2], [1.0, 2.0])
     assert floats.to_array() == array.array("f", [1.0, 2.0])
     assert wp.Tensor.from_array([2], array.array("q", [3, 4])).datatype == D.INT64
+    view = wp.Tensor.from_list(D.UINT16, [3], [1, 2, 65535]).to_memoryview()
+    assert view.format == "H" and view.tolist() == [1, 2, 65535]
+    assert wp.Tensor(D.INT8, [2], memoryview(b"\x01\xff")).to_list() == [1, -1]
     assert wp.Tensor.from_f32([2, 3], range(6)).rows() == [[0, 1, 2], [3, 4, 5]]
 
 

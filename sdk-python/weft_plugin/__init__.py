@@ -171,6 +171,13 @@ class Tensor:
         values.frombytes(self.data())
         return values
 
+    def to_memoryview(self) -> memoryview:
+        """The elements as a typed ``memoryview`` over the bytes (no copy beyond reading them)."""
+        code = _ARRAY_CODES.get(self.datatype)
+        if code is None:
+            raise InvalidInput(f"a {self.datatype.name} tensor has no memoryview form; use to_list()")
+        return memoryview(self.data()).cast(code)
+
     def to_list(self) -> list:
         """The elements as a flat list: numbers, bools, or ``bytes`` for BYTES."""
         datatype = self.datatype

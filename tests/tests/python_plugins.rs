@@ -86,7 +86,17 @@ async fn python_plugins_serve_like_rust_ones_and_fail_only_their_own_calls() {
         .with_python_plugin("normalize-py")
         .with_python_plugin("param-router-py")
         .with_python_plugin("misbehave-py")
+        .with_plugin("softmax", "softmax")
+        .with_python_plugin("softmax-py")
         .with_graph("python", "route.toml")
+        .with_graph("python", "classify.toml")
+        .with_file(
+            "graphs/classify-rust.toml",
+            std::fs::read_to_string(example("classify").join("graphs/classify.toml"))
+                .unwrap()
+                .replace("name = \"classify\"", "name = \"classify-rust\"")
+                .as_bytes(),
+        )
         .with_file(
             "graphs/rust-z.toml",
             one_node("rust-z", "normalize", ZSCORE).as_bytes(),
@@ -163,6 +173,20 @@ async fn python_plugins_serve_like_rust_ones_and_fail_only_their_own_calls() {
         assert_close(&actual, &expected, 1e-4);
         assert_ne!(actual, values, "{python} changed nothing");
     }
+
+    // The example classify graph with Python plugins answers as the Rust one: the same
+    // probabilities and labels.
+    let rust = infer_ok(&server, "classify-rust", &values, json!({})).await;
+    let python = infer_ok(&server, "classify", &values, json!({})).await;
+    assert_close(
+        &floats(output(&python, "probabilities")),
+        &floats(output(&rust, "probabilities")),
+        1e-5,
+    );
+    assert_eq!(
+        output(&python, "label")["data"],
+        output(&rust, "label")["data"]
+    );
 
     // A Python plugin calls a granted model through wasi:nn and gets what a direct call gets.
     let direct = floats(output(
