@@ -7,8 +7,10 @@ xtask setup` installs componentize-py into target/venv-componentize).
 """
 
 import array
+import atexit
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ def _bindings():
     if not componentize:
         raise RuntimeError("set WEFT_COMPONENTIZE_PY to componentize-py (run `cargo xtask setup`)")
     out = tempfile.mkdtemp(prefix="weft-bindings-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     subprocess.run(
         [componentize, "-d", str(ROOT / "wit"), "-w", "weft:plugin/transformer", "bindings", out],
         check=True,
