@@ -594,6 +594,8 @@ impl PluginRuntime {
             .spawn(move || {
                 let compiled = Component::new(&engine, &bytes);
                 let _ = done.send(compiled);
+                drop(bytes);
+                release_freed_heap();
                 drop(slot);
             })
             .map_err(|e| Error::internal(format!("cannot start a compile thread: {e}")))?;
@@ -608,6 +610,20 @@ impl PluginRuntime {
                 Err(Error::internal("the compile thread ended without a result"))
             }
         }
+    }
+}
+
+/// Gives the heap the compile freed back to the operating system. Cranelift's working memory
+/// for a large component (a componentize-py one: ~400 MB for 19 MB of wasm) is freed when the
+/// compile ends, but glibc keeps freed heap pages mapped, so without this each large push left
+/// the process that much bigger.
+#[allow(unsafe_code)]
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; it touches no live
+    // allocation and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
