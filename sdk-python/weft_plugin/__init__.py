@@ -29,7 +29,6 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 from componentize_py_types import Err
 from wit_world.imports import graph as _graph
 from wit_world.imports import host as _host
-from wit_world.imports import inference as _inference  # noqa: F401  (bound by graph)
 from wit_world.imports import tensor as _nn
 from wit_world.imports import types as _types
 

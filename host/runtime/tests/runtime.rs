@@ -617,6 +617,37 @@ async fn clean_calls_reuse_a_warm_instance_and_failures_never_do() {
     assert_eq!(instantiations(&runtime), 8);
 }
 
+/// Concurrent calls take their CPU turn before an instance: a call queued for a turn holds no
+/// instance, so the calls that run reuse the warm ones instead of each instantiating afresh
+/// (with the instance taken first, 64 queued calls made 64 instances).
+#[tokio::test]
+async fn concurrent_calls_queued_for_a_cpu_turn_reuse_warm_instances() {
+    let runtime = PluginRuntime::new(RuntimeConfig {
+        cpu_turns: 1,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let copy = load(&runtime, "runtime_copy");
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let copy = copy.clone();
+            tokio::spawn(async move {
+                let x = NamedTensor::new("x", f32_tensor(vec![1, 2], &[i as f32, 1.0]));
+                let out = copy.transform(&context(&[]), vec![x]).await.unwrap();
+                assert_eq!(f32s(&out[0].tensor), vec![i as f32, 1.0]);
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+    let made = instantiations(&runtime);
+    assert!(
+        (1..=8).contains(&made),
+        "64 concurrent calls made {made} instances"
+    );
+}
+
 #[tokio::test]
 async fn warm_instances_are_reused_only_for_the_same_tenant() {
     let runtime = runtime();
